@@ -1,0 +1,64 @@
+"""Content digests: one notion of "same data" for DVC, Prefect caching and lineage.
+
+Digests are computed from bytes only, never from paths' mtimes. A directory digest covers the sorted
+relative paths and the bytes of every regular file below it, so renaming a case changes it and touching
+a file does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Digest of a JSON-serialisable object with sorted keys (stable across runs and machines)."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def combine_digests(items: Iterable[tuple[str, str]]) -> str:
+    """Digest of (name, digest) pairs, order-independent: sorted by name first."""
+    h = hashlib.sha256()
+    for name, digest in sorted(items):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(digest.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def sha256_tree(root: Path, *, exclude_prefixes: tuple[str, ...] = (".",)) -> str:
+    """Digest of every regular file under ``root`` (relative path + bytes); hidden entries skipped."""
+    items = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(exclude_prefixes) for part in rel.parts) or not path.is_file():
+            continue
+        items.append((rel.as_posix(), sha256_file(path)))
+    return combine_digests(items)
+
+
+def stage_cache_key(
+    stage: str, code_version: str, params_section: dict[str, Any], input_digests: dict[str, str]
+) -> str:
+    """The cache key of a stage run: stage name + code version + its params + the digests of its inputs."""
+    return sha256_json(
+        {"stage": stage, "code": code_version, "params": params_section, "inputs": dict(sorted(input_digests.items()))}
+    )

@@ -1,0 +1,321 @@
+"""Remote (S3) dataset sources, mirrored into a local cache before any stage reads them.
+
+Why a mirror instead of streaming: QC, conversion and training read every volume several times and at random;
+a local copy makes those reads cheap and makes a run reproducible even if the bucket changes later. The mirror
+is incremental (an index of size + ETag per key), so re-running a flow costs one listing and no downloads.
+
+Security rules, kept by every function here:
+
+* Credentials come only from the environment (the standard AWS chain: ``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, profiles, roles). User info in a URI is ignored, not used.
+* A URI is passed through :func:`redact_uri` before it reaches a message, a log line, a manifest or a file.
+* A key is written only if its relative path stays inside the mirror root; other keys are reported, not fetched.
+
+The endpoint comes from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``): botocore reads it itself, which was
+checked with s3fs 2026.9.0 / aiobotocore 3.10.0, so nothing is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from lesionflow.errors import SourceError
+
+REMOTE_SCHEMES = frozenset({"s3", "s3a"})
+INDEX_NAME = ".lesionflow-mirror.json"
+_TMP_PREFIX = ".lesionflow-part-"  # partial downloads; anything with this prefix is pruned on the next run
+# Query/fragment parameters that carry secrets: presigned URLs (X-Amz-*, AWSAccessKeyId, Signature), tokens, keys.
+_SENSITIVE_PARAM = re.compile(r"^x-amz-|token|secret|passw|sig|credential|key|auth|session", re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+_WORKERS = 8  # concurrent downloads: S3 latency, not bandwidth, dominates for many small files
+_CONNECT_TIMEOUT_S = 5
+_READ_TIMEOUT_S = 60
+_DEFAULT_MAX_ATTEMPTS = 3  # botocore's legacy default (5 + backoff) takes ~8 s to report a dead endpoint
+
+
+@dataclass(frozen=True)
+class MirrorResult:
+    """Outcome of one mirror run. ``n_objects`` counts mirrored keys (downloaded + skipped), not rejected ones."""
+
+    local_root: Path
+    n_objects: int
+    n_downloaded: int
+    n_skipped_unchanged: int
+    rejected_keys: tuple[tuple[str, str], ...]  # (redacted key, reason)
+
+
+def is_remote(uri: str) -> bool:
+    """True for ``s3://`` and ``s3a://`` URIs; local paths (and ``file://``) are not remote."""
+    scheme, sep, _ = str(uri).partition("://")
+    return bool(sep) and scheme.lower() in REMOTE_SCHEMES
+
+
+def redact_uri(uri: str) -> str:
+    """Return ``uri`` without credentials: user info (``key:secret@``) and secret-looking query parameters.
+
+    Bucket, host, path and harmless parameters are kept byte for byte, so a URI without secrets comes back
+    unchanged. Strings without ``://`` (local paths) are returned as they are.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        rest = rest[authority.rindex("@") + 1 :]
+    elif ":" in authority and not authority.rsplit(":", 1)[1].isdigit() and "@" in rest:
+        # An unescaped AWS secret may contain '/', which ends the authority early: s3://AKIA:ab/cd@bucket/p.
+        rest = rest[rest.index("@") + 1 :]
+    rest, _, fragment = rest.partition("#")
+    hier, _, query = rest.partition("?")
+    out = scheme + "://" + hier
+    if query := _drop_sensitive(query):
+        out += "?" + query
+    if fragment := _drop_sensitive(fragment):
+        out += "#" + fragment
+    return out
+
+
+def _drop_sensitive(params: str) -> str:
+    """Drop ``name=value`` pairs whose name looks like a credential; keep the others exactly as written."""
+    kept = [p for p in params.split("&") if p and not _SENSITIVE_PARAM.search(unquote(p.split("=", 1)[0]))]
+    return "&".join(kept)
+
+
+def mirror_remote_source(
+    uri: str, cache_dir: Path, *, progress: Callable[[int, int], None] | None = None
+) -> MirrorResult:
+    """Mirror every object under the S3 prefix ``uri`` into ``cache_dir/<16 hex>/``, keeping the key layout.
+
+    The folder name is the sha256 of the redacted URI, so the same source always lands in the same place and
+    secrets never reach the file system. Unchanged objects (same size and ETag as recorded in the index, and a
+    local file of that size) are skipped; changed ones are re-downloaded atomically; local files whose key is
+    gone are deleted. ``progress(done, total)`` is called once per object on the caller's thread.
+    Not safe for two concurrent runs on the same source and cache dir.
+
+    Raises:
+        SourceError: one line naming the redacted URI, the problem and what to check (missing bucket, denied
+            access, unreachable endpoint, empty prefix, local write failure).
+    """
+    shown = redact_uri(str(uri))
+    if not is_remote(shown):
+        raise SourceError(f"{shown!r} is not a remote source; expected s3://bucket/prefix")
+    bucket, _, prefix = re.split(r"[?#]", shown.partition("://")[2], maxsplit=1)[0].partition("/")
+    prefix = prefix.strip("/")
+    if not bucket:
+        raise SourceError(f"{shown} names no bucket; expected s3://bucket/prefix")
+    root = Path(cache_dir) / hashlib.sha256(shown.rstrip("/").encode()).hexdigest()[:16]
+    try:
+        return _mirror(bucket, prefix, shown, root, progress)
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clean line; `from None` drops secrets
+        raise _as_source_error(exc, shown, root) from None
+
+
+def _mirror(
+    bucket: str, prefix: str, shown: str, root: Path, progress: Callable[[int, int], None] | None
+) -> MirrorResult:
+    fs = _connect()
+    listing = _list_objects(fs, bucket, prefix)
+    if not listing:
+        raise SourceError(
+            f"{shown} holds no objects; check the bucket and prefix (it must name a folder, not a single object)"
+        )
+    wanted, rejected = _plan(listing, prefix, root)
+    root.mkdir(parents=True, exist_ok=True)
+    old = _load_index(root)
+    todo = [rel for rel, (_, size, etag) in wanted.items() if not _unchanged(root / rel, old.get(rel), size, etag)]
+    _prune(root, set(wanted))  # before downloading: a deleted file "a" may now be a folder "a/"
+    index = {rel: list(old[rel]) for rel in wanted if rel not in todo}
+    total, done = len(wanted), 0
+    for _ in index:  # skipped objects count as done, so the bar reaches total
+        done += 1
+        if progress:
+            progress(done, total)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(_WORKERS, len(todo))))
+    try:
+        jobs = {pool.submit(_download, fs, bucket, wanted[rel], root / rel): rel for rel in todo}
+        for job in as_completed(jobs):
+            job.result()
+            rel = jobs[job]
+            index[rel] = [wanted[rel][1], wanted[rel][2]]
+            done += 1
+            if progress:
+                progress(done, total)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _save_index(root, index, shown)  # even on failure: finished downloads are not repeated next run
+    return MirrorResult(root, total, len(todo), total - len(todo), tuple(rejected))
+
+
+def _connect() -> Any:
+    """An S3FileSystem configured only from the environment, failing fast on a dead endpoint."""
+    import s3fs  # lazy: importing lesionflow for local data should not pay for aiobotocore
+
+    retries: dict[str, Any] = {}
+    if "AWS_MAX_ATTEMPTS" not in os.environ:  # leave the user's own retry settings to botocore
+        retries["max_attempts"] = _DEFAULT_MAX_ATTEMPTS
+    if "AWS_RETRY_MODE" not in os.environ:
+        retries["mode"] = "standard"
+    config = {"connect_timeout": _CONNECT_TIMEOUT_S, "read_timeout": _READ_TIMEOUT_S, "retries": retries}
+    # skip_instance_cache: s3fs caches instances by argument, not by environment, so a cached one would keep an
+    # old endpoint or old credentials after the environment changed.
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, config_kwargs=config)
+
+
+def _list_objects(fs: Any, bucket: str, prefix: str) -> dict[str, tuple[int, str]]:
+    """Raw key -> (size, ETag) for every object under ``prefix/``, using the API directly so keys stay verbatim."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""}
+    out: dict[str, tuple[int, str]] = {}
+    while True:
+        page = fs.call_s3("list_objects_v2", **kwargs)
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = (int(obj["Size"]), str(obj.get("ETag") or obj.get("LastModified")))
+        if not page.get("IsTruncated"):
+            return out
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _plan(
+    listing: dict[str, tuple[int, str]], prefix: str, root: Path
+) -> tuple[dict[str, tuple[str, int, str]], list[tuple[str, str]]]:
+    """Split the listing into safe relative paths (rel -> (key, size, etag)) and rejected (redacted key, reason)."""
+    base = f"{prefix}/" if prefix else ""
+    real_root = os.path.realpath(root)
+    wanted: dict[str, tuple[str, int, str]] = {}
+    rejected: list[tuple[str, str]] = []
+    for key, (size, etag) in sorted(listing.items()):
+        rel = key[len(base) :]
+        if rel.endswith("/") and size == 0:
+            continue  # a "folder" placeholder made by consoles, not data
+        reason = _unsafe_reason(rel)
+        if reason is None and not os.path.realpath(root / rel).startswith(real_root + os.sep):
+            reason = "path escapes the mirror root"  # e.g. through a symlink someone left in the cache
+        if reason is None and any(str(parent) in wanted for parent in Path(rel).parents):
+            reason = "another object has the name of one of its folders"
+        if reason is None:
+            wanted[rel] = (key, size, etag)
+        else:
+            rejected.append((redact_uri(key), reason))
+    return wanted, rejected
+
+
+def _unsafe_reason(rel: str) -> str | None:
+    """Why a relative key cannot be a local path, or None if it can."""
+    parts = rel.split("/")
+    if rel.startswith("/"):
+        return "absolute path"
+    if ".." in parts:
+        return "path escapes the source prefix"
+    if "" in parts or "." in parts or "\x00" in rel:
+        return "empty, '.' or NUL path component"
+    if any(len(p.encode()) > 255 for p in parts):
+        return "path component longer than 255 bytes"
+    if parts[-1] == INDEX_NAME or any(p.startswith(_TMP_PREFIX) for p in parts):
+        return "name reserved by the mirror"
+    return None
+
+
+def _unchanged(local: Path, recorded: list[Any] | None, size: int, etag: str) -> bool:
+    """Same size and ETag as last time, and the local copy is a regular file of that size (lstat: no symlinks)."""
+    if recorded is None or list(recorded) != [size, etag]:
+        return False
+    try:
+        st = os.lstat(local)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
+
+
+def _download(fs: Any, bucket: str, obj: tuple[str, int, str], dest: Path) -> None:
+    """Fetch one object into a temp file next to ``dest``, check it against the listing, then rename it."""
+    from fsspec.asyn import sync
+
+    key, size, etag = obj
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+
+    async def fetch() -> str:
+        # get_object rather than fs.get_file: s3fs path parsing would mangle keys containing '?versionId='.
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        with open(tmp, "wb") as out:
+            while chunk := await resp["Body"].read(1 << 20):
+                out.write(chunk)
+        return str(resp.get("ETag") or "")
+
+    try:
+        got_etag = sync(fs.loop, fetch)
+        # The index must describe the bytes on disk; a write between listing and download breaks that.
+        if tmp.stat().st_size != size or (got_etag and etag.startswith('"') and got_etag != etag):
+            raise SourceError(f"object {redact_uri(key)!r} changed while being mirrored; run again")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _prune(root: Path, keep: set[str]) -> None:
+    """Delete files (and symlinks) not in ``keep`` and then empty folders, so the mirror equals the prefix."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in filenames + links:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            if rel not in keep and rel != INDEX_NAME:
+                os.unlink(path)
+        if dirpath != str(root) and not os.listdir(dirpath):
+            os.rmdir(dirpath)
+
+
+def _load_index(root: Path) -> dict[str, list[Any]]:
+    """The previous run's rel -> [size, etag]; an unreadable index only costs a full re-download."""
+    try:
+        data = json.loads((root / INDEX_NAME).read_text())
+        return {str(k): list(v) for k, v in data["objects"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _save_index(root: Path, objects: dict[str, list[Any]], shown: str) -> None:
+    tmp = root / f"{_TMP_PREFIX}index"
+    tmp.write_text(json.dumps({"format": 1, "source": shown, "objects": objects}, indent=1, sort_keys=True))
+    os.replace(tmp, root / INDEX_NAME)
+
+
+def _as_source_error(exc: Exception, shown: str, root: Path) -> SourceError:
+    """Map any failure to one actionable line without secrets (the original exception is dropped on purpose)."""
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    endpoint = redact_uri(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        what = "no usable AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile/role)"
+    elif isinstance(exc, OSError) and exc.filename is not None:  # only local file operations set filename
+        what = f"cannot write the local mirror under {root} ({exc.strerror}); check free space and permissions"
+    elif isinstance(exc, FileNotFoundError):
+        what = f"the bucket or an object does not exist at {endpoint}; check the URI and AWS_ENDPOINT_URL"
+    elif isinstance(exc, PermissionError):
+        what = "access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
+    elif "connect" in type(exc).__name__.lower() or "timeout" in type(exc).__name__.lower():
+        what = f"cannot reach the endpoint {endpoint}; check AWS_ENDPOINT_URL and the network"
+    else:
+        what = f"{type(exc).__name__}: {_scrub(str(exc))}; check AWS_ENDPOINT_URL and credentials"
+    return SourceError(f"cannot mirror {shown}: {what}")
+
+
+def _scrub(text: str) -> str:
+    """One short line with credential values and URL secrets removed, for errors we have no wording for."""
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        if value := os.environ.get(var):
+            text = text.replace(value, "***")
+    text = _URL_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+    return " ".join(text.split())[:200]

@@ -1,0 +1,196 @@
+"""Volumes on disk <-> arrays with exact geometry.
+
+Contract (used everywhere in lesionflow):
+
+* ``Volume.array`` is indexed ``(i, j, k)`` or ``(i, j, k, c)``, i.e. the NIfTI voxel order, channels last.
+* ``Volume.affine`` is the 4x4 voxel-index -> world (RAS+, millimetres) matrix. Files in LPS conventions
+  (NRRD, MHA, DICOM read through SimpleITK) are converted on read, so one affine means one geometry.
+* Nothing is resampled or reoriented on read; spacing and orientation are derived from the affine.
+
+NIfTI is written deterministically: the gzip stream carries no time stamp or file name, so the same
+array, affine and header always give the same bytes (and the same sha256).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from lesionflow.errors import CaseRejected
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+# LPS (ITK, DICOM) <-> RAS (NIfTI): flip the first two world axes.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A voxel array with its voxel->RAS+ affine (mm). See the module docstring for the axis contract."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        s = self.array.shape
+        return (int(s[0]), int(s[1]), int(s[2]))
+
+    @property
+    def n_channels(self) -> int:
+        return 1 if self.array.ndim == 3 else int(self.array.shape[3])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k (column norms of the affine's linear part)."""
+        norms = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+    @property
+    def orientation(self) -> str:
+        """Three-letter axis code (e.g. ``RAS``, ``LPS``): where each voxel axis points in world space."""
+        return "".join(nib.orientations.aff2axcodes(self.affine))
+
+
+def volume_suffix(path: str | Path) -> str | None:
+    """The recognised volume suffix of ``path`` (case-insensitive), or None."""
+    name = str(path).lower()
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def strip_volume_suffix(name: str) -> str:
+    suffix = volume_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def read_volume(path: str | Path, case_id: str) -> Volume:
+    """Read NIfTI, NRRD or MHA into a :class:`Volume`; unreadable input raises :class:`CaseRejected`."""
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix is None:
+        raise CaseRejected(case_id, "unsupported_format", f"{path.name} is not NIfTI, NRRD or MHA; convert it")
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            return _read_nifti(path)
+        return _read_itk(path)
+    except CaseRejected:
+        raise
+    except PermissionError:
+        raise CaseRejected(
+            case_id, "unreadable_file", f"{path.name} cannot be read (permission denied); fix its permissions"
+        ) from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise CaseRejected(
+            case_id,
+            "truncated_file",
+            f"{path.name} is truncated or corrupt ({type(err).__name__}); re-export or re-download it",
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any reader failure is a property of this file, not a bug
+        if _gzip_truncated(path):
+            raise CaseRejected(case_id, "truncated_file", f"{path.name} is truncated (the gzip stream ends early); "
+                               "re-export or re-download it") from None
+        text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise CaseRejected(case_id, "unreadable_file", f"{path.name} cannot be read ({text}); check the file") from None
+
+
+def _gzip_truncated(path: Path) -> bool:
+    """True when ``path`` is a gzip stream that ends before its end marker (only checked on a read failure)."""
+    try:
+        with path.open("rb") as fh:
+            if fh.read(2) != b"\x1f\x8b":
+                return False
+        with gzip.open(path, "rb") as gz:
+            while gz.read(1 << 20):
+                pass
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _read_nifti(path: Path) -> Volume:
+    img = nib.load(path)
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ValueError(f"not a NIfTI image: {type(img).__name__}")
+    if 0 in img.shape:  # nibabel flattens empty data; keep the header's shape so the caller can say which axis
+        array = np.zeros(img.shape, dtype=img.get_data_dtype())
+    else:
+        array = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter; keeps the stored dtype otherwise
+    header = img.header.copy() if isinstance(img, nib.Nifti1Image) else None
+    return Volume(array=np.ascontiguousarray(array), affine=np.asarray(img.affine, dtype=np.float64), header=header)
+
+
+def itk_geometry_to_affine(
+    spacing: tuple[float, ...], origin: tuple[float, ...], direction: tuple[float, ...]
+) -> np.ndarray:
+    """voxel (i, j, k) -> RAS+ mm affine from ITK's LPS spacing/origin/direction (row-major 3x3)."""
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=np.float64))
+    lps[:3, 3] = np.asarray(origin, dtype=np.float64)
+    return _LPS_TO_RAS @ lps
+
+
+def affine_to_itk_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """Inverse of :func:`itk_geometry_to_affine`: (spacing, origin, direction) in LPS."""
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    direction = lps[:3, :3] / spacing
+    return tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple(direction.reshape(-1).tolist())
+
+
+def _read_itk(path: Path) -> Volume:
+    import SimpleITK as sitk  # heavy; only needed for NRRD/MHA/DICOM
+
+    img = sitk.ReadImage(str(path))
+    if img.GetDimension() != 3:
+        raise CaseRejected("?", "not_3d", f"{path.name} has {img.GetDimension()} dimensions, expected 3")
+    array = sitk.GetArrayFromImage(img)  # (k, j, i[, c]) -> (i, j, k[, c])
+    array = array.transpose((2, 1, 0, 3)) if array.ndim == 4 else array.transpose((2, 1, 0))
+    affine = itk_geometry_to_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+    return Volume(array=np.ascontiguousarray(array), affine=affine)
+
+
+def nifti_bytes(volume: Volume) -> bytes:
+    """Deterministic gzip-compressed NIfTI-1 bytes for ``volume`` (header kept where there is one)."""
+    header = volume.header.copy() if volume.header is not None else None
+    img = nib.Nifti1Image(volume.array, volume.affine, header=header)
+    # Both qform and sform carry the exact affine, coded as scanner coordinates unless the source said otherwise.
+    sform_code = int(header["sform_code"]) if header is not None and int(header["sform_code"]) > 0 else 1
+    qform_code = int(header["qform_code"]) if header is not None and int(header["qform_code"]) > 0 else 1
+    img.set_sform(volume.affine, code=sform_code)
+    img.set_qform(volume.affine, code=qform_code)
+    img.header.set_data_dtype(volume.array.dtype)
+    img.header["scl_slope"] = np.nan  # the array holds final values; no rescaling on read
+    img.header["scl_inter"] = np.nan
+    img.header.set_xyzt_units("mm", "sec")
+    raw = img.to_bytes()
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=6) as gz:
+        gz.write(raw)
+    return buffer.getvalue()
+
+
+def write_nifti(volume: Volume, path: str | Path) -> str:
+    """Write ``volume`` as .nii.gz atomically (temp file + rename); return the sha256 of the bytes."""
+    import hashlib
+
+    path = Path(path)
+    data = nifti_bytes(volume)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,184 @@
+"""Typed pipeline parameters: one pydantic model per ``params.yaml`` section, validated once at load time.
+
+``load_params(path, overrides)`` is the only reader of params.yaml. An invalid value raises
+:class:`ParamsError` with one line naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lesionflow.errors import ParamsError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectParams(_Section):
+    """Settings shared by every stage."""
+
+    seed: int = Field(0, ge=0, description="Global seed; every random choice derives from it and explicit inputs.")
+
+
+class DemoParams(_Section):
+    """What ``make run`` builds as its demo source (``lesionflow demo-data``)."""
+
+    kind: Literal["brain-mri", "chest-ct"] = Field("brain-mri", description="Which demo dataset to build.")
+    cases: int = Field(8, ge=2, le=500, description="Number of cases (train + test).")
+    size: int = Field(64, ge=16, le=256, description="Longest spatial edge in voxels.")
+    seed: int = Field(0, ge=0, description="Seed of the demo generator.")
+    out: str = Field("data/demo", description="Folder (workspace-relative) the demo dataset is written to.")
+
+
+class DeidParams(_Section):
+    """DICOM PS3.15 basic-profile de-identification."""
+
+    salt: str = Field(
+        "lesionflow-demo",
+        min_length=8,
+        description="Secret for pseudonyms, UID remapping and date shifts; env LESIONFLOW_DEID_SECRET overrides it.",
+    )
+    max_date_shift_days: int = Field(365, ge=1, le=3650, description="Dates shift by a per-patient offset in [-N, N].")
+
+
+class IngestParams(_Section):
+    """Where raw scans come from and how they are read."""
+
+    source: str = Field(
+        "data/demo", description="Local folder, MSD/nnU-Net dataset.json or folder, or s3://bucket/prefix."
+    )
+    modality: str = Field("auto", description="Modality when the source does not declare one (CT, MR, ...) or 'auto'.")
+    labels: dict[int, str] = Field(
+        default_factory=dict, description="Label value -> name, when the source has no dataset.json."
+    )
+    test_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of cases put in the test split when the source has no split."
+    )
+    slice_spacing_tolerance: float = Field(
+        0.01,
+        gt=0.0,
+        le=0.5,
+        description="Relative deviation of DICOM slice gaps tolerated before a series is rejected.",
+    )
+    deid: DeidParams = Field(default_factory=DeidParams)
+
+
+class RawQualityParams(_Section):
+    """Expectations of the raw gate (validate-raw)."""
+
+    min_cases: int = Field(2, ge=1, description="Fewest cases the dataset may have after rejection.")
+    spacing_mm: tuple[float, float] = Field((0.1, 10.0), description="Plausible voxel size range in mm (min, max).")
+    ct_range_hu: tuple[float, float] = Field((-1100.0, 4000.0), description="CT intensities must lie in this HU range.")
+    max_abs_intensity: float = Field(1e7, gt=0, description="Non-CT intensities beyond this magnitude are implausible.")
+    affine_tolerance_mm: float = Field(1e-3, gt=0, description="Image/label affines may differ by at most this much.")
+
+    @field_validator("spacing_mm", "ct_range_hu")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] >= v[1]:
+            raise ValueError(f"expected (min, max) with min < max, got {list(v)}")
+        return v
+
+
+class QualityParams(_Section):
+    """Quality gates: shared reject policy plus one block per gate."""
+
+    max_reject_fraction: float = Field(
+        0.25, ge=0.0, le=1.0, description="The gate fails above this share of rejected cases."
+    )
+    raw: RawQualityParams = Field(default_factory=RawQualityParams)
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    project: ProjectParams = Field(default_factory=ProjectParams)
+    demo: DemoParams = Field(default_factory=DemoParams)
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    quality: QualityParams = Field(default_factory=QualityParams)
+
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        return self
+
+
+def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    value: Any = raw
+    for part in first["loc"]:
+        value = value.get(str(part), value.get(part)) if isinstance(value, dict) else None  # type: ignore[call-overload]
+    if first["type"] == "extra_forbidden":
+        return f"params: unknown key '{key}'; remove it or check its spelling (see params.yaml)"
+    expected = first["msg"].removeprefix("Value error, ")
+    return f"params: '{key}' = {value!r} is invalid: {expected}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as YAML, so 3 is int and [1,2] a list)."""
+    if "=" not in text:
+        raise ParamsError(f"--set {text!r}: expected section.key=value, e.g. --set ingest.source=data/my_dataset")
+    key, _, value_text = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ParamsError(
+            f"--set {text!r}: the key must name a section and a key, e.g. quality.max_reject_fraction=0.1"
+        )
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with every ``section.key=value`` override applied."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ParamsError(f"--set {text!r}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ParamsError(f"params file {path} does not exist; run from the workspace root or pass --params")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"params file {path} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"params file {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def validate_params(raw: dict[str, Any]) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, raw)) from None
+
+
+def load_params(path: Path, overrides: list[str] | None = None) -> Params:
+    """Read, override and validate params.yaml."""
+    return validate_params(apply_overrides(read_params_file(path), overrides or []))
+
+
+def section_dict(params: Params, section: str) -> dict[str, Any]:
+    """JSON-ready dict of one section (used in cache keys and manifests)."""
+    return getattr(params, section).model_dump(mode="json")

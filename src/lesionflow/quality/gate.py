@@ -1,0 +1,436 @@
+"""Generic quality gate: validate a per-case table with a GX suite, map failures to cases, write reports.
+
+Every gate (raw, processed, synthetic, metrics) is one call to :func:`run_gate` with its own list of GX
+expectations and a :class:`GatePolicy`. The gate runs two GX validations in one ephemeral context:
+
+1. the gate's suite over the table itself. Column-map expectations (``expect_column_values_to_*``) are
+   *row-level*: GX returns the id column of every unexpected row (``result_format`` COMPLETE with
+   ``unexpected_index_column_names=[id_column]``), and those cases are rejected. Aggregate expectations
+   (row count, distinct-value count...) are *dataset-level* and fail the gate.
+2. a policy suite over a derived ``(case_id, accepted, rejected)`` table: the number of accepted cases
+   (``expect_column_sum_to_be_between``) and the reject fraction (``expect_column_mean_to_be_between``).
+   Running the policy through GX too puts it in the same Data Docs as the data checks.
+
+Expectations steer the mapping through their ``meta`` dict (all keys optional):
+
+- ``scope``: ``"row"`` | ``"dataset"`` | ``"both"``; the default follows the result shape. ``"both"`` is for
+  checks such as id uniqueness, where the rows are rejected *and* the dataset fails.
+- ``param``: the params.yaml key that sets the bound, appended to the detail so the user knows what to change.
+- ``table_level``: report the failure with ``column=None`` (the policy checks' derived columns mean nothing
+  to the reader).
+- ``explain``: a ``str.format`` template over the failing row (row-level) or ``{observed}`` (dataset-level),
+  appended to (row) or replacing (dataset) the generic detail.
+
+Great Expectations is imported inside functions only (its import takes ~3 s) so the CLI stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+    from great_expectations.data_context import AbstractDataContext
+    from great_expectations.datasource.fluent import PandasDatasource
+    from great_expectations.expectations import Expectation
+
+ID_COLUMN = "case_id"
+DATA_DOCS_DIR = "data_docs"
+DATASET = "(dataset)"  # the "case" column of dataset-level failures in console and HTML tables
+_DOCS_SITE = "lesionflow"
+
+
+@dataclass(frozen=True)
+class FailedCheck:
+    """One failed expectation, for one case (row-level) or for the whole table (dataset-level)."""
+
+    expectation: str  # GX expectation type, e.g. "expect_column_values_to_be_between"
+    column: str | None  # None for table-level expectations
+    detail: str  # one human line with the observed value and the allowed range or set
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Outcome of one gate run; ``success`` is what the stage gates on."""
+
+    gate: str  # "raw", "processed", ...
+    success: bool  # no dataset-level failure (policy checks included)
+    n_cases: int  # rows in the table
+    n_rejected: int  # rows rejected (all rows sharing a duplicated id count)
+    reject_fraction: float  # n_rejected / n_cases (0.0 for an empty table)
+    rejected: dict[str, tuple[FailedCheck, ...]]  # case_id -> why, sorted by case id
+    dataset_failures: tuple[FailedCheck, ...]  # table-level expectations that failed
+    report_html: Path
+    data_docs_index: Path | None
+    summary_json: Path
+
+    @property
+    def n_accepted(self) -> int:
+        return self.n_cases - self.n_rejected
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """How many rejections a gate tolerates, and which params.yaml keys say so (named in failure details)."""
+
+    max_reject_fraction: float
+    max_reject_fraction_param: str = "quality.max_reject_fraction"
+    min_accepted: int | None = None  # None: no lower bound on accepted cases
+    min_accepted_param: str | None = None
+
+
+@dataclass(frozen=True)
+class ExpectationInfo:
+    """A plain description of one expectation of a suite, for the HTML report (no GX objects)."""
+
+    suite: str
+    expectation: str
+    column: str | None
+    allowed: str  # "between 0.1 and 10.0", "one of [True]", ... plus "where <condition>"
+    param: str | None
+    notes: str | None
+
+
+def fmt_value(value: Any) -> str:
+    """Deterministic, readable text for a value coming out of pandas/GX (numpy scalars included)."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # np.float64(3.0) -> 3.0, np.False_ -> False
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        missing = value is None or bool(value != value)  # NaN is the only value unequal to itself
+    except TypeError:  # pd.NA refuses bool()
+        missing = True
+    if missing:
+        return "missing"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _bound(value: Any) -> str:
+    """A bound as written in params.yaml: GX stores every bound as float, so 0.0 reads back as 0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return fmt_value(value)
+
+
+def allowed_text(exp_type: str, kwargs: Mapping[str, Any], row_condition: Any = None) -> str:
+    """Describe what an expectation allows from its type and kwargs: range, set, uniqueness or non-null."""
+    lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+    if exp_type == "expect_column_values_to_be_unique":
+        text = "unique values"
+    elif exp_type == "expect_column_values_to_not_be_null":
+        text = "a value (not missing)"
+    elif "value_set" in kwargs:
+        text = "one of [" + ", ".join(fmt_value(v) for v in kwargs["value_set"]) + "]"
+    elif lo is not None and hi is not None:
+        text = f"exactly {_bound(lo)}" if lo == hi else f"between {_bound(lo)} and {_bound(hi)}"
+    elif lo is not None:
+        text = f"at least {_bound(lo)}"
+    elif hi is not None:
+        text = f"at most {_bound(hi)}"
+    else:
+        text = "(see the expectation)"
+    if row_condition is not None:
+        text += f" where {_condition_text(row_condition)}"
+    return text
+
+
+def _condition_text(condition: Any) -> str:
+    """``modality_kind == 'CT'`` for a GX comparison; GX's own repr (which drops the quotes) otherwise."""
+    column, operator = getattr(condition, "column", None), getattr(condition, "operator", None)
+    if column is not None and operator is not None and hasattr(condition, "parameter"):
+        op = getattr(operator, "value", operator)
+        return f"{column.name} {op} {fmt_value(condition.parameter)}"
+    return repr(condition)
+
+
+class _Row(dict):  # type: ignore[type-arg]
+    """Mapping for ``str.format_map`` that prints "?" for a missing key instead of raising."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def _expectation_info(suite_name: str, exp: Expectation) -> ExpectationInfo:
+    kwargs = exp.configuration.kwargs
+    meta = exp.meta or {}
+    notes = exp.notes if isinstance(exp.notes, str) or exp.notes is None else " ".join(exp.notes)
+    return ExpectationInfo(
+        suite=suite_name,
+        expectation=exp.expectation_type,
+        column=kwargs.get("column"),
+        allowed=allowed_text(exp.expectation_type, kwargs, getattr(exp, "row_condition", None)),
+        param=meta.get("param"),
+        notes=notes,
+    )
+
+
+def _exception_message(result: ExpectationValidationResult) -> str | None:
+    """The message of an exception GX caught while evaluating an expectation (missing column...), if any."""
+    info = result.exception_info or {}
+    candidates = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, Mapping)]
+    for item in candidates:
+        if item.get("raised_exception"):
+            return str(item.get("exception_message") or "unknown error").splitlines()[0]
+    return None
+
+
+def _row_detail(exp_type: str, column: str, kwargs: Mapping[str, Any], cond: Any, value: Any, n: int) -> str:
+    """The generic part of a per-case reason: observed value and what was allowed."""
+    if exp_type == "expect_column_values_to_be_unique":
+        return f"{column} = {fmt_value(value)} appears in {n} rows, expected unique values"
+    return f"{column} = {fmt_value(value)}, expected {allowed_text(exp_type, kwargs, cond)}"
+
+
+def _dataset_detail(
+    exp_type: str, kwargs: Mapping[str, Any], meta: Mapping[str, Any], observed: Any, table: pd.DataFrame
+) -> str:
+    # GX reports no observed value for an aggregate over zero rows (the mean of nothing)
+    shown = "undefined (no rows)" if observed is None else fmt_value(observed)
+    if "explain" in meta:
+        detail = str(meta["explain"]).format_map(_Row(observed=shown))
+    else:
+        label = meta.get("label") or kwargs.get("column") or "row count"
+        detail = f"{label} = {shown}, expected {allowed_text(exp_type, kwargs)}"
+    column = kwargs.get("column")
+    if exp_type == "expect_column_unique_value_count_to_be_between" and column in table.columns:
+        values = sorted({fmt_value(v) for v in table[column].tolist()})
+        detail += f" (values seen: {', '.join(values)})"
+    return detail
+
+
+def _pick_row(rows: Mapping[str, list[dict[str, Any]]], case: str, column: str, item: Mapping[str, Any]) -> dict:
+    """The table row behind one unexpected item: with a duplicated id, the one whose value failed."""
+    candidates = rows.get(case, [])
+    value = fmt_value(item.get(column))
+    for row in candidates:
+        if fmt_value(row.get(column)) == value:
+            return row
+    return candidates[0] if candidates else {}
+
+
+def _collect(
+    results: Iterable[ExpectationValidationResult], table: pd.DataFrame, id_column: str
+) -> tuple[dict[str, list[FailedCheck]], list[FailedCheck]]:
+    """Split failed results into per-case reasons and dataset-level failures."""
+    rejected: dict[str, list[FailedCheck]] = {}
+    dataset: list[FailedCheck] = []
+    rows: dict[str, list[dict[str, Any]]] = {}  # case id -> its rows (more than one when the id is duplicated)
+    if id_column in table.columns:
+        for row in table.to_dict("records"):
+            rows.setdefault(str(row[id_column]), []).append(row)
+    for res in results:
+        if res.success:
+            continue
+        cfg = res.expectation_config
+        exp_type, kwargs, meta = cfg.type, cfg.kwargs, cfg.meta or {}
+        column = kwargs.get("column")
+        error = _exception_message(res)
+        if error is not None:  # e.g. a missing column: the table itself is malformed
+            dataset.append(FailedCheck(exp_type, column, f"could not be evaluated: {error}"))
+            continue
+        body = res.result or {}
+        unexpected = body.get("unexpected_index_list")
+        scope = meta.get("scope") or ("row" if unexpected is not None else "dataset")
+        # A row-level failure that GX could not tie to rows (no id column) can only fail the dataset.
+        row_level = scope in ("row", "both") and bool(unexpected)
+        if row_level:
+            cond = _row_condition(kwargs)
+            counts: dict[str, int] = {}
+            for item in unexpected:
+                case = str(item.get(id_column))
+                counts[case] = counts.get(case, 0) + 1
+            for item in unexpected:
+                case = str(item.get(id_column))
+                detail = _row_detail(exp_type, column, kwargs, cond, item.get(column), counts[case])
+                if "explain" in meta:
+                    detail += "; " + str(meta["explain"]).format_map(_Row(_pick_row(rows, case, column, item)))
+                if meta.get("param"):
+                    detail += f" [{meta['param']}]"
+                check = FailedCheck(exp_type, column, detail)
+                reasons = rejected.setdefault(case, [])
+                if check not in reasons:  # duplicated ids give the same reason twice
+                    reasons.append(check)
+        if scope in ("dataset", "both") or not row_level:
+            if unexpected:
+                ids = ", ".join(repr(i) for i in sorted({str(i.get(id_column)) for i in unexpected}))
+                detail = f"{column}: {len(unexpected)} rows fail (expected {allowed_text(exp_type, kwargs)}): {ids}"
+            else:
+                detail = _dataset_detail(exp_type, kwargs, meta, body.get("observed_value"), table)
+            if meta.get("param"):
+                detail += f" [{meta['param']}]"
+            # policy checks run on a derived outcome column; naming it would only confuse the reader
+            dataset.append(FailedCheck(exp_type, None if meta.get("table_level") else column, detail))
+    return rejected, dataset
+
+
+def _row_condition(kwargs: Mapping[str, Any]) -> Any:
+    """The row condition of a serialized expectation as a GX Condition (for its readable repr)."""
+    raw = kwargs.get("row_condition")
+    if raw is None:
+        return None
+    from great_expectations.expectations.row_conditions import deserialize_row_condition
+
+    return deserialize_row_condition(raw)
+
+
+def _context(docs_dir: Path | None) -> AbstractDataContext:
+    """An in-memory GX context with analytics and progress bars off and (optionally) one local docs site.
+
+    Passing an explicit ``project_config`` matters: ``get_context(mode="ephemeral")`` without one adds a
+    default docs site in a fresh temp directory, which would leak a directory per run.
+    """
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    sites: dict[str, Any] = {}
+    if docs_dir is not None:
+        sites[_DOCS_SITE] = {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        analytics_enabled=False,  # GX 1.24 sends nothing anyway; keep it off if a later version adds it back
+        progress_bars=ProgressBarsConfig(globally=False),  # no tqdm output: the stage does the printing
+        data_docs_sites=sites,
+    )
+    return gx.get_context(project_config=config, mode="ephemeral")
+
+
+def _validate(
+    context: AbstractDataContext,
+    source: PandasDatasource,
+    name: str,
+    table: pd.DataFrame,
+    expectations: Sequence[Expectation],
+    id_column: str,
+) -> list[ExpectationValidationResult]:
+    """Run one suite over one dataframe through a checkpoint (which stores the result for Data Docs)."""
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+    suite = context.suites.add(gx.ExpectationSuite(name=name))
+    for exp in expectations:
+        suite.add_expectation(exp)
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+    result_format = {"result_format": "COMPLETE"}
+    if id_column in table.columns:  # GX raises if an index column is missing
+        result_format["unexpected_index_column_names"] = [id_column]  # type: ignore[assignment]
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(name=name, validation_definitions=[definition], result_format=result_format)
+    )
+    run = checkpoint.run(batch_parameters={"dataframe": table}, run_id=RunIdentifier(run_name=name))
+    return [r for vr in run.run_results.values() for r in vr.results]
+
+
+def _policy_expectations(gate: str, policy: GatePolicy) -> list[Expectation]:
+    import great_expectations.expectations as gxe
+
+    out: list[Expectation] = []
+    if policy.min_accepted is not None:
+        out.append(
+            gxe.ExpectColumnSumToBeBetween(
+                column="accepted",
+                min_value=policy.min_accepted,
+                notes="Too few usable cases left after rejection to plan, train and evaluate on.",
+                meta={
+                    "label": "accepted cases",
+                    "param": policy.min_accepted_param,
+                    "scope": "dataset",
+                    "table_level": True,
+                },
+            )
+        )
+    out.append(
+        gxe.ExpectColumnMeanToBeBetween(
+            column="rejected",
+            max_value=policy.max_reject_fraction,
+            notes=f"Rejecting many cases means the {gate} data or its source is broken, not a few bad scans.",
+            meta={
+                "label": "reject fraction",
+                "param": policy.max_reject_fraction_param,
+                "scope": "dataset",
+                "table_level": True,
+            },
+        )
+    )
+    return out
+
+
+def run_gate(
+    gate: str,
+    table: pd.DataFrame,
+    expectations: Sequence[Expectation],
+    policy: GatePolicy,
+    report_dir: Path,
+    *,
+    id_column: str = ID_COLUMN,
+    data_docs: bool = True,
+) -> GateResult:
+    """Validate ``table`` with ``expectations``, apply ``policy``, write reports under ``report_dir``.
+
+    Writes ``index.html`` and ``summary.json`` (deterministic) and, with ``data_docs``, a GX Data Docs site
+    in ``report_dir/data_docs`` (rebuilt from scratch each run so no stale validation pages linger).
+    Prints nothing: the stage renders :func:`lesionflow.quality.report.render_console` itself.
+    """
+    import pandas as pd
+
+    from lesionflow.quality import report
+
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    docs_dir = report_dir / DATA_DOCS_DIR
+    if docs_dir.exists():
+        shutil.rmtree(docs_dir)  # our own output folder; old validation pages would otherwise stay listed
+    context = _context(docs_dir if data_docs else None)
+    source = context.data_sources.add_pandas("lesionflow")
+
+    # 1. the data suite over the table
+    results = _validate(context, source, gate, table, expectations, id_column)
+    reasons, dataset_failures = _collect(results, table, id_column)
+
+    # 2. the policy suite over the per-row outcome (all rows sharing a rejected id are rejected)
+    ids = [str(v) for v in table[id_column].tolist()] if id_column in table.columns else []
+    flags = [int(i in reasons) for i in ids]
+    outcome = pd.DataFrame({id_column: ids, "accepted": [1 - f for f in flags], "rejected": flags})
+    outcome = outcome.astype({"accepted": "int64", "rejected": "int64"})
+    policy_exps = _policy_expectations(gate, policy)
+    policy_results = _validate(context, source, f"{gate}_policy", outcome, policy_exps, id_column)
+    dataset_failures += _collect(policy_results, outcome, id_column)[1]
+
+    data_docs_index: Path | None = None
+    if data_docs:
+        context.build_data_docs(site_names=[_DOCS_SITE])
+        data_docs_index = docs_dir / "index.html"
+
+    n_cases, n_rejected = len(table), sum(flags)
+    result = GateResult(
+        gate=gate,
+        success=not dataset_failures,
+        n_cases=n_cases,
+        n_rejected=n_rejected,
+        reject_fraction=n_rejected / n_cases if n_cases else 0.0,
+        rejected={case: tuple(reasons[case]) for case in sorted(reasons)},
+        dataset_failures=tuple(dataset_failures),
+        report_html=report_dir / "index.html",
+        data_docs_index=data_docs_index,
+        summary_json=report_dir / "summary.json",
+    )
+    infos = [_expectation_info(gate, e) for e in expectations]
+    infos += [_expectation_info(f"{gate}_policy", e) for e in policy_exps]
+    result.summary_json.write_text(json.dumps(report.summary_dict(result), indent=2, sort_keys=True) + "\n")
+    result.report_html.write_text(report.render_html(result, infos))
+    return result

@@ -1,0 +1,272 @@
+"""Stage ``ingest``: source -> data/raw (one folder per case, NIfTI) + manifest; bad cases -> quarantine.
+
+Contracts:
+* data/raw is append-only. A case already stored is never rewritten: the same source bytes are skipped
+  (re-ingesting costs one hash per file), different bytes under a stored case id are quarantined.
+* A case appears completely or not at all: it is written into ``data/raw/.staging`` and renamed.
+* DICOM is de-identified before anything is stored; its case id and source URI are pseudonymous.
+* Credentials never reach logs, manifests or reports (``redact_uri``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lesionflow.errors import CaseRejected, SourceError
+from lesionflow.hashing import combine_digests, sha256_bytes, sha256_file
+from lesionflow.io.case_reader import LoadedCase, read_case
+from lesionflow.io.sources import CaseSource, DatasetInfo, Discovery, discover
+from lesionflow.io.volumes import write_nifti
+from lesionflow.manifest import (
+    CaseRecord,
+    geometry_fields,
+    intensity_stats,
+    label_stats,
+    modality_kind,
+    read_manifest,
+    write_manifest,
+)
+from lesionflow.params import Params
+from lesionflow.quarantine import Rejection, read_all, record
+from lesionflow.stages.base import ProgressFactory, StageResult, rich_progress, write_json
+from lesionflow.workspace import Workspace
+
+STAGE = "ingest"
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    local_root: Path
+    display_uri: str  # redacted
+    remote_rejections: tuple[Rejection, ...]
+
+
+def _resolve_source(ws: Workspace, source: str) -> _Resolved:
+    from lesionflow.io import remote
+
+    if remote.is_remote(source):
+        mirror = remote.mirror_remote_source(source, ws.cache / "sources")
+        shown = remote.redact_uri(source)
+        rejected = tuple(
+            Rejection(Path(key).name or "case", STAGE, "unsafe_key", reason, f"{shown}/{key}")
+            for key, reason in mirror.rejected_keys
+        )
+        return _Resolved(mirror.local_root, shown, rejected)
+    path = ws.path(source)
+    return _Resolved(path, str(source), ())
+
+
+def _deid_key(params: Params) -> Any:
+    from lesionflow.io.deid import DeidKey
+
+    secret = os.environ.get("LESIONFLOW_DEID_SECRET") or params.ingest.deid.salt
+    return DeidKey(secret=secret, max_date_shift_days=params.ingest.deid.max_date_shift_days)
+
+
+def _assign_ids(found: Discovery, params: Params, test_fraction: float) -> list[CaseSource]:
+    """DICOM cases get pseudonymous ids; loose folders get a deterministic test split when asked."""
+    from lesionflow.hashing import sha256_json
+
+    cases = []
+    key = None
+    for case in found.cases:
+        if case.dicom_series is not None:
+            from lesionflow.io.deid import pseudonymous_case_id
+
+            key = key or _deid_key(params)
+            cid = pseudonymous_case_id(case.dicom_series.series_uid, key)
+            case = replace(case, case_id=cid, relative=f"#series={cid}")
+        if found.info.layout in {"folder", "dicom"} and test_fraction > 0:
+            rank = int(sha256_json([params.project.seed, case.case_id])[:8], 16) / 0xFFFFFFFF
+            case = replace(case, split="test" if rank < test_fraction else "train")
+        cases.append(case)
+    return cases
+
+
+def _source_digest(case: CaseSource) -> str:
+    if case.dicom_series is not None:
+        return combine_digests((f"slice{i:05d}", sha256_file(f)) for i, f in enumerate(case.files))
+    roles = [(f"image{i}", p) for i, p in enumerate(case.images)] + [("label", case.label), ("organ", case.organ)]
+    return combine_digests((role, sha256_file(p)) for role, p in roles if p is not None)
+
+
+def _record(
+    case: CaseSource, loaded: LoadedCase, shas: dict[str, str], info: DatasetInfo, uri: str, src_sha: str
+) -> CaseRecord:
+    label = loaded.label
+    lab = (
+        label_stats(label.array, set(info.labels))
+        if label is not None
+        else {"label_values": "[]", "label_integral": True, "n_undeclared_labels": 0, "foreground_fraction": 0.0}
+    )
+    return CaseRecord(
+        case_id=case.case_id,
+        split=case.split,
+        modality=loaded.modality,
+        modality_kind=modality_kind(loaded.modality),
+        source_format=loaded.source_format,
+        **geometry_fields(loaded.image, label),
+        **intensity_stats(loaded.image.array),
+        **lab,
+        has_organ=loaded.organ is not None,
+        image_sha256=shas["image"],
+        label_sha256=shas.get("label", ""),
+        organ_sha256=shas.get("organ", ""),
+        source_sha256=src_sha,
+        source_uri=uri,
+    )
+
+
+def _store_case(ws: Workspace, case_id: str, loaded: LoadedCase) -> dict[str, str]:
+    """Write the case into staging, then rename into data/raw/cases/<id> (all or nothing)."""
+    staging = ws.raw / ".staging" / case_id
+    shutil.rmtree(staging, ignore_errors=True)
+    shas = {"image": write_nifti(loaded.image, staging / "image.nii.gz")}
+    if loaded.label is not None:
+        shas["label"] = write_nifti(loaded.label, staging / "label.nii.gz")
+    if loaded.organ is not None:
+        shas["organ"] = write_nifti(loaded.organ, staging / "organ.nii.gz")
+    if loaded.dicom_header_json:
+        (staging / "dicom_header.json").write_text(loaded.dicom_header_json)
+        (staging / "deid_report.json").write_text(loaded.deid_report_json)
+    ws.raw_cases.mkdir(parents=True, exist_ok=True)
+    staging.rename(ws.raw_cases / case_id)
+    return shas
+
+
+def _dataset_json(ws: Workspace, info: DatasetInfo, uri: str) -> dict[str, Any]:
+    """data/raw/dataset.json; a second source must agree with the first on channels and labels."""
+    new = {
+        "name": info.name,
+        "modalities": list(info.modalities),
+        "labels": {str(k): v for k, v in sorted(info.labels.items())},
+        "organ_mask": info.organ_mask,
+        "sources": [uri],
+    }
+    if ws.raw_dataset.exists():
+        old = json.loads(ws.raw_dataset.read_text())
+        for key in ("modalities", "labels"):
+            if old[key] != new[key]:
+                raise SourceError(
+                    f"source {uri} declares {key} {new[key]} but data/raw holds {old[key]}; "
+                    "ingest it into a separate workspace"
+                )
+        new["sources"] = sorted(set(old["sources"]) | {uri})
+        new["name"], new["organ_mask"] = old["name"], old["organ_mask"] or info.organ_mask
+    return new
+
+
+def run(ws: Workspace, params: Params, *, progress: ProgressFactory[Any] = rich_progress) -> StageResult:
+    """Ingest ``params.ingest.source`` into the workspace's data/raw."""
+    resolved = _resolve_source(ws, params.ingest.source)
+    found = discover(resolved.local_root, modality=params.ingest.modality, labels=params.ingest.labels)
+    if not found.cases and not found.rejected and not resolved.remote_rejections:
+        raise SourceError(
+            f"no cases found in {resolved.display_uri}: expected NIfTI/NRRD/MHA volumes, DICOM series "
+            "or an MSD/nnU-Net dataset.json; check ingest.source"
+        )
+    dataset = _dataset_json(ws, found.info, resolved.display_uri)
+    cases = _assign_ids(found, params, params.ingest.test_fraction)
+    stored = {r.case_id: r for r in read_manifest(ws.raw_manifest)}
+    quarantined = read_all(ws.quarantine)
+    _drop_orphans(ws, stored)
+    rejections = list(resolved.remote_rejections)
+    rejections += [Rejection(r.case_id, STAGE, r.code, r.message, resolved.display_uri) for r in found.rejected]
+    added, unchanged, key = 0, 0, None
+    for case in progress(cases, "ingest", len(cases)):
+        uri = f"{resolved.display_uri}/{case.relative}".rstrip("/") if case.relative else resolved.display_uri
+        try:
+            src_sha = _source_digest(case)
+        except OSError as err:
+            rejections.append(
+                Rejection(
+                    case.case_id,
+                    STAGE,
+                    "unreadable_file",
+                    f"cannot read the source file ({type(err).__name__}); fix its permissions",
+                    uri,
+                )
+            )
+            continue
+        if case.case_id in stored:
+            if stored[case.case_id].source_sha256 == src_sha:
+                unchanged += 1
+                continue
+            rejections.append(
+                Rejection(
+                    case.case_id,
+                    STAGE,
+                    "conflicts_with_stored_case",
+                    "a different scan is already stored under this case id and data/raw is never "
+                    "overwritten; give the new scan another case id",
+                    uri,
+                    src_sha,
+                )
+            )
+            continue
+        if quarantined.get(case.case_id, {}).get("source_sha256") == src_sha:
+            continue  # rejected earlier for these very bytes; reason.json already says why
+        try:
+            if case.dicom_series is not None and key is None:
+                key = _deid_key(params)
+            loaded = read_case(case, found.info, deid_key=key, spacing_tolerance=params.ingest.slice_spacing_tolerance)
+            shas = _store_case(ws, case.case_id, loaded)
+        except CaseRejected as rej:
+            rejections.append(Rejection(case.case_id, STAGE, rej.code, rej.message, uri, src_sha))
+            continue
+        stored[case.case_id] = _record(case, loaded, shas, found.info, uri, src_sha)
+        write_manifest(list(stored.values()), ws.raw_manifest)  # commit point of this case
+        added += 1
+    shutil.rmtree(ws.raw / ".staging", ignore_errors=True)
+    for rejection in rejections:
+        record(ws.quarantine, rejection)
+    write_json(ws.raw_dataset, dataset)
+    write_manifest(list(stored.values()), ws.raw_manifest)
+    return _finish(ws, stored, added, unchanged, rejections, resolved.display_uri)
+
+
+def _drop_orphans(ws: Workspace, stored: dict[str, CaseRecord]) -> None:
+    """A case folder without a manifest row is a write interrupted before its commit point: remove it."""
+    shutil.rmtree(ws.raw / ".staging", ignore_errors=True)
+    if ws.raw_cases.is_dir():
+        for folder in ws.raw_cases.iterdir():
+            if folder.name not in stored:
+                shutil.rmtree(folder)
+
+
+def raw_digest(ws: Workspace) -> str:
+    """Digest of data/raw from its manifest and dataset.json (the manifest holds every file's sha256)."""
+    parts = [(p.name, sha256_file(p)) for p in (ws.raw_manifest, ws.raw_dataset) if p.exists()]
+    return combine_digests(parts) if parts else sha256_bytes(b"")
+
+
+def _finish(
+    ws: Workspace, stored: dict[str, CaseRecord], added: int, unchanged: int, rejections: list[Rejection], uri: str
+) -> StageResult:
+    summary = {
+        "source": uri,
+        "n_stored": len(stored),
+        "n_added": added,
+        "n_unchanged": unchanged,
+        "n_rejected": len(rejections),
+        "rejected": {r.case_id: r.code for r in rejections},
+        "raw_digest": raw_digest(ws),
+    }
+    out = ws.stage_report_dir(STAGE) / "summary.json"
+    write_json(out, summary)
+    if not stored:
+        raise SourceError(
+            f"no usable case in {uri}: all {len(rejections)} were quarantined (see data/quarantine/*/reason.json)"
+        )
+    return StageResult(
+        STAGE,
+        True,
+        summary,
+        {"raw": "data/raw", "manifest": "data/raw/manifest.csv", "summary": str(out.relative_to(ws.root))},
+        tuple(r.line() for r in rejections),
+    )

@@ -1,0 +1,81 @@
+"""Stage ``validate-raw``: the raw quality gate over the per-volume metadata table (data/raw/manifest.csv).
+
+Policy: when the gate passes, each rejected case is moved from data/raw/cases/<id> to
+data/quarantine/<id>/files with a reason.json and dropped from the manifest, so later stages only see
+accepted cases. When the gate fails as a whole (too many rejected, too few cases, duplicate ids), nothing
+is moved: a dataset-level failure usually means a wrong threshold or a wrong source, and moving half the
+data out would hide that. The stage then raises :class:`GateFailed` naming the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lesionflow.errors import GateFailed, SourceError
+from lesionflow.manifest import manifest_frame, read_manifest, write_manifest
+from lesionflow.params import Params
+from lesionflow.quarantine import Rejection, record
+from lesionflow.stages.base import StageResult, write_json
+from lesionflow.stages.ingest import raw_digest
+from lesionflow.workspace import Workspace
+
+STAGE = "validate-raw"
+
+
+def report_dir(ws: Workspace) -> Path:
+    return ws.reports / "quality" / "raw"
+
+
+def run(ws: Workspace, params: Params) -> StageResult:
+    from lesionflow.quality.raw_suite import run_raw_gate
+
+    records = read_manifest(ws.raw_manifest)
+    if not ws.raw_manifest.exists():
+        raise SourceError("data/raw/manifest.csv does not exist; run `lesionflow stage ingest` first")
+    result = run_raw_gate(manifest_frame(records), params.quality, report_dir(ws))
+    notes = [f"case {cid!r}: " + "; ".join(c.detail for c in checks) for cid, checks in sorted(result.rejected.items())]
+    moved: list[str] = []
+    if result.success and result.rejected:
+        by_id = {r.case_id: r for r in records}
+        for case_id, checks in sorted(result.rejected.items()):
+            rec = by_id.get(case_id)
+            message = "; ".join(c.detail for c in checks)
+            code = ",".join(sorted({c.column or c.expectation for c in checks}))
+            record(
+                ws.quarantine,
+                Rejection(
+                    case_id,
+                    STAGE,
+                    f"gate:{code}",
+                    message,
+                    rec.source_uri if rec else "",
+                    rec.source_sha256 if rec else "",
+                ),
+                move_from=ws.raw_cases / case_id,
+            )
+            moved.append(case_id)
+        write_manifest([r for r in records if r.case_id not in set(moved)], ws.raw_manifest)
+    summary = {
+        "success": result.success,
+        "n_cases": result.n_cases,
+        "n_rejected": result.n_rejected,
+        "reject_fraction": result.reject_fraction,
+        "quarantined": moved,
+        "dataset_failures": [f.detail for f in result.dataset_failures],
+        "raw_digest": raw_digest(ws),
+        "report": str(result.report_html.relative_to(ws.root))
+        if result.report_html.is_relative_to(ws.root)
+        else str(result.report_html),
+    }
+    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
+    stage_result = StageResult(
+        STAGE,
+        result.success,
+        summary,
+        {"report": summary["report"], "summary": f"reports/{STAGE}/summary.json"},
+        tuple(notes + [f"dataset: {f.detail}" for f in result.dataset_failures]),
+    )
+    if not result.success:
+        reasons = "; ".join(f.detail for f in result.dataset_failures) or "see the report"
+        raise GateFailed(f"raw quality gate failed: {reasons}; nothing was quarantined. Report: {result.report_html}")
+    return stage_result

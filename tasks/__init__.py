@@ -1,0 +1,1 @@
+"""Prefect task adapters: each wraps a stage function from the registry and holds no domain logic."""
