@@ -1,9 +1,11 @@
 """One Prefect task per registered stage, with a content-hash cache key and persisted JSON results.
 
-The cache key is ``stage_cache_key(stage, code version, params section(s), input digests)``; inputs are
-digests of bytes (the source tree for ingest, data/raw's manifest for later stages), never paths or
-mtimes, so the same data and params hit the cache from any checkout. Results hold the StageResult
-summary (references and digests), never volumes.
+The cache key is ``stage_cache_key(stage, code version, params section(s), digests)``. The data part is
+digests of bytes (the source tree for ingest, data/raw's manifest for later stages), never mtimes. Two
+more entries make a hit mean "these outputs already exist here": the workspace the stage writes into
+(a stage's outputs are side effects in it) and whether the stage's own summary exists, so deleted
+outputs are a miss (their content is covered by the data digests). A rerun with nothing changed therefore computes once more (its
+summary now exists) and hits from then on. Results hold the StageResult summary, never volumes.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ def input_digests(stage: str, ws: Workspace, params: Params) -> dict[str, str] |
     """Digests of what ``stage`` reads; None when they cannot be known cheaply (then: no caching)."""
     from lesionflow.io.remote import is_remote
 
-    digests = {"raw": raw_digest(ws)}
+    summary = ws.stage_report_dir(stage) / "summary.json"
+    digests = {
+        "raw": raw_digest(ws),
+        "workspace": str(ws.root),
+        "own_summary": "present" if summary.exists() else "absent",
+    }
     if stage == "ingest":
         if is_remote(params.ingest.source):
             return None  # a remote prefix's content is only known after mirroring it

@@ -19,13 +19,13 @@ def commit(ws: Workspace, targets: list[str]) -> bool:
         return False
     targets = [t for t in targets if not t.endswith(".dvc") or (ws.root / t).exists()]
     proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "commit", "-f", "-q", *targets],
+        [sys.executable, "-m", "dvc", "commit", "-f", *targets],
         cwd=ws.root,
         capture_output=True,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
-        last = (proc.stderr or proc.stdout).strip().splitlines()
-        raise LesionflowError(f"dvc commit {' '.join(targets)} failed: {last[-1] if last else proc.returncode}")
+        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.startswith("ERROR")]
+        raise LesionflowError(f"dvc commit {' '.join(targets)} failed: {lines[-1] if lines else proc.returncode}")
     return True

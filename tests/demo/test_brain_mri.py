@@ -23,7 +23,7 @@ def brain(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
 def _read(result: DemoResult, index: int) -> tuple[Volume, Volume, Volume]:
     case = result.cases[index]
     folder = "Ts" if case.split == "test" else "Tr"
-    return tuple(  # type: ignore[return-value]
+    return tuple(
         read_volume(result.out / f"{kind}{folder}/{case.case_id}.nii.gz", case.case_id)
         for kind in ("images", "labels", "organs")
     )
@@ -76,19 +76,19 @@ def test_world_coordinates_are_mni() -> None:
 def test_reoriented_case_has_the_same_world_content(brain: DemoResult) -> None:
     image, label, organ = _read(brain, 2)  # every third case is stored LAS
     assert image.orientation == label.orientation == organ.orientation == "LAS"
-    is_test, free = plan_cases(CASES, np.random.default_rng(np.random.SeedSequence([SEED, 0])), 0.25)
+    _, free = plan_cases(CASES, np.random.default_rng(np.random.SeedSequence([SEED, 0])), 0.25)
     rng = np.random.default_rng(np.random.SeedSequence([SEED, 0, 2]))
     canonical = brain_mri.synthesize(rng, SIZE, lesions=not free[2])
     for stored, reference in ((image, canonical.image), (label, canonical.label), (organ, canonical.organ)):
         back = nib.as_closest_canonical(nib.Nifti1Image(stored.array, stored.affine))
-        np.testing.assert_allclose(back.affine, reference.affine, atol=1e-6)
+        np.testing.assert_allclose(back.affine, reference.affine, atol=1e-4)  # NIfTI stores float32
         np.testing.assert_array_equal(np.asanyarray(back.dataobj), reference.array)
 
     # Same statement in world terms: the brain-mask centroid maps to the same MNI point.
     def centroid_mm(v: Volume) -> np.ndarray:
         return (v.affine @ np.append(np.argwhere(v.array > 0).mean(axis=0), 1.0))[:3]
 
-    np.testing.assert_allclose(centroid_mm(organ), centroid_mm(canonical.organ), atol=1e-6)
+    np.testing.assert_allclose(centroid_mm(organ), centroid_mm(canonical.organ), atol=1e-3)  # float32 sform
     assert not np.array_equal(organ.array, canonical.organ.array)  # the voxel order really differs
 
 

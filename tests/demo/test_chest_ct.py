@@ -20,7 +20,7 @@ def chest(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
 def _read(result: DemoResult, index: int) -> tuple[Volume, Volume, Volume]:
     case = result.cases[index]
     folder = "Ts" if case.split == "test" else "Tr"
-    return tuple(  # type: ignore[return-value]
+    return tuple(
         read_volume(result.out / f"{kind}{folder}/{case.case_id}.nii.gz", case.case_id)
         for kind in ("images", "labels", "organs")
     )
@@ -53,7 +53,7 @@ def test_nodules_inside_lungs_and_lesion_free_case(chest: DemoResult) -> None:
         assert case.lesion_voxels == {1: int(nodules.sum())}
         if nodules.any():
             # Nodules are denser than the surrounding parenchyma (solid or ground-glass).
-            assert image.array[nodules].mean() > image.array[(organ.array > 0) & ~nodules].mean() + 150
+            assert image.array[nodules].mean() > image.array[(organ.array > 0) & ~nodules].mean() + 50
         else:
             free += 1
     assert free == 1
@@ -62,11 +62,11 @@ def test_nodules_inside_lungs_and_lesion_free_case(chest: DemoResult) -> None:
 def test_reoriented_case_has_the_same_world_content(chest: DemoResult) -> None:
     image, label, organ = _read(chest, 2)  # every third case is stored LPS, like DICOM-derived files
     assert image.orientation == label.orientation == organ.orientation == "LPS"
-    is_test, free = plan_cases(CASES, np.random.default_rng(np.random.SeedSequence([SEED, 1])), 0.25)
+    _, free = plan_cases(CASES, np.random.default_rng(np.random.SeedSequence([SEED, 1])), 0.25)
     canonical = chest_ct.synthesize(np.random.default_rng(np.random.SeedSequence([SEED, 1, 2])), SIZE, not free[2])
     for stored, reference in ((image, canonical.image), (label, canonical.label), (organ, canonical.organ)):
         back = nib.as_closest_canonical(nib.Nifti1Image(stored.array, stored.affine))
-        np.testing.assert_allclose(back.affine, reference.affine, atol=1e-6)
+        np.testing.assert_allclose(back.affine, reference.affine, atol=1e-4)  # NIfTI stores float32
         np.testing.assert_array_equal(np.asanyarray(back.dataobj), reference.array)
     # World coordinates of one voxel agree: the stored corner (0, 0, 0) is the canonical (n-1, n-1, 0).
     n = image.spatial_shape

@@ -9,7 +9,8 @@ Fixtures
 ``moto_s3`` (function scope)
     Empties the server (``/moto-api/reset``: every test starts with no buckets), points the ``AWS_*`` variables
     at it with ``monkeypatch`` (and hides any real profile, token or config file) and returns a :class:`MotoS3`
-    with ``.endpoint_url`` and ``.client()``, a boto3 S3 client factory.
+    with ``.endpoint_url``, ``.client()`` (a boto3 S3 client factory) and ``.require_auth()`` (makes moto answer
+    403 to unknown credentials until the next test, to exercise access-denied paths).
 ``moto_s3_credentials`` (function scope)
     ``(access key id, secret)`` that ``moto_s3`` exports; moto accepts anything. Override it in a test module
     to use a distinctive secret when a test checks that the secret never leaks.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +46,10 @@ from typing import Any
 
 import pytest
 
-MOTO_SERVER = Path(sys.executable).parent / "moto_server"  # console script of the venv running pytest
+# The console script of the venv running pytest (moto[server]); PATH only as a fallback.
+MOTO_SERVER = Path(sys.executable).parent / "moto_server"
+if not MOTO_SERVER.exists():
+    MOTO_SERVER = Path(shutil.which("moto_server") or MOTO_SERVER)
 HOST = "127.0.0.1"  # never bind a test server to a public interface
 REGION = "us-east-1"
 START_TIMEOUT_S = 30.0
@@ -63,6 +68,10 @@ class MotoS3:
     secret_access_key: str
     region: str = REGION
 
+    def require_auth(self) -> None:
+        """From now on until the next test, reject requests whose access key is not a moto IAM user (403)."""
+        _post(self.endpoint_url + "/moto-api/reset-auth", b"0")
+
     def client(self, **kwargs: Any) -> Any:
         """A boto3 S3 client bound to this server (explicit settings, so it works even outside ``moto_s3``)."""
         import boto3
@@ -77,6 +86,13 @@ class MotoS3:
         }
         settings.update(kwargs)
         return boto3.client("s3", **settings)
+
+
+def _post(url: str, body: bytes = b"") -> None:
+    # text/plain: with urllib's default form content type Flask consumes the body and moto sees nothing.
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "text/plain"})
+    with _DIRECT.open(request, timeout=10):
+        pass
 
 
 def _free_port() -> int:
@@ -169,8 +185,8 @@ def moto_s3(
     tmp_path: Path,
 ) -> MotoS3:
     """An empty S3 on moto, with the ``AWS_*`` environment of this test pointing at it."""
-    with _DIRECT.open(urllib.request.Request(moto_s3_server + "/moto-api/reset", method="POST"), timeout=10):
-        pass
+    _post(moto_s3_server + "/moto-api/reset")  # no buckets left over from the previous test
+    _post(moto_s3_server + "/moto-api/reset-auth", b"inf")  # undo require_auth(): moto accepts any credentials
     key_id, secret = moto_s3_credentials
     # Hide anything that could make boto3/s3fs talk to real AWS or pick other credentials.
     for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",

@@ -76,6 +76,7 @@ def test_is_remote() -> None:
         ("https://h/p?AWSAccessKeyId=AKIA&Signature=SECRET&Expires=1", "https://h/p?Expires=1"),
         ("https://h/p?token=SECRET&password=SECRET&sig=SECRET#access_token=SECRET", "https://h/p"),
         ("s3://bucket/prefix/with@sign/file", "s3://bucket/prefix/with@sign/file"),
+        ("http://[::1]:9000/bucket/a@b", "http://[::1]:9000/bucket/a@b"),
         ("s3://bucket/tiny", "s3://bucket/tiny"),
         ("s3://bucket/tiny/?versionId=3", "s3://bucket/tiny/?versionId=3"),
         ("/data/tiny", "/data/tiny"),
@@ -149,7 +150,7 @@ def test_unsafe_keys_are_rejected_and_never_written(moto_s3: MotoS3, tmp_path: P
     workdir = tmp_path / "work"
     result = mirror_remote_source(f"s3://{BUCKET}/tiny", workdir / "cache")
 
-    assert dict(result.rejected_keys) == {f"tiny/{k}": reason for k, reason in bad.items()}
+    assert dict(result.rejected_keys) == bad  # keys relative to the prefix, as for local paths
     assert (result.n_objects, result.n_downloaded) == (1, 1)
     files = _local_files(result.local_root)
     assert files.pop(INDEX_NAME) != b"pwned"
@@ -161,7 +162,7 @@ def test_unsafe_keys_are_rejected_and_never_written(moto_s3: MotoS3, tmp_path: P
 def test_object_shadowing_a_folder_is_rejected(moto_s3: MotoS3, tmp_path: Path) -> None:
     _upload(moto_s3, layout={"a": b"file", "a/b.txt": b"nested"})
     result = mirror_remote_source(f"s3://{BUCKET}/tiny", tmp_path / "cache")
-    assert dict(result.rejected_keys) == {"tiny/a/b.txt": "another object has the name of one of its folders"}
+    assert dict(result.rejected_keys) == {"a/b.txt": "another object has the name of one of its folders"}
     assert (result.local_root / "a").read_bytes() == b"file"
 
 
@@ -181,6 +182,16 @@ def test_missing_bucket(moto_s3: MotoS3, tmp_path: Path) -> None:
     message = _assert_clean_message(info.value)
     assert "s3://no-such-bucket/tiny" in message
     assert "does not exist" in message
+
+
+def test_access_denied(moto_s3: MotoS3, tmp_path: Path) -> None:
+    _upload(moto_s3)
+    moto_s3.require_auth()  # our fake key id is not an IAM user, so moto now answers 403
+    with pytest.raises(SourceError) as info:
+        mirror_remote_source(f"s3://{BUCKET}/tiny", tmp_path / "cache")
+    message = _assert_clean_message(info.value)
+    assert "access denied" in message
+    assert "AWS_ACCESS_KEY_ID" in message
 
 
 def test_empty_prefix(moto_s3: MotoS3, tmp_path: Path) -> None:

@@ -76,18 +76,23 @@ def template_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def _raw_template() -> _Template:
-    """The template as read (once per process)."""
+    """The template as read (once per process), cropped to the brain plus a 12 mm border."""
     folder = template_dir()
-    t1_img = nib.load(folder / _TEMPLATE.format("t1"))
+    t1_img = nib.Nifti1Image.from_filename(folder / _TEMPLATE.format("t1"))
     t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
-    wm = np.asarray(nib.load(folder / _TEMPLATE.format("wm")).dataobj, dtype=np.float32) / 255.0
-    # The template is skull-stripped: its support (holes filled: ventricles are dark but > 0) is the brain.
-    brain = ndi.binary_fill_holes(t1 > 0)
-    affine = np.asarray(t1_img.affine, dtype=np.float64)
+    wm = np.asarray(nib.Nifti1Image.from_filename(folder / _TEMPLATE.format("wm")).dataobj, dtype=np.float32) / 255.0
+    # The template is skull-stripped and its support has no holes (ventricles are dark but > 0): the brain.
+    brain = t1 > 0
     idx = np.argwhere(brain)
-    lo_mm = (affine @ np.append(idx.min(axis=0), 1.0))[:3]
-    hi_mm = (affine @ np.append(idx.max(axis=0), 1.0))[:3]
-    return _Template(t1, wm, brain.astype(np.float32), affine, lo_mm, hi_mm)
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    # Cropping halves the arrays: faster blurring and cache-friendlier resampling; out-of-box reads are 0.
+    start = np.maximum(lo - 12, 0)
+    crop = tuple(slice(a, b) for a, b in zip(start, hi + 13, strict=True))
+    affine = np.asarray(t1_img.affine, dtype=np.float64).copy()
+    affine[:3, 3] = (affine @ np.append(start, 1.0))[:3]
+    lo_mm = (affine @ np.append(lo - start, 1.0))[:3]
+    hi_mm = (affine @ np.append(hi - start, 1.0))[:3]
+    return _Template(t1[crop], wm[crop], brain[crop].astype(np.float32), affine, lo_mm, hi_mm)
 
 
 @lru_cache(maxsize=2)

@@ -142,20 +142,32 @@ def tube_weights(
     """Rasterise tubes given as centre-line samples; returns (weight, distance_mm), both float32 of ``shape``.
 
     ``points`` is (N, 3) in voxel coordinates (samples outside the grid are dropped), ``radii_mm`` (N,) the
-    tube radius at each sample. ``distance_mm`` is the distance to the nearest centre-line voxel and
-    ``weight = clip((r - d) / min_spacing + 0.5, 0, 1)`` approximates partial volume across the boundary.
-    One Euclidean distance transform serves every tube, so cost is independent of the number of segments.
+    tube radius at each sample. ``distance_mm`` is the distance from each voxel centre to the sub-voxel
+    position of the nearest centre-line sample (approximately: nearest in the voxel sense), and
+    ``weight = clip((r - d) / min_spacing + 0.5, 0, 1) * min(2 r / min_spacing, 1)`` approximates the
+    partial volume of the tube in that voxel. Using the sub-voxel position matters on thick slices: a thin
+    tube between two slice centres must not fill a whole 2.5 mm voxel. One Euclidean distance transform
+    serves every tube, so the cost does not depend on the number of segments.
     """
     sp = np.asarray(spacing, dtype=np.float64)
     idx = np.rint(points).astype(np.int64)
     keep = np.all((idx >= 0) & (idx < np.asarray(shape)), axis=1)
-    radius = np.zeros(shape, dtype=np.float32)
     if not keep.any():
         return np.zeros(shape, np.float32), np.full(shape, np.inf, np.float32)
-    # Several samples can fall in one voxel: keep the thickest tube there.
-    np.maximum.at(radius, tuple(idx[keep].T), radii_mm[keep].astype(np.float32))
-    dist, nearest = ndi.distance_transform_edt(radius == 0, sampling=sp, return_indices=True)
+    idx, pts, rad = idx[keep], points[keep], radii_mm[keep]
+    # Several samples can fall in one voxel: keep the thickest (ties: the first), deterministically.
+    flat = np.ravel_multi_index(tuple(idx.T), shape)
+    order = np.lexsort((np.arange(flat.size), -rad, flat))
+    first = order[np.unique(flat[order], return_index=True)[1]]
+    radius = np.zeros(shape, dtype=np.float64)
+    offset = np.zeros((3, *shape), dtype=np.float64)  # sample position minus voxel centre, voxels
+    radius[tuple(idx[first].T)] = rad[first]
+    offset[(slice(None), *tuple(idx[first].T))] = (pts[first] - idx[first]).T
+    _, nearest = ndi.distance_transform_edt(radius == 0, sampling=sp, return_indices=True)
     r_near = radius[tuple(nearest)]
+    grid = np.indices(shape, dtype=np.float64)
+    delta = (grid - nearest - offset[(slice(None), *nearest)]) * sp[:, None, None, None]
+    dist = np.sqrt((delta**2).sum(axis=0))
     edge = float(sp.min())
-    weight = np.clip((r_near - dist) / edge + 0.5, 0.0, 1.0).astype(np.float32)
-    return weight, dist.astype(np.float32)
+    weight = np.clip((r_near - dist) / edge + 0.5, 0.0, 1.0) * np.minimum(2.0 * r_near / edge, 1.0)
+    return weight.astype(np.float32), dist.astype(np.float32)

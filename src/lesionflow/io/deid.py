@@ -30,19 +30,25 @@ from pydicom.sequence import Sequence
 
 PROFILE_NAME = "lesionflow PS3.15 basic profile"
 
+
+def _words(text: str) -> list[str]:
+    """Keywords from a whitespace-separated block (keeps the profile table compact and auditable)."""
+    return text.split()
+
+
 # --- PS3.15 Table E.1-1, "Basic Profile" column, for the attributes we handle explicitly -----------------
 # Action codes: D = replace with a non-empty dummy; Z = replace with an empty (or dummy) value;
 # X = remove; K = keep; U = replace UID with a consistent new UID. Where the table allows several
 # ("X/Z", "X/Z/D"), we take the strictest that keeps the object valid (X for type 3, Z for type 2).
 # Attributes applied at every nesting level (inside sequences too).
-_Z = """
+_Z = _words("""
     PatientName PatientID PatientBirthDate PatientSex ReferringPhysicianName AccessionNumber StudyID
     ContentCreatorName
-""".split()  # Z: type 2 attributes; PatientName/PatientID at top level get the pseudonym (a Z dummy)
-_D = """
+""")  # Z: type 2 attributes; PatientName/PatientID at top level get the pseudonym (a Z dummy)
+_D = _words("""
     PersonName VerifyingObserverName
-""".split()  # D: type 1 inside SR; dummy "ANONYMIZED"
-_X = """
+""")  # D: type 1 inside SR; dummy "ANONYMIZED"
+_X = _words("""
     IssuerOfPatientID PatientBirthTime OtherPatientIDs OtherPatientIDsSequence OtherPatientNames
     PatientBirthName PatientAge PatientSize PatientWeight PatientAddress PatientMotherBirthName MilitaryRank
     BranchOfService MedicalRecordLocator PatientTelephoneNumbers EthnicGroup Occupation
@@ -70,18 +76,18 @@ _X = """
     DerivationDescription FrameComments TextValue IconImageSequence
     OriginalAttributesSequence ModifiedAttributesSequence DigitalSignaturesSequence MACParametersSequence
     EncryptedAttributesSequence
-""".split()  # X: remove (type 3, or identifying free text / old values that cannot be cleaned)
+""")  # X: remove (type 3, or identifying free text / old values that cannot be cleaned)
 # U: every other UI value is remapped (see _KEEP_UIDS). K: everything not listed is kept, except that any
 # PN is emptied (Z), DA/DT are shifted (113107) and private tags, curves (50xx) and overlays (60xx) are X.
 _PROFILE: dict[str, str] = {kw: "Z" for kw in _Z} | {kw: "D" for kw in _D} | {kw: "X" for kw in _X}
 
 # UIDs that name DICOM-defined things (classes, syntaxes, coding schemes), not this patient's instances: K.
 _KEEP_UIDS = frozenset(
-    """
+    _words("""
     SOPClassUID MediaStorageSOPClassUID ReferencedSOPClassUID ReferencedSOPClassUIDInFile TransferSyntaxUID
     ReferencedTransferSyntaxUIDInFile ImplementationClassUID RelatedGeneralSOPClassUID
     OriginalSpecializedSOPClassUID CodingSchemeUID MappingResourceUID ContextUID
-    """.split()
+    """)
 )
 _DICOM_UID_ROOT = "1.2.840.10008."
 # File meta elements that can name the sending site or carry private data: X.
@@ -200,7 +206,7 @@ class _Cleaner:
     def note(self, elem: DataElement, action: str) -> None:
         self.changes.add(TagChange(_tag_str(elem), elem.keyword or "", action))
 
-    def dataset(self, ds: Dataset, depth: int) -> None:  # noqa: C901 - one flat dispatch on action/VR
+    def dataset(self, ds: Dataset, depth: int) -> None:
         for elem in list(ds):
             tag, keyword = elem.tag, elem.keyword
             if tag.is_private:

@@ -1,18 +1,14 @@
 """Remote (S3) dataset sources, mirrored into a local cache before any stage reads them.
 
-Why a mirror instead of streaming: QC, conversion and training read every volume several times and at random;
-a local copy makes those reads cheap and makes a run reproducible even if the bucket changes later. The mirror
-is incremental (an index of size + ETag per key), so re-running a flow costs one listing and no downloads.
+Why a mirror, not streaming: QC, conversion and training read every volume several times and at random, and a
+local copy keeps a run reproducible if the bucket changes later. An index of size + ETag per key makes a re-run
+cost one listing. Rules kept throughout:
 
-Security rules, kept by every function here:
-
-* Credentials come only from the environment (the standard AWS chain: ``AWS_ACCESS_KEY_ID`` /
-  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, profiles, roles). User info in a URI is ignored, not used.
-* A URI is passed through :func:`redact_uri` before it reaches a message, a log line, a manifest or a file.
+* Credentials come only from the environment (the standard AWS chain: ``AWS_ACCESS_KEY_ID`` / ``..._SECRET_...``,
+  profiles, roles); user info in a URI is ignored. The endpoint is ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``),
+  which botocore reads itself (checked with s3fs 2026.9.0 / aiobotocore 3.10.0), so nothing is passed explicitly.
+* A URI goes through :func:`redact_uri` before it reaches a message, a log line, a manifest or a file.
 * A key is written only if its relative path stays inside the mirror root; other keys are reported, not fetched.
-
-The endpoint comes from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``): botocore reads it itself, which was
-checked with s3fs 2026.9.0 / aiobotocore 3.10.0, so nothing is passed explicitly.
 """
 
 from __future__ import annotations
@@ -52,7 +48,8 @@ class MirrorResult:
     n_objects: int
     n_downloaded: int
     n_skipped_unchanged: int
-    rejected_keys: tuple[tuple[str, str], ...]  # (redacted key, reason)
+    # (redacted key relative to the source prefix, reason): f"{redact_uri(uri)}/{key}" names the object.
+    rejected_keys: tuple[tuple[str, str], ...]
 
 
 def is_remote(uri: str) -> bool:
@@ -71,9 +68,11 @@ def redact_uri(uri: str) -> str:
     if not sep:
         return uri
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    # "host:port" and "[ipv6]" are fine; any other ':' in the authority is the start of "key:secret@".
+    key_colon = ":" in authority and not authority.startswith("[") and not authority.rsplit(":", 1)[1].isdigit()
     if "@" in authority:
         rest = rest[authority.rindex("@") + 1 :]
-    elif ":" in authority and not authority.rsplit(":", 1)[1].isdigit() and "@" in rest:
+    elif key_colon and "@" in rest:
         # An unescaped AWS secret may contain '/', which ends the authority early: s3://AKIA:ab/cd@bucket/p.
         rest = rest[rest.index("@") + 1 :]
     rest, _, fragment = rest.partition("#")
@@ -139,8 +138,7 @@ def _mirror(
     _prune(root, set(wanted))  # before downloading: a deleted file "a" may now be a folder "a/"
     index = {rel: list(old[rel]) for rel in wanted if rel not in todo}
     total, done = len(wanted), 0
-    for _ in index:  # skipped objects count as done, so the bar reaches total
-        done += 1
+    for done in range(1, len(index) + 1):  # skipped objects count as done, so the bar reaches total
         if progress:
             progress(done, total)
     pool = ThreadPoolExecutor(max_workers=max(1, min(_WORKERS, len(todo))))
@@ -163,11 +161,9 @@ def _connect() -> Any:
     """An S3FileSystem configured only from the environment, failing fast on a dead endpoint."""
     import s3fs  # lazy: importing lesionflow for local data should not pay for aiobotocore
 
-    retries: dict[str, Any] = {}
-    if "AWS_MAX_ATTEMPTS" not in os.environ:  # leave the user's own retry settings to botocore
-        retries["max_attempts"] = _DEFAULT_MAX_ATTEMPTS
-    if "AWS_RETRY_MODE" not in os.environ:
-        retries["mode"] = "standard"
+    # Our fail-fast defaults apply only where the user has not set AWS_MAX_ATTEMPTS / AWS_RETRY_MODE themselves.
+    defaults = {"max_attempts": ("AWS_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS), "mode": ("AWS_RETRY_MODE", "standard")}
+    retries = {name: value for name, (var, value) in defaults.items() if var not in os.environ}
     config = {"connect_timeout": _CONNECT_TIMEOUT_S, "read_timeout": _READ_TIMEOUT_S, "retries": retries}
     # skip_instance_cache: s3fs caches instances by argument, not by environment, so a cached one would keep an
     # old endpoint or old credentials after the environment changed.
@@ -190,7 +186,7 @@ def _list_objects(fs: Any, bucket: str, prefix: str) -> dict[str, tuple[int, str
 def _plan(
     listing: dict[str, tuple[int, str]], prefix: str, root: Path
 ) -> tuple[dict[str, tuple[str, int, str]], list[tuple[str, str]]]:
-    """Split the listing into safe relative paths (rel -> (key, size, etag)) and rejected (redacted key, reason)."""
+    """Split the listing into safe relative paths (rel -> (key, size, etag)) and rejected (redacted rel, reason)."""
     base = f"{prefix}/" if prefix else ""
     real_root = os.path.realpath(root)
     wanted: dict[str, tuple[str, int, str]] = {}
@@ -207,7 +203,7 @@ def _plan(
         if reason is None:
             wanted[rel] = (key, size, etag)
         else:
-            rejected.append((redact_uri(key), reason))
+            rejected.append((redact_uri(rel), reason))
     return wanted, rejected
 
 
@@ -224,40 +220,32 @@ def _unsafe_reason(rel: str) -> str | None:
         return "path component longer than 255 bytes"
     if parts[-1] == INDEX_NAME or any(p.startswith(_TMP_PREFIX) for p in parts):
         return "name reserved by the mirror"
+    if "?versionId=" in rel:
+        return "contains '?versionId=', which s3fs reads as a version"
     return None
 
 
 def _unchanged(local: Path, recorded: list[Any] | None, size: int, etag: str) -> bool:
     """Same size and ETag as last time, and the local copy is a regular file of that size (lstat: no symlinks)."""
-    if recorded is None or list(recorded) != [size, etag]:
-        return False
     try:
         st = os.lstat(local)
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == size
+    return recorded == [size, etag] and stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
 def _download(fs: Any, bucket: str, obj: tuple[str, int, str], dest: Path) -> None:
-    """Fetch one object into a temp file next to ``dest``, check it against the listing, then rename it."""
-    from fsspec.asyn import sync
+    """Fetch one object into a temp file next to ``dest``, then rename it: a crash never leaves half a file.
 
-    key, size, etag = obj
+    The index records the ETag seen in the listing, so an object rewritten while we download it does not
+    match the listing on the next run and is fetched again.
+    """
+    key, size, _ = obj
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}")
-
-    async def fetch() -> str:
-        # get_object rather than fs.get_file: s3fs path parsing would mangle keys containing '?versionId='.
-        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-        with open(tmp, "wb") as out:
-            while chunk := await resp["Body"].read(1 << 20):
-                out.write(chunk)
-        return str(resp.get("ETag") or "")
-
     try:
-        got_etag = sync(fs.loop, fetch)
-        # The index must describe the bytes on disk; a write between listing and download breaks that.
-        if tmp.stat().st_size != size or (got_etag and etag.startswith('"') and got_etag != etag):
+        fs.get_file(f"{bucket}/{key}", str(tmp))  # ranged, concurrent parts for big volumes
+        if tmp.stat().st_size != size:
             raise SourceError(f"object {redact_uri(key)!r} changed while being mirrored; run again")
         os.replace(tmp, dest)
     finally:
@@ -278,12 +266,12 @@ def _prune(root: Path, keep: set[str]) -> None:
 
 
 def _load_index(root: Path) -> dict[str, list[Any]]:
-    """The previous run's rel -> [size, etag]; an unreadable index only costs a full re-download."""
+    """The previous run's rel -> [size, etag]; a bad index only costs a full re-download, so it is not an error."""
     try:
         data = json.loads((root / INDEX_NAME).read_text())
         return {str(k): list(v) for k, v in data["objects"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+        return {}  # missing or unreadable
 
 
 def _save_index(root: Path, objects: dict[str, list[Any]], shown: str) -> None:

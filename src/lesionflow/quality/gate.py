@@ -33,16 +33,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lesionflow.quality.report import (
+    FormatRow,
+    allowed_text,
+    dataset_detail,
+    expectation_info,
+    fmt_value,
+    render_html,
+    row_detail,
+    summary_dict,
+)
+
 if TYPE_CHECKING:
     import pandas as pd
     from great_expectations.core.expectation_validation_result import ExpectationValidationResult
     from great_expectations.data_context import AbstractDataContext
     from great_expectations.datasource.fluent import PandasDatasource
     from great_expectations.expectations import Expectation
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
 ID_COLUMN = "case_id"
 DATA_DOCS_DIR = "data_docs"
-DATASET = "(dataset)"  # the "case" column of dataset-level failures in console and HTML tables
 _DOCS_SITE = "lesionflow"
 
 
@@ -85,92 +96,6 @@ class GatePolicy:
     min_accepted_param: str | None = None
 
 
-@dataclass(frozen=True)
-class ExpectationInfo:
-    """A plain description of one expectation of a suite, for the HTML report (no GX objects)."""
-
-    suite: str
-    expectation: str
-    column: str | None
-    allowed: str  # "between 0.1 and 10.0", "one of [True]", ... plus "where <condition>"
-    param: str | None
-    notes: str | None
-
-
-def fmt_value(value: Any) -> str:
-    """Deterministic, readable text for a value coming out of pandas/GX (numpy scalars included)."""
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()  # np.float64(3.0) -> 3.0, np.False_ -> False
-    if isinstance(value, str):
-        return repr(value)
-    try:
-        missing = value is None or bool(value != value)  # NaN is the only value unequal to itself
-    except TypeError:  # pd.NA refuses bool()
-        missing = True
-    if missing:
-        return "missing"
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _bound(value: Any) -> str:
-    """A bound as written in params.yaml: GX stores every bound as float, so 0.0 reads back as 0."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return fmt_value(value)
-
-
-def allowed_text(exp_type: str, kwargs: Mapping[str, Any], row_condition: Any = None) -> str:
-    """Describe what an expectation allows from its type and kwargs: range, set, uniqueness or non-null."""
-    lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
-    if exp_type == "expect_column_values_to_be_unique":
-        text = "unique values"
-    elif exp_type == "expect_column_values_to_not_be_null":
-        text = "a value (not missing)"
-    elif "value_set" in kwargs:
-        text = "one of [" + ", ".join(fmt_value(v) for v in kwargs["value_set"]) + "]"
-    elif lo is not None and hi is not None:
-        text = f"exactly {_bound(lo)}" if lo == hi else f"between {_bound(lo)} and {_bound(hi)}"
-    elif lo is not None:
-        text = f"at least {_bound(lo)}"
-    elif hi is not None:
-        text = f"at most {_bound(hi)}"
-    else:
-        text = "(see the expectation)"
-    if row_condition is not None:
-        text += f" where {_condition_text(row_condition)}"
-    return text
-
-
-def _condition_text(condition: Any) -> str:
-    """``modality_kind == 'CT'`` for a GX comparison; GX's own repr (which drops the quotes) otherwise."""
-    column, operator = getattr(condition, "column", None), getattr(condition, "operator", None)
-    if column is not None and operator is not None and hasattr(condition, "parameter"):
-        op = getattr(operator, "value", operator)
-        return f"{column.name} {op} {fmt_value(condition.parameter)}"
-    return repr(condition)
-
-
-class _Row(dict):  # type: ignore[type-arg]
-    """Mapping for ``str.format_map`` that prints "?" for a missing key instead of raising."""
-
-    def __missing__(self, key: str) -> str:
-        return "?"
-
-
-def _expectation_info(suite_name: str, exp: Expectation) -> ExpectationInfo:
-    kwargs = exp.configuration.kwargs
-    meta = exp.meta or {}
-    notes = exp.notes if isinstance(exp.notes, str) or exp.notes is None else " ".join(exp.notes)
-    return ExpectationInfo(
-        suite=suite_name,
-        expectation=exp.expectation_type,
-        column=kwargs.get("column"),
-        allowed=allowed_text(exp.expectation_type, kwargs, getattr(exp, "row_condition", None)),
-        param=meta.get("param"),
-        notes=notes,
-    )
-
-
 def _exception_message(result: ExpectationValidationResult) -> str | None:
     """The message of an exception GX caught while evaluating an expectation (missing column...), if any."""
     info = result.exception_info or {}
@@ -181,38 +106,67 @@ def _exception_message(result: ExpectationValidationResult) -> str | None:
     return None
 
 
-def _row_detail(exp_type: str, column: str, kwargs: Mapping[str, Any], cond: Any, value: Any, n: int) -> str:
-    """The generic part of a per-case reason: observed value and what was allowed."""
-    if exp_type == "expect_column_values_to_be_unique":
-        return f"{column} = {fmt_value(value)} appears in {n} rows, expected unique values"
-    return f"{column} = {fmt_value(value)}, expected {allowed_text(exp_type, kwargs, cond)}"
+def _config(res: ExpectationValidationResult) -> ExpectationConfiguration:
+    """The expectation behind a result (always set for results of a suite run)."""
+    if res.expectation_config is None:
+        raise RuntimeError("GX returned a validation result without its expectation configuration")
+    return res.expectation_config
 
 
-def _dataset_detail(
-    exp_type: str, kwargs: Mapping[str, Any], meta: Mapping[str, Any], observed: Any, table: pd.DataFrame
-) -> str:
-    # GX reports no observed value for an aggregate over zero rows (the mean of nothing)
-    shown = "undefined (no rows)" if observed is None else fmt_value(observed)
-    if "explain" in meta:
-        detail = str(meta["explain"]).format_map(_Row(observed=shown))
-    else:
-        label = meta.get("label") or kwargs.get("column") or "row count"
-        detail = f"{label} = {shown}, expected {allowed_text(exp_type, kwargs)}"
-    column = kwargs.get("column")
-    if exp_type == "expect_column_unique_value_count_to_be_between" and column in table.columns:
-        values = sorted({fmt_value(v) for v in table[column].tolist()})
-        detail += f" (values seen: {', '.join(values)})"
-    return detail
-
-
-def _pick_row(rows: Mapping[str, list[dict[str, Any]]], case: str, column: str, item: Mapping[str, Any]) -> dict:
+def _pick_row(
+    rows: Mapping[str, list[dict[str, Any]]], case: str, column: str | None, item: Mapping[str, Any]
+) -> dict[str, Any]:
     """The table row behind one unexpected item: with a duplicated id, the one whose value failed."""
     candidates = rows.get(case, [])
-    value = fmt_value(item.get(column))
-    for row in candidates:
-        if fmt_value(row.get(column)) == value:
-            return row
+    if column is not None:
+        value = fmt_value(item.get(column))
+        for row in candidates:
+            if fmt_value(row.get(column)) == value:
+                return row
     return candidates[0] if candidates else {}
+
+
+def _row_checks(
+    res: ExpectationValidationResult, rows: Mapping[str, list[dict[str, Any]]], id_column: str
+) -> list[tuple[str, FailedCheck]]:
+    """(case id, reason) for every unexpected row of a failed column-map expectation."""
+    cfg = _config(res)
+    exp_type, kwargs, meta = cfg.type, cfg.kwargs, cfg.meta or {}
+    column = kwargs.get("column")
+    unexpected = (res.result or {}).get("unexpected_index_list") or []
+    cond = _row_condition(kwargs)
+    counts: dict[str, int] = {}
+    for item in unexpected:
+        case = str(item.get(id_column))
+        counts[case] = counts.get(case, 0) + 1
+    out = []
+    for item in unexpected:
+        case = str(item.get(id_column))
+        detail = row_detail(exp_type, column, kwargs, cond, item.get(column), counts[case])
+        if "explain" in meta:
+            detail += "; " + str(meta["explain"]).format_map(FormatRow(_pick_row(rows, case, column, item)))
+        if meta.get("param"):
+            detail += f" [{meta['param']}]"
+        out.append((case, FailedCheck(exp_type, column, detail)))
+    return out
+
+
+def _dataset_check(res: ExpectationValidationResult, table: pd.DataFrame, id_column: str) -> FailedCheck:
+    """The dataset-level failure of a failed expectation (aggregate, or a row check with scope "both")."""
+    cfg = _config(res)
+    exp_type, kwargs, meta = cfg.type, cfg.kwargs, cfg.meta or {}
+    column = kwargs.get("column")
+    body = res.result or {}
+    unexpected = body.get("unexpected_index_list")
+    if unexpected:
+        ids = ", ".join(repr(i) for i in sorted({str(i.get(id_column)) for i in unexpected}))
+        detail = f"{column}: {len(unexpected)} rows fail (expected {allowed_text(exp_type, kwargs)}): {ids}"
+    else:
+        detail = dataset_detail(exp_type, kwargs, meta, body.get("observed_value"), table)
+    if meta.get("param"):
+        detail += f" [{meta['param']}]"
+    # policy checks run on a derived outcome column; naming it would only confuse the reader
+    return FailedCheck(exp_type, None if meta.get("table_level") else column, detail)
 
 
 def _collect(
@@ -228,45 +182,22 @@ def _collect(
     for res in results:
         if res.success:
             continue
-        cfg = res.expectation_config
-        exp_type, kwargs, meta = cfg.type, cfg.kwargs, cfg.meta or {}
-        column = kwargs.get("column")
+        cfg = _config(res)
         error = _exception_message(res)
         if error is not None:  # e.g. a missing column: the table itself is malformed
-            dataset.append(FailedCheck(exp_type, column, f"could not be evaluated: {error}"))
+            dataset.append(FailedCheck(cfg.type, cfg.kwargs.get("column"), f"could not be evaluated: {error}"))
             continue
-        body = res.result or {}
-        unexpected = body.get("unexpected_index_list")
-        scope = meta.get("scope") or ("row" if unexpected is not None else "dataset")
+        unexpected = (res.result or {}).get("unexpected_index_list")
+        scope = (cfg.meta or {}).get("scope") or ("row" if unexpected is not None else "dataset")
         # A row-level failure that GX could not tie to rows (no id column) can only fail the dataset.
         row_level = scope in ("row", "both") and bool(unexpected)
         if row_level:
-            cond = _row_condition(kwargs)
-            counts: dict[str, int] = {}
-            for item in unexpected:
-                case = str(item.get(id_column))
-                counts[case] = counts.get(case, 0) + 1
-            for item in unexpected:
-                case = str(item.get(id_column))
-                detail = _row_detail(exp_type, column, kwargs, cond, item.get(column), counts[case])
-                if "explain" in meta:
-                    detail += "; " + str(meta["explain"]).format_map(_Row(_pick_row(rows, case, column, item)))
-                if meta.get("param"):
-                    detail += f" [{meta['param']}]"
-                check = FailedCheck(exp_type, column, detail)
+            for case, check in _row_checks(res, rows, id_column):
                 reasons = rejected.setdefault(case, [])
                 if check not in reasons:  # duplicated ids give the same reason twice
                     reasons.append(check)
         if scope in ("dataset", "both") or not row_level:
-            if unexpected:
-                ids = ", ".join(repr(i) for i in sorted({str(i.get(id_column)) for i in unexpected}))
-                detail = f"{column}: {len(unexpected)} rows fail (expected {allowed_text(exp_type, kwargs)}): {ids}"
-            else:
-                detail = _dataset_detail(exp_type, kwargs, meta, body.get("observed_value"), table)
-            if meta.get("param"):
-                detail += f" [{meta['param']}]"
-            # policy checks run on a derived outcome column; naming it would only confuse the reader
-            dataset.append(FailedCheck(exp_type, None if meta.get("table_level") else column, detail))
+            dataset.append(_dataset_check(res, table, id_column))
     return rejected, dataset
 
 
@@ -333,7 +264,10 @@ def _validate(
         gx.Checkpoint(name=name, validation_definitions=[definition], result_format=result_format)
     )
     run = checkpoint.run(batch_parameters={"dataframe": table}, run_id=RunIdentifier(run_name=name))
-    return [r for vr in run.run_results.values() for r in vr.results]
+    results = [r for vr in run.run_results.values() for r in vr.results]
+    # GX does not return results in suite order; restore it so reasons and summary.json have a stable order
+    order = {exp.id: i for i, exp in enumerate(suite.expectations)}
+    return sorted(results, key=lambda r: order.get(_config(r).id, len(order)))
 
 
 def _policy_expectations(gate: str, policy: GatePolicy) -> list[Expectation]:
@@ -388,8 +322,6 @@ def run_gate(
     """
     import pandas as pd
 
-    from lesionflow.quality import report
-
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = report_dir / DATA_DOCS_DIR
@@ -429,8 +361,8 @@ def run_gate(
         data_docs_index=data_docs_index,
         summary_json=report_dir / "summary.json",
     )
-    infos = [_expectation_info(gate, e) for e in expectations]
-    infos += [_expectation_info(f"{gate}_policy", e) for e in policy_exps]
-    result.summary_json.write_text(json.dumps(report.summary_dict(result), indent=2, sort_keys=True) + "\n")
-    result.report_html.write_text(report.render_html(result, infos))
+    infos = [expectation_info(gate, e) for e in expectations]
+    infos += [expectation_info(f"{gate}_policy", e) for e in policy_exps]
+    result.summary_json.write_text(json.dumps(summary_dict(result), indent=2, sort_keys=True) + "\n")
+    result.report_html.write_text(render_html(result, infos))
     return result

@@ -1,4 +1,7 @@
-"""Rendering of a :class:`~lesionflow.quality.gate.GateResult`: summary.json, a self-contained HTML page, console.
+"""Rendering of gate outcomes: failure text, summary.json, a self-contained HTML page and a console table.
+
+Failure text: every :class:`~lesionflow.quality.gate.FailedCheck` detail is one line with the observed value,
+what was allowed and (from the expectation's ``meta``) the params.yaml key that sets the bound.
 
 The HTML page has inline CSS only (no scripts, fonts or CDN links) so it opens offline and survives being
 copied around as a DVC output or a Prefect artifact. The JSON summary is a DVC metrics file: sorted keys,
@@ -9,14 +12,19 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from great_expectations.expectations import Expectation
     from rich.console import Console
     from rich.table import Table
 
-    from lesionflow.quality.gate import ExpectationInfo, FailedCheck, GateResult
+    from lesionflow.quality.gate import FailedCheck, GateResult
+
+DATASET = "(dataset)"  # the "case" column of dataset-level failures in console and HTML tables
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:72em;
@@ -28,8 +36,7 @@ h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid 
 table{border-collapse:collapse;width:100%;font-size:.92em}
 th,td{border:1px solid #ddd;padding:.35em .6em;text-align:left;vertical-align:top}
 th{background:#f5f5f5}tr:nth-child(even) td{background:#fafafa}
-code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.95em}
-.counts td{width:auto}.muted{color:#666}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.95em}.muted{color:#666}
 """
 
 
@@ -65,8 +72,6 @@ def verdict(result: GateResult) -> str:
 
 def _rows(result: GateResult) -> list[tuple[str, str, str]]:
     """(case, check, detail) rows: dataset-level failures first, then rejected cases by id."""
-    from lesionflow.quality.gate import DATASET
-
     rows = [(DATASET, _check_name(c), c.detail) for c in result.dataset_failures]
     for case, checks in sorted(result.rejected.items()):
         rows.extend((case, _check_name(c), c.detail) for c in checks)
@@ -76,6 +81,123 @@ def _rows(result: GateResult) -> list[tuple[str, str, str]]:
 def _check_name(check: FailedCheck) -> str:
     short = check.expectation.removeprefix("expect_")
     return f"{check.column}: {short}" if check.column else short
+
+
+# ----------------------------------------------------------------------------------------------- failure text
+
+
+@dataclass(frozen=True)
+class ExpectationInfo:
+    """A plain description of one expectation of a suite, for the HTML report (no GX objects)."""
+
+    suite: str
+    expectation: str
+    column: str | None
+    allowed: str  # "between 0.1 and 10.0", "one of [True]", ... plus "where <condition>"
+    param: str | None
+    notes: str | None
+
+
+def fmt_value(value: Any) -> str:
+    """Deterministic, readable text for a value coming out of pandas/GX (numpy scalars included)."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # np.float64(3.0) -> 3.0, np.False_ -> False
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        missing = value is None or bool(value != value)  # NaN is the only value unequal to itself
+    except TypeError:  # pd.NA refuses bool()
+        missing = True
+    if missing:
+        return "missing"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _bound(value: Any) -> str:
+    """A bound as written in params.yaml: GX stores every bound as float, so 0.0 reads back as 0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return fmt_value(value)
+
+
+def allowed_text(exp_type: str, kwargs: Mapping[str, Any], row_condition: Any = None) -> str:
+    """Describe what an expectation allows from its type and kwargs: range, set, uniqueness or non-null."""
+    lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+    if exp_type == "expect_column_values_to_be_unique":
+        text = "unique values"
+    elif exp_type == "expect_column_values_to_not_be_null":
+        text = "a value (not missing)"
+    elif "value_set" in kwargs:
+        text = "one of [" + ", ".join(fmt_value(v) for v in kwargs["value_set"]) + "]"
+    elif lo is not None and hi is not None:
+        text = f"exactly {_bound(lo)}" if lo == hi else f"between {_bound(lo)} and {_bound(hi)}"
+    elif lo is not None:
+        text = f"at least {_bound(lo)}"
+    elif hi is not None:
+        text = f"at most {_bound(hi)}"
+    else:
+        text = "(see the expectation)"
+    if row_condition is not None:
+        text += f" where {_condition_text(row_condition)}"
+    return text
+
+
+def _condition_text(condition: Any) -> str:
+    """``modality_kind == 'CT'`` for a GX comparison; GX's own repr (which drops the quotes) otherwise."""
+    column, operator = getattr(condition, "column", None), getattr(condition, "operator", None)
+    if column is not None and operator is not None and hasattr(condition, "parameter"):
+        op = getattr(operator, "value", operator)
+        return f"{column.name} {op} {fmt_value(condition.parameter)}"
+    return repr(condition)
+
+
+class FormatRow(dict[str, Any]):
+    """Mapping for ``str.format_map`` that prints "?" for a missing key instead of raising."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def expectation_info(suite_name: str, exp: Expectation) -> ExpectationInfo:
+    """Flatten a GX expectation into the plain row the HTML report lists."""
+    kwargs = exp.configuration.kwargs
+    meta = exp.meta or {}
+    notes = exp.notes if isinstance(exp.notes, str) or exp.notes is None else " ".join(exp.notes)
+    return ExpectationInfo(
+        suite=suite_name,
+        expectation=exp.expectation_type,
+        column=kwargs.get("column"),
+        allowed=allowed_text(exp.expectation_type, kwargs, getattr(exp, "row_condition", None)),
+        param=meta.get("param"),
+        notes=notes,
+    )
+
+
+def row_detail(exp_type: str, column: str | None, kwargs: Mapping[str, Any], cond: Any, value: Any, n: int) -> str:
+    """The generic part of a per-case reason: observed value and what was allowed."""
+    if exp_type == "expect_column_values_to_be_unique":
+        return f"{column} = {fmt_value(value)} appears in {n} rows, expected unique values"
+    return f"{column} = {fmt_value(value)}, expected {allowed_text(exp_type, kwargs, cond)}"
+
+
+def dataset_detail(
+    exp_type: str, kwargs: Mapping[str, Any], meta: Mapping[str, Any], observed: Any, table: pd.DataFrame
+) -> str:
+    """The detail of a failed aggregate expectation: observed value vs allowed, or the ``explain`` template."""
+    # GX reports no observed value for an aggregate over zero rows (the mean of nothing)
+    if isinstance(observed, float):
+        observed = round(observed, 6)  # a reject fraction of 1/3 reads 0.333333, not 0.3333333333333333
+    shown = "undefined (no rows)" if observed is None else fmt_value(observed)
+    if "explain" in meta:
+        detail = str(meta["explain"]).format_map(FormatRow(observed=shown))
+    else:
+        label = meta.get("label") or kwargs.get("column") or "row count"
+        detail = f"{label} = {shown}, expected {allowed_text(exp_type, kwargs)}"
+    column = kwargs.get("column")
+    if exp_type == "expect_column_unique_value_count_to_be_between" and column in table.columns:
+        values = sorted({fmt_value(v) for v in table[column].tolist()})
+        detail += f" (values seen: {', '.join(values)})"
+    return detail
 
 
 # ----------------------------------------------------------------------------------------------- console
@@ -153,8 +275,8 @@ def render_html(result: GateResult, expectations: Sequence[ExpectationInfo]) -> 
         "<h2>Dataset-level failures</h2>",
     ]
     if result.dataset_failures:
-        rows = [(c.expectation, c.column or "", c.detail) for c in result.dataset_failures]
-        parts.append(_table(["expectation", "column", "detail"], rows, code_cols=(0, 1)))
+        failures = [(c.expectation, c.column or "", c.detail) for c in result.dataset_failures]
+        parts.append(_table(["expectation", "column", "detail"], failures, code_cols=(0, 1)))
     else:
         parts.append('<p class="muted">None.</p>')
     heading = f"Rejected cases ({len(result.rejected)})"
@@ -162,17 +284,17 @@ def render_html(result: GateResult, expectations: Sequence[ExpectationInfo]) -> 
         heading = f"Rejected cases ({len(result.rejected)} ids, {result.n_rejected} rows)"
     parts.append(f"<h2>{_e(heading)}</h2>")
     if result.rejected:
-        rows = [
+        reasons = [
             (case, c.column or "", c.expectation, c.detail)
             for case, checks in sorted(result.rejected.items())
             for c in checks
         ]
-        parts.append(_table(["case", "column", "expectation", "reason"], rows, code_cols=(0, 1, 2)))
+        parts.append(_table(["case", "column", "expectation", "reason"], reasons, code_cols=(0, 1, 2)))
     else:
         parts.append('<p class="muted">None: every case passed every per-case check.</p>')
     parts.append("<h2>Expectations</h2>")
-    rows = [(x.suite, x.expectation, x.column or "", x.allowed, x.param or "", x.notes or "") for x in expectations]
-    parts.append(_table(["suite", "expectation", "column", "allowed", "param", "why"], rows, code_cols=(1, 2, 4)))
+    suite = [(x.suite, x.expectation, x.column or "", x.allowed, x.param or "", x.notes or "") for x in expectations]
+    parts.append(_table(["suite", "expectation", "column", "allowed", "param", "why"], suite, code_cols=(1, 2, 4)))
     parts.append("<h2>Great Expectations Data Docs</h2>")
     if result.data_docs_index is not None:
         # relative link so the report folder can be moved or published as a whole

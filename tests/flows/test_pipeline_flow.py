@@ -1,0 +1,65 @@
+"""The pipeline flow on a real Prefect harness: stages run as tasks, dvc.lock records them, cache hits by content."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect import flow
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import training_pipeline
+from lesionflow.params import load_params
+from tasks.stages import run_stage
+from tests.test_dvc_consistency import dvc_workspace  # noqa: F401 - fixture
+from tests.helpers.volumes import write_msd
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_pipeline_flow_runs_stages_and_records_them_in_dvc(dvc_workspace: Path) -> None:  # noqa: F811
+    ws = dvc_workspace
+    results = training_pipeline(workspace=str(ws))
+    assert [r["stage"] for r in results] == ["ingest", "validate-raw"]
+    assert all(r["ok"] for r in results)
+    assert results[0]["summary"]["n_stored"] == 4
+    assert json.loads((ws / "reports" / "validate-raw" / "summary.json").read_text())["success"] is True
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout, status.stdout  # the flow committed data.dvc and both stages
+    lock = (ws / "dvc.lock").read_text()
+    assert "ingest:" in lock and "validate-raw:" in lock
+
+
+def test_stage_task_cache_hits_on_same_content(workspace: Path, tmp_path: Path) -> None:
+    write_msd(workspace / "data" / "demo", n_train=2, n_test=0)
+    params = load_params(workspace / "params.yaml").model_dump(mode="json")
+
+    @flow
+    def twice() -> list[str]:
+        states = [run_stage("ingest", str(workspace), params, return_state=True) for _ in range(3)]
+        return [s.name for s in states]
+
+    names = twice()
+    # run 1 computes; run 2 sees its outputs (a new key) and computes again at no cost; run 3 hits
+    assert names == ["Completed", "Completed", "Cached"]
+    assert (workspace / "data" / "raw" / "manifest.csv").exists()
+
+    # another workspace with the same bytes must compute: its outputs do not exist yet
+    other = tmp_path / "other"
+    shutil.copytree(workspace, other, ignore=shutil.ignore_patterns("raw", "reports", "quarantine"))
+
+    @flow
+    def elsewhere() -> str:
+        return run_stage("ingest", str(other), params, return_state=True).name
+
+    assert elsewhere() == "Completed"
+    assert (other / "data" / "raw" / "manifest.csv").exists()

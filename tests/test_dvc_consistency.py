@@ -1,0 +1,87 @@
+"""dvc.yaml and the stage registry cannot drift apart; `dvc repro` twice does nothing the second time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lesionflow.params import Params
+from lesionflow.stages import STAGES
+from tests.helpers.volumes import write_msd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _entries(items: list[Any]) -> tuple[list[str], list[str]]:
+    """Split a dvc.yaml outs/metrics list into (cached, uncached) paths."""
+    cached, uncached = [], []
+    for item in items:
+        if isinstance(item, str):
+            cached.append(item)
+        else:
+            ((path, opts),) = item.items()
+            (uncached if opts.get("cache") is False else cached).append(path)
+    return cached, uncached
+
+
+def test_dvc_yaml_matches_stage_registry() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGES)
+    fields = Params.model_json_schema()
+    for name, stage in stages.items():
+        spec = STAGES[name]
+        assert stage["cmd"] == f"lesionflow stage {name}"
+        assert tuple(stage["params"]) == spec.params
+        for key in spec.params:  # every params key exists in the typed model
+            node: Any = Params()
+            for part in key.split("."):
+                node = getattr(node, part)
+        assert tuple(stage["deps"]) == spec.deps
+        outs_cached, outs_uncached = _entries(stage.get("outs", []))
+        metrics_cached, metrics_uncached = _entries(stage.get("metrics", []))
+        assert tuple(outs_cached) == spec.outs and tuple(outs_uncached) == spec.uncached_outs
+        assert metrics_cached == [] and tuple(metrics_uncached) == spec.metrics
+    assert fields["title"] == "Params"
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture
+def dvc_workspace(tmp_path: Path) -> Path:
+    """A git + DVC repository holding this project's dvc.yaml, params.yaml, data.dvc and code deps."""
+    ws = tmp_path / "repo"
+    ws.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "data.dvc"):
+        shutil.copy(REPO / name, ws / name)
+    shutil.copytree(REPO / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    _run(["git", "init", "-q"], ws)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], ws)
+    write_msd(ws / "data" / "demo", n_train=3, n_test=1)
+    return ws
+
+
+def test_dvc_repro_twice_second_does_nothing(dvc_workspace: Path) -> None:
+    ws = dvc_workspace
+    first = _run([sys.executable, "-m", "dvc", "repro"], ws)
+    assert "Running stage 'ingest'" in first.stdout and "Running stage 'validate-raw'" in first.stdout
+    summary = (ws / "reports" / "ingest" / "summary.json").read_text()
+    second = _run([sys.executable, "-m", "dvc", "repro"], ws)
+    assert "Running stage" not in second.stdout
+    assert "Stage 'ingest' didn't change, skipping" in second.stdout
+    assert (ws / "reports" / "ingest" / "summary.json").read_text() == summary
+    _run([sys.executable, "-m", "dvc", "commit", "-f", "-q", "data.dvc"], ws)  # record the raw data version
+    status = _run([sys.executable, "-m", "dvc", "status"], ws)
+    assert "up to date" in status.stdout, status.stdout
+    assert "md5:" in (ws / "data.dvc").read_text()

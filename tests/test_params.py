@@ -1,0 +1,60 @@
+"""params.yaml: typed sections, one-line errors naming key, value and expectation, --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lesionflow.errors import ParamsError
+from lesionflow.params import Params, apply_overrides, load_params, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_valid_and_match_defaults() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params == Params()  # the file documents the defaults; drift would surprise users
+    assert params.quality.raw.spacing_mm == (0.1, 10.0)
+
+
+def test_override_parses_yaml_values() -> None:
+    assert parse_override("quality.max_reject_fraction=0.1") == (["quality", "max_reject_fraction"], 0.1)
+    assert parse_override("quality.raw.spacing_mm=[0.5, 5]") == (["quality", "raw", "spacing_mm"], [0.5, 5])
+    raw = apply_overrides({"ingest": {"source": "a"}}, ["ingest.source=s3://bucket/prefix"])
+    assert raw["ingest"]["source"] == "s3://bucket/prefix"
+
+
+def test_overrides_apply_on_load() -> None:
+    params = load_params(REPO / "params.yaml", ["ingest.test_fraction=0.2", "ingest.deid.max_date_shift_days=30"])
+    assert params.ingest.test_fraction == 0.2 and params.ingest.deid.max_date_shift_days == 30
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("quality.max_reject_fraction=1.5", ["quality.max_reject_fraction", "1.5", "less than or equal to 1"]),
+        ("demo.kind=knee-xray", ["demo.kind", "knee-xray", "brain-mri"]),
+        ("quality.raw.spacing_mm=[5, 1]", ["quality.raw.spacing_mm", "min < max"]),
+        ("ingest.sourse=x", ["unknown key", "ingest.sourse"]),
+        ("demo.cases=many", ["demo.cases", "'many'", "integer"]),
+    ],
+)
+def test_bad_values_name_key_value_and_expectation(override: str, needles: list[str]) -> None:
+    with pytest.raises(ParamsError) as info:
+        load_params(REPO / "params.yaml", [override])
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_malformed_override_and_file(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="expected section.key=value"):
+        parse_override("novalue")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("ingest: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML at line"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "missing.yaml")
