@@ -4,8 +4,9 @@ The cache key is ``stage_cache_key(stage, code version, params section(s), diges
 digests of bytes (the source tree for ingest, data/raw's manifest for later stages), never mtimes. Two
 more entries make a hit mean "these outputs already exist here": the workspace the stage writes into
 (a stage's outputs are side effects in it) and whether the stage's own summary exists, so deleted
-outputs are a miss (their content is covered by the data digests). A rerun with nothing changed therefore computes once more (its
-summary now exists) and hits from then on. Results hold the StageResult summary, never volumes.
+outputs are a miss (their content is covered by the data digests). A rerun with nothing changed
+therefore computes once more (its summary now exists) and hits from then on. Results hold the
+StageResult summary, never volumes.
 """
 
 from __future__ import annotations

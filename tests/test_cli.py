@@ -29,22 +29,27 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
 
 def test_params_check_ok_and_bad(workspace: Path) -> None:
     ok = _cli("params", "check", cwd=workspace)
-    assert ok.returncode == 0 and "params.yaml is valid" in ok.stdout
+    assert ok.returncode == 0
+    assert "params.yaml is valid" in ok.stdout
     bad = _cli("params", "check", "--set", "quality.max_reject_fraction=-1", cwd=workspace)
     assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "quality.max_reject_fraction" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0
+    assert "quality.max_reject_fraction" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
 def test_unknown_stage_is_one_line(workspace: Path) -> None:
     proc = _cli("stage", "trian", cwd=workspace)
-    assert proc.returncode == 2 and "stage 'trian' is unknown" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2
+    assert "stage 'trian' is unknown" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_demo_data_then_stages_from_the_command_line(workspace: Path) -> None:
     built = _cli("demo-data", "chest-ct", "--cases", "3", "--size", "32", "--seed", "4", cwd=workspace)
     assert built.returncode == 0, built.stderr
-    assert "3 chest-ct cases" in built.stdout and "say nothing clinical" in built.stdout
+    assert "3 chest-ct cases" in built.stdout
+    assert "say nothing clinical" in built.stdout
     ingest = _cli("stage", "ingest", cwd=workspace)
     assert ingest.returncode == 0, ingest.stderr
     assert "data/raw/manifest.csv" in ingest.stdout  # where the outputs went

@@ -46,8 +46,10 @@ def test_dvc_yaml_matches_stage_registry() -> None:
         assert tuple(stage["deps"]) == spec.deps
         outs_cached, outs_uncached = _entries(stage.get("outs", []))
         metrics_cached, metrics_uncached = _entries(stage.get("metrics", []))
-        assert tuple(outs_cached) == spec.outs and tuple(outs_uncached) == spec.uncached_outs
-        assert metrics_cached == [] and tuple(metrics_uncached) == spec.metrics
+        assert tuple(outs_cached) == spec.outs
+        assert tuple(outs_uncached) == spec.uncached_outs
+        assert metrics_cached == []
+        assert tuple(metrics_uncached) == spec.metrics
     assert fields["title"] == "Params"
 
 
@@ -75,7 +77,8 @@ def dvc_workspace(tmp_path: Path) -> Path:
 def test_dvc_repro_twice_second_does_nothing(dvc_workspace: Path) -> None:
     ws = dvc_workspace
     first = _run([sys.executable, "-m", "dvc", "repro"], ws)
-    assert "Running stage 'ingest'" in first.stdout and "Running stage 'validate-raw'" in first.stdout
+    assert "Running stage 'ingest'" in first.stdout
+    assert "Running stage 'validate-raw'" in first.stdout
     summary = (ws / "reports" / "ingest" / "summary.json").read_text()
     second = _run([sys.executable, "-m", "dvc", "repro"], ws)
     assert "Running stage" not in second.stdout

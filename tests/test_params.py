@@ -27,7 +27,8 @@ def test_override_parses_yaml_values() -> None:
 
 def test_overrides_apply_on_load() -> None:
     params = load_params(REPO / "params.yaml", ["ingest.test_fraction=0.2", "ingest.deid.max_date_shift_days=30"])
-    assert params.ingest.test_fraction == 0.2 and params.ingest.deid.max_date_shift_days == 30
+    assert params.ingest.test_fraction == 0.2
+    assert params.ingest.deid.max_date_shift_days == 30
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ def test_bad_values_name_key_value_and_expectation(override: str, needles: list[
 
 
 def test_malformed_override_and_file(tmp_path: Path) -> None:
-    with pytest.raises(ParamsError, match="expected section.key=value"):
+    with pytest.raises(ParamsError, match=r"expected section\.key=value"):
         parse_override("novalue")
     bad = tmp_path / "params.yaml"
     bad.write_text("ingest: [unclosed\n")

@@ -81,7 +81,7 @@ def modality_kind(modality: str) -> str:
     return "OTHER"
 
 
-def intensity_stats(image: np.ndarray) -> dict[str, float | int]:
+def intensity_stats(image: np.ndarray) -> dict[str, Any]:
     """Finite-voxel statistics of an image (all channels pooled); NaN/Inf are counted, not used."""
     finite = np.isfinite(image) if np.issubdtype(image.dtype, np.floating) else np.ones(image.shape, dtype=bool)
     n_nonfinite = int(finite.size - int(finite.sum()))

@@ -112,7 +112,7 @@ def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in first["loc"])
     value: Any = raw
     for part in first["loc"]:
-        value = value.get(str(part), value.get(part)) if isinstance(value, dict) else None  # type: ignore[call-overload]
+        value = value.get(str(part), value.get(part)) if isinstance(value, dict) else None
     if first["type"] == "extra_forbidden":
         return f"params: unknown key '{key}'; remove it or check its spelling (see params.yaml)"
     expected = first["msg"].removeprefix("Value error, ")

@@ -16,8 +16,8 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.pipeline import training_pipeline
 from lesionflow.params import load_params
 from tasks.stages import run_stage
-from tests.test_dvc_consistency import dvc_workspace  # noqa: F401 - fixture
 from tests.helpers.volumes import write_msd
+from tests.test_dvc_consistency import dvc_workspace  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +36,8 @@ def test_pipeline_flow_runs_stages_and_records_them_in_dvc(dvc_workspace: Path) 
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout, status.stdout  # the flow committed data.dvc and both stages
     lock = (ws / "dvc.lock").read_text()
-    assert "ingest:" in lock and "validate-raw:" in lock
+    assert "ingest:" in lock
+    assert "validate-raw:" in lock
 
 
 def test_stage_task_cache_hits_on_same_content(workspace: Path, tmp_path: Path) -> None:

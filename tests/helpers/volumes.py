@@ -11,8 +11,12 @@ import numpy as np
 from lesionflow.io.volumes import Volume, write_nifti
 
 
-def sphere_case(seed: int, shape: tuple[int, int, int] = (20, 18, 16), spacing: tuple[float, float, float] = (1.0, 1.2, 2.0),
-                ct: bool = False) -> tuple[Volume, Volume]:
+def sphere_case(
+    seed: int,
+    shape: tuple[int, int, int] = (20, 18, 16),
+    spacing: tuple[float, float, float] = (1.0, 1.2, 2.0),
+    ct: bool = False,
+) -> tuple[Volume, Volume]:
     """An image with a bright sphere (label 1) and a smaller sphere of label 2 inside it."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float32)
@@ -30,25 +34,42 @@ def sphere_case(seed: int, shape: tuple[int, int, int] = (20, 18, 16), spacing: 
     return Volume(image, affine), Volume(label, affine)
 
 
-def write_msd(root: Path, n_train: int = 3, n_test: int = 1, *, ct: bool = False, labels: dict[str, str] | None = None) -> Path:
+def write_msd(
+    root: Path, n_train: int = 3, n_test: int = 1, *, ct: bool = False, labels: dict[str, str] | None = None
+) -> Path:
     """An MSD-layout dataset with ``n_train + n_test`` sphere cases; returns the dataset root."""
     labels = labels or {"0": "background", "1": "lesion", "2": "core"}
     entries: dict[str, list[dict[str, str]]] = {"training": [], "test": []}
     for i in range(n_train + n_test):
-        split, img_dir, lab_dir = ("training", "imagesTr", "labelsTr") if i < n_train else ("test", "imagesTs", "labelsTs")
+        split, img_dir, lab_dir = (
+            ("training", "imagesTr", "labelsTr") if i < n_train else ("test", "imagesTs", "labelsTs")
+        )
         image, label = sphere_case(i, ct=ct)
         name = f"case_{i:03d}.nii.gz"
         write_nifti(image, root / img_dir / name)
         write_nifti(label, root / lab_dir / name)
         entries[split].append({"image": f"./{img_dir}/{name}", "label": f"./{lab_dir}/{name}"})
-    dataset = {"name": "spheres", "modality": {"0": "CT" if ct else "MRI"}, "labels": labels,
-               "numTraining": n_train, "numTest": n_test, **entries}
+    dataset = {
+        "name": "spheres",
+        "modality": {"0": "CT" if ct else "MRI"},
+        "labels": labels,
+        "numTraining": n_train,
+        "numTest": n_test,
+        **entries,
+    }
     (root / "dataset.json").write_text(json.dumps(dataset, indent=2))
     return root
 
 
-def add_msd_entry(root: Path, name: str, image: np.ndarray | None, label: np.ndarray | None, *,
-                  affine: np.ndarray | None = None, raw_image_bytes: bytes | None = None) -> None:
+def add_msd_entry(
+    root: Path,
+    name: str,
+    image: np.ndarray | None,
+    label: np.ndarray | None,
+    *,
+    affine: np.ndarray | None = None,
+    raw_image_bytes: bytes | None = None,
+) -> None:
     """Append one training case to an MSD dataset.json, writing its files (or raw bytes for broken files)."""
     affine = np.diag([1.0, 1.2, 2.0, 1.0]) if affine is None else affine
     img_path, lab_path = root / "imagesTr" / f"{name}.nii.gz", root / "labelsTr" / f"{name}.nii.gz"

@@ -22,7 +22,7 @@ from tests.helpers.dicom_factory import PHI, write_ct_series
 from tests.helpers.volumes import add_msd_entry, sphere_case, write_msd
 
 
-def _quiet(items, description, total):  # noqa: ANN001, ANN202
+def _quiet(items, description, total):
     yield from items
 
 
@@ -69,11 +69,17 @@ def _msd_corpus(root: Path, outside: Path) -> dict[str, str]:
         data["training"].append({"image": "./imagesTr/locked.nii.gz"})
         (root / "dataset.json").write_text(json.dumps(data))
     return {
-        "truncated": "truncated_file", "four_d": "not_3d", "zero_axis": "zero_length_axis",
-        "unreadable": "unreadable_file", outside.name.removesuffix(".nii.gz"): "path_escapes_source",
-        "linked": "symlink_outside_source", "dup": "duplicate_case_id",
-        "nan_inf": "gate:n_nonfinite", "shape_mismatch": "gate:shape_match",
-        "undeclared_label": "gate:n_undeclared_labels", "float_label": "gate:label_integral",
+        "truncated": "truncated_file",
+        "four_d": "not_3d",
+        "zero_axis": "zero_length_axis",
+        "unreadable": "unreadable_file",
+        outside.name.removesuffix(".nii.gz"): "path_escapes_source",
+        "linked": "symlink_outside_source",
+        "dup": "duplicate_case_id",
+        "nan_inf": "gate:n_nonfinite",
+        "shape_mismatch": "gate:shape_match",
+        "undeclared_label": "gate:n_undeclared_labels",
+        "float_label": "gate:label_integral",
         **({"locked": "unreadable_file"} if os.geteuid() != 0 else {}),
     }
 
@@ -90,7 +96,8 @@ def test_msd_bad_input_corpus(workspace: Path, tmp_path: Path) -> None:
     params = load_params(ws.params_file, [f"ingest.source={source}", "quality.max_reject_fraction=0.9"])
     result = ingest.run(ws, params, progress=_quiet)
     for line in result.notes:
-        assert "\n" not in line and "Traceback" not in line
+        assert "\n" not in line
+        assert "Traceback" not in line
     gate = validate_raw.run(ws, params)
     reasons = _reasons(ws)
     for case_id, code in expected.items():
@@ -131,7 +138,8 @@ def test_dicom_corpus_and_no_identifying_value_survives(workspace: Path, tmp_pat
     assert sorted(_reasons(ws).values()) == ["missing_slice", "uneven_slice_spacing"]
     validate_raw.run(ws, params)
     records = read_manifest(ws.raw_manifest)
-    assert {r.modality_kind for r in records} == {"CT"} and {r.source_format for r in records} == {"dicom"}
+    assert {r.modality_kind for r in records} == {"CT"}
+    assert {r.source_format for r in records} == {"dicom"}
     assert all(r.case_id.startswith("dcm_") for r in records)
     assert sorted(r.shape_z for r in records) == [6, 8]
     # no original identifying value anywhere under data/ (decompressing .gz), nor in reports/
@@ -154,9 +162,12 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     ("content", "needle"),
-    [("{ not json", "is not valid JSON"), ('["a list"]', "must hold a JSON object"),
-     ('{"training": [{"label": "x"}], "modality": {"0": "CT"}}', "must be an object with an 'image' path"),
-     ('{"description": "neither format"}', "neither MSD")],
+    [
+        ("{ not json", "is not valid JSON"),
+        ('["a list"]', "must hold a JSON object"),
+        ('{"training": [{"label": "x"}], "modality": {"0": "CT"}}', "must be an object with an 'image' path"),
+        ('{"description": "neither format"}', "neither MSD"),
+    ],
 )
 def test_malformed_dataset_json_stops_with_one_line(workspace: Path, tmp_path: Path, content: str, needle: str) -> None:
     source = tmp_path / "broken"
@@ -165,7 +176,9 @@ def test_malformed_dataset_json_stops_with_one_line(workspace: Path, tmp_path: P
     proc = _cli("stage", "ingest", "--set", f"ingest.source={source}", cwd=workspace)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0] and "dataset.json" in lines[0], proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+    assert "dataset.json" in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
@@ -174,5 +187,6 @@ def test_empty_dataset_stops_with_one_line(workspace: Path, tmp_path: Path) -> N
     (tmp_path / "empty" / "notes.txt").write_text("no scans here")
     proc = _cli("stage", "ingest", "--set", f"ingest.source={tmp_path / 'empty'}", cwd=workspace)
     assert proc.returncode == 2
-    assert "no cases found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "no cases found" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr

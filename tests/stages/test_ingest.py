@@ -19,18 +19,22 @@ from lesionflow.workspace import Workspace
 from tests.helpers.volumes import sphere_case, write_msd
 
 
-def _quiet(items, description, total):  # noqa: ANN001, ANN202 - progress factory without a bar
+def _quiet(items, description, total):
     yield from items
 
 
-def _ingest(ws_root: Path, source: Path, *extra: str):  # noqa: ANN202
+def _ingest(ws_root: Path, source: Path, *extra: str):
     ws = Workspace.at(ws_root)
     params = load_params(ws.params_file, [f"ingest.source={source}", *extra])
     return ws, ingest.run(ws, params, progress=_quiet)
 
 
 def _tree_state(root: Path) -> dict[str, tuple[str, int]]:
-    return {p.relative_to(root).as_posix(): (sha256_file(p), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): (sha256_file(p), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_msd_ingest_writes_cases_manifest_and_exact_geometry(workspace: Path, tmp_path: Path) -> None:
@@ -39,7 +43,8 @@ def test_msd_ingest_writes_cases_manifest_and_exact_geometry(workspace: Path, tm
     records = {r.case_id: r for r in read_manifest(ws.raw_manifest)}
     assert sorted(records) == ["case_000", "case_001", "case_002", "case_003"]
     assert [records[c].split for c in sorted(records)] == ["train", "train", "train", "test"]
-    assert result.summary["n_added"] == 4 and result.summary["n_rejected"] == 0
+    assert result.summary["n_added"] == 4
+    assert result.summary["n_rejected"] == 0
     for i in range(4):
         image, label = sphere_case(i)
         stored_img = nib.load(ws.raw_cases / f"case_{i:03d}" / "image.nii.gz")
@@ -53,9 +58,12 @@ def test_msd_ingest_writes_cases_manifest_and_exact_geometry(workspace: Path, tm
         assert stored_lab.get_data_dtype() == np.uint8
         rec = records[f"case_{i:03d}"]
         assert (rec.spacing_x, rec.spacing_y, rec.spacing_z) == pytest.approx((1.0, 1.2, 2.0))
-        assert rec.label_values == "[0, 1, 2]" and rec.n_undeclared_labels == 0 and rec.shape_match
+        assert rec.label_values == "[0, 1, 2]"
+        assert rec.n_undeclared_labels == 0
+        assert rec.shape_match
         assert rec.image_sha256 == sha256_file(ws.raw_cases / f"case_{i:03d}" / "image.nii.gz")
-        assert rec.modality_kind == "MR" and rec.orientation == "RAS"
+        assert rec.modality_kind == "MR"
+        assert rec.orientation == "RAS"
     dataset = json.loads(ws.raw_dataset.read_text())
     assert dataset["labels"] == {"0": "background", "1": "lesion", "2": "core"}
     assert json.loads((ws.reports / "ingest" / "summary.json").read_text())["n_stored"] == 4
@@ -66,7 +74,8 @@ def test_reingest_same_source_changes_nothing(workspace: Path, tmp_path: Path) -
     ws, _ = _ingest(workspace, source)
     before = _tree_state(ws.raw)
     _, again = _ingest(workspace, source)
-    assert again.summary["n_added"] == 0 and again.summary["n_unchanged"] == 3
+    assert again.summary["n_added"] == 0
+    assert again.summary["n_unchanged"] == 3
     assert _tree_state(ws.raw) == before  # same bytes and untouched mtimes: nothing rewritten
 
 
@@ -80,7 +89,8 @@ def test_changed_bytes_under_stored_id_are_quarantined_not_overwritten(workspace
     assert again.summary["rejected"] == {"case_001": "conflicts_with_stored_case"}
     assert sha256_file(ws.raw_cases / "case_001" / "image.nii.gz") == stored
     reason = json.loads((ws.quarantine / "case_001" / "reason.json").read_text())
-    assert reason["code"] == "conflicts_with_stored_case" and reason["stage"] == "ingest"
+    assert reason["code"] == "conflicts_with_stored_case"
+    assert reason["stage"] == "ingest"
 
 
 def test_interrupted_write_leaves_no_half_case(workspace: Path, tmp_path: Path) -> None:
@@ -120,7 +130,9 @@ def test_itk_formats_keep_world_geometry(workspace: Path, tmp_path: Path, suffix
         ras = stored.affine @ np.array([*ijk, 1.0])
         np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-5)
     rec = read_manifest(ws.raw_manifest)[0]
-    assert rec.has_label and rec.shape_match and rec.affine_max_diff_mm < 1e-9
+    assert rec.has_label
+    assert rec.shape_match
+    assert rec.affine_max_diff_mm < 1e-9
     assert rec.source_format == ("nrrd" if suffix == ".nrrd" else "mha")
 
 
@@ -131,18 +143,30 @@ def test_nnunet_multichannel_layout(workspace: Path, tmp_path: Path) -> None:
     for i in range(2):
         image, label = sphere_case(i)
         for c in range(2):
-            nib.save(nib.Nifti1Image(image.array + 10 * c, image.affine), root / "imagesTr" / f"sph_{i:03d}_{c:04d}.nii.gz")
+            nib.save(
+                nib.Nifti1Image(image.array + 10 * c, image.affine), root / "imagesTr" / f"sph_{i:03d}_{c:04d}.nii.gz"
+            )
         nib.save(nib.Nifti1Image(label.array, label.affine), root / "labelsTr" / f"sph_{i:03d}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T2"},
-                                                   "labels": {"background": 0, "lesion": 1, "core": 2},
-                                                   "numTraining": 2, "file_ending": ".nii.gz"}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "T1", "1": "T2"},
+                "labels": {"background": 0, "lesion": 1, "core": 2},
+                "numTraining": 2,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
     ws, result = _ingest(workspace, root)
     assert result.summary["n_added"] == 2
     stored = nib.load(ws.raw_cases / "sph_001" / "image.nii.gz")
     assert stored.shape == (20, 18, 16, 2)
-    np.testing.assert_allclose(np.asanyarray(stored.dataobj)[..., 1] - np.asanyarray(stored.dataobj)[..., 0], 10, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asanyarray(stored.dataobj)[..., 1] - np.asanyarray(stored.dataobj)[..., 0], 10, atol=1e-4
+    )
     rec = {r.case_id: r for r in read_manifest(ws.raw_manifest)}["sph_001"]
-    assert rec.n_channels == 2 and rec.modality == "T1"
+    assert rec.n_channels == 2
+    assert rec.modality == "T1"
     assert json.loads(ws.raw_dataset.read_text())["modalities"] == ["T1", "T2"]
 
 

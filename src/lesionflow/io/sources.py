@@ -258,7 +258,8 @@ def _label_key(path: Path) -> str:
 
 def _walk(root: Path) -> tuple[list[Path], list[Path]]:
     """Files under root (symlinked folders are not followed) and symlinks found on the way."""
-    files, links = [], []
+    files: list[Path] = []
+    links: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames) + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:

@@ -99,8 +99,11 @@ def read_volume(path: str | Path, case_id: str) -> Volume:
         ) from None
     except Exception as err:  # noqa: BLE001 - any reader failure is a property of this file, not a bug
         if _gzip_truncated(path):
-            raise CaseRejected(case_id, "truncated_file", f"{path.name} is truncated (the gzip stream ends early); "
-                               "re-export or re-download it") from None
+            raise CaseRejected(
+                case_id,
+                "truncated_file",
+                f"{path.name} is truncated (the gzip stream ends early); re-export or re-download it",
+            ) from None
         text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise CaseRejected(case_id, "unreadable_file", f"{path.name} cannot be read ({text}); check the file") from None
 
@@ -125,10 +128,10 @@ def _read_nifti(path: Path) -> Volume:
     img = nib.load(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ValueError(f"not a NIfTI image: {type(img).__name__}")
-    if 0 in img.shape:  # nibabel flattens empty data; keep the header's shape so the caller can say which axis
-        array = np.zeros(img.shape, dtype=img.get_data_dtype())
-    else:
-        array = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter; keeps the stored dtype otherwise
+    # np.asanyarray applies scl_slope/scl_inter and keeps the stored dtype otherwise. nibabel flattens
+    # empty data, so a zero-length axis keeps the header's shape for the caller to name the axis.
+    empty = 0 in img.shape
+    array = np.zeros(img.shape, dtype=img.get_data_dtype()) if empty else np.asanyarray(img.dataobj)
     header = img.header.copy() if isinstance(img, nib.Nifti1Image) else None
     return Volume(array=np.ascontiguousarray(array), affine=np.asarray(img.affine, dtype=np.float64), header=header)
 

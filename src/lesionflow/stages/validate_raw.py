@@ -72,7 +72,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         STAGE,
         result.success,
         summary,
-        {"report": summary["report"], "summary": f"reports/{STAGE}/summary.json"},
+        {"report": str(summary["report"]), "summary": f"reports/{STAGE}/summary.json"},
         tuple(notes + [f"dataset: {f.detail}" for f in result.dataset_failures]),
     )
     if not result.success:
