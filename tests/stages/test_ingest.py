@@ -67,6 +67,7 @@ def test_msd_ingest_writes_cases_manifest_and_exact_geometry(workspace: Path, tm
     dataset = json.loads(ws.raw_dataset.read_text())
     assert dataset["labels"] == {"0": "background", "1": "lesion", "2": "core"}
     assert json.loads((ws.reports / "ingest" / "summary.json").read_text())["n_stored"] == 4
+    assert (ws.reports / "ingest" / "montage.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_reingest_same_source_changes_nothing(workspace: Path, tmp_path: Path) -> None:

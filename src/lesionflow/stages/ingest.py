@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lesionflow.errors import CaseRejected, SourceError
 from lesionflow.hashing import combine_digests, sha256_bytes, sha256_file
 from lesionflow.io.case_reader import LoadedCase, read_case
@@ -245,6 +247,30 @@ def raw_digest(ws: Workspace) -> str:
     return combine_digests(parts) if parts else sha256_bytes(b"")
 
 
+def write_montage(ws: Workspace, records: list[CaseRecord], path: Path, *, max_cases: int = 16) -> None:
+    """reports/ingest/montage.png: per case, the axial slice with the most lesion (else the middle one)."""
+    import nibabel as nib
+
+    from lesionflow.viz import Tile, lesion_slice_index, montage_png
+
+    tiles = []
+    for rec in sorted(records, key=lambda r: r.case_id)[:max_cases]:
+        folder = ws.raw_cases / rec.case_id
+        image = nib.as_closest_canonical(nib.load(folder / "image.nii.gz"))  # RAS, so axis 2 is axial
+        volume = np.asanyarray(image.dataobj)
+        volume = volume[..., 0] if volume.ndim == 4 else volume
+        label = None
+        if rec.has_label and rec.shape_match:
+            label = np.asanyarray(nib.as_closest_canonical(nib.load(folder / "label.nii.gz")).dataobj)
+        z = lesion_slice_index(label)
+        z = volume.shape[2] // 2 if z is None else z
+        tiles.append(Tile(f"{rec.case_id} ({rec.split})", volume[:, :, z], None if label is None else label[:, :, z]))
+    if tiles:
+        is_ct = all(r.modality_kind == "CT" for r in records)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(montage_png(tiles, is_ct=is_ct, title=f"data/raw: {len(records)} cases"))
+
+
 def _finish(
     ws: Workspace, stored: dict[str, CaseRecord], added: int, unchanged: int, rejections: list[Rejection], uri: str
 ) -> StageResult:
@@ -259,6 +285,9 @@ def _finish(
     }
     out = ws.stage_report_dir(STAGE) / "summary.json"
     write_json(out, summary)
+    montage = ws.stage_report_dir(STAGE) / "montage.png"
+    if added or not montage.exists():  # re-ingesting an unchanged source stays cheap
+        write_montage(ws, list(stored.values()), montage)
     if not stored:
         raise SourceError(
             f"no usable case in {uri}: all {len(rejections)} were quarantined (see data/quarantine/*/reason.json)"
@@ -267,6 +296,11 @@ def _finish(
         STAGE,
         True,
         summary,
-        {"raw": "data/raw", "manifest": "data/raw/manifest.csv", "summary": str(out.relative_to(ws.root))},
+        {
+            "raw": "data/raw",
+            "manifest": "data/raw/manifest.csv",
+            "summary": str(out.relative_to(ws.root)),
+            "montage": str(montage.relative_to(ws.root)),
+        },
         tuple(r.line() for r in rejections),
     )
