@@ -28,8 +28,8 @@ def training_pipeline(
     results = []
     for stage in pipeline_order():
         result = run_stage(stage, str(ws.root), params_json)
-        for note in result["notes"]:
-            print(f"{stage}: {note}")
+        for finding in result["findings"]:
+            print(f"{stage}: {finding['subject']}: {finding['detail']} [{finding['code']}]")
         if overrides:
             print(f"{stage}: not recorded in dvc.lock (ran with overrides {overrides}; dvc.lock follows params.yaml)")
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -109,8 +110,17 @@ def print_result(result: object) -> None:
     for name, path in result.outputs.items():
         table.add_row(f"-> {name}", path)
     out.print(table)
-    for note in result.notes:
-        err.print(f"[yellow]quarantined[/yellow] {note}", highlight=False)
+    print_findings(result.findings)
+
+
+def print_findings(findings: Sequence[Any], title: str = "quarantined or failed") -> None:
+    """A readable table of rejected cases and failed dataset checks (nothing when there are none)."""
+    if not findings:
+        return
+    table = Table("case", "check", "detail", title=f"{len(findings)} {title}", title_style="yellow")
+    for finding in findings:
+        table.add_row(finding.subject, finding.code, finding.detail)
+    err.print(table)
 
 
 @app.command("stage")
@@ -162,6 +172,7 @@ def main() -> None:
     try:
         app()
     except LesionflowError as error:
+        print_findings(getattr(error, "findings", ()), "failed checks")
         err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -21,7 +21,15 @@ class SourceError(LesionflowError):
 
 
 class GateFailed(LesionflowError):
-    """A quality gate rejected the data; the message points at the report."""
+    """A quality gate rejected the data; the message points at the report.
+
+    ``findings`` holds the failed checks (lesionflow.stages.base.Finding) so adapters can show them as a
+    table or a Prefect artifact before the one-line message.
+    """
+
+    def __init__(self, message: str, findings: tuple[object, ...] = ()) -> None:
+        self.findings = findings
+        super().__init__(message)
 
 
 class CaseRejected(LesionflowError):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lesionflow.io.sources import safe_case_id
+from lesionflow.stages.base import Finding
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class Rejection:
 
     def line(self) -> str:
         return f"case {self.case_id!r}: {self.message} [{self.code}]"
+
+    def finding(self) -> Finding:
+        return Finding(self.case_id, self.code, self.message)
 
 
 def case_dir(quarantine_root: Path, case_id: str) -> Path:

@@ -95,9 +95,10 @@ def test_msd_bad_input_corpus(workspace: Path, tmp_path: Path) -> None:
     expected = _msd_corpus(source, tmp_path / "outside_source.nii.gz")
     params = load_params(ws.params_file, [f"ingest.source={source}", "quality.max_reject_fraction=0.9"])
     result = ingest.run(ws, params, progress=_quiet)
-    for line in result.notes:
-        assert "\n" not in line
-        assert "Traceback" not in line
+    for finding in result.findings:
+        assert "\n" not in finding.detail
+        assert "Traceback" not in finding.detail
+    assert {f.subject: f.code for f in result.findings}["truncated"] == "truncated_file"
     gate = validate_raw.run(ws, params)
     reasons = _reasons(ws)
     for case_id, code in expected.items():
@@ -190,3 +191,29 @@ def test_empty_dataset_stops_with_one_line(workspace: Path, tmp_path: Path) -> N
     assert "no cases found" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_failed_gate_moves_nothing_and_says_why(workspace: Path, tmp_path: Path) -> None:
+    """Half the cases bad with max_reject_fraction 0.25: the gate fails, nothing leaves data/raw."""
+    source = write_msd(tmp_path / "msd", n_train=2, n_test=0)
+    image, label = sphere_case(3)
+    for i in range(2):
+        bad = image.array.copy()
+        bad[1, 1, 1] = np.nan
+        add_msd_entry(source, f"nan_{i}", bad, label.array)
+    proc = _cli("stage", "ingest", "--set", f"ingest.source={source}", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr
+    gate = _cli("stage", "validate-raw", cwd=workspace)
+    assert gate.returncode == 2
+    last = gate.stderr.strip().splitlines()[-1]
+    assert "raw quality gate failed" in last
+    assert "nothing was quarantined" in last
+    assert "nan_0" in gate.stderr  # the table of failed checks names the cases
+    assert "Traceback" not in gate.stderr
+    ws = Workspace.at(workspace)
+    assert {r.case_id for r in read_manifest(ws.raw_manifest)} == {"case_000", "case_001", "nan_0", "nan_1"}
+    assert not ws.quarantine.exists()
+    summary = json.loads((ws.reports / "validate-raw" / "summary.json").read_text())
+    assert summary["success"] is False
+    assert summary["reject_fraction"] == 0.5
+    assert (ws.reports / "quality" / "raw" / "index.html").exists()

@@ -22,7 +22,7 @@ def moto_s3_credentials() -> tuple[str, str]:
     return (KEY_ID, SECRET)
 
 
-def _quiet(items, description, total):  # noqa: ANN001, ANN202
+def _quiet(items, description, total):
     yield from items
 
 

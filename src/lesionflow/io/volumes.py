@@ -181,7 +181,9 @@ def nifti_bytes(volume: Volume) -> bytes:
     img.header.set_xyzt_units("mm", "sec")
     raw = img.to_bytes()
     buffer = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=1) as gz:  # nibabel's own default: fast, ~10% larger
+    with gzip.GzipFile(
+        filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=1
+    ) as gz:  # nibabel's own default: fast, ~10% larger
         gz.write(raw)
     return buffer.getvalue()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +18,18 @@ CODE_VERSION = f"{__version__}+stages.1"
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One rejected case or dataset-level failure: what, a stable code, and the one-line detail."""
+
+    subject: str  # case id, or "dataset"
+    code: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.subject}: {self.detail} [{self.code}]"
+
+
+@dataclass(frozen=True)
 class StageResult:
     """A stage's outcome: small and JSON-ready (references and digests, never arrays)."""
 
@@ -25,7 +37,7 @@ class StageResult:
     ok: bool
     summary: dict[str, Any]
     outputs: dict[str, str] = field(default_factory=dict)  # name -> workspace-relative path
-    notes: tuple[str, ...] = ()  # one line per rejected case or notable event, for the console and logs
+    findings: tuple[Finding, ...] = ()  # rejected cases and dataset-level failures, for the console and logs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -33,7 +45,7 @@ class StageResult:
             "ok": self.ok,
             "summary": self.summary,
             "outputs": self.outputs,
-            "notes": list(self.notes),
+            "findings": [asdict(f) for f in self.findings],
         }
 
 

@@ -302,5 +302,5 @@ def _finish(
             "summary": str(out.relative_to(ws.root)),
             "montage": str(montage.relative_to(ws.root)),
         },
-        tuple(r.line() for r in rejections),
+        tuple(r.finding() for r in rejections),
     )

@@ -9,13 +9,15 @@ data out would hide that. The stage then raises :class:`GateFailed` naming the r
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from lesionflow.errors import GateFailed, SourceError
-from lesionflow.manifest import manifest_frame, read_manifest, write_manifest
+from lesionflow.manifest import CaseRecord, manifest_frame, read_manifest, write_manifest
 from lesionflow.params import Params
 from lesionflow.quarantine import Rejection, record
-from lesionflow.stages.base import StageResult, write_json
+from lesionflow.stages.base import Finding, StageResult, write_json
 from lesionflow.stages.ingest import raw_digest
 from lesionflow.workspace import Workspace
 
@@ -33,28 +35,13 @@ def run(ws: Workspace, params: Params) -> StageResult:
     if not ws.raw_manifest.exists():
         raise SourceError("data/raw/manifest.csv does not exist; run `lesionflow stage ingest` first")
     result = run_raw_gate(manifest_frame(records), params.quality, report_dir(ws))
-    notes = [f"case {cid!r}: " + "; ".join(c.detail for c in checks) for cid, checks in sorted(result.rejected.items())]
-    moved: list[str] = []
-    if result.success and result.rejected:
-        by_id = {r.case_id: r for r in records}
-        for case_id, checks in sorted(result.rejected.items()):
-            rec = by_id.get(case_id)
-            message = "; ".join(c.detail for c in checks)
-            code = ",".join(sorted({c.column or c.expectation for c in checks}))
-            record(
-                ws.quarantine,
-                Rejection(
-                    case_id,
-                    STAGE,
-                    f"gate:{code}",
-                    message,
-                    rec.source_uri if rec else "",
-                    rec.source_sha256 if rec else "",
-                ),
-                move_from=ws.raw_cases / case_id,
-            )
-            moved.append(case_id)
-        write_manifest([r for r in records if r.case_id not in set(moved)], ws.raw_manifest)
+    findings = [
+        Finding(case_id, f"gate:{check.column or check.expectation}", check.detail)
+        for case_id, checks in sorted(result.rejected.items())
+        for check in checks
+    ] + [Finding("dataset", check.expectation, check.detail) for check in result.dataset_failures]
+    moved = _quarantine_rejected(ws, records, result.rejected) if result.success else []
+    report = result.report_html
     summary = {
         "success": result.success,
         "n_cases": result.n_cases,
@@ -63,19 +50,31 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "quarantined": moved,
         "dataset_failures": [f.detail for f in result.dataset_failures],
         "raw_digest": raw_digest(ws),
-        "report": str(result.report_html.relative_to(ws.root))
-        if result.report_html.is_relative_to(ws.root)
-        else str(result.report_html),
+        "report": str(report.relative_to(ws.root)) if report.is_relative_to(ws.root) else str(report),
     }
     write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
-    stage_result = StageResult(
-        STAGE,
-        result.success,
-        summary,
-        {"report": str(summary["report"]), "summary": f"reports/{STAGE}/summary.json"},
-        tuple(notes + [f"dataset: {f.detail}" for f in result.dataset_failures]),
-    )
     if not result.success:
-        reasons = "; ".join(f.detail for f in result.dataset_failures) or "see the report"
-        raise GateFailed(f"raw quality gate failed: {reasons}; nothing was quarantined. Report: {result.report_html}")
-    return stage_result
+        reasons = "; ".join(f.detail.strip() for f in result.dataset_failures) or "see the report"
+        raise GateFailed(
+            f"raw quality gate failed: {reasons}; nothing was quarantined. Report: {report}", tuple(findings)
+        )
+    outputs = {"report": str(summary["report"]), "summary": f"reports/{STAGE}/summary.json"}
+    return StageResult(STAGE, True, summary, outputs, tuple(findings))
+
+
+def _quarantine_rejected(ws: Workspace, records: list[CaseRecord], rejected: Mapping[str, Sequence[Any]]) -> list[str]:
+    """Move each rejected case out of data/raw into quarantine (with reason.json) and out of the manifest."""
+    by_id = {r.case_id: r for r in records}
+    moved = []
+    for case_id, checks in sorted(rejected.items()):
+        rec = by_id.get(case_id)
+        code = "gate:" + ",".join(sorted({c.column or c.expectation for c in checks}))
+        message = "; ".join(c.detail for c in checks)
+        rejection = Rejection(
+            case_id, STAGE, code, message, rec.source_uri if rec else "", rec.source_sha256 if rec else ""
+        )
+        record(ws.quarantine, rejection, move_from=ws.raw_cases / case_id)
+        moved.append(case_id)
+    if moved:
+        write_manifest([r for r in records if r.case_id not in set(moved)], ws.raw_manifest)
+    return moved
