@@ -19,16 +19,19 @@ from tests.helpers.volumes import write_msd
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _entries(items: list[Any]) -> tuple[list[str], list[str]]:
-    """Split a dvc.yaml outs/metrics list into (cached, uncached) paths."""
-    cached, uncached = [], []
+def _entries(items: list[Any]) -> tuple[list[str], list[str], list[str]]:
+    """Split a dvc.yaml outs/metrics list into (cached, uncached, persisted) paths."""
+    cached, uncached, persisted = [], [], []
     for item in items:
         if isinstance(item, str):
             cached.append(item)
         else:
             ((path, opts),) = item.items()
-            (uncached if opts.get("cache") is False else cached).append(path)
-    return cached, uncached
+            if opts.get("persist"):
+                persisted.append(path)
+            else:
+                (uncached if opts.get("cache") is False else cached).append(path)
+    return cached, uncached, persisted
 
 
 def test_dvc_yaml_matches_stage_registry() -> None:
@@ -44,10 +47,11 @@ def test_dvc_yaml_matches_stage_registry() -> None:
             for part in key.split("."):
                 node = getattr(node, part)
         assert tuple(stage["deps"]) == spec.deps
-        outs_cached, outs_uncached = _entries(stage.get("outs", []))
-        metrics_cached, metrics_uncached = _entries(stage.get("metrics", []))
+        outs_cached, outs_uncached, outs_persisted = _entries(stage.get("outs", []))
+        metrics_cached, metrics_uncached, _ = _entries(stage.get("metrics", []))
         assert tuple(outs_cached) == spec.outs
         assert tuple(outs_uncached) == spec.uncached_outs
+        assert tuple(outs_persisted) == spec.persist_outs
         assert metrics_cached == []
         assert tuple(metrics_uncached) == spec.metrics
     assert fields["title"] == "Params"

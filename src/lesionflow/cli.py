@@ -100,7 +100,8 @@ def print_result(result: object) -> None:
     from lesionflow.stages.base import StageResult
 
     assert isinstance(result, StageResult)
-    table = Table(title=f"stage {result.stage}: {'ok' if result.ok else 'FAILED'}", show_header=True)
+    state = "ok (up to date: no work done)" if result.cached else "ok" if result.ok else "FAILED"
+    table = Table(title=f"stage {result.stage}: {state}", show_header=True)
     table.add_column("key")
     table.add_column("value", overflow="fold")
     for key, value in result.summary.items():
@@ -136,8 +137,10 @@ def stage(
 
     if name not in STAGES:
         raise ParamsError(f"stage {name!r} is unknown; expected one of {', '.join(STAGES)}")
+    from lesionflow.caching import run_cached
+
     ws, params = _load(workspace, params_file, overrides)
-    print_result(STAGES[name].run(ws, params))
+    print_result(run_cached(name, ws, params, STAGES[name].run))
 
 
 @app.command("stages")
@@ -148,6 +151,20 @@ def stages() -> None:
     table = Table("stage", "what it does", "params")
     for spec in STAGES.values():
         table.add_row(spec.name, spec.description, ", ".join(spec.params))
+    out.print(table)
+
+
+@app.command("status")
+def status(workspace: WorkspaceOpt = Path("."), params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Each stage: up to date, or stale with the reason (which input, output or param changed)."""
+    from lesionflow.caching import status as stage_status
+
+    ws, params = _load(workspace, params_file, overrides)
+    table = Table("stage", "state", "why")
+    for row in stage_status(ws, params):
+        table.add_row(
+            row.stage, "[green]up to date[/green]" if row.up_to_date else "[yellow]stale[/yellow]", row.reason
+        )
     out.print(table)
 
 

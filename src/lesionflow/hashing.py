@@ -53,12 +53,3 @@ def sha256_tree(root: Path, *, exclude_prefixes: tuple[str, ...] = (".",)) -> st
             continue
         items.append((rel.as_posix(), sha256_file(path)))
     return combine_digests(items)
-
-
-def stage_cache_key(
-    stage: str, code_version: str, params_section: dict[str, Any], input_digests: dict[str, str]
-) -> str:
-    """The cache key of a stage run: stage name + code version + its params + the digests of its inputs."""
-    return sha256_json(
-        {"stage": stage, "code": code_version, "params": params_section, "inputs": dict(sorted(input_digests.items()))}
-    )

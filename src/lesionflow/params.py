@@ -85,6 +85,23 @@ class RawQualityParams(_Section):
         return v
 
 
+class ProcessedQualityParams(_Section):
+    """Expectations of the processed gate (validate-processed)."""
+
+    spacing_tolerance_mm: float = Field(1e-4, gt=0, description="Stored spacing may differ from the plan by this much.")
+    zscore_mean_tolerance: float = Field(
+        0.05, gt=0, description="|mean| of a z-scored channel (in its mask) at most this."
+    )
+    zscore_std_tolerance: float = Field(0.05, gt=0, description="|std - 1| of a z-scored channel at most this.")
+    min_foreground_kept: float = Field(
+        0.9, gt=0, le=1, description="Share of the raw foreground volume left after cropping/resampling."
+    )
+    max_foreground_gain: float = Field(1.1, ge=1, description="Foreground volume may grow by at most this factor.")
+    shape_range: tuple[int, int] = Field(
+        (8, 1024), description="Allowed voxels per axis after preprocessing (min, max)."
+    )
+
+
 class QualityParams(_Section):
     """Quality gates: shared reject policy plus one block per gate."""
 
@@ -92,6 +109,47 @@ class QualityParams(_Section):
         0.25, ge=0.0, le=1.0, description="The gate fails above this share of rejected cases."
     )
     raw: RawQualityParams = Field(default_factory=RawQualityParams)
+    processed: ProcessedQualityParams = Field(default_factory=ProcessedQualityParams)
+
+
+class PlanParams(_Section):
+    """Planning (fingerprint -> plans.json); a non-null value overrides the planned one."""
+
+    gpu_memory_gb: float = Field(
+        8.0, gt=0, description="GPU memory the training patch must fit (nnU-Net's default: 8)."
+    )
+    foreground_samples: int = Field(
+        10000, ge=100, description="Foreground voxels sampled per case for intensity stats."
+    )
+    target_spacing: tuple[float, float, float] | None = Field(
+        None, description="Override the planned spacing (mm, RAS x y z)."
+    )
+    patch_size: tuple[int, int, int] | None = Field(None, description="Override the planned patch size (voxels).")
+    chunk_shape: tuple[int, int, int] | None = Field(None, description="Override the Zarr inner chunk shape (voxels).")
+    normalization: dict[str, Literal["ct", "zscore"]] = Field(
+        default_factory=dict, description="Override the scheme per channel index, e.g. {'0': 'zscore'}."
+    )
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError(f"expected three spacings > 0 mm, got {list(v)}")
+        return v
+
+
+class PreprocessParams(_Section):
+    """Preprocessing on a Dask cluster into the Zarr store."""
+
+    workers: int = Field(2, ge=1, le=256, description="Local cluster worker processes (one thread each).")
+    memory_limit: str = Field("4GiB", description="Memory limit per local worker (Dask syntax).")
+    scheduler_address: str = Field(
+        "", description="tcp://host:8786 of a running Dask scheduler; empty = local cluster."
+    )
+    image_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the stored images.")
+    label_resampling: Literal["onehot_linear", "nearest"] = Field(
+        "onehot_linear", description="How labels are resampled."
+    )
 
 
 class Params(_Section):
@@ -101,6 +159,8 @@ class Params(_Section):
     demo: DemoParams = Field(default_factory=DemoParams)
     ingest: IngestParams = Field(default_factory=IngestParams)
     quality: QualityParams = Field(default_factory=QualityParams)
+    plan: PlanParams = Field(default_factory=PlanParams)
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
 
     @model_validator(mode="after")
     def _check(self) -> Params:

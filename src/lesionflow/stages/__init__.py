@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lesionflow.params import Params
-from lesionflow.stages import ingest, validate_raw
+from lesionflow.stages import ingest, plan, preprocess, validate_processed, validate_raw
 from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
@@ -20,12 +20,15 @@ from lesionflow.workspace import Workspace
 class StageSpec:
     name: str
     run: Callable[[Workspace, Params], StageResult]
+    inputs: Callable[[Workspace, Params], dict[str, str] | None]  # content digests the stage reads
     description: str
     params: tuple[str, ...]  # params.yaml keys (sections or dotted keys) the stage reads
-    deps: tuple[str, ...]
-    outs: tuple[str, ...] = ()  # cached outputs
+    deps: tuple[str, ...]  # dvc.yaml deps
+    outs: tuple[str, ...] = ()  # cached outputs (dvc.yaml outs)
+    persist_outs: tuple[str, ...] = ()  # outputs DVC must not delete before a run (per-case caching inside)
     metrics: tuple[str, ...] = ()  # small JSON outputs DVC shows with `dvc metrics show` (cache: false)
     uncached_outs: tuple[str, ...] = ()  # reports that are rebuilt, not versioned (cache: false)
+    state_outputs: tuple[str, ...] = ()  # outputs whose digest is part of the stage's cache state
 
 
 STAGES: dict[str, StageSpec] = {
@@ -34,19 +37,68 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="ingest",
             run=ingest.run,
+            inputs=ingest.inputs,
             description="Read the source (folder, dataset.json, DICOM, s3://) into data/raw; quarantine bad cases.",
             params=("project.seed", "ingest"),
             deps=("${ingest.source}", "src/lesionflow/io", "src/lesionflow/stages/ingest.py"),
             metrics=("reports/ingest/summary.json",),
+            state_outputs=("reports/ingest/summary.json",),
         ),
         StageSpec(
             name="validate-raw",
             run=validate_raw.run,
+            inputs=validate_raw.inputs,
             description="Raw quality gate (great-expectations) over the per-volume metadata; quarantine failing cases.",
             params=("quality",),
             deps=("reports/ingest/summary.json", "src/lesionflow/quality", "src/lesionflow/stages/validate_raw.py"),
             metrics=("reports/validate-raw/summary.json",),
             uncached_outs=("reports/quality/raw",),
+            state_outputs=("reports/validate-raw/summary.json",),
+        ),
+        StageSpec(
+            name="plan",
+            run=plan.run,
+            inputs=plan.inputs,
+            description="Dataset fingerprint -> plans.json: target spacing, normalization, patch and chunk size.",
+            params=("project.seed", "plan"),
+            deps=("reports/validate-raw/summary.json", "src/lesionflow/planning", "src/lesionflow/stages/plan.py"),
+            outs=("data/processed/plans.json", "data/processed/fingerprint.json"),
+            metrics=("reports/plan/summary.json",),
+            state_outputs=("data/processed/plans.json", "data/processed/fingerprint.json"),
+        ),
+        StageSpec(
+            name="preprocess",
+            run=preprocess.run,
+            inputs=preprocess.inputs,
+            description="One Dask task per volume: RAS, crop, normalize, resample -> sharded Zarr v3 store.",
+            params=("preprocess",),
+            deps=(
+                "data/processed/plans.json",
+                "reports/validate-raw/summary.json",
+                "src/lesionflow/preprocess",
+                "src/lesionflow/store",
+                "src/lesionflow/stages/preprocess.py",
+            ),
+            persist_outs=("data/processed/store.zarr", "data/processed/metadata.csv"),
+            metrics=("reports/preprocess/summary.json",),
+            state_outputs=("data/processed/metadata.csv",),
+        ),
+        StageSpec(
+            name="validate-processed",
+            run=validate_processed.run,
+            inputs=validate_processed.inputs,
+            description="Processed quality gate over the store's metadata; writes the accepted case list.",
+            params=("quality",),
+            deps=(
+                "data/processed/metadata.csv",
+                "data/processed/plans.json",
+                "src/lesionflow/quality",
+                "src/lesionflow/stages/validate_processed.py",
+            ),
+            outs=("data/processed/accepted.json",),
+            metrics=("reports/validate-processed/summary.json",),
+            uncached_outs=("reports/quality/processed",),
+            state_outputs=("data/processed/accepted.json", "reports/validate-processed/summary.json"),
         ),
     )
 }

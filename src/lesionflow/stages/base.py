@@ -38,6 +38,7 @@ class StageResult:
     summary: dict[str, Any]
     outputs: dict[str, str] = field(default_factory=dict)  # name -> workspace-relative path
     findings: tuple[Finding, ...] = ()  # rejected cases and dataset-level failures, for the console and logs
+    cached: bool = False  # True when the stage did no work: its recorded state matched (lesionflow.caching)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -46,6 +47,7 @@ class StageResult:
             "summary": self.summary,
             "outputs": self.outputs,
             "findings": [asdict(f) for f in self.findings],
+            "cached": self.cached,
         }
 
 

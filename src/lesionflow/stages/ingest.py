@@ -304,3 +304,16 @@ def _finish(
         },
         tuple(r.finding() for r in rejections),
     )
+
+
+def inputs(ws: Workspace, params: Params) -> dict[str, str] | None:
+    """Digests ingest depends on: the source's bytes (None for s3://: known only after mirroring) and data/raw."""
+    from lesionflow.hashing import sha256_tree
+    from lesionflow.io.remote import is_remote
+
+    if is_remote(params.ingest.source):
+        return None
+    source = ws.path(params.ingest.source)
+    if not source.exists():
+        return {"source": "absent", "raw": raw_digest(ws)}
+    return {"source": sha256_tree(source if source.is_dir() else source.parent), "raw": raw_digest(ws)}

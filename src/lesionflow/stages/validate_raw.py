@@ -78,3 +78,7 @@ def _quarantine_rejected(ws: Workspace, records: list[CaseRecord], rejected: Map
     if moved:
         write_manifest([r for r in records if r.case_id not in set(moved)], ws.raw_manifest)
     return moved
+
+
+def inputs(ws: Workspace, params: Params) -> dict[str, str]:
+    return {"raw": raw_digest(ws)}

@@ -1,0 +1,325 @@
+"""Stage ``preprocess``: data/raw + plans.json -> data/processed/store.zarr (one group per case) + metadata.csv.
+
+One Dask task per volume (each volume is written by exactly one task, so no two processes ever touch
+one shard). Per case the cache key is digest(code version, the case's raw file digests, plan hash,
+preprocess params); a case already in the store with that key is skipped, so changing one case
+reprocesses only that case and changing nothing processes nothing. Each case appears in the store
+completely or not at all (lesionflow.store writes under a temporary name and renames). Cases that fail
+(constant image, a worker killed by the memory limit...) are quarantined with the reason; the rest go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lesionflow.hashing import sha256_file, sha256_json
+from lesionflow.manifest import CaseRecord, read_manifest
+from lesionflow.params import Params
+from lesionflow.planning.plan import Plan
+from lesionflow.quarantine import Rejection, record
+from lesionflow.stages.base import CODE_VERSION, Finding, StageResult, write_json, write_text_if_changed
+from lesionflow.stages.ingest import raw_digest
+from lesionflow.stages.plan import load_plan, plans_digest
+from lesionflow.workspace import Workspace
+
+STAGE = "preprocess"
+METADATA_COLUMNS = (
+    "case_id",
+    "split",
+    "cache_key",
+    "digest",
+    "shape_x",
+    "shape_y",
+    "shape_z",
+    "shape_min",
+    "shape_max",
+    "spacing_x",
+    "spacing_y",
+    "spacing_z",
+    "spacing_dev_mm",
+    "n_nonfinite",
+    "zscore_mean_abs",
+    "zscore_std_dev",
+    "label_values_raw",
+    "label_values_processed",
+    "label_set_unchanged",
+    "fg_volume_raw_mm3",
+    "fg_volume_processed_mm3",
+    "fg_kept_ratio",
+)
+
+
+def store_root(ws: Workspace) -> Path:
+    return ws.processed / "store.zarr"
+
+
+def metadata_path(ws: Workspace) -> Path:
+    return ws.processed / "metadata.csv"
+
+
+def inputs(ws: Workspace, params: Params) -> dict[str, str]:
+    from lesionflow.store.zarr_store import list_cases
+
+    root = store_root(ws)
+    cases = list_cases(root) if root.exists() else []
+    return {"raw": raw_digest(ws), "plans": plans_digest(ws), "store_cases": sha256_json(cases)}
+
+
+def case_key(rec: CaseRecord, plan: Plan, params: Params) -> str:
+    p = params.preprocess
+    return sha256_json(
+        [
+            CODE_VERSION,
+            rec.image_sha256,
+            rec.label_sha256,
+            rec.organ_sha256,
+            plan.plan_hash,
+            p.image_dtype,
+            p.label_resampling,
+        ]
+    )
+
+
+def _resample_mask(mask: np.ndarray, affine: np.ndarray, rec: Any, target: tuple[float, float, float]) -> np.ndarray:
+    from lesionflow.preprocess.geometry import crop, to_ras
+    from lesionflow.preprocess.ops import resample_label
+
+    ras = to_ras(mask, affine)[0].astype(np.uint8)
+    return resample_label(crop(ras, rec.crop), rec.spacing_before, target, mode="nearest")
+
+
+def _zscore_stats(image: np.ndarray, schemes: list[str]) -> tuple[float, float]:
+    """max |mean| and max |std - 1| over z-scored channels, in their (non-zero) normalization mask."""
+    from lesionflow.preprocess.ops import nonzero_mask
+
+    mean_abs, std_dev = 0.0, 0.0
+    for c, scheme in enumerate(schemes):
+        if scheme != "zscore":
+            continue
+        values = image[c][nonzero_mask(image[c : c + 1])].astype(np.float64)
+        if values.size:
+            mean_abs = max(mean_abs, abs(float(values.mean())))
+            std_dev = max(std_dev, abs(float(values.std()) - 1.0))
+    return mean_abs, std_dev
+
+
+def process_case(
+    case_dir: str,
+    rec_json: dict[str, Any],
+    plan_json: dict[str, Any],
+    store: str,
+    key: str,
+    image_dtype: str,
+    label_resampling: str,
+) -> dict[str, Any]:
+    """Runs in a Dask worker: read one raw case, preprocess, write its store group, return its metadata row."""
+    import nibabel as nib
+
+    from lesionflow.preprocess.geometry import spacing_of
+    from lesionflow.preprocess.ops import preprocess_arrays
+    from lesionflow.store.zarr_store import CaseArrays, write_case
+
+    rec = CaseRecord(**rec_json)
+    plan = Plan.from_dict(plan_json)
+    folder = Path(case_dir)
+    img = nib.load(folder / "image.nii.gz")
+    image = np.asanyarray(img.dataobj).astype(np.float32)
+    label = np.asanyarray(nib.load(folder / "label.nii.gz").dataobj) if rec.has_label else None
+    try:
+        out_img, out_lab, prec = preprocess_arrays(image, label, img.affine, plan.target_spacing, plan.normalization)
+        if label is not None and label_resampling == "nearest":
+            out_lab = _resample_mask(label, img.affine, prec, plan.target_spacing)
+        organ = None
+        if rec.has_organ:
+            organ_raw = np.asanyarray(nib.load(folder / "organ.nii.gz").dataobj)
+            organ = _resample_mask((organ_raw > 0).astype(np.uint8), img.affine, prec, plan.target_spacing)
+    except ValueError as err:
+        return {"case_id": rec.case_id, "ok": False, "code": "preprocess_failed", "message": str(err).splitlines()[0]}
+    affine = np.asarray(prec.final_affine)
+    spacing = spacing_of(affine)
+    attrs = {
+        "case_id": rec.case_id,
+        "split": rec.split,
+        "modality": rec.modality,
+        "spacing": list(spacing),
+        "affine": affine.tolist(),
+        "origin": affine[:3, 3].tolist(),
+        "direction": (affine[:3, :3] / np.asarray(spacing)).tolist(),
+        "source_sha256": rec.image_sha256,
+        "label_sha256": rec.label_sha256,
+        "plan_hash": plan.plan_hash,
+        "cache_key": key,
+        "crop_bbox": {"lo": list(prec.crop.lo), "hi": list(prec.crop.hi)},
+        "preprocess_record": prec.to_dict(),
+    }
+    digest = write_case(
+        Path(store),
+        rec.case_id,
+        CaseArrays(out_img, out_lab, organ),
+        attrs,
+        chunk_shape=plan.chunk_shape,
+        image_dtype=image_dtype,
+    )
+    raw_vox = float(np.prod([rec.spacing_x, rec.spacing_y, rec.spacing_z]))
+    fg_raw = float(np.count_nonzero(label)) * raw_vox if label is not None else 0.0
+    fg_new = float(np.count_nonzero(out_lab)) * float(np.prod(spacing)) if out_lab is not None else 0.0
+    values_new = [int(v) for v in np.unique(out_lab)] if out_lab is not None else []
+    values_raw = json.loads(rec.label_values) if rec.has_label else []
+    mean_abs, std_dev = _zscore_stats(out_img, list(plan.normalization["schemes"]))
+    shape = out_img.shape[1:]
+    row = {
+        "case_id": rec.case_id,
+        "split": rec.split,
+        "cache_key": key,
+        "digest": digest,
+        "shape_x": shape[0],
+        "shape_y": shape[1],
+        "shape_z": shape[2],
+        "shape_min": min(shape),
+        "shape_max": max(shape),
+        "spacing_x": spacing[0],
+        "spacing_y": spacing[1],
+        "spacing_z": spacing[2],
+        "spacing_dev_mm": float(np.max(np.abs(np.asarray(spacing) - np.asarray(plan.target_spacing)))),
+        "n_nonfinite": int(np.count_nonzero(~np.isfinite(out_img))),
+        "zscore_mean_abs": mean_abs,
+        "zscore_std_dev": std_dev,
+        "label_values_raw": json.dumps(values_raw),
+        "label_values_processed": json.dumps(values_new),
+        "label_set_unchanged": values_raw == values_new,
+        "fg_volume_raw_mm3": fg_raw,
+        "fg_volume_processed_mm3": fg_new,
+        "fg_kept_ratio": fg_new / fg_raw if fg_raw > 0 else 1.0,
+    }
+    return {"case_id": rec.case_id, "ok": True, "row": row}
+
+
+def read_metadata(ws: Workspace) -> dict[str, dict[str, Any]]:
+    path = metadata_path(ws)
+    if not path.exists():
+        return {}
+    with path.open(newline="") as fh:
+        return {row["case_id"]: row for row in csv.DictReader(fh)}
+
+
+def write_metadata(ws: Workspace, rows: dict[str, dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(METADATA_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for case_id in sorted(rows):
+        writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in rows[case_id].items()})
+    write_text_if_changed(metadata_path(ws), buffer.getvalue())
+
+
+Work = tuple[list[tuple[CaseRecord, str]], dict[str, dict[str, Any]], list[str]]
+
+
+def _plan_work(ws: Workspace, params: Params, plan: Plan) -> Work:
+    """(cases to process with their keys, metadata rows to keep, store groups to delete)."""
+    from lesionflow.store.zarr_store import clean_temp, list_cases, read_case_attrs
+
+    root = store_root(ws)
+    clean_temp(root) if root.exists() else None
+    stored = {cid: read_case_attrs(root, cid).get("cache_key") for cid in list_cases(root)} if root.exists() else {}
+    rows = read_metadata(ws)
+    todo, keep = [], {}
+    records = {r.case_id: r for r in read_manifest(ws.raw_manifest)}
+    for case_id, rec in sorted(records.items()):
+        key = case_key(rec, plan, params)
+        if stored.get(case_id) == key and rows.get(case_id, {}).get("cache_key") == key:
+            keep[case_id] = rows[case_id]
+        else:
+            todo.append((rec, key))
+    stale = sorted(set(stored) - set(records))  # cases no longer in data/raw (derived data: safe to drop)
+    return todo, keep, stale
+
+
+def run(ws: Workspace, params: Params) -> StageResult:
+    from lesionflow.parallel import dask_client
+    from lesionflow.stages.base import rich_progress
+    from lesionflow.store.zarr_store import open_store
+
+    plan = load_plan(ws)
+    root = store_root(ws)
+    open_store(root)
+    todo, rows, stale = _plan_work(ws, params, plan)
+    for case_id in stale:
+        shutil.rmtree(root / case_id, ignore_errors=True)
+    findings: list[Finding] = []
+    if todo:
+        from distributed import as_completed
+
+        with dask_client(params.preprocess) as client:
+            futures = {
+                client.submit(
+                    process_case,
+                    str(ws.raw_cases / rec.case_id),
+                    _rec_json(rec),
+                    plan.to_dict(),
+                    str(root),
+                    key,
+                    params.preprocess.image_dtype,
+                    params.preprocess.label_resampling,
+                    key=f"preprocess-{rec.case_id}-{key[:12]}",
+                    pure=False,
+                ): rec
+                for rec, key in todo
+            }
+            for future in rich_progress(as_completed(futures), "preprocess", len(futures)):
+                rec = futures[future]
+                outcome = _outcome(future, rec)
+                if outcome["ok"]:
+                    rows[rec.case_id] = outcome["row"]
+                    continue
+                rows.pop(rec.case_id, None)
+                rejection = Rejection(
+                    rec.case_id, STAGE, outcome["code"], outcome["message"], rec.source_uri, rec.source_sha256
+                )
+                record(ws.quarantine, rejection)
+                findings.append(rejection.finding())
+    write_metadata(ws, rows)
+    n_processed = len(todo) - len(findings)
+    summary = {
+        "n_cases": len(rows),
+        "n_processed": n_processed,
+        "n_skipped": len(rows) - n_processed,
+        "n_failed": len(findings),
+        "n_removed": len(stale),
+        "plan_hash": plan.plan_hash,
+        "metadata_digest": sha256_file(metadata_path(ws)),
+    }
+    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
+    outputs = {"store": "data/processed/store.zarr", "metadata": "data/processed/metadata.csv"}
+    return StageResult(STAGE, True, summary, outputs, tuple(findings))
+
+
+def _rec_json(rec: CaseRecord) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(rec)
+
+
+def _outcome(future: Any, rec: CaseRecord) -> dict[str, Any]:
+    """A finished future -> its result, or a quarantine reason when the worker died or the task raised."""
+    from distributed.scheduler import KilledWorker
+
+    try:
+        return dict(future.result())
+    except KilledWorker:
+        return {
+            "ok": False,
+            "code": "worker_died",
+            "message": "the Dask worker died on this case (out of memory?); raise preprocess.memory_limit",
+        }
+    except MemoryError:
+        return {"ok": False, "code": "out_of_memory", "message": "ran out of memory; raise preprocess.memory_limit"}
+    except Exception as err:  # noqa: BLE001 - one bad case must not stop the others; the reason is kept
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        return {"ok": False, "code": "preprocess_error", "message": f"{type(err).__name__}: {text}"}

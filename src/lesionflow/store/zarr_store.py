@@ -1,0 +1,385 @@
+"""Zarr v3 store of preprocessed cases: one OME-Zarr 0.5 image group per case, written atomically.
+
+Layout (``<root>`` is a Zarr v3 group, each case a child group)::
+
+    <root>/zarr.json
+    <root>/<case_id>/zarr.json                 attrs: caller's attrs (sorted) + "ome" (NGFF 0.5 multiscales)
+    <root>/<case_id>/image                     (c, x, y, z) float32|float16, RAS voxel order, axes "c","x","y","z"
+    <root>/<case_id>/labels/zarr.json          NGFF labels group: {"ome": {"labels": ["label", "organ"]}}
+    <root>/<case_id>/labels/label/0            (x, y, z) uint8, NGFF "image-label" group "labels/label"
+    <root>/<case_id>/labels/organ/0            (x, y, z) uint8, NGFF "image-label" group "labels/organ"
+
+Use :data:`ARRAY_PATHS` / :func:`open_case_array` instead of hard-coding these paths.
+
+Every array is one shard (shard = shape rounded up to the inner chunk), so each volume is exactly one data
+file, written by one process in one call: no read-modify-write races inside a shard (pipeline.md §5).
+Inner chunks with only zeros are not stored (zarr's ``write_empty_chunks=False``), so an all-zero label has
+no data file at all.
+
+Determinism: the same arrays, attrs and chunk shape give byte-identical files (same zarr/numcodecs versions):
+attrs are canonicalised to sorted plain JSON, shard chunk order is zarr's fixed Morton order, and the random
+temp-folder name never ends up in a file.
+
+Concurrency: different cases may be written by different processes at once; one case by one writer only.
+:func:`clean_temp` must not run while writers are active (it would delete their temp folders).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from lesionflow.hashing import combine_digests, sha256_file, sha256_tree
+
+# Plain Zstandard level 3: on smooth float32 volumes it compressed better (3.6x vs 1.9x) and wrote faster than
+# Blosc-zstd with byte shuffle in our measurement (128^3 case, 64^3 chunks). Output is deterministic for a given
+# zstd/numcodecs version; a codec upgrade may change the bytes (and so the digests) of unchanged data.
+COMPRESSOR = ZstdCodec(level=3)
+IMAGE_AXES = ("c", "x", "y", "z")
+SPATIAL_AXES = ("x", "y", "z")
+LABEL_NAMES = ("label", "organ")
+ARRAY_PATHS: dict[str, str] = {"image": "image", "label": "labels/label/0", "organ": "labels/organ/0"}
+NGFF_VERSION = "0.5"
+_TMP, _OLD = ".tmp-", ".old-"
+
+
+@dataclass(frozen=True)
+class CaseArrays:
+    """Arrays of one case: image (c, x, y, z) float; label / organ (x, y, z) uint8 or None."""
+
+    image: np.ndarray
+    label: np.ndarray | None
+    organ: np.ndarray | None = None
+
+
+def _check_case_id(case_id: str) -> None:
+    # A case id is one path component that cannot be mistaken for a temp folder or a NGFF sub-group.
+    if not case_id or case_id[0] in "._-" or "/" in case_id or "\\" in case_id or case_id == "labels":
+        raise ValueError(f"invalid case id {case_id!r}")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain-JSON copy of ``obj`` with dict keys sorted recursively (the same attrs give the same bytes)."""
+    if isinstance(obj, Mapping):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"attribute keys must be str: {list(obj)}")
+        return {k: _jsonable(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"non-finite float in attributes: {obj}")  # NaN/inf are not valid JSON
+        return obj
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, PurePath):
+        return obj.as_posix()
+    raise TypeError(f"attribute value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def _axes(names: Sequence[str]) -> list[dict[str, str]]:
+    return [
+        {"name": n, "type": "channel"} if n == "c" else {"name": n, "type": "space", "unit": "millimeter"}
+        for n in names
+    ]
+
+
+def _multiscales(name: str, path: str, axes: Sequence[str], attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """NGFF 0.5 ``multiscales`` with one level; scale = spacing, translation = affine[:3, 3] (if given)."""
+    spacing = [float(s) for s in attrs["spacing"]]
+    lead = [1.0] * (len(axes) - 3)  # the channel axis is not scaled
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": lead + spacing}]
+    if attrs.get("affine") is not None:
+        # NGFF has no rotation: only the world position of voxel (0,0,0); the full affine stays in our attrs.
+        offset = [float(v) for v in np.asarray(attrs["affine"], dtype=float)[:3, 3]]
+        transforms.append({"type": "translation", "translation": [0.0] * len(lead) + offset})
+    return [{"name": name, "axes": _axes(axes), "datasets": [{"path": path, "coordinateTransformations": transforms}]}]
+
+
+def _ensure_root(root: Path) -> None:
+    """Create ``<root>/zarr.json`` atomically (several worker processes may race here)."""
+    if (root / "zarr.json").is_file():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{_TMP}root-{secrets.token_hex(4)}"
+    try:
+        zarr.create_group(store=str(tmp), zarr_format=3)
+        # os.replace is atomic, and racing writers all write the same bytes, so the winner does not matter.
+        os.replace(tmp / "zarr.json", root / "zarr.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_store(root: Path) -> zarr.Group:
+    """Open the store's root group, creating it (Zarr format 3) if missing."""
+    _ensure_root(Path(root))
+    return zarr.open_group(str(root), mode="r+", zarr_format=3)
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...], dims: Sequence[str]) -> None:
+    """Create ``name`` in ``group`` as one shard holding ``chunks``-sized inner chunks, and write it in one call."""
+    shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunks, strict=True))
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        shards=shards,
+        compressors=COMPRESSOR,
+        fill_value=0,
+        dimension_names=list(dims),
+    )
+    arr[...] = data  # whole volume at once: the shard is encoded and written exactly once
+
+
+def _prepare(arrays: CaseArrays, image_dtype: str) -> dict[str, np.ndarray]:
+    """Validate shapes/dtypes and return {name: array in its stored dtype}."""
+    if image_dtype not in ("float32", "float16"):
+        raise ValueError(f"image_dtype must be float32 or float16, got {image_dtype}")
+    image = np.asarray(arrays.image)
+    if image.ndim != 4 or not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"image must be a float (c, x, y, z) array, got {image.dtype} {image.shape}")
+    with np.errstate(over="ignore"):  # float16 overflow is reported just below, with a clearer message
+        out = {"image": np.ascontiguousarray(image, dtype=image_dtype)}
+    if not np.isfinite(out["image"]).all():
+        raise ValueError(f"image has non-finite values as {image_dtype} (NaN in the input or float16 overflow)")
+    for name in LABEL_NAMES:
+        value = getattr(arrays, name)
+        if value is None:
+            continue
+        lab = np.asarray(value)
+        if lab.shape != image.shape[1:]:
+            raise ValueError(f"{name} shape {lab.shape} != image spatial shape {image.shape[1:]}")
+        if lab.dtype != np.uint8:
+            if lab.dtype != bool and not np.issubdtype(lab.dtype, np.integer):
+                raise ValueError(f"{name} must be an integer array, got {lab.dtype}")
+            if lab.size and (lab.min() < 0 or lab.max() > 255):
+                raise ValueError(f"{name} values must fit uint8")
+        out[name] = np.ascontiguousarray(lab, dtype=np.uint8)
+    return out
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and folder below ``path`` so that the rename publishes durable bytes."""
+    for dirpath, _, filenames in os.walk(path):
+        for name in [*filenames, "."]:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+# Display colours (RGBA) for label values, cycled; NGFF says image-label SHOULD list "colors".
+_PALETTE = ((255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (200, 0, 255), (0, 220, 220), (255, 120, 0))
+
+
+def _label_colors(label: np.ndarray) -> list[dict[str, Any]]:
+    """One colour entry per non-zero value present in ``label`` (sorted), for NGFF viewers."""
+    values = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+    return [{"label-value": int(v), "rgba": [*_PALETTE[(int(v) - 1) % len(_PALETTE)], 255]} for v in values if v]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_group(
+    tmp: Path, case_id: str, data: Mapping[str, np.ndarray], attrs: Mapping[str, Any], chunk: Sequence[int]
+) -> None:
+    """Write the complete case group (metadata + all arrays) into the fresh folder ``tmp``."""
+    if "ome" in attrs:
+        raise ValueError("'ome' is reserved for the NGFF metadata written by this module")
+    spatial = data["image"].shape[1:]
+    p = tuple(min(int(c), s) for c, s in zip(chunk, spatial, strict=True))
+    ome = {"version": NGFF_VERSION, "multiscales": _multiscales(case_id, "image", IMAGE_AXES, attrs)}
+    group = zarr.create_group(store=str(tmp), zarr_format=3, attributes={**_jsonable(attrs), "ome": _jsonable(ome)})
+    _write_array(group, "image", data["image"], (1, *p), IMAGE_AXES)
+    names = [n for n in LABEL_NAMES if n in data]
+    if names:
+        labels = group.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": names}})
+        for name in names:
+            label_ome = {
+                "version": NGFF_VERSION,
+                "image-label": {"colors": _label_colors(data[name]), "source": {"image": "../../"}},
+                "multiscales": _multiscales(name, "0", SPATIAL_AXES, attrs),
+            }
+            sub = labels.create_group(name, attributes={"ome": _jsonable(label_ome)})
+            _write_array(sub, "0", data[name], p, SPATIAL_AXES)
+
+
+def write_case(
+    root: Path,
+    case_id: str,
+    arrays: CaseArrays,
+    attrs: dict[str, Any],
+    *,
+    chunk_shape: tuple[int, int, int],
+    image_dtype: str = "float32",
+) -> str:
+    """Write (or replace) case ``case_id`` atomically and return :func:`case_digest`.
+
+    ``attrs`` must be JSON-like (numpy scalars/arrays are converted) and contain ``spacing`` (x, y, z, mm);
+    ``affine`` (4x4, RAS) is optional and gives the NGFF translation. The case is built in
+    ``<root>/.tmp-<case_id>-<hex>`` and renamed into place; an existing case is first renamed to
+    ``.old-<case_id>-<hex>`` and deleted only after the new one is in place. After a crash at any point
+    :func:`clean_temp` leaves either the old or the new complete case. On an exception the temp folder is removed.
+    """
+    root = Path(root)
+    _check_case_id(case_id)
+    data = _prepare(arrays, image_dtype)
+    _ensure_root(root)
+    tmp = root / f"{_TMP}{case_id}-{secrets.token_hex(8)}"
+    final = root / case_id
+    old = root / f"{_OLD}{case_id}-{secrets.token_hex(8)}"
+    had_old = False
+    try:
+        _write_group(tmp, case_id, data, attrs, chunk_shape)
+        _fsync_tree(tmp)
+        if final.exists():
+            os.rename(final, old)  # a crash from here until the next rename is repaired by clean_temp
+            had_old = True
+        os.rename(tmp, final)
+        _fsync_dir(root)  # make the renames themselves durable
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if had_old and not final.exists():
+            os.rename(old, final)  # put the previous complete case back
+        raise
+    if had_old:
+        shutil.rmtree(old, ignore_errors=True)  # a leftover is removed by clean_temp
+    return case_digest(root, case_id)
+
+
+def clean_temp(root: Path) -> list[str]:
+    """Remove leftover ``.tmp-*`` / ``.old-*`` folders of interrupted writes; return their names (sorted).
+
+    An ``.old-<case>-*`` folder whose case is missing (crash between the two renames of :func:`write_case`)
+    is renamed back to ``<case>`` instead of being deleted. Must not run concurrently with writers.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    handled = []
+    for entry in sorted(root.iterdir()):
+        if not entry.name.startswith((_TMP, _OLD)):
+            continue
+        handled.append(entry.name)
+        if entry.name.startswith(_OLD):
+            final = root / entry.name[len(_OLD) :].rsplit("-", 1)[0]
+            if not final.exists() and _is_complete(entry):
+                os.rename(entry, final)
+                continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return handled
+
+
+def _is_complete(case_dir: Path) -> bool:
+    return (case_dir / "zarr.json").is_file() and (case_dir / "image" / "zarr.json").is_file()
+
+
+def list_cases(root: Path) -> list[str]:
+    """Sorted ids of the complete cases (a ``zarr.json`` and an ``image`` array; temp folders excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and _is_complete(p))
+
+
+def _case_dir(root: Path, case_id: str) -> Path:
+    _check_case_id(case_id)
+    case_dir = Path(root) / case_id
+    if not _is_complete(case_dir):
+        raise FileNotFoundError(f"no complete case {case_id!r} in {root}")
+    return case_dir
+
+
+def case_digest(root: Path, case_id: str) -> str:
+    """sha256 over (relative path, sha256 of bytes) of every file of the case, sorted; no mtimes."""
+    return sha256_tree(_case_dir(root, case_id), exclude_prefixes=())
+
+
+def store_digest(root: Path) -> str:
+    """Digest of the whole store: the case digests (by case id) plus the bytes of ``<root>/zarr.json``."""
+    root = Path(root)
+    items = [(case_id, case_digest(root, case_id)) for case_id in list_cases(root)]
+    # "/zarr.json" cannot collide with a case id (ids have no "/").
+    return combine_digests([*items, ("/zarr.json", sha256_file(root / "zarr.json"))])
+
+
+def read_case_attrs(root: Path, case_id: str, *, include_ome: bool = False) -> dict[str, Any]:
+    """The case's attrs as written (canonical JSON); the NGFF ``ome`` block only if ``include_ome``."""
+    meta = json.loads((_case_dir(root, case_id) / "zarr.json").read_bytes())
+    attrs: dict[str, Any] = meta.get("attributes", {})
+    if not include_ome:
+        attrs.pop("ome", None)
+    return attrs
+
+
+def open_case_array(root: Path, case_id: str, name: str) -> zarr.Array | None:
+    """Open array ``name`` ("image", "label" or "organ") read-only; None for a label the case does not have."""
+    path = _case_dir(root, case_id) / ARRAY_PATHS[name]
+    if not (path / "zarr.json").is_file():
+        return None
+    arr = zarr.open_array(str(path), mode="r", zarr_format=3)
+    assert isinstance(arr, zarr.Array)
+    return arr
+
+
+def read_case(root: Path, case_id: str) -> CaseArrays:
+    """Read all arrays of a case into memory."""
+    arrays = {name: open_case_array(root, case_id, name) for name in ARRAY_PATHS}
+    loaded = {name: None if a is None else np.asarray(a[...]) for name, a in arrays.items()}
+    assert loaded["image"] is not None
+    return CaseArrays(image=loaded["image"], label=loaded["label"], organ=loaded["organ"])
+
+
+def _read_window(arr: zarr.Array, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """``arr[..., o:o+s]`` over the last 3 axes, zero-padded outside the array; reads only the touched chunks."""
+    lead = tuple(arr.shape[:-3])
+    out = np.zeros((*lead, *size), dtype=arr.dtype)
+    src, dst = [], []
+    for o, s, n in zip(origin, size, arr.shape[-3:], strict=True):
+        lo, hi = max(o, 0), min(o + s, n)
+        if hi <= lo:
+            return out  # the window misses the volume entirely
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - o, hi - o))
+    keep = (slice(None),) * len(lead)
+    out[(*keep, *dst)] = arr[(*keep, *src)]
+    return out
+
+
+def read_patch(
+    root: Path, case_id: str, origin: tuple[int, int, int], size: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image (c, *size) and label (*size) patch starting at voxel ``origin`` (may be negative / past the end).
+
+    Voxels outside the volume are 0. The label is None when the case has none. Dtypes are the stored ones.
+    """
+    image = open_case_array(root, case_id, "image")
+    assert image is not None
+    label = open_case_array(root, case_id, "label")
+    return _read_window(image, origin, size), None if label is None else _read_window(label, origin, size)
