@@ -92,3 +92,27 @@ def test_dvc_repro_twice_second_does_nothing(dvc_workspace: Path) -> None:
     status = _run([sys.executable, "-m", "dvc", "status"], ws)
     assert "up to date" in status.stdout, status.stdout
     assert "md5:" in (ws / "data.dvc").read_text()
+
+
+def test_dvc_repro_and_direct_stage_calls_give_the_same_bytes(dvc_workspace: Path, tmp_path: Path) -> None:
+    from lesionflow.caching import run_cached
+    from lesionflow.params import load_params
+    from lesionflow.stages import STAGES
+    from lesionflow.workspace import Workspace
+
+    _run([sys.executable, "-m", "dvc", "repro"], dvc_workspace)
+    other = tmp_path / "direct"
+    other.mkdir()
+    shutil.copy(REPO / "params.yaml", other / "params.yaml")
+    write_msd(other / "data" / "demo", n_train=3, n_test=1)
+    ws = Workspace.at(other)
+    params = load_params(ws.params_file)
+    for name in STAGES:
+        run_cached(name, ws, params, STAGES[name].run)
+    for rel in (
+        "data/processed/plans.json",
+        "data/processed/metadata.csv",
+        "data/processed/accepted.json",
+        "data/raw/manifest.csv",
+    ):
+        assert (dvc_workspace / rel).read_bytes() == (other / rel).read_bytes(), rel

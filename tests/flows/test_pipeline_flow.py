@@ -29,15 +29,21 @@ def prefect_harness() -> Iterator[None]:
 def test_pipeline_flow_runs_stages_and_records_them_in_dvc(dvc_workspace: Path) -> None:  # noqa: F811
     ws = dvc_workspace
     results = training_pipeline(workspace=str(ws))
-    assert [r["stage"] for r in results] == ["ingest", "validate-raw"]
+    assert [r["stage"] for r in results] == ["ingest", "validate-raw", "plan", "preprocess", "validate-processed"]
     assert all(r["ok"] for r in results)
+    assert results[3]["summary"]["n_processed"] == 4
     assert results[0]["summary"]["n_stored"] == 4
     assert json.loads((ws / "reports" / "validate-raw" / "summary.json").read_text())["success"] is True
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout, status.stdout  # the flow committed data.dvc and both stages
     lock = (ws / "dvc.lock").read_text()
-    assert "ingest:" in lock
-    assert "validate-raw:" in lock
+    for stage in ("ingest:", "validate-raw:", "plan:", "preprocess:", "validate-processed:"):
+        assert stage in lock
+    again = training_pipeline(workspace=str(ws))  # a second run does no stage work
+    assert all(r["cached"] for r in again)
+    # dvc repro agrees with what the flow recorded: nothing to reproduce
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, capture_output=True, text=True, check=True)
+    assert "Running stage" not in repro.stdout, repro.stdout
 
 
 def test_stage_task_cache_hits_on_same_content(workspace: Path, tmp_path: Path) -> None:

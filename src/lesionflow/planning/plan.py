@@ -59,6 +59,19 @@ class Plan:
     def plan_hash(self) -> str:
         return sha256_json(self.to_dict())
 
+    @property
+    def preprocessing_hash(self) -> str:
+        """Digest of the values that shape preprocessed bytes only. A new case moves the fingerprint (and
+        the plan hash) but, when spacing and normalization stay put, must not reprocess the other cases."""
+        return sha256_json(
+            {
+                "version": self.version,
+                "target_spacing": self.target_spacing,
+                "normalization": self.normalization,
+                "chunk_shape": self.chunk_shape,
+            }
+        )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         d = dict(d)
@@ -126,10 +139,10 @@ def derive_plan(fp: DatasetFingerprint, *, gpu_memory_gb: float, overrides: dict
     return Plan(
         version=PLAN_VERSION,
         fingerprint_digest=fp.digest(),
-        target_spacing=spacing,  # type: ignore[arg-type]
+        target_spacing=spacing,
         normalization={"schemes": schemes, "ct": ct},
         patch_size=patch,
-        chunk_shape=chunk,  # type: ignore[arg-type]
+        chunk_shape=chunk,
         batch_size=BATCH_SIZE,
         median_shape_after_resampling=median_shape,
         label_values=fp.label_values,

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import nibabel as nib
-import numpy as np
-
 from lesionflow.errors import SourceError
 from lesionflow.hashing import sha256_file
+from lesionflow.io.volumes import read_volume
 from lesionflow.manifest import modality_kind, read_manifest
 from lesionflow.params import Params
 from lesionflow.planning.fingerprint import case_fingerprint, dataset_fingerprint
@@ -63,13 +61,13 @@ def run(ws: Workspace, params: Params, *, progress: ProgressFactory[Any] = rich_
     fingerprints = []
     for rec in progress(sorted(records, key=lambda r: r.case_id), "plan", len(records)):
         folder = ws.raw_cases / rec.case_id
-        image = nib.load(folder / "image.nii.gz")
+        image = read_volume(folder / "image.nii.gz", rec.case_id)
         use_label = rec.has_label and rec.split == "train"  # test labels never shape the plan
-        label = np.asanyarray(nib.load(folder / "label.nii.gz").dataobj) if use_label else None
+        label = read_volume(folder / "label.nii.gz", rec.case_id).array if use_label else None
         fingerprints.append(
             case_fingerprint(
                 rec.case_id,
-                np.asanyarray(image.dataobj),
+                image.array,
                 label,
                 image.affine,
                 seed=params.project.seed,

@@ -80,7 +80,7 @@ def case_key(rec: CaseRecord, plan: Plan, params: Params) -> str:
             rec.image_sha256,
             rec.label_sha256,
             rec.organ_sha256,
-            plan.plan_hash,
+            plan.preprocessing_hash,
             p.image_dtype,
             p.label_resampling,
         ]
@@ -120,8 +120,7 @@ def process_case(
     label_resampling: str,
 ) -> dict[str, Any]:
     """Runs in a Dask worker: read one raw case, preprocess, write its store group, return its metadata row."""
-    import nibabel as nib
-
+    from lesionflow.io.volumes import read_volume
     from lesionflow.preprocess.geometry import spacing_of
     from lesionflow.preprocess.ops import preprocess_arrays
     from lesionflow.store.zarr_store import CaseArrays, write_case
@@ -129,16 +128,16 @@ def process_case(
     rec = CaseRecord(**rec_json)
     plan = Plan.from_dict(plan_json)
     folder = Path(case_dir)
-    img = nib.load(folder / "image.nii.gz")
-    image = np.asanyarray(img.dataobj).astype(np.float32)
-    label = np.asanyarray(nib.load(folder / "label.nii.gz").dataobj) if rec.has_label else None
+    img = read_volume(folder / "image.nii.gz", rec.case_id)
+    image = img.array.astype(np.float32)
+    label = read_volume(folder / "label.nii.gz", rec.case_id).array if rec.has_label else None
     try:
         out_img, out_lab, prec = preprocess_arrays(image, label, img.affine, plan.target_spacing, plan.normalization)
         if label is not None and label_resampling == "nearest":
             out_lab = _resample_mask(label, img.affine, prec, plan.target_spacing)
         organ = None
         if rec.has_organ:
-            organ_raw = np.asanyarray(nib.load(folder / "organ.nii.gz").dataobj)
+            organ_raw = read_volume(folder / "organ.nii.gz", rec.case_id).array
             organ = _resample_mask((organ_raw > 0).astype(np.uint8), img.affine, prec, plan.target_spacing)
     except ValueError as err:
         return {"case_id": rec.case_id, "ok": False, "code": "preprocess_failed", "message": str(err).splitlines()[0]}
@@ -154,7 +153,7 @@ def process_case(
         "direction": (affine[:3, :3] / np.asarray(spacing)).tolist(),
         "source_sha256": rec.image_sha256,
         "label_sha256": rec.label_sha256,
-        "plan_hash": plan.plan_hash,
+        "plan_hash": plan.preprocessing_hash,
         "cache_key": key,
         "crop_bbox": {"lo": list(prec.crop.lo), "hi": list(prec.crop.hi)},
         "preprocess_record": prec.to_dict(),
@@ -293,6 +292,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "n_failed": len(findings),
         "n_removed": len(stale),
         "plan_hash": plan.plan_hash,
+        "preprocessing_hash": plan.preprocessing_hash,
         "metadata_digest": sha256_file(metadata_path(ws)),
     }
     write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)

@@ -1,27 +1,16 @@
 """Zarr v3 store of preprocessed cases: one OME-Zarr 0.5 image group per case, written atomically.
 
-Layout (``<root>`` is a Zarr v3 group, each case a child group)::
+Layout: ``<root>`` is a Zarr v3 group; ``<root>/<case_id>`` a group whose attrs are the caller's attrs (keys
+sorted) plus ``ome`` (NGFF 0.5 multiscales), with arrays (paths in :data:`ARRAY_PATHS`, use
+:func:`open_case_array` rather than hard-coding them):
+``image`` (c, x, y, z) float32|float16, RAS voxel order, NGFF axes "c","x","y","z";
+``labels/label/0`` and ``labels/organ/0`` (x, y, z) uint8, as NGFF "image-label" groups under ``labels``.
 
-    <root>/zarr.json
-    <root>/<case_id>/zarr.json                 attrs: caller's attrs (sorted) + "ome" (NGFF 0.5 multiscales)
-    <root>/<case_id>/image                     (c, x, y, z) float32|float16, RAS voxel order, axes "c","x","y","z"
-    <root>/<case_id>/labels/zarr.json          NGFF labels group: {"ome": {"labels": ["label", "organ"]}}
-    <root>/<case_id>/labels/label/0            (x, y, z) uint8, NGFF "image-label" group "labels/label"
-    <root>/<case_id>/labels/organ/0            (x, y, z) uint8, NGFF "image-label" group "labels/organ"
-
-Use :data:`ARRAY_PATHS` / :func:`open_case_array` instead of hard-coding these paths.
-
-Every array is one shard (shard = shape rounded up to the inner chunk), so each volume is exactly one data
-file, written by one process in one call: no read-modify-write races inside a shard (pipeline.md §5).
-Inner chunks with only zeros are not stored (zarr's ``write_empty_chunks=False``), so an all-zero label has
-no data file at all.
-
-Determinism: the same arrays, attrs and chunk shape give byte-identical files (same zarr/numcodecs versions):
-attrs are canonicalised to sorted plain JSON, shard chunk order is zarr's fixed Morton order, and the random
-temp-folder name never ends up in a file.
-
-Concurrency: different cases may be written by different processes at once; one case by one writer only.
-:func:`clean_temp` must not run while writers are active (it would delete their temp folders).
+Each array is one shard (shape rounded up to the inner chunk), written by one process in one call: no
+read-modify-write race inside a shard (pipeline.md §5). All-zero inner chunks are not stored
+(``write_empty_chunks=False``), so an all-zero label has no data file. Same arrays + attrs + chunk shape give
+byte-identical files for the same zarr/numcodecs versions. Local filesystem only (atomic ``os.rename``).
+Different cases may be written concurrently; :func:`clean_temp` must not run while writers are active.
 """
 
 from __future__ import annotations
@@ -174,15 +163,19 @@ def _prepare(arrays: CaseArrays, image_dtype: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path: Path) -> None:
-    """Flush every file and folder below ``path`` so that the rename publishes durable bytes."""
+    """Flush every file and folder below ``path``, so that the rename publishes durable bytes."""
     for dirpath, _, filenames in os.walk(path):
         for name in [*filenames, "."]:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(os.path.join(dirpath, name))
 
 
 # Display colours (RGBA) for label values, cycled; NGFF says image-label SHOULD list "colors".
@@ -195,20 +188,10 @@ def _label_colors(label: np.ndarray) -> list[dict[str, Any]]:
     return [{"label-value": int(v), "rgba": [*_PALETTE[(int(v) - 1) % len(_PALETTE)], 255]} for v in values if v]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_group(
     tmp: Path, case_id: str, data: Mapping[str, np.ndarray], attrs: Mapping[str, Any], chunk: Sequence[int]
 ) -> None:
     """Write the complete case group (metadata + all arrays) into the fresh folder ``tmp``."""
-    if "ome" in attrs:
-        raise ValueError("'ome' is reserved for the NGFF metadata written by this module")
     spatial = data["image"].shape[1:]
     p = tuple(min(int(c), s) for c, s in zip(chunk, spatial, strict=True))
     ome = {"version": NGFF_VERSION, "multiscales": _multiscales(case_id, "image", IMAGE_AXES, attrs)}
@@ -247,6 +230,10 @@ def write_case(
     root = Path(root)
     _check_case_id(case_id)
     data = _prepare(arrays, image_dtype)
+    if "ome" in attrs:
+        raise ValueError("'ome' is reserved for the NGFF metadata written by this module")
+    if len(attrs.get("spacing", ())) != 3:
+        raise ValueError("attrs must contain 'spacing' (3 values, mm): it becomes the NGFF scale")
     _ensure_root(root)
     tmp = root / f"{_TMP}{case_id}-{secrets.token_hex(8)}"
     final = root / case_id
@@ -259,7 +246,7 @@ def write_case(
             os.rename(final, old)  # a crash from here until the next rename is repaired by clean_temp
             had_old = True
         os.rename(tmp, final)
-        _fsync_dir(root)  # make the renames themselves durable
+        _fsync(root)  # make the renames themselves durable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if had_old and not final.exists():
