@@ -276,6 +276,7 @@ def nnunet_env(base: Path) -> dict[str, str]:
         (base / sub).mkdir(parents=True, exist_ok=True)
         env[var] = str(base / sub)
     env.pop("PYTHONPATH", None)
+    env["PYTHONUNBUFFERED"] = "1"  # line timestamps of its log mark its phases
     return env
 
 
