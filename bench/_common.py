@@ -233,8 +233,7 @@ def baseline_rss(python: Path, imports: str, env: dict[str, str] | None = None) 
     if "psutil" not in imports:
         # the nnU-Net venv may lack psutil: read /proc instead
         code = (
-            f"{imports}\nimport os\n"
-            "print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"
+            f"{imports}\nimport os\nprint(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"
         )
     out = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])

@@ -3,8 +3,8 @@
 Both runs go through ``lesionflow.caching.run_cached`` in this process, stage by stage, on the same MSD demo
 dataset (train and test cases, with organ masks), with ``preprocess.workers=--workers``. The rerun changes
 nothing, so every stage should be a cache hit (``result.cached``); its cost is what the cache check costs:
-digesting the stage inputs and outputs. Best of ``--repeats`` reruns. The same rerun is also timed in a new process (``bench/_common.py stages``), as
-a user's ``lesionflow stage ...`` would pay it: interpreter start-up and imports included.
+digesting the stage inputs and outputs. Best of ``--repeats`` reruns. The same rerun is also timed in a new process
+(``bench/_common.py stages``), as a user's ``lesionflow stage ...`` would pay it: start-up and imports included.
 
     .venv/bin/python bench/cache.py --cases 12 --size 96
     .venv/bin/python bench/cache.py --kind brain-mri --cases 12 --size 96
@@ -69,7 +69,8 @@ def main() -> None:
         print(f"workspace after the first run: {mb:.1f} MB under data/, store.zarr {n_files} files")
         print(f"{'stage':<20} {'first run':>10} {'rerun':>10}  rerun did work?")
         for a, b in zip(first, again, strict=True):
-            print(f"{a['stage']:<20} {a['seconds']:>9.3f}s {b['seconds']:>9.3f}s  {'no (cached)' if b['cached'] else 'YES'}")
+            did = "no (cached)" if b["cached"] else "YES"
+            print(f"{a['stage']:<20} {a['seconds']:>9.3f}s {b['seconds']:>9.3f}s  {did}")
         worked = [b["stage"] for b in again if not b["cached"]]
         print("results")
         print(f"  first run (fresh workspace): {first_s:.2f} s")

@@ -36,10 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as c
 import nibabel as nib
 import numpy as np
-
-import _common as c
 
 WARMUP = 5
 
@@ -173,18 +172,21 @@ def main() -> None:
         rng = np.random.default_rng(args.seed)
         picks = [(cases[int(rng.integers(len(cases)))], rng.random(3).tolist()) for _ in range(args.reads + WARMUP)]
         warm, plan = picks[:WARMUP], picks[WARMUP:]
-        vox = int(np.prod(patch))
         print(
             f"dataset: {args.kind}, {len(cases)} training cases, size {args.size}, store shapes "
             f"{sorted(set(shapes.values()))}; planned patch {plans['patch_size']}, chunks {plans['chunk_shape']}"
         )
-        print(f"patch {list(patch)} ({vox * 4 / 2**20:.1f} MiB float32 image), {args.reads} reads, seed {args.seed}")
+        eff = [min(p, s) for p, s in zip(patch, max(shapes.values(), key=np.prod), strict=True)]
+        mib = np.prod(eff) * 4 / 2**20
+        print(f"patch {list(patch)}, clipped to the volume {eff} ({mib:.1f} MiB float32 image), ", end="")
+        print(f"{args.reads} reads, seed {args.seed}")
 
         results: dict[str, float] = {}
-        t, n = time_ours(store, plan, warm, patch, shapes)
+        voxels: dict[str, int] = {}
+        t, voxels["lesionflow zarr"] = time_ours(store, plan, warm, patch, shapes)
         results["lesionflow zarr"] = args.reads / t
         print(f"  lesionflow read_patch (zarr): {args.reads / t:8.1f} reads/s  ({1000 * t / args.reads:.2f} ms/read)")
-        t, n = time_nii(raw, plan, warm, patch)
+        t, voxels["nii.gz"] = time_nii(raw, plan, warm, patch)
         results["nii.gz"] = args.reads / t
         print(f"  nibabel .nii.gz full load:    {args.reads / t:8.1f} reads/s  ({1000 * t / args.reads:.2f} ms/read)")
         if nn is not None and b2nd_dir is not None:
@@ -197,6 +199,7 @@ def main() -> None:
             out = subprocess.run([str(nn.python), str(script), str(job)], capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results["nnU-Net b2nd"] = args.reads / r["seconds"]
+            voxels["nnU-Net b2nd"] = r["voxels"]
             print(
                 f"  nnU-Net {nn.version} .b2nd (blosc2 {r['blosc2']}): {args.reads / r['seconds']:8.1f} reads/s  "
                 f"({1000 * r['seconds'] / args.reads:.2f} ms/read)"
@@ -205,6 +208,8 @@ def main() -> None:
             print(f"  nnU-Net: not run: {why}")
 
         ours = results["lesionflow zarr"]
+        if len(set(voxels.values())) != 1:
+            print(f"  WARNING: the readers returned different voxel totals: {voxels}")
         print("results")
         r = ours / results["nii.gz"]
         print(f"  lesionflow / nii.gz  = {r:.1f}x  (target >= 10x: {'meets' if r >= 10 else 'misses'})")

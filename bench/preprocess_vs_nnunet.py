@@ -45,7 +45,8 @@ OUR_WORKER_IMPORTS = (
     "import lesionflow.stages.preprocess, lesionflow.preprocess.ops, lesionflow.store.zarr_store"
 )
 NNUNET_WORKER_IMPORTS = (
-    "import SimpleITK, blosc2\nfrom nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor"
+    "import SimpleITK, blosc2\n"
+    "from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor"
 )
 
 

@@ -161,3 +161,22 @@ def test_killed_run_leaves_no_half_case_and_rerun_matches_clean_run(tmp_path: Pa
         runs["clean"].processed / "metadata.csv"
     ).read_bytes()
     assert not [p for p in store.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+@pytest.mark.slow
+def test_volume_too_big_for_its_worker_is_quarantined(msd_workspace: Workspace) -> None:
+    """A real out-of-memory: the nanny kills the worker on the big case; the case is quarantined, others go on."""
+    ws = msd_workspace
+    rng = np.random.default_rng(0)
+    big = rng.normal(100, 5, (400, 400, 300)).astype(np.float32)  # 192 MB; preprocessing holds several copies
+    label = np.zeros(big.shape, np.uint8)
+    label[190:210, 190:210, 140:160] = 1
+    add_msd_entry(ws.root / "data" / "demo", "huge", big, label, affine=np.diag([1.0, 1.2, 2.0, 1.0]))
+    params = ["preprocess.workers=1", "preprocess.memory_limit=600MB", "quality.max_reject_fraction=0.5",
+              "plan.target_spacing=[1.0, 1.2, 2.0]"]
+    results = _run_all(ws, *params)
+    reason = json.loads((ws.quarantine / "huge" / "reason.json").read_text())
+    assert reason["code"] == "worker_died"
+    assert "memory_limit" in reason["message"]
+    assert results["preprocess"].summary["n_failed"] == 1
+    assert list_cases(store_root(ws)) == ["case_000", "case_001", "case_002", "case_003"]

@@ -241,8 +241,6 @@ def _plan_work(ws: Workspace, params: Params, plan: Plan) -> Work:
 
 
 def run(ws: Workspace, params: Params) -> StageResult:
-    from lesionflow.parallel import dask_client
-    from lesionflow.stages.base import rich_progress
     from lesionflow.store.zarr_store import open_store
 
     plan = load_plan(ws)
@@ -253,36 +251,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         shutil.rmtree(root / case_id, ignore_errors=True)
     findings: list[Finding] = []
     if todo:
-        from distributed import as_completed
-
-        with dask_client(params.preprocess) as client:
-            futures = {
-                client.submit(
-                    process_case,
-                    str(ws.raw_cases / rec.case_id),
-                    _rec_json(rec),
-                    plan.to_dict(),
-                    str(root),
-                    key,
-                    params.preprocess.image_dtype,
-                    params.preprocess.label_resampling,
-                    key=f"preprocess-{rec.case_id}-{key[:12]}",
-                    pure=False,
-                ): rec
-                for rec, key in todo
-            }
-            for future in rich_progress(as_completed(futures), "preprocess", len(futures)):
-                rec = futures[future]
-                outcome = _outcome(future, rec)
-                if outcome["ok"]:
-                    rows[rec.case_id] = outcome["row"]
-                    continue
-                rows.pop(rec.case_id, None)
-                rejection = Rejection(
-                    rec.case_id, STAGE, outcome["code"], outcome["message"], rec.source_uri, rec.source_sha256
-                )
-                record(ws.quarantine, rejection)
-                findings.append(rejection.finding())
+        findings = _fan_out(ws, params, plan, todo, rows)
     write_metadata(ws, rows)
     n_processed = len(todo) - len(findings)
     summary = {
@@ -298,6 +267,65 @@ def run(ws: Workspace, params: Params) -> StageResult:
     write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
     outputs = {"store": "data/processed/store.zarr", "metadata": "data/processed/metadata.csv"}
     return StageResult(STAGE, True, summary, outputs, tuple(findings))
+
+
+def _fan_out(
+    ws: Workspace, params: Params, plan: Plan, todo: list[tuple[CaseRecord, str]], rows: dict[str, dict[str, Any]]
+) -> list[Finding]:
+    """One Dask task per case; updates ``rows`` in place and returns the quarantined cases.
+
+    When the nanny kills a worker (memory limit), Dask blames every task queued on that worker, so a
+    case that failed with a dead worker is retried alone: only a case that kills a worker by itself is
+    quarantined.
+    """
+    import dask
+    from distributed import as_completed
+
+    from lesionflow.parallel import dask_client
+    from lesionflow.stages.base import rich_progress
+
+    findings: list[Finding] = []
+    root = store_root(ws)
+
+    def submit(client: Any, rec: CaseRecord, key: str, attempt: str = "") -> Any:
+        return client.submit(
+            process_case,
+            str(ws.raw_cases / rec.case_id),
+            _rec_json(rec),
+            plan.to_dict(),
+            str(root),
+            key,
+            params.preprocess.image_dtype,
+            params.preprocess.label_resampling,
+            key=f"preprocess-{rec.case_id}-{key[:12]}{attempt}",
+            pure=False,
+        )
+
+    def settle(rec: CaseRecord, outcome: dict[str, Any]) -> None:
+        if outcome["ok"]:
+            rows[rec.case_id] = outcome["row"]
+            return
+        rows.pop(rec.case_id, None)
+        rejection = Rejection(
+            rec.case_id, STAGE, outcome["code"], outcome["message"], rec.source_uri, rec.source_sha256
+        )
+        record(ws.quarantine, rejection)
+        findings.append(rejection.finding())
+
+    # one retry after a worker death: enough to tell a culprit from a bystander, quick to give up
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), dask_client(params.preprocess) as client:
+        futures = {submit(client, rec, key): (rec, key) for rec, key in todo}
+        suspects = []
+        for future in rich_progress(as_completed(futures), "preprocess", len(futures)):
+            rec, key = futures[future]
+            outcome = _outcome(future, rec)
+            if not outcome["ok"] and outcome["code"] == "worker_died":
+                suspects.append((rec, key))
+            else:
+                settle(rec, outcome)
+        for rec, key in suspects:
+            settle(rec, _outcome(submit(client, rec, key, "-alone"), rec))
+    return findings
 
 
 def _rec_json(rec: CaseRecord) -> dict[str, Any]:
