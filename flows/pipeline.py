@@ -30,7 +30,9 @@ def training_pipeline(
         result = run_stage(stage, str(ws.root), params_json)
         for finding in result["findings"]:
             print(f"{stage}: {finding['subject']}: {finding['detail']} [{finding['code']}]")
-        if overrides:
+        if result["cached"]:  # nothing ran, nothing new to record in dvc.lock
+            pass
+        elif overrides:
             print(f"{stage}: not recorded in dvc.lock (ran with overrides {overrides}; dvc.lock follows params.yaml)")
         else:
             dvc_commit(str(ws.root), ["data.dvc", stage])

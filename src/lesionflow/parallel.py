@@ -19,6 +19,9 @@ def dask_client(params: PreprocessParams, say: Callable[[str], None] = print) ->
     """
     from distributed import Client, LocalCluster
 
+    # The scheduler of a local cluster lives in this process; its INFO lines would drown the progress bar.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
     if params.scheduler_address:
         try:
             client = Client(params.scheduler_address, timeout="15s")
