@@ -147,7 +147,8 @@ def test_jittered_slice_is_uneven(tmp_path: Path) -> None:
 def test_duplicate_slice(tmp_path: Path) -> None:
     written = write_ct_series(tmp_path)
     shutil.copy(written.files[3], tmp_path / "copy.dcm")
-    _rejected(_only_series(tmp_path), "duplicate_slice")
+    message = _rejected(_only_series(tmp_path), "duplicate_slice")
+    assert "\n" not in message
 
 
 def test_inconsistent_pixel_spacing(tmp_path: Path) -> None:
