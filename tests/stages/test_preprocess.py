@@ -172,8 +172,12 @@ def test_volume_too_big_for_its_worker_is_quarantined(msd_workspace: Workspace) 
     label = np.zeros(big.shape, np.uint8)
     label[190:210, 190:210, 140:160] = 1
     add_msd_entry(ws.root / "data" / "demo", "huge", big, label, affine=np.diag([1.0, 1.2, 2.0, 1.0]))
-    params = ["preprocess.workers=1", "preprocess.memory_limit=600MB", "quality.max_reject_fraction=0.5",
-              "plan.target_spacing=[1.0, 1.2, 2.0]"]
+    params = [
+        "preprocess.workers=1",
+        "preprocess.memory_limit=600MB",
+        "quality.max_reject_fraction=0.5",
+        "plan.target_spacing=[1.0, 1.2, 2.0]",
+    ]
     results = _run_all(ws, *params)
     reason = json.loads((ws.quarantine / "huge" / "reason.json").read_text())
     assert reason["code"] == "worker_died"

@@ -128,7 +128,8 @@ def ct_normalize(image_cf: np.ndarray, clip_lo: float, clip_hi: float, mean: flo
         raise ValueError(f"CT normalization std {std}: expected a positive dataset standard deviation")
     if not (np.isfinite(clip_lo) and np.isfinite(clip_hi) and clip_lo <= clip_hi and np.isfinite(mean)):
         raise ValueError(f"CT clip range [{clip_lo}, {clip_hi}] / mean {mean}: expected finite lo <= hi")
-    out = np.clip(image_cf.astype(np.float32), np.float32(clip_lo), np.float32(clip_hi))
+    out = image_cf.astype(np.float32, copy=True)  # the only full-size allocation: clip and scale in place
+    np.clip(out, np.float32(clip_lo), np.float32(clip_hi), out=out)
     out -= np.float32(mean)
     out /= np.float32(std)
     return out
@@ -140,13 +141,14 @@ def resample_image(
     """Resample every channel of ``(c, x, y, z)`` from ``spacing`` to ``target`` mm (float32).
 
     Spline ``order`` 3 with prefiltering (nnU-Net's image default), borders extended. ``spacing ==
-    target`` returns a float32 copy without interpolation.
+    target`` returns the input itself when it is already float32 (no copy: the per-worker memory peak
+    matters more than aliasing, and no caller modifies the result in place).
     """
     if image_cf.ndim != 4:
         raise ValueError(f"image of shape {image_cf.shape}: expected channel-first (c, x, y, z)")
     s, t = _check_spacings(spacing, target)
     if np.array_equal(s, t):
-        return image_cf.astype(np.float32, copy=True)
+        return image_cf.astype(np.float32, copy=False)
     shape = target_shape(image_cf.shape[1:], spacing, target)
     out = np.empty((image_cf.shape[0], *shape), dtype=np.float32)
     for c, channel in enumerate(image_cf):

@@ -129,7 +129,7 @@ def process_case(
     plan = Plan.from_dict(plan_json)
     folder = Path(case_dir)
     img = read_volume(folder / "image.nii.gz", rec.case_id)
-    image = img.array.astype(np.float32)
+    image = img.array  # stored dtype (int16 CT stays int16); normalization makes the one float32 copy
     label = read_volume(folder / "label.nii.gz", rec.case_id).array if rec.has_label else None
     try:
         out_img, out_lab, prec = preprocess_arrays(image, label, img.affine, plan.target_spacing, plan.normalization)
