@@ -17,9 +17,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,3 +296,29 @@ if __name__ == "__main__":
         _stages_main(sys.argv[2:])
     else:
         sys.exit("usage: _common.py stages <workspace> <report.json> <stage,stage,...> [key=value ...]")
+
+
+# -- scaffolding shared by the scripts ---------------------------------------------------------------------
+
+
+@contextmanager
+def workdir(prefix: str, keep: bool) -> Iterator[Path]:
+    """A temporary folder for one benchmark run, removed afterwards unless ``keep``."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def timed_reads(read: Callable[[str, list[float]], int], plan: Sequence[Any], warm: Sequence[Any]) -> tuple[float, int]:
+    """Warm up with ``warm``, then time ``read(case, rel)`` over ``plan``; returns (seconds, voxels read)."""
+    for case, rel in warm:
+        read(case, rel)
+    voxels, t0 = 0, time.perf_counter()
+    for case, rel in plan:
+        voxels += read(case, rel)
+    return time.perf_counter() - t0, voxels

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import _common as c
 
@@ -36,8 +33,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
-    try:
+    with c.workdir("bench-cache-", args.keep) as tmp:
         source = tmp / "demo"
         c.build_demo(args.kind, args.cases, args.size, source, args.seed)
         root = c.make_workspace(tmp / "ws")
@@ -82,11 +78,6 @@ def main() -> None:
             f"of the first run; stages that did work: {sum(not s['cached'] for s in fresh_stages)}"
         )
         print(f"  stages that did work on the rerun: {len(worked)} of {len(PIPELINE)} {worked if worked else ''}")
-    finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

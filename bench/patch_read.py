@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import _common as c
@@ -102,12 +99,7 @@ def time_ours(store: Path, plan: list[tuple[str, list[float]]], warm, patch, sha
         img, lab = read_patch(store, case, tuple(lo), tuple(size))
         return img.size + (lab.size if lab is not None else 0)
 
-    for case, rel in warm:
-        read(case, rel)
-    voxels, t0 = 0, time.perf_counter()
-    for case, rel in plan:
-        voxels += read(case, rel)
-    return time.perf_counter() - t0, voxels
+    return c.timed_reads(read, plan, warm)
 
 
 def time_nii(raw: Path, plan, warm, patch) -> tuple[float, int]:
@@ -118,12 +110,7 @@ def time_nii(raw: Path, plan, warm, patch) -> tuple[float, int]:
         sl = tuple(slice(o, o + p) for o, p in zip(lo, size, strict=True))
         return np.ascontiguousarray(img[sl]).size + np.ascontiguousarray(lab[sl]).size
 
-    for case, rel in warm:
-        read(case, rel)
-    voxels, t0 = 0, time.perf_counter()
-    for case, rel in plan:
-        voxels += read(case, rel)
-    return time.perf_counter() - t0, voxels
+    return c.timed_reads(read, plan, warm)
 
 
 def main() -> None:
@@ -138,8 +125,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-patch-"))
-    try:
+    with c.workdir("bench-patch-", args.keep) as tmp:
         msd = tmp / "demo"
         c.build_demo(args.kind, args.cases, args.size, msd, args.seed)
         raw = c.to_nnunet_raw(msd, tmp / "nnunet" / "raw")
@@ -216,11 +202,6 @@ def main() -> None:
         if "nnU-Net b2nd" in results:
             r = ours / results["nnU-Net b2nd"]
             print(f"  lesionflow / nnU-Net = {r:.2f}x  (target >= 1x: {'meets' if r >= 1 else 'misses'})")
-    finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

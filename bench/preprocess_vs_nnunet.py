@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import _common as c
@@ -165,8 +163,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder and print where it is")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
-    try:
+    with c.workdir("bench-preprocess-", args.keep) as tmp:
         msd = tmp / "demo"
         c.build_demo(args.kind, args.cases, args.size, msd, args.seed)
         source = c.to_nnunet_raw(msd, tmp / "nnunet" / "raw")
@@ -231,11 +228,6 @@ def main() -> None:
             print(f"  per-worker peak lesionflow / nnU-Net = {peak_ours / peak_nn:.2f}")
         print(f"  RSS sampled every 50 ms: {ours['sampler'].samples} samples (ours)", end="")
         print("" if "error" in theirs else f", {theirs['sampler'].samples} (nnU-Net)")
-    finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,42 @@ def process_case(
     return {"case_id": rec.case_id, "ok": True, "row": row}
 
 
+# Column types of metadata.csv (everything else is text), so readers need not know them.
+_FLOAT_COLUMNS = frozenset(
+    {
+        "spacing_x",
+        "spacing_y",
+        "spacing_z",
+        "spacing_dev_mm",
+        "zscore_mean_abs",
+        "zscore_std_dev",
+        "fg_volume_raw_mm3",
+        "fg_volume_processed_mm3",
+        "fg_kept_ratio",
+    }
+)
+_INT_COLUMNS = frozenset({"shape_x", "shape_y", "shape_z", "shape_min", "shape_max", "n_nonfinite"})
+_BOOL_COLUMNS = frozenset({"label_set_unchanged"})
+
+
+def _typed(column: str, text: str) -> Any:
+    if column in _FLOAT_COLUMNS:
+        return float(text)
+    if column in _INT_COLUMNS:
+        return int(text)
+    if column in _BOOL_COLUMNS:
+        return text == "True"
+    return text
+
+
+def metadata_frame(ws: Workspace) -> Any:
+    """metadata.csv as a typed pandas DataFrame (one row per case, METADATA_COLUMNS order)."""
+    import pandas as pd
+
+    rows = [{k: _typed(k, v) for k, v in row.items()} for _, row in sorted(read_metadata(ws).items())]
+    return pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
+
+
 def read_metadata(ws: Workspace) -> dict[str, dict[str, Any]]:
     path = metadata_path(ws)
     if not path.exists():
@@ -225,7 +261,8 @@ def _plan_work(ws: Workspace, params: Params, plan: Plan) -> Work:
     from lesionflow.store.zarr_store import clean_temp, list_cases, read_case_attrs
 
     root = store_root(ws)
-    clean_temp(root) if root.exists() else None
+    if root.exists():
+        clean_temp(root)  # leftovers of a killed run
     stored = {cid: read_case_attrs(root, cid).get("cache_key") for cid in list_cases(root)} if root.exists() else {}
     rows = read_metadata(ws)
     todo, keep = [], {}

@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import json
 
-from lesionflow.errors import GateFailed, SourceError
+from lesionflow.errors import SourceError
 from lesionflow.hashing import sha256_file
 from lesionflow.params import Params
 from lesionflow.quarantine import Rejection, record
-from lesionflow.stages.base import Finding, StageResult, write_json
+from lesionflow.stages.base import StageResult, write_json
+from lesionflow.stages.gates import gate_failed, gate_findings, rejection_code, rejection_message
 from lesionflow.stages.plan import plans_digest
-from lesionflow.stages.preprocess import METADATA_COLUMNS, metadata_path, read_metadata
+from lesionflow.stages.preprocess import metadata_frame, metadata_path
 from lesionflow.workspace import Workspace
 
 STAGE = "validate-processed"
-_FLOATS = {
-    "spacing_x",
-    "spacing_y",
-    "spacing_z",
-    "spacing_dev_mm",
-    "zscore_mean_abs",
-    "zscore_std_dev",
-    "fg_volume_raw_mm3",
-    "fg_volume_processed_mm3",
-    "fg_kept_ratio",
-}
-_INTS = {"shape_x", "shape_y", "shape_z", "shape_min", "shape_max", "n_nonfinite"}
 
 
 def accepted_path(ws: Workspace):
@@ -44,48 +33,19 @@ def inputs(ws: Workspace, params: Params) -> dict[str, str]:
 
 
 def run(ws: Workspace, params: Params) -> StageResult:
-    import pandas as pd
-
     from lesionflow.quality.processed_suite import run_processed_gate
 
-    rows = read_metadata(ws)
     if not metadata_path(ws).exists():
         raise SourceError("data/processed/metadata.csv does not exist; run `lesionflow stage preprocess` first")
-    table = pd.DataFrame(
-        [
-            {
-                k: (
-                    float(v)
-                    if k in _FLOATS
-                    else int(v)
-                    if k in _INTS
-                    else v == "True"
-                    if k == "label_set_unchanged"
-                    else v
-                )
-                for k, v in row.items()
-            }
-            for _, row in sorted(rows.items())
-        ],
-        columns=list(METADATA_COLUMNS),
-    )
+    table = metadata_frame(ws)
     result = run_processed_gate(table, params.quality, ws.reports / "quality" / "processed")
-    findings = [
-        Finding(cid, f"gate:{c.column or c.expectation}", c.detail)
-        for cid, checks in sorted(result.rejected.items())
-        for c in checks
-    ]
-    findings += [Finding("dataset", c.expectation, c.detail) for c in result.dataset_failures]
+    findings = gate_findings(result)
     report = str(result.report_html.relative_to(ws.root))
     if not result.success:
-        reasons = "; ".join(c.detail.strip() for c in result.dataset_failures) or "see the report"
-        raise GateFailed(
-            f"processed quality gate failed: {reasons}; nothing was quarantined. Report: {report}", tuple(findings)
-        )
+        raise gate_failed("processed", result, report, findings)
     for case_id, checks in sorted(result.rejected.items()):
-        code = "gate:" + ",".join(sorted({c.column or c.expectation for c in checks}))
-        record(ws.quarantine, Rejection(case_id, STAGE, code, "; ".join(c.detail for c in checks)))
-    accepted = sorted(set(rows) - set(result.rejected))
+        record(ws.quarantine, Rejection(case_id, STAGE, rejection_code(checks), rejection_message(checks)))
+    accepted = sorted(set(table["case_id"]) - set(result.rejected))
     write_json(accepted_path(ws), {"cases": accepted, "metadata_digest": sha256_file(metadata_path(ws))})
     summary = {
         "success": True,

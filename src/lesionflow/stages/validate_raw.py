@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lesionflow.errors import GateFailed, SourceError
+from lesionflow.errors import SourceError
 from lesionflow.manifest import CaseRecord, manifest_frame, read_manifest, write_manifest
 from lesionflow.params import Params
 from lesionflow.quarantine import Rejection, record
-from lesionflow.stages.base import Finding, StageResult, write_json
+from lesionflow.stages.base import StageResult, write_json
+from lesionflow.stages.gates import gate_failed, gate_findings, rejection_code, rejection_message
 from lesionflow.stages.ingest import raw_digest
 from lesionflow.workspace import Workspace
 
@@ -31,15 +32,11 @@ def report_dir(ws: Workspace) -> Path:
 def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.quality.raw_suite import run_raw_gate
 
-    records = read_manifest(ws.raw_manifest)
     if not ws.raw_manifest.exists():
         raise SourceError("data/raw/manifest.csv does not exist; run `lesionflow stage ingest` first")
+    records = read_manifest(ws.raw_manifest)
     result = run_raw_gate(manifest_frame(records), params.quality, report_dir(ws))
-    findings = [
-        Finding(case_id, f"gate:{check.column or check.expectation}", check.detail)
-        for case_id, checks in sorted(result.rejected.items())
-        for check in checks
-    ] + [Finding("dataset", check.expectation, check.detail) for check in result.dataset_failures]
+    findings = gate_findings(result)
     moved = _quarantine_rejected(ws, records, result.rejected) if result.success else []
     report = result.report_html
     summary = {
@@ -54,10 +51,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     }
     write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
     if not result.success:
-        reasons = "; ".join(f.detail.strip() for f in result.dataset_failures) or "see the report"
-        raise GateFailed(
-            f"raw quality gate failed: {reasons}; nothing was quarantined. Report: {report}", tuple(findings)
-        )
+        raise gate_failed("raw", result, str(report), findings)
     outputs = {"report": str(summary["report"]), "summary": f"reports/{STAGE}/summary.json"}
     return StageResult(STAGE, True, summary, outputs, tuple(findings))
 
@@ -68,10 +62,13 @@ def _quarantine_rejected(ws: Workspace, records: list[CaseRecord], rejected: Map
     moved = []
     for case_id, checks in sorted(rejected.items()):
         rec = by_id.get(case_id)
-        code = "gate:" + ",".join(sorted({c.column or c.expectation for c in checks}))
-        message = "; ".join(c.detail for c in checks)
         rejection = Rejection(
-            case_id, STAGE, code, message, rec.source_uri if rec else "", rec.source_sha256 if rec else ""
+            case_id,
+            STAGE,
+            rejection_code(checks),
+            rejection_message(checks),
+            rec.source_uri if rec else "",
+            rec.source_sha256 if rec else "",
         )
         record(ws.quarantine, rejection, move_from=ws.raw_cases / case_id)
         moved.append(case_id)
