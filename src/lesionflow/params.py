@@ -102,6 +102,16 @@ class ProcessedQualityParams(_Section):
     )
 
 
+class MetricsQualityParams(_Section):
+    """Expectations of the metrics gate (validate-metrics)."""
+
+    min_mean_dice: float = Field(0.05, ge=0, le=1, description="Mean foreground Dice over test cases at least this.")
+    min_case_dice: float = Field(0.0, ge=0, le=1, description="No case's mean foreground Dice below this.")
+    champion_tolerance: float = Field(
+        0.02, ge=0, le=1, description="Candidate may trail the champion's mean Dice by at most this."
+    )
+
+
 class QualityParams(_Section):
     """Quality gates: shared reject policy plus one block per gate."""
 
@@ -110,6 +120,7 @@ class QualityParams(_Section):
     )
     raw: RawQualityParams = Field(default_factory=RawQualityParams)
     processed: ProcessedQualityParams = Field(default_factory=ProcessedQualityParams)
+    metrics: MetricsQualityParams = Field(default_factory=MetricsQualityParams)
 
 
 class PlanParams(_Section):
@@ -152,6 +163,108 @@ class PreprocessParams(_Section):
     )
 
 
+class AugmentParams(_Section):
+    """On-the-fly patch augmentation (nnU-Net's set, smaller defaults). Probabilities are per sample."""
+
+    enabled: bool = Field(True, description="Apply augmentation to training patches.")
+    flip_prob: float = Field(0.5, ge=0, le=1, description="Probability of a flip, drawn per axis.")
+    rotate_prob: float = Field(0.2, ge=0, le=1, description="Probability of a random 3D rotation.")
+    rotate_deg: float = Field(15.0, ge=0, le=180, description="Rotation angles drawn from [-r, r] degrees per axis.")
+    scale_prob: float = Field(0.2, ge=0, le=1, description="Probability of a random isotropic zoom.")
+    scale_range: tuple[float, float] = Field((0.85, 1.25), description="Zoom factor range (min, max); >1 zooms in.")
+    intensity_prob: float = Field(0.15, ge=0, le=1, description="Probability of an intensity scale and shift.")
+    intensity_scale: tuple[float, float] = Field((0.75, 1.25), description="Multiplicative intensity range.")
+    gamma_prob: float = Field(0.15, ge=0, le=1, description="Probability of a gamma transform (on [0, 1]-rescaled).")
+    gamma_range: tuple[float, float] = Field((0.7, 1.5), description="Gamma range.")
+    noise_prob: float = Field(0.1, ge=0, le=1, description="Probability of additive Gaussian noise.")
+    noise_std: float = Field(0.1, ge=0, description="Noise standard deviation (normalized intensity units).")
+
+    @field_validator("scale_range", "intensity_scale", "gamma_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"expected (min, max) with 0 < min <= max, got {list(v)}")
+        return v
+
+
+class TrainParams(_Section):
+    """Segmentation training on Zarr patches (defaults: the CPU ``toy`` preset; presets/gpu.yaml for GPUs)."""
+
+    network: Literal["unet", "dynunet", "swinunetr"] = Field("unet", description="MONAI network.")
+    channels: tuple[int, ...] = Field(
+        (8, 16, 32), description="Feature widths per resolution level (SwinUNETR: feature_size = channels[0])."
+    )
+    num_res_units: int = Field(1, ge=0, le=4, description="Residual units per block (UNet).")
+    patch_size: tuple[int, int, int] | None = Field(None, description="Training patch (voxels); null = the plan's.")
+    batch_size: int = Field(2, ge=1, le=512, description="Patches per step (per GPU under DDP).")
+    steps: int = Field(40, ge=1, description="Optimizer steps in total.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum (nnU-Net).")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-5, ge=0, description="Weight decay.")
+    momentum: float = Field(0.99, ge=0, lt=1, description="SGD momentum.")
+    schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="LR schedule over `steps`.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    dice_weight: float = Field(1.0, ge=0, description="Weight of the soft Dice term of the loss.")
+    ce_weight: float = Field(1.0, ge=0, description="Weight of the cross-entropy term of the loss.")
+    foreground_fraction: float = Field(
+        0.33, ge=0, le=1, description="Share of each batch centred on a foreground voxel (nnU-Net: 0.33)."
+    )
+    augmentation: AugmentParams = Field(default_factory=AugmentParams)
+    synthetic_store: str = Field("", description="Second Zarr store of synthetic cases (empty = none).")
+    synthetic_ratio: float = Field(0.0, ge=0, le=1, description="Share of patches drawn from the synthetic store.")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of training cases held out for validation.")
+    val_every: int = Field(20, ge=1, description="Validate (sliding window) every N steps and at the end.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after N validations without gain (0 = off).")
+    checkpoint_every: int = Field(20, ge=1, description="Write a checkpoint every N steps and at the end.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest removed first).")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="Mixed precision on CUDA (auto = bf16 when supported); always off on CPU."
+    )
+    compile: bool = Field(False, description="torch.compile the network.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    num_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes.")
+    sw_overlap: float = Field(0.25, ge=0, lt=1, description="Sliding-window overlap during validation.")
+
+    @field_validator("channels")
+    @classmethod
+    def _widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) < 2 or min(v) < 1:
+            raise ValueError(f"expected at least two positive feature widths, got {list(v)}")
+        return v
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and min(v) < 8:
+            raise ValueError(f"expected three edges >= 8 voxels, got {list(v)}")
+        return v
+
+
+class EvaluateParams(_Section):
+    """Evaluation on the test split: sliding-window inference, metrics on the original grid."""
+
+    sw_overlap: float = Field(0.5, ge=0, lt=1, description="Sliding-window overlap.")
+    sw_batch_size: int = Field(2, ge=1, description="Windows per forward pass.")
+    nsd_tolerance_mm: float = Field(1.0, gt=0, description="Surface Dice (NSD) tolerance in mm.")
+    hd_percentile: float = Field(95.0, gt=0, le=100, description="Hausdorff distance percentile.")
+    montage_cases: int = Field(2, ge=1, le=10, description="Best and worst cases shown in the montage.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+
+
+class RegistryParams(_Section):
+    """MLflow registration (embedded SQLite under mlruns/ unless a server is given)."""
+
+    model_name: str = Field("lesionflow-seg", min_length=1, description="Registered model name.")
+    tracking_uri: str = Field(
+        "", description="MLflow server URL; empty = env MLFLOW_TRACKING_URI, else <workspace>/mlruns (SQLite)."
+    )
+    experiment: str = Field("lesionflow", min_length=1, description="MLflow experiment.")
+    intended_use: str = Field(
+        "Research only: lesion segmentation trained by lesionflow; not for clinical use.",
+        description="Intended use written into metadata.json.",
+    )
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -161,6 +274,9 @@ class Params(_Section):
     quality: QualityParams = Field(default_factory=QualityParams)
     plan: PlanParams = Field(default_factory=PlanParams)
     preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
 
     @model_validator(mode="after")
     def _check(self) -> Params:
