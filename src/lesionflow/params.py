@@ -222,6 +222,9 @@ class TrainParams(_Section):
     )
     compile: bool = Field(False, description="torch.compile the network.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    ddp_processes: int = Field(
+        0, ge=0, le=64, description="DDP processes via torchrun: 0 = one per GPU when >1 GPU, else none."
+    )
     num_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes.")
     sw_overlap: float = Field(0.25, ge=0, lt=1, description="Sliding-window overlap during validation.")
 

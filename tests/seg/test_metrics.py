@@ -1,0 +1,154 @@
+"""Segmentation metrics: known geometry in mm, empty-mask conventions, tables and summaries."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+
+from lesionflow.seg.metrics import ClassMetrics, case_means, case_metrics, metrics_table, summarize
+
+SPACING = (0.7, 1.3, 2.1)
+SHAPE = (20, 16, 14)
+NAMES = {2: "tumour", 5: "cyst"}
+
+
+def _cube(lo: tuple[int, int, int], edge: int = 8, value: int = 2) -> np.ndarray:
+    out = np.zeros(SHAPE, dtype=np.uint8)
+    out[lo[0] : lo[0] + edge, lo[1] : lo[1] + edge, lo[2] : lo[2] + edge] = value
+    return out
+
+
+def _surface_mm(mask: np.ndarray) -> np.ndarray:
+    """Surface voxel centres in mm (voxels removed by one erosion, the border counting as outside)."""
+    edges = mask & ~ndimage.binary_erosion(mask)
+    return np.argwhere(edges) * np.asarray(SPACING)
+
+
+def _reference(a: np.ndarray, b: np.ndarray, percentile: float, tol: float) -> tuple[float, float]:
+    """Brute-force percentile Hausdorff (mm) and NSD between two binary masks."""
+    d = cdist(_surface_mm(a), _surface_mm(b))
+    a_to_b, b_to_a = d.min(axis=1), d.min(axis=0)
+    hd = max(np.percentile(a_to_b, percentile), np.percentile(b_to_a, percentile))
+    nsd = ((a_to_b <= tol).sum() + (b_to_a <= tol).sum()) / (a_to_b.size + b_to_a.size)
+    return float(hd), float(nsd)
+
+
+def test_offset_cubes_in_mm() -> None:
+    truth = _cube((4, 4, 3))
+    pred = _cube((6, 4, 3))  # shifted by k = 2 voxels along x (0.7 mm): 1.4 mm
+    [m] = case_metrics(pred, truth, SPACING, [0, 2], NAMES, hd_percentile=100.0, nsd_tolerance_mm=1.5)
+    assert m.label == 2
+    assert m.name == "tumour"
+    assert m.dice == pytest.approx((8 - 2) / 8)
+    assert m.hd95_mm == pytest.approx(2 * 0.7, abs=1e-5)  # the far faces are 2 voxels apart, nothing farther
+    assert m.nsd == 1.0  # every surface voxel is within 1.4 mm <= 1.5 mm of the other surface
+    assert (m.truth_voxels, m.pred_voxels) == (512, 512)
+
+    [m95] = case_metrics(pred, truth, SPACING, [0, 2], NAMES)  # defaults: 95th percentile, 1 mm tolerance
+    hd_ref, nsd_ref = _reference(pred == 2, truth == 2, 95.0, 1.0)
+    assert m95.hd95_mm == pytest.approx(hd_ref, abs=1e-4)
+    assert 0.0 < m95.hd95_mm <= 1.4 + 1e-6
+    assert m95.nsd == pytest.approx(nsd_ref, abs=1e-6)
+    assert 0.0 < m95.nsd < 1.0
+
+
+def test_offset_along_the_coarse_axis_and_identity() -> None:
+    truth = _cube((4, 4, 3))
+    pred = _cube((4, 4, 4))  # one voxel along z: 2.1 mm
+    [m] = case_metrics(pred, truth, SPACING, [0, 2], NAMES, hd_percentile=100.0)
+    assert m.dice == pytest.approx(7 / 8)
+    assert m.hd95_mm == pytest.approx(2.1, abs=1e-5)
+    [same] = case_metrics(truth, truth, SPACING, [0, 2], NAMES)
+    assert (same.dice, same.hd95_mm, same.nsd) == (1.0, 0.0, 1.0)
+
+
+def test_empty_conventions_and_label_order() -> None:
+    truth = _cube((4, 4, 3), value=2)
+    pred = np.zeros(SHAPE, dtype=np.uint8)
+    pred[0:3, 0:3, 0:3] = 7  # a label value not asked for: ignored
+    metrics = case_metrics(pred, truth, SPACING, [0, 2, 5], {2: "tumour"})
+    assert [(m.label, m.name) for m in metrics] == [(2, "tumour"), (5, "label_5")]
+    missed, absent = metrics
+    diagonal = math.sqrt((20 * 0.7) ** 2 + (16 * 1.3) ** 2 + (14 * 2.1) ** 2)
+    assert (missed.dice, missed.nsd, missed.hd95_mm) == (0.0, 0.0, pytest.approx(diagonal))
+    assert (missed.truth_voxels, missed.pred_voxels) == (512, 0)
+    assert (absent.dice, absent.nsd, absent.hd95_mm) == (1.0, 1.0, 0.0)
+
+    [hallucinated] = case_metrics(truth, pred, SPACING, [2], NAMES)  # prediction only
+    assert (hallucinated.dice, hallucinated.nsd, hallucinated.hd95_mm) == (0.0, 0.0, pytest.approx(diagonal))
+    assert all(math.isfinite(v) for m in [*metrics, hallucinated] for v in (m.dice, m.hd95_mm, m.nsd))
+
+
+def test_mixed_classes_in_one_call() -> None:
+    truth = _cube((2, 2, 2), edge=5, value=2) + _cube((11, 9, 7), edge=5, value=5)
+    pred = _cube((3, 2, 2), edge=5, value=2)  # class 5 missed
+    tumour, cyst = case_metrics(pred, truth, SPACING, [0, 2, 5], NAMES)
+    assert tumour.dice == pytest.approx(4 / 5)
+    assert cyst.dice == 0.0
+
+
+def test_shape_mismatch_and_bad_parameters() -> None:
+    a = np.zeros((4, 4, 4), dtype=np.uint8)
+    b = np.zeros((4, 4, 5), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"\(4, 4, 4\).*\(4, 4, 5\)"):
+        case_metrics(a, b, (1.0, 1.0, 1.0), [0, 1], {1: "x"})
+    with pytest.raises(ValueError, match="spacing"):
+        case_metrics(a, a, (1.0, 0.0, 1.0), [0, 1], {1: "x"})
+    with pytest.raises(ValueError, match="hd_percentile"):
+        case_metrics(a, a, (1.0, 1.0, 1.0), [0, 1], {1: "x"}, hd_percentile=0.0)
+
+
+def _m(label: int, name: str, dice: float, hd: float, nsd: float) -> ClassMetrics:
+    return ClassMetrics(label, name, dice, hd, nsd, truth_voxels=10, pred_voxels=12)
+
+
+def test_table_summary_and_case_ranking() -> None:
+    rows = {
+        "case_b": [_m(2, "tumour", 0.8, 2.0, 0.9), _m(5, "cyst", 0.4, 6.0, 0.5)],
+        "case_a": [_m(2, "tumour", 0.6, 4.0, 0.7), _m(5, "cyst", 1.0, 0.0, 1.0)],
+        "case_c": [_m(2, "tumour", 0.2, 10.0, 0.1), _m(5, "cyst", 0.2, 8.0, 0.3)],
+    }
+    table = metrics_table(rows)
+    assert list(table.columns) == [
+        "case_id",
+        "label",
+        "name",
+        "dice",
+        "hd95_mm",
+        "nsd",
+        "truth_voxels",
+        "pred_voxels",
+    ]
+    assert len(table) == 6
+    assert list(table["case_id"]) == ["case_b", "case_b", "case_a", "case_a", "case_c", "case_c"]
+    assert table["label"].dtype == np.int64
+
+    summary = summarize(table)
+    assert summary["mean_dice"] == pytest.approx(3.2 / 6)
+    assert summary["mean_hd95_mm"] == pytest.approx(30.0 / 6)
+    assert summary["mean_nsd"] == pytest.approx(3.5 / 6)
+    assert summary["dice_tumour"] == pytest.approx(1.6 / 3)
+    assert summary["hd95_mm_cyst"] == pytest.approx(14.0 / 3)
+    assert summary["nsd_cyst"] == pytest.approx(1.8 / 3)
+    assert summary["n_cases"] == 3.0
+    assert set(summary) == {
+        "mean_dice",
+        "mean_hd95_mm",
+        "mean_nsd",
+        "n_cases",
+        *(f"{m}_{n}" for m in ("dice", "hd95_mm", "nsd") for n in ("tumour", "cyst")),
+    }
+
+    means = case_means(table)
+    assert list(means.columns) == ["case_id", "mean_dice", "mean_hd95_mm", "mean_nsd"]
+    assert list(means["case_id"]) == ["case_a", "case_b", "case_c"]  # best first (0.8, 0.6, 0.2)
+    assert means["mean_hd95_mm"].tolist() == pytest.approx([2.0, 4.0, 9.0])
+
+    pairs = metrics_table([("only", [_m(2, "tumour", 0.5, 1.0, 0.5)])])
+    assert summarize(pairs)["n_cases"] == 1.0
+    with pytest.raises(ValueError, match="empty"):
+        summarize(metrics_table({}))
