@@ -1,6 +1,7 @@
 """The training pipeline flow: every registered stage in order, each as a Prefect task.
 
-Today: ingest -> validate-raw (later issues add plan, preprocess, synthesis, training, evaluation).
+Stages: ingest -> validate-raw -> plan -> preprocess -> validate-processed -> train -> evaluate ->
+validate-metrics -> register (synthesis joins in a later issue).
 After each stage the flow runs ``dvc commit`` for it (and data.dvc), so dvc.lock records what the flow
 produced and ``dvc status`` is clean. A failed gate fails its task and stops the flow.
 """

@@ -8,6 +8,9 @@ state still matches, so both caches agree. Results hold the StageResult summary,
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -37,8 +40,32 @@ def cache_key(context: TaskRunContext, arguments: dict[str, Any]) -> str | None:
 )
 def run_stage(stage: str, workspace: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run registered stage ``stage`` in ``workspace`` with the validated ``params``."""
-    result = run_cached(stage, Workspace.at(workspace), validate_params(params), STAGES[stage].run)
+    with _flow_run_env():
+        result = run_cached(stage, Workspace.at(workspace), validate_params(params), STAGES[stage].run)
     return result.to_json()
+
+
+@contextmanager
+def _flow_run_env() -> Iterator[None]:
+    """Expose the Prefect flow-run id to the stage (register records it as lineage); restored afterwards.
+
+    Stages never import Prefect, so the adapter hands the id over through the environment.
+    """
+    from prefect.runtime import flow_run
+
+    from lesionflow.stages.register import FLOW_RUN_ENV
+
+    before = os.environ.get(FLOW_RUN_ENV)
+    run_id = flow_run.id
+    if run_id:
+        os.environ[FLOW_RUN_ENV] = str(run_id)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FLOW_RUN_ENV, None)
+        else:
+            os.environ[FLOW_RUN_ENV] = before
 
 
 @task(name="dvc-commit", retries=0)

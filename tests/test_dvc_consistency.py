@@ -54,6 +54,9 @@ def test_dvc_yaml_matches_stage_registry() -> None:
         assert tuple(outs_persisted) == spec.persist_outs
         assert metrics_cached == []
         assert tuple(metrics_uncached) == spec.metrics
+        plots_cached, plots_uncached, _ = _entries(stage.get("plots", []))
+        assert plots_cached == []
+        assert tuple(plots_uncached) == spec.plots
     assert fields["title"] == "Params"
 
 

@@ -131,7 +131,9 @@ def status(ws: Workspace, params: Params) -> list[StageStatus]:
         if record is None:
             out.append(StageStatus(name, False, "never run"))
         elif state is None:
-            out.append(StageStatus(name, False, "input is remote: checked when the stage runs"))
+            out.append(
+                StageStatus(name, False, "reads remote state (s3:// source or model registry): checked when it runs")
+            )
         elif record["key"] != sha256_json(state):
             out.append(StageStatus(name, False, _diff(record["state"], state)))
         elif stale_before:

@@ -46,6 +46,21 @@ ParamsOpt = Annotated[Path | None, typer.Option("--params", help="params.yaml (d
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a param: section.key=value (repeatable).")]
 
 
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", help="Apply presets/<name>.yaml (e.g. gpu) before --set overrides.")
+]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _with_preset(workspace: Path, preset: str | None, overrides: list[str] | None) -> list[str]:
+    from lesionflow.params import preset_overrides
+
+    given = list(overrides or [])
+    if not preset:
+        return given
+    return preset_overrides(preset, [Path(workspace).resolve(), REPO_ROOT]) + given
+
+
 def _load(workspace: Path, params_file: Path | None, overrides: list[str] | None) -> tuple[Any, Any]:
     from lesionflow.params import load_params
     from lesionflow.workspace import Workspace
@@ -130,6 +145,7 @@ def stage(
     workspace: WorkspaceOpt = Path("."),
     params_file: ParamsOpt = None,
     overrides: SetOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Run one pipeline stage (what dvc.yaml calls)."""
     from lesionflow.errors import ParamsError
@@ -139,7 +155,7 @@ def stage(
         raise ParamsError(f"stage {name!r} is unknown; expected one of {', '.join(STAGES)}")
     from lesionflow.caching import run_cached
 
-    ws, params = _load(workspace, params_file, overrides)
+    ws, params = _load(workspace, params_file, _with_preset(workspace, preset, overrides))
     print_result(run_cached(name, ws, params, STAGES[name].run))
 
 
@@ -169,8 +185,14 @@ def status(workspace: WorkspaceOpt = Path("."), params_file: ParamsOpt = None, o
 
 
 @app.command("run")
-def run(workspace: WorkspaceOpt = Path("."), params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+def run(
+    workspace: WorkspaceOpt = Path("."),
+    params_file: ParamsOpt = None,
+    overrides: SetOpt = None,
+    preset: PresetOpt = None,
+) -> None:
     """Run the pipeline end to end through the Prefect flow (embedded Prefect unless PREFECT_API_URL is set)."""
+    overrides = _with_preset(workspace, preset, overrides)
     ws, _ = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
     from flows.pipeline import training_pipeline
 
@@ -181,6 +203,101 @@ def run(workspace: WorkspaceOpt = Path("."), params_file: ParamsOpt = None, over
     for res in results:
         table.add_row(res["stage"], "ok" if res["ok"] else "failed", ", ".join(res["outputs"].values()))
     out.print(table)
+
+
+def _tracking_uri(workspace: Path, params_file: Path | None, given: str | None) -> str:
+    from lesionflow.params import Params
+    from lesionflow.registry.tracking import resolve_tracking_uri
+    from lesionflow.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    if given:
+        return given
+    params = _load(workspace, params_file, [])[1] if (params_file or ws.params_file).exists() else Params()
+    return resolve_tracking_uri(params.registry.tracking_uri, ws.root)
+
+
+TrackingOpt = Annotated[
+    str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: registry.tracking_uri / env).")
+]
+
+
+@app.command("lineage")
+def lineage(
+    model_ref: Annotated[str, typer.Argument(help="name@alias, name/version or an MLflow run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the lineage as JSON.")] = False,
+    graph: Annotated[Path | None, typer.Option("--graph", help="Also draw the lineage to a .png or .svg.")] = None,
+    workspace: WorkspaceOpt = Path("."),
+    params_file: ParamsOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Where a registered model came from: run, metrics, data versions, raw sources, code and params."""
+    import json
+
+    from lesionflow.registry.lineage import lineage_tree, missing_fields, read_lineage
+
+    uri = _tracking_uri(workspace, params_file, tracking_uri)
+    record = read_lineage(model_ref, uri)
+    if as_json:
+        print(json.dumps(record.to_json(), indent=2, sort_keys=True))
+    else:
+        out.print(lineage_tree(record))
+    missing = missing_fields(record)
+    if missing:
+        err.print(f"[yellow]lineage incomplete:[/yellow] {', '.join(missing)} not recorded for {model_ref}")
+    if graph is not None:
+        from lesionflow.registry.graph import lineage_graph
+
+        err.print(f"lineage graph -> {lineage_graph(record, graph)}")
+
+
+@app.command("evaluate")
+def evaluate_model(
+    model: Annotated[str, typer.Option("--model", help="Registered model: name@alias, name/version or run id.")],
+    data: Annotated[Path, typer.Option("--data", help="Workspace whose data/raw was ingested (any dataset).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default: DATA/reports/...).")] = None,
+    split: Annotated[str, typer.Option(help="Cases to evaluate: all | train | test.")] = "all",
+    workspace: WorkspaceOpt = Path("."),
+    params_file: ParamsOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Evaluate a registered model on any ingested dataset (preprocessed with the model's own plan)."""
+    import tempfile
+
+    from lesionflow.errors import ParamsError, SourceError
+    from lesionflow.manifest import read_manifest
+    from lesionflow.params import Params
+    from lesionflow.registry.tracking import download_model_files, resolve_model_ref
+    from lesionflow.stages.base import write_json
+    from lesionflow.stages.evaluate import evaluate_cases
+    from lesionflow.workspace import Workspace
+
+    if split not in ("all", "train", "test"):
+        raise ParamsError(f"--split {split!r} is unknown; expected all, train or test")
+    uri = _tracking_uri(workspace, params_file, tracking_uri)
+    resolved = resolve_model_ref(model, uri)
+    target = Workspace.at(data)
+    if not target.raw_manifest.exists():
+        raise SourceError(
+            f"{target.root} has no data/raw/manifest.csv; ingest the dataset first: "
+            f"lesionflow stage ingest -w {target.root} --set ingest.source=<folder>"
+        )
+    ws = Workspace.at(workspace)
+    settings = (_load(workspace, params_file, [])[1] if ws.params_file.exists() else Params()).evaluate
+    records = [r for r in read_manifest(target.raw_manifest) if split == "all" or r.split == split]
+    name = f"{resolved.name}-v{resolved.version}"
+    report_dir = out_dir or target.reports / "evaluations" / name
+    with tempfile.TemporaryDirectory(prefix="lesionflow-model-") as tmp:
+        folder = download_model_files(model, uri, Path(tmp) / "model")
+        report = evaluate_cases(folder, target, records, settings, report_dir, report_dir / "predictions")
+    summary = {**report.summary, "model": f"{resolved.name}/{resolved.version}", "run_id": resolved.run_id}
+    write_json(report_dir / "metrics.json", summary)
+    table = Table("metric", "value", title=f"{resolved.name} v{resolved.version} on {target.root.name}")
+    for key, value in sorted(summary.items()):
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+    out.print(table)
+    out.print(f"reports -> {report_dir}")
 
 
 def main() -> None:

@@ -353,6 +353,29 @@ def validate_params(raw: dict[str, Any]) -> Params:
         raise ParamsError(_format_error(err, raw)) from None
 
 
+def preset_overrides(preset: str, search: list[Path]) -> list[str]:
+    """A preset (``presets/<name>.yaml``: a partial params.yaml) as ``section.key=value`` overrides.
+
+    ``preset`` is a name looked up as ``<dir>/presets/<name>.yaml`` in each of ``search``, or a file path.
+    Applied before ``--set`` overrides, so an explicit ``--set`` always wins.
+    """
+    import json
+
+    candidates = [Path(preset)] + [d / "presets" / f"{preset}.yaml" for d in search]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        names = sorted({f.stem for d in search for f in (d / "presets").glob("*.yaml")})
+        raise ParamsError(f"--preset {preset!r} not found; available: {', '.join(names) or 'none'}")
+    data = read_params_file(path)
+
+    def flatten(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict) and node:
+            return [item for k, v in node.items() for item in flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+        return [f"{prefix}={json.dumps(node)}"]
+
+    return flatten(data, "")
+
+
 def load_params(path: Path, overrides: list[str] | None = None) -> Params:
     """Read, override and validate params.yaml."""
     return validate_params(apply_overrides(read_params_file(path), overrides or []))

@@ -118,7 +118,7 @@ def test_zoom_scales_a_sphere_volume_by_zoom_cubed(zoom: float) -> None:
     draw = AugmentationDraw(zoom=zoom)
     margin = draw_margin(draw, patch)
     region = tuple(p + 2 * m for p, m in zip(patch, margin, strict=True))
-    label = _sphere(region, radius=8)  # type: ignore[arg-type]
+    label = _sphere(region, radius=8)
     image = label[None].astype(np.float32)
     _, out_label = apply_augmentation(image, label, draw, patch)
     ratio = out_label.sum() / label.sum()

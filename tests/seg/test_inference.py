@@ -17,9 +17,8 @@ BIAS = np.array([0.0, 0.2, -0.1], dtype=np.float32)
 def _pointwise() -> torch.nn.Module:
     """1x1x1 convolution, 1 -> 3 channels: logits = WEIGHTS * x + BIAS per voxel."""
     conv = torch.nn.Conv3d(1, 3, kernel_size=1)
-    with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(WEIGHTS).reshape(3, 1, 1, 1, 1))
-        conv.bias.copy_(torch.from_numpy(BIAS))
+    conv.weight = torch.nn.Parameter(torch.from_numpy(WEIGHTS).reshape(3, 1, 1, 1, 1))
+    conv.bias = torch.nn.Parameter(torch.from_numpy(BIAS))
     return conv
 
 
@@ -112,6 +111,7 @@ class Oracle(torch.nn.Module):
 
     def __init__(self, centres: list[float]) -> None:
         super().__init__()
+        self.centres: torch.Tensor
         self.register_buffer("centres", torch.tensor(centres, dtype=torch.float32).reshape(1, -1, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

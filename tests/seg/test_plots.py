@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _twice(tmp_path: Path, draw) -> Path:  # type: ignore[no-untyped-def]
+def _twice(tmp_path: Path, draw: Callable[[Path], Path]) -> Path:
     first = draw(tmp_path / "a" / "figure.png")
     second = draw(tmp_path / "b" / "figure.png")
     assert first == tmp_path / "a" / "figure.png"
@@ -95,3 +96,18 @@ def test_pick_slice() -> None:
     assert pick_slice(truth, pred) == 2
     with pytest.raises(ValueError, match="same"):
         pick_slice(truth, pred[..., :3])
+
+
+def test_montage_orientation_is_neurological_anterior_up(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    truth = np.zeros((24, 20), dtype=np.uint8)
+    truth[16:24, 14:20] = 2  # high x (patient right) and high y (anterior)
+    tile = CaseTile("orientation", np.zeros((24, 20)), truth, np.zeros_like(truth))
+    pixels = imread(case_montage_png([tile], tmp_path / "o.png"))  # (rows, columns, RGBA), row 0 at the top
+    middle = pixels[:, 300:600, :3]  # the truth panel
+    red = (middle[..., 0] > 0.3) & (middle[..., 1] < 0.2) & (middle[..., 2] < 0.2)
+    rows, cols = np.nonzero(red)
+    assert rows.size > 50
+    assert cols.mean() > 150  # right half of the panel: x increases to the right
+    assert rows.mean() < 150  # upper half: anterior is up

@@ -21,6 +21,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.pyfunc import PythonModel
 
 ARTIFACT_FILES = {"weights": "model.safetensors", "config": "config.json", "metadata": "metadata.json"}
 DEFAULTS: dict[str, Any] = {"overlap": 0.5, "sw_batch_size": 2, "device": "auto"}
@@ -38,7 +39,7 @@ def _model_folder(artifacts: dict[str, str]) -> Path:
     return folder
 
 
-class LesionflowSegmenter(mlflow.pyfunc.PythonModel):
+class LesionflowSegmenter(PythonModel):
     """Sliding-window inference with a network rebuilt by :func:`lesionflow.seg.model_files.load_segmenter`."""
 
     def load_context(self, context: Any) -> None:

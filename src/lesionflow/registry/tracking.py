@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from lesionflow.errors import LesionflowError
@@ -40,7 +40,9 @@ EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "artifacts"
 HEALTH_TIMEOUT_S = 2.0
 MODEL_FILES = ("model.safetensors", "config.json", "metadata.json")
-RETRY_HINT = "start the server or set registry.tracking_uri; trained outputs are kept, rerun `lesionflow stage register` to retry"
+RETRY_HINT = (
+    "start the server or set registry.tracking_uri; trained outputs are kept, rerun `lesionflow stage register` to retry"
+)
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _MAX_LISTED = 20
 # MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) keep a caller waiting for minutes.
@@ -142,7 +144,7 @@ def check_reachable(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
         return
     reason = ""
     try:
-        with urllib.request.urlopen(_health_request(uri), timeout=timeout_s) as response:  # noqa: S310 (http only)
+        with urllib.request.urlopen(_health_request(uri), timeout=timeout_s) as response:
             response.read(64)
         return
     except urllib.error.HTTPError as err:
@@ -209,7 +211,7 @@ def redact_uri_in_text(text: str) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
-    """Id of experiment ``name``: created with ``artifact_root`` (explicit for the embedded store), restored if deleted."""
+    """Id of experiment ``name``, created with ``artifact_root`` (explicit for the embedded store); restored if deleted."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -282,7 +284,7 @@ def _resolve_by_run(client: MlflowClient, run_id: str) -> ResolvedModel:
     return _resolved(client, max(versions, key=lambda mv: int(mv.version)))
 
 
-def _resolve(client: MlflowClient, ref: str) -> ResolvedModel:
+def resolve_with_client(client: MlflowClient, ref: str) -> ResolvedModel:
     from mlflow.exceptions import MlflowException
 
     ref = ref.strip().removeprefix("models:/")
@@ -315,12 +317,14 @@ def _resolve(client: MlflowClient, ref: str) -> ResolvedModel:
     return _resolved(client, mv)
 
 
-def _require_store(tracking_uri: str) -> None:
+def require_store(tracking_uri: str) -> None:
     """Reads never create a store: a missing SQLite file means nothing was registered there."""
     check_reachable(tracking_uri)
     db = sqlite_path(tracking_uri)
     if db is not None and str(db) not in ("", ":memory:") and not db.is_file():
-        raise ModelNotFound(f"no models registered yet (no MLflow store at {db}); run `lesionflow stage register` first")
+        raise ModelNotFound(
+            f"no models registered yet (no MLflow store at {db}); run `lesionflow stage register` first"
+        )
 
 
 def resolve_model_ref(ref: str, tracking_uri: str) -> ResolvedModel:
@@ -330,19 +334,19 @@ def resolve_model_ref(ref: str, tracking_uri: str) -> ResolvedModel:
         ModelNotFound: one line naming the part that was not found and listing the registered models.
         RegistryUnavailable: the tracking server does not answer.
     """
-    _require_store(tracking_uri)
+    require_store(tracking_uri)
     with mlflow_session(tracking_uri) as client:
-        return _resolve(client, ref)
+        return resolve_with_client(client, ref)
 
 
 def download_model_files(ref: str, tracking_uri: str, dest: Path) -> Path:
     """Download model.safetensors, config.json and metadata.json of model version ``ref`` into ``dest``."""
     import mlflow
 
-    _require_store(tracking_uri)
+    require_store(tracking_uri)
     dest = Path(dest)
     with mlflow_session(tracking_uri) as client:
-        resolved = _resolve(client, ref)
+        resolved = resolve_with_client(client, ref)
         with tempfile.TemporaryDirectory(prefix="lesionflow-download-") as tmp:
             local = Path(
                 mlflow.artifacts.download_artifacts(
@@ -359,9 +363,3 @@ def download_model_files(ref: str, tracking_uri: str, dest: Path) -> Path:
             for name in MODEL_FILES:
                 shutil.copyfile(local / name, dest / name)
     return dest
-
-
-def version_tags(mv: Any) -> dict[str, str]:
-    """Tags of a model version as a plain dict (the entity holds a dict in 3.x)."""
-    tags = getattr(mv, "tags", None) or {}
-    return {str(k): str(v) for k, v in dict(tags).items()}

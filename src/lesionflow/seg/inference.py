@@ -100,7 +100,8 @@ def sliding_window_predict(
                 sw_device=dev,
                 device=dev,
             )
-        assert isinstance(logits, torch.Tensor)  # a plain network returns one tensor
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"network returned {type(logits).__name__}: expected one logits tensor (eval mode)")
         probs = torch.softmax(logits.float(), dim=1)[0]
         return np.ascontiguousarray(probs.cpu().numpy(), dtype=np.float32)
     finally:

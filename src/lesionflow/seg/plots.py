@@ -155,7 +155,7 @@ def _overlay(ax: Any, labels: np.ndarray) -> None:
     for value in values:
         mask = (labels == value).T.astype(np.float32)
         colour = LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)]
-        ax.contour(mask, levels=[0.5], colors=[colour], linewidths=0.8, origin="lower")
+        ax.contour(mask, levels=[0.5], colors=[colour], linewidths=0.8)  # Z[0, 0] at (0, 0), like imshow
 
 
 def case_montage_png(rows: Sequence[CaseTile], path: Path) -> Path:

@@ -11,7 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lesionflow.params import Params
-from lesionflow.stages import ingest, plan, preprocess, validate_processed, validate_raw
+from lesionflow.stages import (
+    evaluate,
+    ingest,
+    plan,
+    preprocess,
+    register,
+    train,
+    validate_metrics,
+    validate_processed,
+    validate_raw,
+)
 from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
@@ -29,6 +39,7 @@ class StageSpec:
     metrics: tuple[str, ...] = ()  # small JSON outputs DVC shows with `dvc metrics show` (cache: false)
     uncached_outs: tuple[str, ...] = ()  # reports that are rebuilt, not versioned (cache: false)
     state_outputs: tuple[str, ...] = ()  # outputs whose digest is part of the stage's cache state
+    plots: tuple[str, ...] = ()  # CSV files `dvc plots show` renders (cache: false)
 
 
 STAGES: dict[str, StageSpec] = {
@@ -99,6 +110,71 @@ STAGES: dict[str, StageSpec] = {
             metrics=("reports/validate-processed/summary.json",),
             uncached_outs=("reports/quality/processed",),
             state_outputs=("data/processed/accepted.json", "reports/validate-processed/summary.json"),
+        ),
+        StageSpec(
+            name="train",
+            run=train.run,
+            inputs=train.inputs,
+            description="MONAI network on Zarr patches (fg oversampling, augmentation); resumable checkpoints.",
+            params=("project.seed", "train"),
+            deps=(
+                "data/processed/accepted.json",
+                "data/processed/metadata.csv",
+                "data/processed/plans.json",
+                "src/lesionflow/seg",
+                "src/lesionflow/stages/train.py",
+            ),
+            outs=("models/segmenter",),
+            metrics=("reports/train/summary.json",),
+            uncached_outs=("reports/train/curves.png",),
+            plots=("reports/train/curves.csv",),
+            state_outputs=("models/segmenter/model.safetensors", "models/segmenter/config.json"),
+        ),
+        StageSpec(
+            name="evaluate",
+            run=evaluate.run,
+            inputs=evaluate.inputs,
+            description="Sliding-window inference on the test split, mapped to the raw grid: Dice, HD95, NSD.",
+            params=("evaluate",),
+            deps=(
+                "models/segmenter",
+                "data/processed/accepted.json",
+                "reports/ingest/summary.json",
+                "src/lesionflow/seg",
+                "src/lesionflow/stages/evaluate.py",
+            ),
+            outs=("data/predictions",),
+            metrics=("reports/metrics.json",),
+            uncached_outs=("reports/evaluate",),
+            state_outputs=("reports/metrics.json", "data/predictions"),
+        ),
+        StageSpec(
+            name="validate-metrics",
+            run=validate_metrics.run,
+            inputs=validate_metrics.inputs,
+            description="Metrics gate: Dice floors, no NaN; champion comparison on the same test cases.",
+            params=("quality", "evaluate", "registry"),
+            deps=(
+                "reports/metrics.json",
+                "src/lesionflow/quality",
+                "src/lesionflow/stages/validate_metrics.py",
+            ),
+            metrics=("reports/validate-metrics/summary.json",),
+            uncached_outs=("reports/quality/metrics",),
+        ),
+        StageSpec(
+            name="register",
+            run=register.run,
+            inputs=register.inputs,
+            description="MLflow model version with lineage; candidate alias always, champion through the gate.",
+            params=("registry",),
+            deps=(
+                "reports/validate-metrics/summary.json",
+                "models/segmenter",
+                "src/lesionflow/registry",
+                "src/lesionflow/stages/register.py",
+            ),
+            metrics=("reports/register/summary.json",),
         ),
     )
 }

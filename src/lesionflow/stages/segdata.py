@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lesionflow.errors import ParamsError, SourceError
 from lesionflow.params import Params
@@ -14,6 +13,9 @@ from lesionflow.seeding import rng_for
 from lesionflow.stages.preprocess import read_metadata, store_root
 from lesionflow.stages.validate_processed import accepted_cases, accepted_path
 from lesionflow.workspace import Workspace
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ def processed_store(ws: Workspace) -> Path:
 def resolve_device(setting: str) -> torch.device:
     """``auto`` -> cuda:<LOCAL_RANK or 0> when a GPU is present, else cpu; an unusable choice is a ParamsError."""
     import os
+
+    import torch
 
     if setting == "auto":
         if torch.cuda.is_available():

@@ -1,0 +1,222 @@
+"""Stage ``register``: the evaluated model into MLflow with its full lineage; aliases only through the gate.
+
+Logged on one run: params (flattened), test metrics, the model (safetensors + config + metadata as an
+MLflow pyfunc "model from code": nothing pickled), plots and tables, and the lineage as dataset inputs
+(raw manifest, processed store, plans, test split, synthetic store when used) with full digests, plus tags
+(git commit, dvc.lock sha256, params sha256, plans hash, Prefect flow-run id, code version, generator).
+``candidate`` always moves to the new version; ``champion`` only when validate-metrics says so.
+Registration is idempotent: a version already registered for the same model bytes, metrics and lineage
+is reused, so retrying after an unreachable server (outputs are kept on disk) never retrains or duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lesionflow.errors import SourceError
+from lesionflow.hashing import sha256_file, sha256_json
+from lesionflow.manifest import read_manifest
+from lesionflow.params import Params
+from lesionflow.stages.base import CODE_VERSION, StageResult, write_json
+from lesionflow.stages.evaluate import cases_csv_path, metrics_path
+from lesionflow.stages.segdata import segmenter_dir
+from lesionflow.stages.validate_metrics import summary_path as gate_summary_path
+from lesionflow.workspace import Workspace
+
+STAGE = "register"
+FLOW_RUN_ENV = "LESIONFLOW_FLOW_RUN_ID"  # set by the Prefect task adapter (stages never import Prefect)
+
+
+def inputs(ws: Workspace, params: Params) -> None:
+    return None  # the registry is remote state: always checked when the stage runs (registration is idempotent)
+
+
+def git_commit(root: Path) -> str:
+    """HEAD of the workspace's git repository (``+dirty`` when tracked files differ), or ``none``."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+    return f"{head}+dirty" if dirty else head
+
+
+def _file_digest(path: Path) -> str:
+    return sha256_file(path) if path.exists() else "none"
+
+
+def lineage_datasets(ws: Workspace, params: Params, metrics: dict[str, Any]) -> list[Any]:
+    """The data versions behind the model, as registry dataset inputs (digests from bytes, URIs redacted)."""
+    from lesionflow.io.remote import redact_uri
+    from lesionflow.registry.publish import DatasetRef
+    from lesionflow.stages.ingest import raw_digest
+    from lesionflow.stages.plan import load_plan, plans_path
+    from lesionflow.stages.preprocess import read_metadata, store_root
+    from lesionflow.stages.segdata import splits
+    from lesionflow.store.zarr_store import store_digest
+
+    records = read_manifest(ws.raw_manifest)
+    dataset = json.loads(ws.raw_dataset.read_text()) if ws.raw_dataset.exists() else {}
+    sources = sorted({redact_uri(s) for s in dataset.get("sources", [])})
+    raw_rows = [
+        {
+            "case_id": r.case_id,
+            "split": r.split,
+            "image_sha256": r.image_sha256,
+            "label_sha256": r.label_sha256,
+            "source_uri": redact_uri(r.source_uri),
+        }
+        for r in records
+    ]
+    split = splits(ws, params)
+    meta = read_metadata(ws)
+    used = sorted(split.train + split.val)
+    processed_rows = [{"case_id": c, "digest": meta[c]["digest"], "split": meta[c]["split"]} for c in used]
+    plan = load_plan(ws)
+    test = set(metrics["cases"])
+    refs = [
+        DatasetRef(
+            "raw",
+            raw_digest(ws),
+            ";".join(sources) or str(ws.raw),
+            "training",
+            raw_rows,
+            {"n_cases": str(len(records)), "source_uris": ";".join(sources)},
+        ),
+        DatasetRef(
+            "processed",
+            store_digest(store_root(ws)),
+            str(store_root(ws)),
+            "training",
+            processed_rows,
+            {"n_cases": str(len(used)), "n_train": str(len(split.train)), "n_val": str(len(split.val))},
+        ),
+        DatasetRef(
+            "plans", sha256_file(plans_path(ws)), str(plans_path(ws)), "planning", [], {"plan_hash": plan.plan_hash}
+        ),
+        DatasetRef(
+            "test-split",
+            metrics["test_split_digest"],
+            str(ws.raw),
+            "evaluation",
+            [row for row in raw_rows if row["case_id"] in test],
+            {"n_cases": str(len(test))},
+        ),
+    ]
+    if params.train.synthetic_store:
+        root = ws.path(params.train.synthetic_store)
+        generator = _generator_model(root)
+        refs.append(
+            DatasetRef(
+                "synthetic",
+                store_digest(root),
+                str(root),
+                "training",
+                [],
+                {"generator_model": generator, "ratio": str(params.train.synthetic_ratio)},
+            )
+        )
+    return refs
+
+
+def _generator_model(store: Path) -> str:
+    """The generator that made a synthetic store, as recorded in its root attributes (``none`` if unknown)."""
+    meta = store / "zarr.json"
+    if not meta.exists():
+        return "none"
+    attrs = json.loads(meta.read_text()).get("attributes", {})
+    return str(attrs.get("generator_model", "none"))
+
+
+def run(ws: Workspace, params: Params) -> StageResult:
+    import monai
+    import numpy as np
+    import safetensors
+    import torch
+
+    from lesionflow.registry.publish import RegistrationRequest, register_model
+    from lesionflow.registry.tracking import resolve_tracking_uri
+
+    gate_path = gate_summary_path(ws)
+    if not gate_path.exists():
+        raise SourceError("the metrics gate has not passed yet; run `lesionflow stage validate-metrics` first")
+    gate = json.loads(gate_path.read_text())
+    metrics = json.loads(metrics_path(ws).read_text())
+    model = segmenter_dir(ws)
+    if gate.get("model_sha256") != sha256_file(model / "model.safetensors"):
+        raise SourceError("models/segmenter changed after the metrics gate ran; rerun evaluate and validate-metrics")
+    datasets = lineage_datasets(ws, params, metrics)
+    synthetic = [d for d in datasets if d.name == "synthetic"]
+    tags = {
+        "lesionflow.git_commit": git_commit(ws.root),
+        "lesionflow.dvc_lock_sha256": _file_digest(ws.root / "dvc.lock"),
+        "lesionflow.params_sha256": sha256_json(params.model_dump(mode="json")),
+        "lesionflow.plans_hash": next(d.tags["plan_hash"] for d in datasets if d.name == "plans"),
+        "lesionflow.prefect_flow_run_id": os.environ.get(FLOW_RUN_ENV, "none"),
+        "lesionflow.code_version": CODE_VERSION,
+        "lesionflow.generator_model": synthetic[0].tags["generator_model"] if synthetic else "none",
+        "lesionflow.workspace": str(ws.root),
+        "lesionflow.model_sha256": metrics["model_sha256"],
+    }
+    train_summary = ws.stage_report_dir("train") / "summary.json"
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if train_summary.exists():
+        t = json.loads(train_summary.read_text())
+        numbers.update({f"train_{k}": float(t[k]) for k in ("final_loss", "best_val_dice") if t.get(k) is not None})
+    artifacts = [
+        p
+        for p in (
+            metrics_path(ws),
+            cases_csv_path(ws),
+            ws.stage_report_dir("evaluate") / "boxplot.png",
+            ws.stage_report_dir("evaluate") / "montage.png",
+            ws.stage_report_dir("train") / "curves.png",
+            ws.stage_report_dir("train") / "curves.csv",
+            gate_path,
+        )
+        if p.exists()
+    ]
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"monai=={monai.__version__}",
+        f"safetensors=={safetensors.__version__}",
+        f"numpy=={np.__version__}",
+    ]
+    request = RegistrationRequest(
+        tracking_uri=resolve_tracking_uri(params.registry.tracking_uri, ws.root),
+        experiment=params.registry.experiment,
+        model_name=params.registry.model_name,
+        model_dir=model,
+        params=params.model_dump(mode="json"),
+        metrics=numbers,
+        datasets=datasets,
+        tags=tags,
+        artifacts=artifacts,
+        promote_champion=bool(gate["promote_champion"]),
+        pip_requirements=requirements,
+    )
+    result = register_model(request)
+    summary = {
+        "model_name": result.model_name,
+        "version": result.version,
+        "run_id": result.run_id,
+        "model_uri": result.model_uri,
+        "aliases": list(result.aliases),
+        "champion_status": gate["champion"]["status"],
+        "lineage": f"lesionflow lineage {result.model_name}/{result.version}",
+    }
+    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
+    return StageResult(STAGE, True, summary, {"summary": f"reports/{STAGE}/summary.json"})
