@@ -14,7 +14,7 @@ import yaml
 
 from lesionflow.params import Params
 from lesionflow.stages import STAGES
-from tests.helpers.volumes import write_msd
+from tests.helpers.volumes import use_tiny_training, write_msd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,7 @@ def dvc_workspace(tmp_path: Path) -> Path:
     ws.mkdir()
     for name in ("dvc.yaml", "params.yaml", "data.dvc"):
         shutil.copy(REPO / name, ws / name)
+    use_tiny_training(ws / "params.yaml")
     shutil.copytree(REPO / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     _run(["git", "init", "-q"], ws)
     _run([sys.executable, "-m", "dvc", "init", "-q"], ws)

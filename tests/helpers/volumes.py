@@ -86,3 +86,34 @@ def add_msd_entry(
     data["training"].append(entry)
     data["numTraining"] = len(data["training"])
     (root / "dataset.json").write_text(json.dumps(data, indent=2))
+
+
+TINY_TRAINING = {
+    "train": {
+        "patch_size": [16, 16, 16],
+        "channels": [8, 16],
+        "steps": 6,
+        "val_every": 3,
+        "checkpoint_every": 2,
+        "num_workers": 0,
+        "device": "cpu",
+    },
+    "evaluate": {"device": "cpu", "sw_batch_size": 4},
+    "quality": {"metrics": {"min_mean_dice": 0.0}},
+}
+
+
+def use_tiny_training(params_file: Path, **train: object) -> None:
+    """Rewrite ``params_file`` with training sized for 16³–24³ sphere volumes on a CPU (seconds)."""
+    import yaml
+
+    data = yaml.safe_load(params_file.read_text())
+    for section, values in TINY_TRAINING.items():
+        node = data.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict):
+                node.setdefault(key, {}).update(value)
+            else:
+                node[key] = value
+    data["train"].update(train)
+    params_file.write_text(yaml.safe_dump(data, sort_keys=False))

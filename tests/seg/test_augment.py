@@ -36,7 +36,7 @@ def _region(shape: tuple[int, int, int], channels: int = 2, seed: int = 0) -> tu
     return image, label
 
 
-def _sphere(shape: tuple[int, int, int], radius: float) -> np.ndarray:
+def _sphere(shape: tuple[int, ...], radius: float) -> np.ndarray:
     centre = (np.asarray(shape) - 1) / 2
     grid = np.indices(shape).transpose(1, 2, 3, 0) - centre
     return (np.linalg.norm(grid, axis=-1) <= radius).astype(np.uint8)
@@ -76,6 +76,16 @@ def test_identity_draw_returns_the_exact_centre_crop() -> None:
     assert out_label.dtype == np.uint8
     assert np.array_equal(out_image, image[:, 3:19, 3:17, 3:15])
     assert np.array_equal(out_label, label[3:19, 3:17, 3:15])
+
+
+def test_resampling_with_an_identity_matrix_reproduces_the_centre_crop() -> None:
+    """A full turn goes through affine_grid/grid_sample: checks the normalized-coordinate scaling per axis."""
+    image, label = _region((20, 6, 13))
+    draw = AugmentationDraw(rotation=(0.0, 0.0, 2 * math.pi))
+    assert draw.is_spatial
+    out_image, out_label = apply_augmentation(image, label, draw, (16, 2, 9))
+    assert np.array_equal(out_label, label[2:18, 2:4, 2:11])
+    np.testing.assert_allclose(out_image, image[:, 2:18, 2:4, 2:11], atol=1e-5)
 
 
 def test_flips_are_exact() -> None:

@@ -144,11 +144,14 @@ def test_table_summary_and_case_ranking() -> None:
     }
 
     means = case_means(table)
-    assert list(means.columns) == ["case_id", "mean_dice", "mean_hd95_mm", "mean_nsd"]
+    assert list(means.columns) == ["case_id", "dice", "hd95_mm", "nsd"]
     assert list(means["case_id"]) == ["case_a", "case_b", "case_c"]  # best first (0.8, 0.6, 0.2)
-    assert means["mean_hd95_mm"].tolist() == pytest.approx([2.0, 4.0, 9.0])
+    assert means["hd95_mm"].tolist() == pytest.approx([2.0, 4.0, 9.0])
+    assert means["nsd"].tolist() == pytest.approx([0.85, 0.7, 0.2])
 
-    pairs = metrics_table([("only", [_m(2, "tumour", 0.5, 1.0, 0.5)])])
-    assert summarize(pairs)["n_cases"] == 1.0
+    flat = [(case_id, m) for case_id, ms in rows.items() for m in ms]  # (case_id, ClassMetrics) pairs
+    assert metrics_table(flat).equals(table)
+    nested = metrics_table([("only", [_m(2, "tumour", 0.5, 1.0, 0.5)])])
+    assert summarize(nested)["n_cases"] == 1.0
     with pytest.raises(ValueError, match="empty"):
         summarize(metrics_table({}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,8 +54,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[CaseIndex
     }
 
 
-def _dataset(cases: list[CaseIndex], **kwargs: object) -> PatchDataset:
-    options: dict[str, object] = {"patch_size": PATCH, "batch_size": 3, "seed": 1, "length": 300, **kwargs}
+def _dataset(cases: list[CaseIndex], **kwargs: Any) -> PatchDataset:
+    options: dict[str, Any] = {"patch_size": PATCH, "batch_size": 3, "seed": 1, "length": 300, **kwargs}
     return PatchDataset(cases, **options)
 
 
@@ -92,6 +93,7 @@ def test_cached_reads_match_read_patch(stores: dict[str, list[CaseIndex]]) -> No
     for origin in [(0, 0, 0), (-5, 30, 10), (30, -3, 25), (-20, -20, -20)]:
         image, label = dataset.read_region(case, origin, (20, 12, 16))
         expected_image, expected_label = read_patch(case.store, case.case_id, origin, (20, 12, 16))
+        assert expected_label is not None
         assert np.array_equal(image, expected_image)
         assert np.array_equal(label, expected_label)
     image, label = dataset.read_region(stores["all"][3], (0, 0, 0), PATCH)  # no label array: zeros
@@ -200,6 +202,10 @@ def test_synthetic_share_is_binomial_around_the_ratio(stores: dict[str, list[Cas
     for exact, expected in ((0.0, False), (1.0, True)):
         pure = _dataset(stores["lesion"], synthetic=stores["synthetic"], synthetic_ratio=exact, length=100)
         assert all(pure.choose(i)[1] == expected for i in range(100))
+    # a pool at ratio 0 changes nothing: the same cases and origins as without one
+    without = _dataset(stores["lesion"], length=100)
+    unused = _dataset(stores["lesion"], synthetic=stores["synthetic"], synthetic_ratio=0.0, length=100)
+    assert [without.choose(i) for i in range(100)] == [unused.choose(i) for i in range(100)]
     no_pool = _dataset(stores["lesion"], synthetic_ratio=1.0, length=50)
     assert not any(no_pool.choose(i)[1] for i in range(50))
 

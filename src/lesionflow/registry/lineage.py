@@ -219,6 +219,7 @@ def _read(client: MlflowClient, ref: str, tracking_uri: str) -> Lineage:
         model_files = []
     start = run.info.start_time
     truncated = run_tags.get(TAG_TRUNCATED, "")
+    inputs = run.inputs.dataset_inputs if run.inputs else []
     return Lineage(
         tracking_uri=redact_uri(tracking_uri),
         model_name=resolved.name,
@@ -238,7 +239,7 @@ def _read(client: MlflowClient, ref: str, tracking_uri: str) -> Lineage:
         metrics=dict(sorted(run.data.metrics.items())),
         datasets=tuple(
             sorted(
-                (_dataset_lineage(client, run.info.run_id, di) for di in (run.inputs.dataset_inputs if run.inputs else ())),
+                (_dataset_lineage(client, run.info.run_id, di) for di in inputs),
                 key=lambda d: d.name,
             )
         ),

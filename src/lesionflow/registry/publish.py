@@ -62,6 +62,8 @@ ARTIFACT_KEYS = {"weights": MODEL_FILES[0], "config": MODEL_FILES[1], "metadata"
 REPORTS_DIR = "reports"
 DATASETS_DIR = "datasets"
 SHORT_DIGEST = 12
+# sliding-window options of the pyfunc model (its model_config and the defaults of its predict params)
+PREDICT_OPTIONS: dict[str, Any] = {"overlap": 0.5, "sw_batch_size": 2, "device": "auto"}
 # dataset input tags written by lesionflow (the caller's DatasetRef.tags are logged next to them, as given)
 TAG_DIGEST = "lesionflow.digest_sha256"
 TAG_N_CASES = "lesionflow.n_cases"
@@ -217,7 +219,8 @@ def _frame(rows: Sequence[Mapping[str, str]]) -> pd.DataFrame:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    return pd.DataFrame([{c: ("" if row.get(c) is None else str(row.get(c))) for c in columns} for row in rows])
+    # URIs in the rows (source_uri...) lose any credentials; other values are kept as written.
+    return pd.DataFrame([{c: redact_uri("" if row.get(c) is None else str(row.get(c))) for c in columns} for row in rows])
 
 
 def _uri_source(uri: str) -> Any:
@@ -296,15 +299,22 @@ def _log_artifacts(paths: Sequence[Path]) -> None:
 
 
 def _signature(model_dir: Path) -> Any:
-    """Input contract: float32 (in_channels, x, y, z) -- the preprocessed image."""
+    """Input: float32 (in_channels, x, y, z), the preprocessed image; params: sliding-window options."""
     import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     config = json.loads((model_dir / MODEL_FILES[1]).read_text())
     channels = int(config["network"]["in_channels"])
     inputs = Schema([TensorSpec(np.dtype(np.float32), (channels, -1, -1, -1))])
-    return ModelSignature(inputs=inputs)
+    params = ParamSchema(
+        [
+            ParamSpec("overlap", "double", float(PREDICT_OPTIONS["overlap"])),
+            ParamSpec("sw_batch_size", "long", int(PREDICT_OPTIONS["sw_batch_size"])),
+            ParamSpec("device", "string", str(PREDICT_OPTIONS["device"])),
+        ]
+    )
+    return ModelSignature(inputs=inputs, params=params)
 
 
 def _log_model(req: RegistrationRequest) -> Any:
@@ -319,6 +329,7 @@ def _log_model(req: RegistrationRequest) -> Any:
             artifacts={key: str(model_dir / filename) for key, filename in ARTIFACT_KEYS.items()},
             pip_requirements=list(req.pip_requirements),
             signature=_signature(model_dir),
+            model_config=dict(PREDICT_OPTIONS),
             registered_model_name=req.model_name,
         )
 

@@ -41,7 +41,8 @@ EMBEDDED_ARTIFACTS = "artifacts"
 HEALTH_TIMEOUT_S = 2.0
 MODEL_FILES = ("model.safetensors", "config.json", "metadata.json")
 RETRY_HINT = (
-    "start the server or set registry.tracking_uri; trained outputs are kept, rerun `lesionflow stage register` to retry"
+    "start the server or set registry.tracking_uri; "
+    "trained outputs are kept, rerun `lesionflow stage register` to retry"
 )
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _MAX_LISTED = 20
@@ -211,7 +212,7 @@ def redact_uri_in_text(text: str) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
-    """Id of experiment ``name``, created with ``artifact_root`` (explicit for the embedded store); restored if deleted."""
+    """Id of experiment ``name``, created with ``artifact_root`` (explicit for the embedded store) or restored."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)

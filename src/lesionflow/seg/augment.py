@@ -31,9 +31,9 @@ Shape3 = tuple[int, int, int]
 # The angle grid on which read_margin evaluates the sampled extent (per axis); the Lipschitz slack it adds for
 # points between grid nodes is |h| * 1.5 * step, about 3 voxels for a 128^3 patch at the default 15 degrees.
 _MARGIN_GRID_STEPS = 31
-# Guards ceil() against float error in the sampled coordinates: a sample 1e-6 voxel beyond the region's last
-# voxel centre would blend in a zero; costs at most one extra voxel of reading when the extent is an integer.
-_MARGIN_TOLERANCE = 1e-3
+# Float64 noise in the computed extent (cos(pi/2) is 6e-17, not 0) must not cost a whole extra voxel of reading
+# when the exact extent is an integer; the sampled coordinates themselves are float32 (~1e-5 voxel) anyway.
+_MARGIN_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,8 @@ def _affine_theta(draw: AugmentationDraw, region: Shape3, patch_size: Shape3) ->
     from the centre, so ``theta = D_in⁻¹ A D_out`` with ``D = diag((n - 1) / 2)``; an axis of one voxel maps to 0
     whatever theta says, so its scale is taken as 1.
     """
-    d_in = np.maximum((np.asarray(region, dtype=np.float64) - 1.0) / 2.0, 1.0)
-    d_out = np.maximum(_half_extent(patch_size), 1.0)
+    d_in, d_out = _half_extent(region), _half_extent(patch_size)
+    d_in, d_out = np.where(d_in > 0, d_in, 1.0), np.where(d_out > 0, d_out, 1.0)
     theta_xyz = _sampling_matrix(draw) * d_out[None, :] / d_in[:, None]
     theta_zyx = theta_xyz[::-1, ::-1]
     affine = np.concatenate([theta_zyx, np.zeros((3, 1))], axis=1)

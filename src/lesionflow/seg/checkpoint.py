@@ -60,7 +60,12 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
         state.setdefault(int(index), {})[name] = value
     for index, slots in meta["scalars"].items():
         state.setdefault(int(index), {}).update(slots)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turned tuples (AdamW's betas) into lists; torch's own state_dict has tuples.
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(

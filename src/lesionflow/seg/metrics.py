@@ -132,13 +132,20 @@ def case_metrics(
 
 
 def metrics_table(
-    rows: Mapping[str, Sequence[ClassMetrics]] | Iterable[tuple[str, Sequence[ClassMetrics]]],
+    rows: Mapping[str, Sequence[ClassMetrics]]
+    | Iterable[tuple[str, ClassMetrics]]
+    | Iterable[tuple[str, Sequence[ClassMetrics]]],
 ) -> pd.DataFrame:
     """One row per (case_id, label): columns ``case_id, label, name, dice, hd95_mm, nsd, truth_voxels,
-    pred_voxels``. ``rows`` maps case ids to :func:`case_metrics` results (a mapping or ``(case_id, list)``
-    pairs); the input order is kept."""
+    pred_voxels`` (labels int64, voxel counts int64, metrics float64; units as in the module docstring).
+
+    ``rows`` is a mapping ``case_id -> case_metrics(...)`` or an iterable of ``(case_id, ClassMetrics)`` /
+    ``(case_id, [ClassMetrics, ...])`` pairs; the input order is kept. No rows -> an empty table."""
     pairs = rows.items() if isinstance(rows, Mapping) else rows
-    records = [{"case_id": str(case_id), **asdict(m)} for case_id, metrics in pairs for m in metrics]
+    records = []
+    for case_id, item in pairs:
+        for m in [item] if isinstance(item, ClassMetrics) else item:
+            records.append({"case_id": str(case_id), **asdict(m)})
     table = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     return table.astype(_DTYPES)
 
@@ -166,10 +173,10 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
 
 
 def case_means(table: pd.DataFrame) -> pd.DataFrame:
-    """Per case means over classes: columns ``case_id, mean_dice, mean_hd95_mm, mean_nsd``, ranked best
-    first (mean dice descending, ties by case_id ascending), so ``head`` / ``tail`` give best / worst cases."""
+    """Per case means over its classes: columns ``case_id, dice, hd95_mm, nsd`` (same names and units as the
+    table, each now the case's mean over classes), ranked best first (dice descending, ties by case_id
+    ascending), so ``head`` / ``tail`` give the best / worst cases."""
     _check_table(table)
     means = table.groupby("case_id", sort=True)[list(METRICS)].mean().reset_index()
-    means = means.rename(columns={m: f"mean_{m}" for m in METRICS})
-    means = means.sort_values(["mean_dice", "case_id"], ascending=[False, True], kind="stable")
+    means = means.sort_values(["dice", "case_id"], ascending=[False, True], kind="stable")
     return means.reset_index(drop=True)

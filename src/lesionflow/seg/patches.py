@@ -107,7 +107,9 @@ def batch_items(step: int, batch_size: int) -> range:
 
 
 def is_forced_foreground(item: int, batch_size: int, foreground_fraction: float) -> bool:
-    """nnU-Net's oversampling rule: the last ``round(batch_size * fraction)``-ish positions of a batch are forced."""
+    """nnU-Net's oversampling rule: item ``item`` (batch position ``item % batch_size``) is centred on foreground
+    iff its position is not below ``round(batch_size * (1 - foreground_fraction))`` (Python's round, as nnU-Net);
+    with batch_size 2 and 0.33 that is position 1, so every batch holds at least one forced item."""
     return not (item % batch_size) < round(batch_size * (1 - foreground_fraction))
 
 
@@ -231,7 +233,9 @@ class PatchDataset(Dataset[dict[str, Any]]):
     def choose(self, index: int) -> tuple[CaseIndex, bool, bool, Shape3]:
         """(case, synthetic, forced_foreground, patch origin) of item ``index``, without reading voxels."""
         rng = rng_for(self.seed, "patch", index)
-        synthetic = bool(self.synthetic) and bool(rng.random() < self.synthetic_ratio)
+        # Drawn even without a synthetic pool, so that adding a pool at ratio 0 leaves every item unchanged.
+        pool_u = rng.random()
+        synthetic = bool(self.synthetic) and bool(pool_u < self.synthetic_ratio)
         pool = self.synthetic if synthetic else self.real
         case = pool[int(rng.integers(len(pool)))]
         forced = is_forced_foreground(index, self.batch_size, self.foreground_fraction)

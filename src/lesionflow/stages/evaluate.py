@@ -103,7 +103,7 @@ def evaluate_cases(
         first = image.array if image.array.ndim == 3 else image.array[..., 0]
         tiles_src[rec.case_id] = (first, np.asarray(truth.array), result.prediction)
     table = metrics_table(rows)
-    summary = summarize(table)
+    summary: dict[str, Any] = dict(summarize(table))
     summary.update(
         {
             "test_split_digest": split_digest(labelled),
@@ -119,11 +119,12 @@ def evaluate_cases(
     picked = list(dict.fromkeys(ranked[:n] + ranked[::-1][:n]))  # best first, then worst; no repeats
     tiles = []
     for case_id in picked:
-        image, truth, pred = tiles_src[case_id]
-        z = pick_slice(truth, pred)
+        shown, truth_arr, pred_arr = tiles_src[case_id]
+        z = pick_slice(truth_arr, pred_arr)
         rank = "best" if ranked.index(case_id) < n else "worst"
         dice = float(case_means(table).set_index("case_id").loc[case_id, "dice"])
-        tiles.append(CaseTile(f"{case_id} ({rank}, Dice {dice:.3f})", image[:, :, z], truth[:, :, z], pred[:, :, z]))
+        title = f"{case_id} ({rank}, Dice {dice:.3f})"
+        tiles.append(CaseTile(title, shown[:, :, z], truth_arr[:, :, z], pred_arr[:, :, z]))
     case_montage_png(tiles, report_dir / "montage.png")
     outputs = {
         "cases": str(report_dir / "cases.csv"),
