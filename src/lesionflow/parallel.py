@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,6 +37,9 @@ def dask_client(params: PreprocessParams, say: Callable[[str], None] = print) ->
         finally:
             client.close()
         return
+    # A Nanny writes its workers' environment (OMP_NUM_THREADS=1 ...) into this process's os.environ; put it
+    # back afterwards, or a later torch stage in the same process would train with other thread settings.
+    environ = dict(os.environ)
     cluster = LocalCluster(
         n_workers=params.workers,
         threads_per_worker=1,
@@ -54,3 +58,5 @@ def dask_client(params: PreprocessParams, say: Callable[[str], None] = print) ->
     finally:
         client.close()
         cluster.close()
+        os.environ.clear()
+        os.environ.update(environ)

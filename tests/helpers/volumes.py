@@ -94,6 +94,7 @@ TINY_TRAINING = {
         "channels": [8, 16],
         "steps": 6,
         "val_every": 3,
+        "val_fraction": 0.25,
         "checkpoint_every": 2,
         "num_workers": 0,
         "device": "cpu",

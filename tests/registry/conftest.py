@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +134,7 @@ LINEAGE = {
     "lesionflow.code_version": "0.1.0",
     "lesionflow.workspace": "/home/user/ws",
     # generator_model left out: logged as "none"
+    "lesionflow.model_sha256": digest("weights"),  # an extra tag: logged on the run and the version too
 }
 
 
@@ -167,7 +167,7 @@ def staging(root: Path) -> tuple[Path, list[Path], torch.nn.Module, SegmenterCon
 
 
 @pytest.fixture(scope="session")
-def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registered]:
+def registered(tmp_path_factory: pytest.TempPathFactory) -> Registered:
     store_root = tmp_path_factory.mktemp("store")
     uri = resolve_tracking_uri("", store_root)
     stage = tmp_path_factory.mktemp("checkout")
@@ -175,9 +175,9 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registered]
     v1 = make_request(uri, model_dir, reports, champion=True, metrics={"dice_mean": 0.8, "hd95_mean": 4.5})
     r1 = register_model(v1)
     v2 = replace(
-        make_request(uri, model_dir, reports, champion=False, metrics={"dice_mean": 0.75, "hd95_mean": 6.0}),
-        params={**PARAMS, "train": {**PARAMS["train"], "learning_rate": 0.02}},
+        make_request(uri, model_dir, reports, champion=False, metrics={"dice_mean": 0.75, "hd95_mean": float("nan")}),
+        params={**PARAMS, "train": {**PARAMS["train"], "learning_rate": 0.02}, "notes": {"long": "x" * 7000}},
     )
     r2 = register_model(v2)
     shutil.rmtree(stage)  # nothing from the "checkout" is left: everything must come from the registry
-    yield Registered(uri, network, config, v1, v2, r1, r2)
+    return Registered(uri, network, config, v1, v2, r1, r2)

@@ -75,7 +75,8 @@ def test_resolve_all_reference_forms(registered: Registered) -> None:
     champion = resolve_model_ref(f"{MODEL_NAME}@champion", uri)
     assert (champion.version, champion.run_id) == (1, registered.r1.run_id)
     assert champion.source.startswith("models:/m-")
-    assert champion.logged_model_id and champion.source.endswith(champion.logged_model_id)
+    assert champion.logged_model_id
+    assert champion.source.endswith(champion.logged_model_id)
     assert resolve_model_ref(f"{MODEL_NAME}@candidate", uri).version == 2
     assert resolve_model_ref(f"{MODEL_NAME}/2", uri).run_id == registered.r2.run_id
     assert resolve_model_ref(f"models:/{MODEL_NAME}/1", uri).version == 1
@@ -141,7 +142,8 @@ def test_pyfunc_model_predicts_labels(registered: Registered) -> None:
     assert model.predict(image, params={"overlap": 0.25, "sw_batch_size": 1}).shape == (20, 24, 18)
     # the logged files, nothing pickled: the python model is the source file
     meta = model.metadata
-    assert meta.signature is not None and meta.signature.inputs.inputs[0].shape == (1, -1, -1, -1)
+    assert meta.signature is not None
+    assert meta.signature.inputs.inputs[0].shape == (1, -1, -1, -1)
 
 
 # --------------------------------------------------------------------------------- unreachable
@@ -154,8 +156,10 @@ def test_unreachable_server_fails_fast_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(RegistryUnavailable) as info:
         check_reachable(uri)
     message = str(info.value)
-    assert "\n" not in message and "hunter2" not in message
-    assert f"http://127.0.0.1:{port}" in message and "rerun `lesionflow stage register`" in message
+    assert "\n" not in message
+    assert "hunter2" not in message
+    assert f"http://127.0.0.1:{port}" in message
+    assert "rerun `lesionflow stage register`" in message
     for call in (
         lambda: resolve_model_ref(f"{MODEL_NAME}@champion", uri),
         lambda: champion_info(uri, MODEL_NAME),
@@ -192,7 +196,7 @@ def test_sessions_leave_no_global_changes(registered: Registered, monkeypatch: p
 def test_request_with_missing_model_files_is_rejected(tmp_path: Path) -> None:
     uri = resolve_tracking_uri("", tmp_path)
     req = make_request(uri, tmp_path / "no-model", [], champion=True, metrics={})
-    with pytest.raises(RegistrationError, match="lacks model.safetensors, config.json, metadata.json"):
+    with pytest.raises(RegistrationError, match=r"lacks model\.safetensors, config\.json, metadata\.json"):
         register_model(req)
     with pytest.raises(RegistrationError, match="repeated: raw"):
         register_model(replace(req, model_dir=_model_dir(tmp_path), datasets=[*req.datasets, req.datasets[0]]))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lesionflow.registry.lineage import Lineage, short
+from lesionflow.registry.lineage import Lineage, cases_text, ordered_datasets, short
 from lesionflow.registry.publish import NONE
 
 _FORMATS = {".png": "png", ".svg": "svg"}
-_WIDTH_CHARS = 44
+_WIDTH_CHARS = 37
 _BOX_W = 2.6
 _COLUMNS = (0.0, 3.4, 6.8)  # left edges: inputs, run, model
 _COLORS = {"data": "#e8f1fb", "code": "#eef7e8", "run": "#fdf3e1", "model": "#f3e8fb"}
@@ -34,9 +34,8 @@ def _tag(lineage: Lineage, key: str, digest: bool = False) -> str:
 def _boxes(lineage: Lineage) -> tuple[list[tuple[str, str]], str, str]:
     """(inputs as (kind, label)), run label, model label."""
     inputs: list[tuple[str, str]] = []
-    for dataset in lineage.datasets:
-        cases = "?" if dataset.n_cases is None else str(dataset.n_cases)
-        lines = [f"{dataset.name} ({dataset.context or '?'})", f"{cases} cases, digest {short(dataset.digest)}"]
+    for dataset in ordered_datasets(lineage):
+        lines = [f"{dataset.name} ({dataset.context or '?'})", f"{cases_text(dataset)}, digest {short(dataset.digest)}"]
         lines.append(_clip(dataset.source))
         if dataset.name == "synthetic":
             generator = dataset.tags.get("generator_model") or _tag(lineage, "lesionflow.generator_model")
@@ -64,12 +63,15 @@ def _boxes(lineage: Lineage) -> tuple[list[tuple[str, str]], str, str]:
         ]
     )
     aliases = " ".join(f"@{a}" for a in lineage.aliases) or "no aliases"
-    model = "\n".join([_clip(f"{lineage.model_name} v{lineage.version}"), _clip(aliases), _clip(lineage.source)])
+    logged = lineage.source.removeprefix("models:/")
+    model = "\n".join(
+        [_clip(f"model {lineage.model_name} v{lineage.version}"), _clip(aliases), f"logged model {short(logged)}"]
+    )
     return inputs, run, model
 
 
 def _height(label: str) -> float:
-    return 0.35 + 0.26 * (label.count("\n") + 1)
+    return 0.3 + 0.22 * (label.count("\n") + 1)
 
 
 def lineage_graph(lineage: Lineage, path: Path) -> Path:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from mlflow.entities import DatasetInput
 
 REQUIRED_DATASETS = ("raw", "processed", "plans", "test-split")
+DISPLAY_ORDER = ("raw", "processed", "synthetic", "plans", "test-split")  # others follow by name
 SHORT = 12  # hex digits shown for a digest
 _MAX_SHOWN_SOURCES = 3
 
@@ -305,6 +306,20 @@ def _value(text: str | None) -> str:
     return escape(text)
 
 
+def ordered_datasets(lineage: Lineage) -> list[DatasetLineage]:
+    """Datasets in pipeline order (raw, processed, synthetic, plans, test-split), then the others by name."""
+    rank = {name: i for i, name in enumerate(DISPLAY_ORDER)}
+    return sorted(lineage.datasets, key=lambda d: (rank.get(d.name, len(rank)), d.name))
+
+
+def cases_text(dataset: DatasetLineage) -> str:
+    if dataset.n_cases is None:
+        return "? cases"
+    if dataset.n_cases == 0 and dataset.cases == ():
+        return "no per-case rows"
+    return f"{dataset.n_cases} case" + ("" if dataset.n_cases == 1 else "s")
+
+
 def _case_sources(dataset: DatasetLineage) -> list[str]:
     seen: list[str] = []
     for row in dataset.cases or ():
@@ -315,9 +330,8 @@ def _case_sources(dataset: DatasetLineage) -> list[str]:
 
 
 def _dataset_label(dataset: DatasetLineage, lineage: Lineage) -> str:
-    cases = "? cases" if dataset.n_cases is None else f"{dataset.n_cases} cases"
     label = (
-        f"[bold]{escape(dataset.name)}[/bold] ({escape(dataset.context or '?')}): {cases}, "
+        f"[bold]{escape(dataset.name)}[/bold] ({escape(dataset.context or '?')}): {cases_text(dataset)}, "
         f"digest {short(dataset.digest)}, source {escape(dataset.source)}"
     )
     if dataset.name == "plans":
@@ -347,7 +361,7 @@ def lineage_tree(lineage: Lineage) -> Tree:
         metrics.add(f"{escape(key)} = {value:.4g}")
     data = run.add("[bold]data[/bold]")
     names = {d.name for d in lineage.datasets}
-    for dataset in lineage.datasets:
+    for dataset in ordered_datasets(lineage):
         node = data.add(_dataset_label(dataset, lineage))
         sources = _case_sources(dataset)
         for uri in sources[:_MAX_SHOWN_SOURCES]:

@@ -2,8 +2,10 @@
 
 One MLflow run per registration holds:
 
-* params: the params.yaml sections flattened to ``section.key`` (values: strings as written, everything else
-  as JSON, so :func:`lesionflow.registry.lineage.read_lineage` can nest them back with their types);
+* params: the params.yaml sections flattened to ``section.key`` (values: strings as written unless they would
+  read back as another JSON value, everything else as JSON, so :func:`lesionflow.registry.lineage.read_lineage`
+  can nest them back with their types); values over MLflow's 6000 characters are cut and listed in the run tag
+  ``lesionflow.params_truncated``;
 * metrics: the evaluation summary;
 * tags: every key of :data:`LINEAGE_TAGS` (``"none"`` where the caller had no value), plus the caller's others;
 * dataset inputs: one per :class:`DatasetRef` (MLflow's digest column holds 36 characters, so the dataset
@@ -13,13 +15,12 @@ One MLflow run per registration holds:
 * artifacts: the caller's reports under ``reports/``;
 * the model: a pyfunc logged from code (``registry/pyfunc_model.py``) with the three model files as artifacts --
   nothing pickled -- registered as a new version with alias ``candidate`` (and ``champion`` when promoted);
-  the lineage tags are also written on the version.
+  the ``lesionflow.*`` tags (LINEAGE_TAGS and any other given) are also written on the version.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -62,7 +63,8 @@ ARTIFACT_KEYS = {"weights": MODEL_FILES[0], "config": MODEL_FILES[1], "metadata"
 REPORTS_DIR = "reports"
 DATASETS_DIR = "datasets"
 SHORT_DIGEST = 12
-# sliding-window options of the pyfunc model (its model_config and the defaults of its predict params)
+# Defaults of the pyfunc model's predict params (as in pyfunc_model.DEFAULTS). Not passed as model_config:
+# MLflow 3.17 logs a model_config as run params, where they would mix with params.yaml.
 PREDICT_OPTIONS: dict[str, Any] = {"overlap": 0.5, "sw_batch_size": 2, "device": "auto"}
 # dataset input tags written by lesionflow (the caller's DatasetRef.tags are logged next to them, as given)
 TAG_DIGEST = "lesionflow.digest_sha256"
@@ -220,7 +222,8 @@ def _frame(rows: Sequence[Mapping[str, str]]) -> pd.DataFrame:
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     # URIs in the rows (source_uri...) lose any credentials; other values are kept as written.
-    return pd.DataFrame([{c: redact_uri("" if row.get(c) is None else str(row.get(c))) for c in columns} for row in rows])
+    cells = [{c: redact_uri("" if row.get(c) is None else str(row.get(c))) for c in columns} for row in rows]
+    return pd.DataFrame(cells)
 
 
 def _uri_source(uri: str) -> Any:
@@ -276,7 +279,8 @@ def _log_dataset(ref: DatasetRef) -> None:
     tags = {str(k): str(v)[:_MAX_INPUT_TAG_VALUE] for k, v in ref.tags.items() if k not in RESERVED_INPUT_TAGS}
     tags[TAG_DIGEST] = ref.digest.lower()
     tags[TAG_N_CASES] = str(ref.tags.get("n_cases") or len(ref.cases))
-    tags[TAG_SOURCE] = source[:_MAX_INPUT_TAG_VALUE]
+    if len(source) <= _MAX_INPUT_TAG_VALUE:  # longer ones live only in the dataset's source (64 KB)
+        tags[TAG_SOURCE] = source
     if ref.cases:
         table = f"{DATASETS_DIR}/{_clean_key(ref.name).replace('/', '_')}.json"
         mlflow.log_table(df, artifact_file=table)
@@ -329,13 +333,12 @@ def _log_model(req: RegistrationRequest) -> Any:
             artifacts={key: str(model_dir / filename) for key, filename in ARTIFACT_KEYS.items()},
             pip_requirements=list(req.pip_requirements),
             signature=_signature(model_dir),
-            model_config=dict(PREDICT_OPTIONS),
-            registered_model_name=req.model_name,
         )
 
 
-def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {_clean_key(k): float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
+def _metric_values(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Float values (NaN kept: MLflow stores it, and "undefined" is a result); None dropped."""
+    return {_clean_key(k): float(v) for k, v in metrics.items() if v is not None}
 
 
 def register_model(req: RegistrationRequest) -> RegistrationResult:
@@ -366,13 +369,17 @@ def register_model(req: RegistrationRequest) -> RegistrationResult:
                 _log_dataset(ref)
             _log_artifacts(req.artifacts)
             info = _log_model(req)
-            metrics = _finite_metrics(req.metrics)
+            metrics = _metric_values(req.metrics)
             if metrics:
                 mlflow.log_metrics(metrics, model_id=info.model_id)
-        version = int(info.registered_model_version)
+        version_tags = {key: value for key, value in tags.items() if key.startswith("lesionflow.")}
+        # Registered after the run in one call that also writes the version's lineage tags (one round trip
+        # instead of nine against a server).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mv = mlflow.register_model(info.model_uri, req.model_name, tags=version_tags, await_registration_for=60)
+        version = int(mv.version)
         aliases = _set_aliases(client, req.model_name, version, req.promote_champion)
-        for key in LINEAGE_TAGS:
-            client.set_model_version_tag(req.model_name, str(version), key, tags[key])
     return RegistrationResult(
         model_name=req.model_name,
         version=version,

@@ -54,11 +54,12 @@ class LesionflowSegmenter(PythonModel):
         self._device = torch.device(device)
         self._network, self._config = load_segmenter(_model_folder(dict(context.artifacts)), device=self._device)
 
-    # MLflow turns a type hint on predict into input validation, which has no form for an n-d array and warns
-    # with or without a hint; the logged signature (a float32 tensor) documents the input instead.
+    # MLflow turns a type hint on ``model_input`` into input validation and signature inference, which have no
+    # form for an n-d array (a warning at logging and loading, hint or not): the hint is left out and the
+    # validation skipped; the logged signature (a float32 tensor) documents and checks the input instead.
     _skip_type_hint_validation = True
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:
         import torch
         from monai.inferers import sliding_window_inference
 

@@ -226,6 +226,7 @@ def train_in_process(ws: Workspace, params: Params) -> StageResult:
         "n_synthetic": len(synthetic),
         "device": str(device),
         "world_size": world,
+        "cpu_threads": torch.get_num_threads(),
         "amp": str(amp_dtype(tp.amp, device)).replace("torch.", "") if amp_dtype(tp.amp, device) else "off",
         "patches_per_s": round(outcome.patches_per_s, 2),
         "seconds": round(outcome.seconds, 2),
