@@ -141,6 +141,40 @@ def _generator_model(store: Path) -> str:
     return str(attrs.get("generator_model", "none"))
 
 
+# Tags that identify "the same registration": same weights, same params, same test cases.
+_IDENTITY_TAGS = ("lesionflow.model_sha256", "lesionflow.params_sha256", "lesionflow.test_split_sha256")
+
+
+def _existing_version(request: Any) -> Any:
+    """The version already registered for this model, params and test split (aliases updated), or None."""
+    from lesionflow.io.remote import redact_uri
+    from lesionflow.registry.publish import CANDIDATE, CHAMPION, RegistrationResult
+    from lesionflow.registry.tracking import check_reachable, mlflow_session
+
+    check_reachable(request.tracking_uri)
+    want = {k: request.tags[k] for k in _IDENTITY_TAGS}
+    with mlflow_session(request.tracking_uri) as client:
+        if not client.search_registered_models(filter_string=f"name = '{request.model_name}'"):
+            return None
+        versions = client.search_model_versions(f"name = '{request.model_name}'")
+        same = [v for v in versions if all((v.tags or {}).get(k) == val for k, val in want.items())]
+        if not same:
+            return None
+        version = max(same, key=lambda v: int(v.version))
+        aliases = [CANDIDATE, CHAMPION] if request.promote_champion else [CANDIDATE]
+        for alias in aliases:
+            client.set_registered_model_alias(request.model_name, alias, version.version)
+        current = client.get_model_version(request.model_name, version.version)
+        return RegistrationResult(
+            model_name=request.model_name,
+            version=int(version.version),
+            run_id=str(version.run_id),
+            model_uri=f"models:/{request.model_name}/{version.version}",
+            aliases=tuple(sorted(current.aliases or ())),
+            tracking_uri=redact_uri(request.tracking_uri),
+        )
+
+
 def run(ws: Workspace, params: Params) -> StageResult:
     import monai
     import numpy as np
@@ -170,6 +204,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "lesionflow.generator_model": synthetic[0].tags["generator_model"] if synthetic else "none",
         "lesionflow.workspace": str(ws.root),
         "lesionflow.model_sha256": metrics["model_sha256"],
+        "lesionflow.test_split_sha256": metrics["test_split_digest"],
     }
     train_summary = ws.stage_report_dir("train") / "summary.json"
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -208,13 +243,15 @@ def run(ws: Workspace, params: Params) -> StageResult:
         promote_champion=bool(gate["promote_champion"]),
         pip_requirements=requirements,
     )
-    result = register_model(request)
+    existing = _existing_version(request)
+    result = existing or register_model(request)
     summary = {
         "model_name": result.model_name,
         "version": result.version,
         "run_id": result.run_id,
         "model_uri": result.model_uri,
         "aliases": list(result.aliases),
+        "reused_existing_version": existing is not None,
         "champion_status": gate["champion"]["status"],
         "lineage": f"lesionflow lineage {result.model_name}/{result.version}",
     }
