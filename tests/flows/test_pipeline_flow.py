@@ -15,6 +15,9 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import training_pipeline
 from lesionflow.params import load_params
+from lesionflow.registry.lineage import read_lineage
+from lesionflow.registry.tracking import resolve_tracking_uri
+from lesionflow.stages import STAGES
 from tasks.stages import run_stage
 from tests.helpers.volumes import write_msd
 from tests.test_dvc_consistency import dvc_workspace  # noqa: F401 - fixture
@@ -29,18 +32,28 @@ def prefect_harness() -> Iterator[None]:
 def test_pipeline_flow_runs_stages_and_records_them_in_dvc(dvc_workspace: Path) -> None:  # noqa: F811
     ws = dvc_workspace
     results = training_pipeline(workspace=str(ws))
-    assert [r["stage"] for r in results] == ["ingest", "validate-raw", "plan", "preprocess", "validate-processed"]
+    assert [r["stage"] for r in results] == list(STAGES)
     assert all(r["ok"] for r in results)
     assert results[3]["summary"]["n_processed"] == 4
+    assert results[5]["summary"]["steps_done"] == 6
     assert results[0]["summary"]["n_stored"] == 4
     assert json.loads((ws / "reports" / "validate-raw" / "summary.json").read_text())["success"] is True
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout, status.stdout  # the flow committed data.dvc and both stages
     lock = (ws / "dvc.lock").read_text()
-    for stage in ("ingest:", "validate-raw:", "plan:", "preprocess:", "validate-processed:"):
-        assert stage in lock
+    for stage in STAGES:
+        assert f"{stage}:" in lock
+    # the registered model knows the Prefect flow run that produced it
+    register = results[-1]["summary"]
+    assert register["version"] == 1
+    lineage = read_lineage("lesionflow-seg/1", resolve_tracking_uri("", ws))
+    assert lineage.tags["lesionflow.prefect_flow_run_id"] not in ("", "none")
+    assert lineage.tags["lesionflow.dvc_lock_sha256"] != "none"
     again = training_pipeline(workspace=str(ws))  # a second run does no stage work
-    assert all(r["cached"] for r in again)
+    registry_stages = {"validate-metrics", "register"}  # they read the registry on every run
+    assert all(r["cached"] for r in again if r["stage"] not in registry_stages)
+    assert again[-1]["summary"]["version"] == 1  # nothing new to register
+    assert again[-1]["summary"]["reused_existing_version"] is True
     # dvc repro agrees with what the flow recorded: nothing to reproduce
     repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, capture_output=True, text=True, check=True)
     assert "Running stage" not in repro.stdout, repro.stdout
