@@ -17,7 +17,7 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from lesionflow.caching import run_cached, stage_state
+from lesionflow.caching import read_record, run_cached, stage_state
 from lesionflow.hashing import sha256_json
 from lesionflow.params import validate_params
 from lesionflow.stages import STAGES
@@ -25,9 +25,19 @@ from lesionflow.workspace import Workspace
 
 
 def cache_key(context: TaskRunContext, arguments: dict[str, Any]) -> str | None:
-    """Prefect ``cache_key_fn``: the digest of the stage's state (lesionflow.caching.stage_state)."""
-    state = stage_state(arguments["stage"], Workspace.at(arguments["workspace"]), validate_params(arguments["params"]))
-    return None if state is None else sha256_json(state)
+    """Prefect ``cache_key_fn``: the digest of the stage's state (lesionflow.caching.stage_state).
+
+    Only offered when this workspace's own record (written after the stage last ran here) has that same
+    state: before a first run the state of a fresh workspace is the same as that of a deleted one that was
+    recreated at the same path, and a key computed then would let Prefect skip work whose outputs are gone.
+    """
+    ws = Workspace.at(arguments["workspace"])
+    state = stage_state(arguments["stage"], ws, validate_params(arguments["params"]))
+    if state is None:
+        return None
+    key = sha256_json(state)
+    record = read_record(ws, arguments["stage"])
+    return key if record is not None and record["key"] == key else None
 
 
 @task(

@@ -83,3 +83,27 @@ def test_stage_task_cache_hits_on_same_content(workspace: Path, tmp_path: Path) 
 
     assert elsewhere() == "Completed"
     assert (other / "data" / "raw" / "manifest.csv").exists()
+
+
+def test_recreated_workspace_at_the_same_path_is_not_served_from_the_cache(workspace: Path) -> None:
+    """Delete a workspace and build it again at the same path: the stage must run, not come from Prefect's cache."""
+    params = load_params(workspace / "params.yaml").model_dump(mode="json")
+
+    @flow
+    def ingest_three_times() -> list[str]:
+        return [run_stage("ingest", str(workspace), params, return_state=True).name for _ in range(3)]
+
+    write_msd(workspace / "data" / "demo", n_train=2, n_test=0)
+    assert ingest_three_times() == ["Completed", "Completed", "Cached"]
+    params_text = (workspace / "params.yaml").read_text()
+    shutil.rmtree(workspace)
+    workspace.mkdir()
+    (workspace / "params.yaml").write_text(params_text)
+    write_msd(workspace / "data" / "demo", n_train=2, n_test=0)
+
+    @flow
+    def ingest_once() -> str:
+        return str(run_stage("ingest", str(workspace), params, return_state=True).name)
+
+    assert ingest_once() == "Completed"
+    assert len(list((workspace / "data" / "raw" / "cases").iterdir())) == 2
