@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +143,9 @@ def train_loop(
         batch_sampler=_batches(start, params.steps, params.batch_size, rank, world_size),
         num_workers=params.num_workers,
         pin_memory=device.type == "cuda",
+        # Workers are spawned, not forked: the parent may run threads (Zarr's async I/O, Prefect, Dask) and a
+        # forked copy of a threaded process can deadlock or die at exit.
+        multiprocessing_context="spawn" if params.num_workers > 0 else None,
         persistent_workers=False,
     )
     lut = label_lut.to(device)
@@ -153,7 +156,7 @@ def train_loop(
     with bar:
         tick = time.perf_counter()
         batch: dict[str, Any]
-        for step, batch in zip(range(start + 1, params.steps + 1), _iter(loader), strict=False):
+        for step, batch in enumerate(loader, start=start + 1):  # the sampler holds exactly the remaining steps
             lr = learning_rate(step - 1, params)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -193,10 +196,6 @@ def train_loop(
         patches_per_s=patches / max(busy, 1e-9),
         seconds=seconds,
     )
-
-
-def _iter(loader: DataLoader[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    yield from loader
 
 
 def _validate(
