@@ -121,7 +121,7 @@ def evaluate_cases(
     for case_id in picked:
         shown, truth_arr, pred_arr = tiles_src[case_id]
         z = pick_slice(truth_arr, pred_arr)
-        rank = "best" if ranked.index(case_id) < n else "worst"
+        rank = "best" if ranked.index(case_id) < min(n, max(1, len(ranked) // 2)) else "worst"
         dice = float(case_means(table).set_index("case_id").loc[case_id, "dice"])
         title = f"{case_id} ({rank}, Dice {dice:.3f})"
         tiles.append(CaseTile(title, shown[:, :, z], truth_arr[:, :, z], pred_arr[:, :, z]))
