@@ -195,9 +195,11 @@ class TrainParams(_Section):
         (8, 16, 32), description="Feature widths per resolution level (SwinUNETR: feature_size = channels[0])."
     )
     num_res_units: int = Field(1, ge=0, le=4, description="Residual units per block (UNet).")
-    patch_size: tuple[int, int, int] | None = Field(None, description="Training patch (voxels); null = the plan's.")
+    patch_size: tuple[int, int, int] | None = Field(
+        (32, 32, 32), description="Training patch (voxels); null = the plan's (the GPU preset)."
+    )
     batch_size: int = Field(2, ge=1, le=512, description="Patches per step (per GPU under DDP).")
-    steps: int = Field(40, ge=1, description="Optimizer steps in total.")
+    steps: int = Field(250, ge=1, description="Optimizer steps in total.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum (nnU-Net).")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(1e-5, ge=0, description="Weight decay.")
@@ -213,9 +215,9 @@ class TrainParams(_Section):
     synthetic_store: str = Field("", description="Second Zarr store of synthetic cases (empty = none).")
     synthetic_ratio: float = Field(0.0, ge=0, le=1, description="Share of patches drawn from the synthetic store.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of training cases held out for validation.")
-    val_every: int = Field(20, ge=1, description="Validate (sliding window) every N steps and at the end.")
+    val_every: int = Field(50, ge=1, description="Validate (sliding window) every N steps and at the end.")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N validations without gain (0 = off).")
-    checkpoint_every: int = Field(20, ge=1, description="Write a checkpoint every N steps and at the end.")
+    checkpoint_every: int = Field(50, ge=1, description="Write a checkpoint every N steps and at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest removed first).")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="Mixed precision on CUDA (auto = bf16 when supported); always off on CPU."
@@ -226,6 +228,9 @@ class TrainParams(_Section):
         0, ge=0, le=64, description="DDP processes via torchrun: 0 = one per GPU when >1 GPU, else none."
     )
     num_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes.")
+    cpu_threads: int = Field(
+        0, ge=0, le=512, description="torch intra-op threads on CPU (0 = every usable core); fixes float sums."
+    )
     sw_overlap: float = Field(0.25, ge=0, lt=1, description="Sliding-window overlap during validation.")
 
     @field_validator("channels")

@@ -123,7 +123,8 @@ def test_items_are_reproducible_from_seed_and_index(stores: dict[str, list[CaseI
         differs += not torch.equal(a["image"], c["image"])
     assert differs == 12
 
-    loader = DataLoader(first, batch_size=3, num_workers=2, shuffle=False)
+    # spawned, as the training stage does: forking a pytest process that runs threads is not safe
+    loader = DataLoader(first, batch_size=3, num_workers=2, shuffle=False, multiprocessing_context="spawn")
     for step, batch in enumerate(loader):
         items = [second[i] for i in batch_items(step, 3)]
         assert torch.equal(batch["image"], torch.stack([item["image"] for item in items]))

@@ -14,7 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from lesionflow.caching import run_cached
@@ -94,10 +93,8 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrup
     overrides = ["train.steps=24", "train.checkpoint_every=4", "train.val_every=100"]
     killed, clean = _copy(prepared, tmp_path, "killed"), _copy(prepared, tmp_path, "clean")
     args = [EXE, "stage", "train"] + [x for o in overrides for x in ("--set", o)]
-    # Same intra-op threads as this process: Dask's nanny sets *_NUM_THREADS=1 in os.environ when it spawns
-    # workers, and float reductions (so the weights) are bit-identical only for the same thread count.
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
-    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    # An inherited OMP_NUM_THREADS=1 must not matter: the stage fixes its torch thread count (train.cpu_threads).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         args, cwd=killed.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

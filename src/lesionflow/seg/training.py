@@ -133,9 +133,9 @@ def train_loop(
 
     from monai.losses import DiceCELoss
 
-    loss_fn = DiceCELoss(
-        to_onehot_y=True, softmax=True, lambda_dice=params.dice_weight, lambda_ce=params.ce_weight
-    ).to(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=params.dice_weight, lambda_ce=params.ce_weight).to(
+        device
+    )
     dtype = amp_dtype(params.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     loader = DataLoader(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,6 +66,26 @@ def checkpoints_dir(ws: Workspace) -> Path:
 
 def processed_store(ws: Workspace) -> Path:
     return store_root(ws)
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[int]:
+    """Run with exactly ``n`` torch intra-op threads (0 = every usable core), restored afterwards.
+
+    CPU float reductions (so trained weights) are bit-identical only for the same thread count; without this
+    the count would follow whatever OMP_NUM_THREADS the process inherited (a Dask nanny sets it to 1).
+    """
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = n or len(os.sched_getaffinity(0))
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(setting: str) -> torch.device:

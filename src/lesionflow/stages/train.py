@@ -28,6 +28,7 @@ from lesionflow.stages.preprocess import metadata_path, read_metadata
 from lesionflow.stages.segdata import (
     Splits,
     checkpoints_dir,
+    cpu_threads,
     label_names,
     processed_store,
     resolve_device,
@@ -96,7 +97,8 @@ def run(ws: Workspace, params: Params) -> StageResult:
     world = _world_size(params)
     if world > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_ddp(ws, params, world)
-    return train_in_process(ws, params)
+    with cpu_threads(params.train.cpu_threads):
+        return train_in_process(ws, params)
 
 
 def _launch_ddp(ws: Workspace, params: Params, world: int) -> StageResult:
@@ -385,4 +387,6 @@ if __name__ == "__main__":  # torchrun entry: python -m lesionflow.stages.train 
 
     from lesionflow.params import validate_params
 
-    train_in_process(Workspace.at(sys.argv[1]), validate_params(_json.loads(sys.argv[2])))
+    _params = validate_params(_json.loads(sys.argv[2]))
+    with cpu_threads(_params.train.cpu_threads):
+        train_in_process(Workspace.at(sys.argv[1]), _params)
