@@ -191,3 +191,18 @@ def test_evaluate_predictions_keep_the_raw_geometry(prepared: Path, tmp_path: Pa
     assert len(table) == 1 + 2 * 2
     for png in ("boxplot.png", "montage.png"):
         assert (ws.reports / "evaluate" / png).stat().st_size > 1000
+
+
+def test_ddp_with_two_processes_on_cpu(prepared: Path, tmp_path: Path) -> None:
+    """torchrun + gloo: two ranks, each reading its own items; rank 0 writes the model and the summary."""
+    ws = _copy(prepared, tmp_path)
+    overrides = ["train.ddp_processes=2", "train.steps=4", "train.cpu_threads=1"]
+    summary = STAGES["train"].run(ws, load_params(ws.params_file, overrides)).summary
+    assert summary["world_size"] == 2
+    assert summary["steps_done"] == 4
+    assert (segmenter_dir(ws) / "model.safetensors").exists()
+    single = _copy(prepared, tmp_path, "single")
+    STAGES["train"].run(single, load_params(single.params_file, ["train.steps=4", "train.cpu_threads=1"]))
+    # two ranks saw twice the patches (different items), so the averaged gradients differ from one process's
+    assert _weights(ws).keys() == _weights(single).keys()
+    assert any(not np.array_equal(a, b) for a, b in zip(_weights(ws).values(), _weights(single).values(), strict=True))
