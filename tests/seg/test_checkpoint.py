@@ -32,7 +32,9 @@ def test_round_trip_restores_weights_and_optimizer_exactly(tmp_path: Path) -> No
     save_checkpoint(tmp_path, 7, net, opt, {"history": [{"step": 7.0}]}, keep=2)
     fresh, fresh_opt = _trained_pair(1)
     ckpt = latest_valid(tmp_path, warn=lambda line: None)
-    assert ckpt is not None and ckpt.step == 7 and ckpt.loop_state == {"history": [{"step": 7.0}]}
+    assert ckpt is not None
+    assert ckpt.step == 7
+    assert ckpt.loop_state == {"history": [{"step": 7.0}]}
     load_checkpoint(ckpt, fresh, fresh_opt)
     for (name, a), b in zip(net.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -58,8 +60,12 @@ def test_truncated_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path: P
     weights.write_bytes(weights.read_bytes()[:100])  # a crash mid-copy, a full disk...
     warnings: list[str] = []
     ckpt = latest_valid(tmp_path, warn=warnings.append)
-    assert ckpt is not None and ckpt.step == 2 and ckpt.loop_state == {"at": 2}
-    assert len(warnings) == 1 and "step-0000004 is corrupted" in warnings[0] and "\n" not in warnings[0]
+    assert ckpt is not None
+    assert ckpt.step == 2
+    assert ckpt.loop_state == {"at": 2}
+    assert len(warnings) == 1
+    assert "step-0000004 is corrupted" in warnings[0]
+    assert "\n" not in warnings[0]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("corrupt-step-0000004")]  # kept, not deleted
 
 

@@ -60,7 +60,8 @@ def test_pipeline_to_store_and_no_work_on_rerun(msd_workspace: Workspace) -> Non
     np.testing.assert_array_equal(invert_to_raw(arrays.label, record), raw_label)
     again = _run_all(ws, "preprocess.workers=1")
     assert all(result.cached for result in again.values())  # no stage did any work
-    assert all(s.up_to_date for s in status(ws, load_params(ws.params_file, ["preprocess.workers=1"])) if s.stage in ORDER)
+    rows = status(ws, load_params(ws.params_file, ["preprocess.workers=1"]))
+    assert all(s.up_to_date for s in rows if s.stage in ORDER)
 
 
 def test_one_new_case_is_the_only_work(msd_workspace: Workspace) -> None:
