@@ -235,3 +235,24 @@ def test_metrics_gate_floor_stops_before_registration(evaluated: Path, tmp_path:
         STAGES["validate-metrics"].run(ws, params)
     assert (ws.reports / "quality" / "metrics" / "index.html").exists()
     assert not (ws.root / "mlruns").exists() or not list((ws.root / "mlruns").glob("artifacts/*/*"))
+
+
+def test_synthetic_store_is_mixed_in_and_recorded_in_the_lineage(evaluated: Path, tmp_path: Path) -> None:
+    """A second (here: real) store as the synthetic pool: used by train, recorded by register with its digest."""
+    ws = _copy(evaluated, tmp_path)
+    synthetic = ws.root / "data" / "synthetic" / "store.zarr"
+    shutil.copytree(store_root(ws), synthetic)
+    overrides = ["train.synthetic_store=data/synthetic/store.zarr", "train.synthetic_ratio=0.5"]
+    params = load_params(ws.params_file, overrides)
+    summary = STAGES["train"].run(ws, params).summary
+    assert summary["n_synthetic"] == 7
+    assert summary["resumed_from"] is None  # other data: a new run key, not the real-only checkpoints
+    STAGES["evaluate"].run(ws, params)
+    STAGES["validate-metrics"].run(ws, params)
+    STAGES["register"].run(ws, params)
+    lineage = read_lineage("lesionflow-seg@candidate", resolve_tracking_uri("", ws.root))
+    dataset = lineage.dataset("synthetic")
+    assert dataset is not None
+    assert dataset.digest == store_digest(synthetic)
+    assert dataset.tags["ratio"] == "0.5"
+    assert missing_fields(lineage) == []
