@@ -5,7 +5,8 @@ in a temp workspace. Both runs then train the same network (same init, Dice+CE, 
 ``--steps`` steps after ``--warmup`` untimed steps:
 
 * loader: ``PatchDataset`` (random patches read from the Zarr shards, 33% foreground oversampling, the
-  params.yaml augmentation) through a ``DataLoader`` with ``--workers`` worker processes, as ``train`` does;
+  params.yaml augmentation, ``--cache-mb`` of decoded cases per process) through a ``DataLoader`` with
+  ``--workers`` worker processes, as ``train`` does;
 * ceiling: ``--cached-batches`` batches produced by that same dataset beforehand and kept as tensors in memory
   (on the device), cycled: no reading, no augmentation, no host-to-device copy.
 
@@ -108,6 +109,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cached-batches", type=int, default=8)
+    ap.add_argument("--cache-mb", type=float, default=1024.0, help="train.cache_mb of the loader (0 = off)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -135,6 +137,7 @@ def main() -> None:
             seed=0,
             length=total * args.batch,
             augmentation=AugmentParams(),
+            cache_mb=args.cache_mb,
         )
         lut = torch.zeros(256, dtype=torch.int64)
         lut[list(plan.label_values)] = torch.arange(len(plan.label_values))
@@ -159,7 +162,8 @@ def main() -> None:
 
     ratio = fed["patches_per_s"] / ceiling["patches_per_s"]
     print(
-        f"\n{args.network} channels {args.channels}, patch {list(patch)}, batch {args.batch}, device {device}, "
+        f"\ncache {args.cache_mb:g} MiB, {args.network} channels {args.channels}, patch {list(patch)}, "
+        f"batch {args.batch}, device {device}, "
         f"{args.workers} loader worker(s), {torch.get_num_threads()} torch threads, {args.steps} timed steps"
     )
     print(f"{'feed':<26}{'patches/s':>12}{'wall s':>10}{'GPU busy':>10}")

@@ -228,6 +228,9 @@ class TrainParams(_Section):
         0, ge=0, le=64, description="DDP processes via torchrun: 0 = one per GPU when >1 GPU, else none."
     )
     num_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes.")
+    cache_mb: float = Field(
+        1024.0, ge=0, description="Decoded cases kept per loader process (MiB, LRU); 0 = read the shards every time."
+    )
     cpu_threads: int = Field(
         0, ge=0, le=512, description="torch intra-op threads on CPU (0 = every usable core); fixes float sums."
     )

@@ -233,3 +233,24 @@ def test_invalid_inputs_are_named(tmp_path: Path, stores: dict[str, list[CaseInd
         _dataset(real, synthetic=index_cases(tmp_path, ["two"], seed=0), synthetic_ratio=0.5)
     with pytest.raises(IndexError):
         _dataset(real, length=3)[3]
+
+
+def test_decoded_case_cache_gives_the_same_items_and_respects_its_budget(
+    stores: dict[str, list[CaseIndex]],
+) -> None:
+    cases = stores["all"]
+    plain = _dataset(cases, augmentation=AugmentParams())
+    cached = _dataset(cases, augmentation=AugmentParams(), cache_mb=64)
+    for i in range(40):
+        a, b = plain[i], cached[i]
+        assert torch.equal(a["image"], b["image"])
+        assert torch.equal(a["label"], b["label"])
+    assert 1 <= len(cached._decoded) <= len(cases)
+    one_case = cases[0]
+    image_bytes = int(np.prod(one_case.shape)) * one_case.n_channels * 4
+    tight = _dataset(cases, cache_mb=(image_bytes * 1.5) / 2**20)  # room for one case (+ its label) only
+    for i in range(40):
+        tight[i]
+    assert len(tight._decoded) == 1
+    assert _dataset(cases, cache_mb=0.001)[0]["image"].shape == (1, *PATCH)  # a case over budget is read from Zarr
+    assert not _dataset(cases, cache_mb=0.001)._decoded

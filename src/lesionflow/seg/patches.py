@@ -10,6 +10,7 @@ sizes are in voxels of the preprocessed grid.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,8 +180,11 @@ class PatchDataset(Dataset[dict[str, Any]]):
         synthetic: Sequence[CaseIndex] = (),
         synthetic_ratio: float = 0.0,
         augmentation: AugmentParams | None = None,
+        cache_mb: float = 0.0,
     ) -> None:
         _check_cases(real, synthetic)
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.patch_size = _check_patch_size(patch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -202,6 +206,9 @@ class PatchDataset(Dataset[dict[str, Any]]):
         self.augmentation = augmentation if augmentation is not None and augmentation.enabled else None
         self._arrays: dict[tuple[Path, str, str], zarr.Array | None] = {}
         self._arrays_pid = os.getpid()
+        # Decoded whole cases (image, label), least recently used first; at most cache_mb per process.
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._decoded: OrderedDict[tuple[Path, str], tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
 
     def __len__(self) -> int:
         return self.length
@@ -210,11 +217,12 @@ class PatchDataset(Dataset[dict[str, Any]]):
         # Opened Zarr arrays stay in the process that opened them; a worker opens its own on first use.
         state = self.__dict__.copy()
         state["_arrays"] = {}
+        state["_decoded"] = OrderedDict()
         return state
 
     def _array(self, case: CaseIndex, name: str) -> zarr.Array | None:
         if self._arrays_pid != os.getpid():  # forked worker: the parent's handles are not ours to reuse
-            self._arrays, self._arrays_pid = {}, os.getpid()
+            self._arrays, self._arrays_pid, self._decoded = {}, os.getpid(), OrderedDict()
         key = (case.store, case.case_id, name)
         if key not in self._arrays:
             self._arrays[key] = open_case_array(case.store, case.case_id, name)
@@ -223,12 +231,41 @@ class PatchDataset(Dataset[dict[str, Any]]):
     def read_region(self, case: CaseIndex, origin: Shape3, size: Shape3) -> tuple[np.ndarray, np.ndarray]:
         """Image (c, *size) float32 and label (*size) uint8 from voxel ``origin``, zeros outside the volume (as
         :func:`lesionflow.store.zarr_store.read_patch`, through the cached arrays); an all-zero label if none."""
-        image = self._array(case, "image")
-        assert image is not None
-        label = self._array(case, "label")
+        decoded = self._decoded_case(case)
+        image: Any
+        label: Any
+        if decoded is not None:
+            image, label = decoded
+        else:
+            image = self._array(case, "image")
+            assert image is not None
+            label = self._array(case, "label")
         image_window = _read_window(image, origin, size).astype(np.float32, copy=False)
         label_window = np.zeros(size, dtype=np.uint8) if label is None else _read_window(label, origin, size)
         return image_window, label_window
+
+    def _decoded_case(self, case: CaseIndex) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The whole decoded case from the per-process LRU cache (read from its shards on first use), or None
+        when caching is off or the case alone exceeds the budget. Same bytes as reading windows from Zarr."""
+        if not self.cache_bytes:
+            return None
+        key = (case.store, case.case_id)
+        if key in self._decoded:
+            self._decoded.move_to_end(key)
+            return self._decoded[key]
+        image = self._array(case, "image")
+        assert image is not None
+        size = image.nbytes + (image.nbytes // image.shape[0] // image.dtype.itemsize)
+        if size > self.cache_bytes:
+            return None
+        label = self._array(case, "label")
+        entry = (np.asarray(image[...]), None if label is None else np.asarray(label[...]))
+        used = sum(a.nbytes + (0 if b is None else b.nbytes) for a, b in self._decoded.values())
+        while self._decoded and used + size > self.cache_bytes:
+            _, (old_image, old_label) = self._decoded.popitem(last=False)
+            used -= old_image.nbytes + (0 if old_label is None else old_label.nbytes)
+        self._decoded[key] = entry
+        return entry
 
     def choose(self, index: int) -> tuple[CaseIndex, bool, bool, Shape3]:
         """(case, synthetic, forced_foreground, patch origin) of item ``index``, without reading voxels."""

@@ -40,7 +40,7 @@ from lesionflow.workspace import Workspace
 
 STAGE = "train"
 # Params that do not change the weights (where and how fast they are computed) stay out of the run key.
-_RUN_KEY_EXCLUDE = {"device", "num_workers", "compile", "keep_checkpoints"}
+_RUN_KEY_EXCLUDE = {"device", "num_workers", "compile", "keep_checkpoints", "cache_mb"}
 
 
 def _digest(path: Path) -> str:
@@ -166,6 +166,7 @@ def train_in_process(ws: Workspace, params: Params) -> StageResult:
         synthetic=synthetic,
         synthetic_ratio=tp.synthetic_ratio,
         augmentation=tp.augmentation if tp.augmentation.enabled else None,
+        cache_mb=tp.cache_mb,
     )
     torch.manual_seed(derive_seed(seed, "segmenter-init"))
     network = build_network(config).to(device)
