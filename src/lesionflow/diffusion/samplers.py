@@ -1,0 +1,269 @@
+"""Model-agnostic DDPM / DDIM / RePaint samplers (generative.md §1, §2.6, §3, §9.1).
+
+Conventions
+- Timestep indices ``t = 0 .. T-1`` as in :mod:`lesionflow.diffusion.schedules`; index ``-1`` is the clean ``x_0``.
+- ``eps_fn(x_t, t_batch) -> eps`` is the trained noise predictor; ``t_batch`` is a ``(B,)`` long tensor.
+- Every random draw takes the explicit ``generator`` (see :func:`lesionflow.seeding.torch_generator`); noise is
+  drawn on ``x``'s device in ``x``'s dtype, so the generator must live on that device.
+- ``mask``: **1 = generate, 0 = keep**. RePaint's mask files use the inverse (255 = keep, 0 = generate); convert
+  them with ``mask = (repaint_mask == 0)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lesionflow.diffusion.paste import check_mask_shape, hard_paste
+from lesionflow.diffusion.schedules import NoiseSchedule, extract, predict_x0_from_eps, q_posterior_mean_variance
+
+__all__ = [
+    "EpsFn",
+    "count_network_evaluations",
+    "ddim_sample",
+    "ddim_step",
+    "ddim_timesteps",
+    "ddpm_sample",
+    "ddpm_step",
+    "noise_known",
+    "repaint_jump_schedule",
+    "repaint_sample",
+    "undo_step",
+]
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def _alpha_bar(schedule: NoiseSchedule, t: int, like: Tensor) -> Tensor:
+    """``abar`` at index t, with ``abar(-1) = 1`` (the clean image)."""
+    if t == -1:
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    return extract(schedule.alphas_cumprod, t, like)
+
+
+def _t_batch(x: Tensor, t: int) -> Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def _check_jump_args(T: int, jump_length: int, jump_n_sample: int) -> None:
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ValueError(f"jump_length and jump_n_sample must be >= 1, got {jump_length}, {jump_n_sample}")
+
+
+# --------------------------------------------------------------------------- RePaint time list
+
+
+def repaint_jump_schedule(T: int, jump_length: int, jump_n_sample: int) -> list[int]:
+    """RePaint's time list: ``[T-1, ..., -1]`` with upward "undo" jumps (§3.1, resampling).
+
+    Walk down from ``T-1`` one index at a time; each time the walk *arrives* at a jump point (a multiple of
+    ``jump_length`` below ``T - jump_length``) that still has jumps left, go back up ``jump_length`` indices one
+    at a time and walk down again; each jump point does this ``jump_n_sample - 1`` times. Consecutive pairs
+    ``(t_last, t_cur)`` are a reverse step at ``t_last`` when ``t_cur < t_last`` and an undo step otherwise.
+    ``jump_length = jump_n_sample = 1`` gives the plain list ``T-1, ..., 0, -1``.
+    """
+    _check_jump_args(T, jump_length, jump_n_sample)
+    # 1. jump budget per jump point: multiples of j in [0, T - j)
+    jumps_left = {point: jump_n_sample - 1 for point in range(0, T - jump_length, jump_length)}
+    # 2. the walk: start at T-1 (x_T is pure noise), one index down per reverse step, j up per jump
+    times = [T - 1]
+    t = T - 1
+    while t >= 0:
+        t -= 1
+        times.append(t)
+        if jumps_left.get(t, 0) > 0:
+            jumps_left[t] -= 1
+            for _ in range(jump_length):
+                t += 1
+                times.append(t)
+    return times
+
+
+def count_network_evaluations(T: int, jump_length: int, jump_n_sample: int) -> int:
+    """Reverse (denoising) steps in :func:`repaint_jump_schedule`: ``N = T + (T/j - 1)(r - 1) j`` (§2.6).
+
+    The closed form assumes ``j`` divides ``T``; in general the number of jump points is ``ceil((T - j) / j)``.
+    """
+    _check_jump_args(T, jump_length, jump_n_sample)
+    jump_points = len(range(0, T - jump_length, jump_length))
+    return T + jump_points * (jump_n_sample - 1) * jump_length
+
+
+# --------------------------------------------------------------------------- single steps
+
+
+def ddpm_step(
+    schedule: NoiseSchedule,
+    model_eps: Tensor,
+    x_t: Tensor,
+    t: int,
+    generator: torch.Generator,
+    *,
+    clip_denoised: bool = False,
+) -> Tensor:
+    """Ancestral step ``x_{t-1} = mu_t(x_t, x0_hat) + sigma_t z``, ``sigma_t^2 = beta~_t``, no noise at t = 0 (§1)."""
+    # 1. x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), optionally clamped to [-1, 1]
+    x0_hat = predict_x0_from_eps(schedule, x_t, t, model_eps)
+    if clip_denoised:
+        x0_hat = x0_hat.clamp(-1.0, 1.0)
+    # 2. mu_t = c1 x0_hat + c2 x_t ; variance beta~_t
+    mean, variance, _ = q_posterior_mean_variance(schedule, x0_hat, x_t, t)
+    if t == 0:
+        return mean
+    # 3. x_{t-1} = mu_t + sigma_t z, z ~ N(0, I)
+    return mean + torch.sqrt(variance) * _randn_like(x_t, generator)
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    model_eps: Tensor,
+    x_t: Tensor,
+    t: int,
+    t_prev: int,
+    eta: float,
+    generator: torch.Generator,
+    *,
+    clip_denoised: bool = False,
+) -> Tensor:
+    """DDIM step from index ``t`` to ``t_prev < t`` (``-1`` = clean image); ``eta = 0`` is deterministic (§1).
+
+    ``x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps + sigma z`` with
+    ``sigma = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})``.
+    """
+    if not -1 <= t_prev < t:
+        raise ValueError(f"need -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    abar_t = _alpha_bar(schedule, t, x_t)
+    abar_prev = _alpha_bar(schedule, t_prev, x_t)
+    # 1. x0_hat from eps (§1), optionally clamped; re-derive eps so it is consistent with the clamped x0_hat
+    x0_hat = predict_x0_from_eps(schedule, x_t, t, model_eps)
+    eps = model_eps
+    if clip_denoised:
+        x0_hat = x0_hat.clamp(-1.0, 1.0)
+        eps = (x_t - torch.sqrt(abar_t) * x0_hat) / torch.sqrt(1.0 - abar_t)
+    # 2. sigma_t(eta)
+    sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * torch.sqrt(1.0 - abar_t / abar_prev)
+    # 3. deterministic part: sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps
+    out = torch.sqrt(abar_prev) * x0_hat + torch.sqrt((1.0 - abar_prev - sigma**2).clamp(min=0.0)) * eps
+    if eta == 0 or t_prev == -1:
+        return out
+    # 4. + sigma z
+    return out + sigma * _randn_like(x_t, generator)
+
+
+def undo_step(schedule: NoiseSchedule, x_prev: Tensor, t: int, generator: torch.Generator) -> Tensor:
+    """RePaint's forward jump ``x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)`` (§3.1)."""
+    beta_t = extract(schedule.betas, t, x_prev)
+    return torch.sqrt(1.0 - beta_t) * x_prev + torch.sqrt(beta_t) * _randn_like(x_prev, generator)
+
+
+def noise_known(schedule: NoiseSchedule, known: Tensor, t: int, generator: torch.Generator) -> Tensor:
+    """The known region diffused to index ``t``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) z`` (``t = -1``: ``known``)."""
+    if t == -1:
+        return known
+    return extract(schedule.sqrt_alphas_cumprod, t, known) * known + extract(
+        schedule.sqrt_one_minus_alphas_cumprod, t, known
+    ) * _randn_like(known, generator)
+
+
+# --------------------------------------------------------------------------- full samplers
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """``steps`` distinct indices evenly spread from ``T-1`` down to 0 (``steps = 1``: just ``T-1``)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must lie in [1, {T}], got {steps}")
+    grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    return sorted(set(grid), reverse=True)
+
+
+def ddpm_sample(
+    eps_fn: EpsFn,
+    shape: tuple[int, ...],
+    schedule: NoiseSchedule,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    clip_denoised: bool = False,
+) -> Tensor:
+    """Unconditional ancestral sampling over all ``T`` steps, ``x_T ~ N(0, I)`` on the generator's device."""
+    # 1. x_T ~ N(0, I)
+    x = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
+    # 2. t = T-1 .. 0: x_{t-1} = mu_t + sigma_t z
+    for t in range(schedule.num_timesteps - 1, -1, -1):
+        x = ddpm_step(schedule, eps_fn(x, _t_batch(x, t)), x, t, generator, clip_denoised=clip_denoised)
+    return x
+
+
+def ddim_sample(
+    eps_fn: EpsFn,
+    shape: tuple[int, ...],
+    schedule: NoiseSchedule,
+    *,
+    steps: int,
+    eta: float = 0.0,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    clip_denoised: bool = False,
+) -> Tensor:
+    """Unconditional DDIM sampling over :func:`ddim_timesteps` (``steps`` network evaluations)."""
+    timesteps = ddim_timesteps(schedule.num_timesteps, steps)
+    # 1. x_T ~ N(0, I)
+    x = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
+    # 2. consecutive pairs (t, t'), the last one to the clean image (t' = -1)
+    for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
+        eps = eps_fn(x, _t_batch(x, t))
+        x = ddim_step(schedule, eps, x, t, t_prev, eta, generator, clip_denoised=clip_denoised)
+    return x
+
+
+def repaint_sample(
+    eps_fn: EpsFn,
+    known: Tensor,
+    mask: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    jump_length: int,
+    jump_n_sample: int,
+    generator: torch.Generator,
+    clip_denoised: bool = False,
+) -> Tensor:
+    """RePaint inpainting (paper Alg. 1 with resampling, §3.1): generate where ``mask != 0``, keep the rest.
+
+    ``known`` is the volume in normalised units, batch first (e.g. ``(B, C, D, H, W)``); ``mask`` broadcasts to it
+    (**1 = generate**, the inverse of RePaint's files). Each reverse step from ``x_t`` produces the unknown part
+    ``x_{t-1} ~ p(x_{t-1} | x_t)`` and merges it with the known part diffused to the *same* level ``t-1``
+    (trap §3.2: not ``t``); the last merge (``t-1 = -1``) uses ``known`` itself. Undo steps diffuse the whole
+    volume one level up. The result is finally hard-pasted, so voxels with ``mask == 0`` equal ``known`` bitwise.
+    """
+    if not known.is_floating_point():
+        raise ValueError(f"known must be a floating tensor (normalised units), got {known.dtype}")
+    check_mask_shape(mask, known)
+    generate = (mask != 0).to(known.device)
+    times = repaint_jump_schedule(schedule.num_timesteps, jump_length, jump_n_sample)
+    # 1. x_T ~ N(0, I) (Alg. 1 line 1)
+    x = _randn_like(known, generator)
+    for t_last, t_cur in itertools.pairwise(times):
+        if t_cur < t_last:
+            # 2. unknown part: x_{t-1}^unknown = mu_t + sigma_t z (Alg. 1 lines 6-7)
+            eps = eps_fn(x, _t_batch(x, t_last))
+            unknown = ddpm_step(schedule, eps, x, t_last, generator, clip_denoised=clip_denoised)
+            # 3. known part at level t-1: sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1}) eps (Alg. 1 line 5)
+            known_t = noise_known(schedule, known, t_cur, generator)
+            # 4. x_{t-1} = m ⊙ known + (1 - m) ⊙ unknown, m = keep (Alg. 1 line 8)
+            x = torch.where(generate, unknown, known_t)
+        else:
+            # 5. resampling: x_t ~ N(sqrt(1 - beta_t) x_{t-1}, beta_t I) (Alg. 1 line 10)
+            x = undo_step(schedule, x, t_cur, generator)
+    # 6. final hard paste (§3.2: without it the known region comes back blurred/noisy in other samplers)
+    return hard_paste(x, known, mask)

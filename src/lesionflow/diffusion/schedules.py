@@ -1,0 +1,153 @@
+"""DDPM noise schedules and the closed-form forward/posterior quantities (generative.md §1, §9.1).
+
+Indexing: a schedule of ``T`` steps is indexed ``t = 0 .. T-1``; index ``t`` is the paper's step ``t + 1``
+(so ``alphas_cumprod[0] = abar_1``), and "index -1" stands for the clean ``x_0`` (``abar = 1``).
+All buffers are float64; every function returns tensors in the dtype (and on the device) of its input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NoiseSchedule",
+    "cosine_schedule",
+    "extract",
+    "linear_schedule",
+    "predict_x0_from_eps",
+    "q_posterior_mean_variance",
+    "q_sample",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """Precomputed float64 buffers of one beta schedule (all shape ``(T,)``)."""
+
+    betas: Tensor
+    alphas: Tensor
+    alphas_cumprod: Tensor
+    alphas_cumprod_prev: Tensor
+    sqrt_alphas_cumprod: Tensor
+    sqrt_one_minus_alphas_cumprod: Tensor
+    posterior_variance: Tensor
+    posterior_log_variance_clipped: Tensor
+    posterior_mean_coef1: Tensor
+    posterior_mean_coef2: Tensor
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    @classmethod
+    def from_betas(cls, betas: Tensor) -> NoiseSchedule:
+        """All buffers from a 1-D beta sequence with ``0 < beta_t < 1``."""
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        if betas.ndim != 1 or betas.numel() < 1:
+            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError(f"betas must lie in (0, 1), got range [{betas.min():.3g}, {betas.max():.3g}]")
+        # 1. alpha_t = 1 - beta_t ; abar_t = prod_{s<=t} alpha_s (§1)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        # 2. abar_{t-1}, with abar_0 = 1 for the first step (x_0 is noise-free)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        # 3. posterior q(x_{t-1} | x_t, x_0): variance beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) (§1)
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # 4. log variance with the first entry (exactly 0) replaced by the second, so log() stays finite
+        first = posterior_variance[1] if betas.numel() > 1 else betas[0]
+        posterior_log_variance_clipped = torch.log(torch.cat([first.reshape(1), posterior_variance[1:]]))
+        # 5. posterior mean mu_t = c1 x_0 + c2 x_t, c1 = beta_t sqrt(abar_{t-1}) / (1 - abar_t),
+        #    c2 = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) (§1)
+        coef1 = betas * torch.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        coef2 = (1.0 - alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - alphas_cumprod)
+        return cls(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod),
+            sqrt_one_minus_alphas_cumprod=torch.sqrt(1.0 - alphas_cumprod),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=posterior_log_variance_clipped,
+            posterior_mean_coef1=coef1,
+            posterior_mean_coef2=coef2,
+        )
+
+
+def linear_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> NoiseSchedule:
+    """DDPM linear betas, scaled by ``1000 / T`` so any T spans the same noise range as T = 1000."""
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+    if not 0 < beta_start <= beta_end:
+        raise ValueError(f"need 0 < beta_start <= beta_end, got {beta_start}, {beta_end}")
+    scale = 1000.0 / T
+    if scale * beta_end >= 1:
+        raise ValueError(f"T = {T} too small for beta_end = {beta_end}: scaled beta_end {scale * beta_end:.3g} >= 1")
+    # beta_t linear from scale*beta_start to scale*beta_end (§1, "Linear schedule")
+    return NoiseSchedule.from_betas(torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64))
+
+
+def cosine_schedule(T: int, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+    """Nichol & Dhariwal cosine schedule: ``abar(t) = f(t)/f(0)``, ``f(t) = cos^2(((t/T)+s)/(1+s) * pi/2)``."""
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+    if s < 0:
+        raise ValueError(f"s must be >= 0, got {s}")
+    if not 0 < max_beta < 1:
+        raise ValueError(f"max_beta must lie in (0, 1), got {max_beta}")
+    # 1. f(t) on t = 0..T (§1, "Cosine schedule")
+    steps = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos(((steps / T) + s) / (1 + s) * math.pi / 2) ** 2
+    abar = f / f[0]
+    # 2. beta_t = min(1 - abar_t / abar_{t-1}, max_beta)
+    betas = torch.clamp(1.0 - abar[1:] / abar[:-1], min=1e-12, max=max_beta)
+    return NoiseSchedule.from_betas(betas)
+
+
+def extract(buffer: Tensor, t: int | Tensor, like: Tensor) -> Tensor:
+    """``buffer[t]`` cast to ``like``'s dtype/device, shaped to broadcast over ``like`` (batch first).
+
+    ``t`` is one int for the whole batch (returns a 0-d tensor) or a ``(B,)`` integer tensor.
+    """
+    T = buffer.shape[0]
+    if isinstance(t, int):
+        if not 0 <= t < T:
+            raise ValueError(f"timestep {t} outside [0, {T})")
+        return buffer[t].to(dtype=like.dtype, device=like.device)
+    if t.ndim != 1 or t.shape[0] != like.shape[0]:
+        raise ValueError(f"t must have shape ({like.shape[0]},), got {tuple(t.shape)}")
+    if bool(((t < 0) | (t >= T)).any()):
+        raise ValueError(f"timesteps outside [0, {T})")
+    values = buffer.to(device=t.device)[t.long()].to(dtype=like.dtype, device=like.device)
+    return values.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def q_sample(schedule: NoiseSchedule, x0: Tensor, t: int | Tensor, noise: Tensor) -> Tensor:
+    """Forward diffusion ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (§1, q(x_t | x_0))."""
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
+    return extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(
+        schedule.sqrt_one_minus_alphas_cumprod, t, x0
+    ) * noise.to(x0.dtype)
+
+
+def predict_x0_from_eps(schedule: NoiseSchedule, x_t: Tensor, t: int | Tensor, eps: Tensor) -> Tensor:
+    """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (§1, eps-prediction)."""
+    return (x_t - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / extract(
+        schedule.sqrt_alphas_cumprod, t, x_t
+    )
+
+
+def q_posterior_mean_variance(
+    schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: int | Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, variance and clipped log variance of ``q(x_{t-1} | x_t, x_0)`` (§1, "Posterior")."""
+    mean = extract(schedule.posterior_mean_coef1, t, x_t) * x0 + extract(schedule.posterior_mean_coef2, t, x_t) * x_t
+    variance = extract(schedule.posterior_variance, t, x_t)
+    log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t)
+    return mean, variance, log_variance
