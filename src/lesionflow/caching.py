@@ -76,14 +76,15 @@ def run_cached(
     """Run stage ``name`` unless its current state matches the recorded one; record the state after a run."""
     state = stage_state(name, ws, params)
     record = read_record(ws, name)
-    if state is not None and record is not None and record["key"] == sha256_json(state):
+    if state is not None and record is not None and record["key"] is not None and record["key"] == sha256_json(state):
         r = record["result"]
         findings = tuple(Finding(**f) for f in r["findings"])
         return StageResult(r["stage"], r["ok"], r["summary"], r["outputs"], findings, cached=True)
     result = run(ws, params)
     after = stage_state(name, ws, params)
-    if after is not None:
-        write_json(record_path(ws, name), {"key": sha256_json(after), "state": after, "result": result.to_json()})
+    # A stage that reads remote state (s3:// source, model registry) has no key, but its record says it ran.
+    key = None if after is None else sha256_json(after)
+    write_json(record_path(ws, name), {"key": key, "state": after, "result": result.to_json()})
     return result
 
 
@@ -130,9 +131,9 @@ def status(ws: Workspace, params: Params) -> list[StageStatus]:
         stale_before = [s.stage for s in out if not s.up_to_date]
         if record is None:
             out.append(StageStatus(name, False, "never run"))
-        elif state is None:
+        elif state is None or record["key"] is None:
             out.append(
-                StageStatus(name, False, "reads remote state (s3:// source or model registry): checked when it runs")
+                StageStatus(name, False, "reads remote state (s3:// source or model registry): rechecked on every run")
             )
         elif record["key"] != sha256_json(state):
             out.append(StageStatus(name, False, _diff(record["state"], state)))

@@ -1,0 +1,173 @@
+"""Generator training loop: masked loss, loss decrease, EMA, exact resume, generator files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from lesionflow.diffusion.schedules import cosine_schedule
+from lesionflow.diffusion.trainer import (
+    GeneratorTrainConfig,
+    eps_loss,
+    load_generator,
+    masked_eps_loss,
+    save_generator,
+    train_generator,
+)
+from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig
+
+SCHEDULE = cosine_schedule(50)
+
+
+def _model(cond_dim: int = 0, cond_dropout: float = 0.0) -> ConditionalUNet3D:
+    torch.manual_seed(0)
+    config = UNetConfig(
+        in_channels=1, out_channels=1, base_channels=8, channel_mults=(1, 2), cond_dim=cond_dim, cond_dropout=cond_dropout
+    )
+    return ConditionalUNet3D(config)
+
+
+def _batches(index: int, *, batch_size: int = 2, cond_dim: int = 0) -> dict[str, torch.Tensor]:
+    """Constant 8^3 images whose value depends only on the micro-batch index."""
+    value = 0.5 if index % 2 == 0 else -0.5
+    batch = {"image": torch.full((batch_size, 1, 8, 8, 8), value)}
+    if cond_dim:
+        batch["cond"] = torch.full((batch_size, cond_dim), value)
+    return batch
+
+
+def _train(root: Path, steps: int, **kwargs: float) -> tuple[object, list[str]]:
+    warnings: list[str] = []
+    config = GeneratorTrainConfig(
+        steps=steps, batch_size=2, lr=float(kwargs.get("lr", 1e-3)), ema_decay=float(kwargs.get("ema_decay", 0.9)),
+        checkpoint_every=2, keep_checkpoints=3, amp="off", grad_accum=int(kwargs.get("grad_accum", 1)),
+    )  # fmt: skip
+    outcome = train_generator(_model(), _batches, None, SCHEDULE, config, root, "cpu", 7, warnings.append)
+    return outcome, warnings
+
+
+# --------------------------------------------------------------------------- masked loss
+
+
+def test_masked_loss_gradient_is_zero_outside_mask_and_normalizations_differ_by_mask_fraction() -> None:
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn((2, 2, 4, 4, 4), generator=gen, requires_grad=True)
+    target = torch.randn((2, 2, 4, 4, 4), generator=gen)
+    mask = (torch.rand((2, 1, 4, 4, 4), generator=gen) < 0.3).float()
+    fraction = float(mask.mean())
+    for kind in ("l1", "l2"):
+        loss_all = masked_eps_loss(pred, target, mask, normalize="all", kind=kind)
+        loss_mask = masked_eps_loss(pred, target, mask, normalize="mask", kind=kind)
+        torch.testing.assert_close(loss_all, loss_mask * fraction)
+        (grad,) = torch.autograd.grad(loss_all, pred)
+        outside = (mask == 0).expand_as(pred)
+        assert torch.equal(grad[outside], torch.zeros_like(grad[outside]))
+        assert (grad[~outside] != 0).all()
+    with pytest.raises(ValueError, match="normalize"):
+        masked_eps_loss(pred, target, mask, normalize="voxels")  # type: ignore[arg-type]
+
+
+def test_eps_loss_is_a_pure_function_of_the_generator() -> None:
+    model = _model(cond_dim=3, cond_dropout=0.5).train()
+    batch = _batches(0, cond_dim=3) | {"mask": torch.ones(2, 1, 8, 8, 8)}
+    losses = [
+        eps_loss(model, batch, torch.Generator().manual_seed(s), schedule=SCHEDULE).item() for s in (1, 1, 2)
+    ]
+    assert losses[0] == losses[1] != losses[2]
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+def test_loss_decreases_on_constant_images(tmp_path: Path) -> None:
+    outcome, _ = _train(tmp_path, 40, lr=3e-3)
+    history = outcome.history  # type: ignore[attr-defined]
+    assert len(history) == 40
+    assert sum(history[-8:]) / 8 < 0.6 * sum(history[:8]) / 8
+
+
+def test_ema_differs_from_weights_and_equals_them_at_decay_zero(tmp_path: Path) -> None:
+    outcome, _ = _train(tmp_path / "a", 3, ema_decay=0.9)
+    raw, ema = outcome.model.state_dict(), outcome.ema.state_dict()  # type: ignore[attr-defined]
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+    outcome, _ = _train(tmp_path / "b", 3, ema_decay=0.0)
+    raw, ema = outcome.model.state_dict(), outcome.ema.state_dict()  # type: ignore[attr-defined]
+    assert all(torch.equal(raw[k], ema[k]) for k in raw)
+
+
+def test_resume_is_bit_identical(tmp_path: Path) -> None:
+    full, _ = _train(tmp_path / "full", 6, grad_accum=2)
+    # stop at step 4, then continue to 6
+    _train(tmp_path / "split", 4, grad_accum=2)
+    resumed, _ = _train(tmp_path / "split", 6, grad_accum=2)
+    assert resumed.resumed_from == 4  # type: ignore[attr-defined]
+    # delete the final checkpoint of the uninterrupted run and rerun
+    shutil.rmtree(tmp_path / "full" / "step-0000006")
+    rerun, _ = _train(tmp_path / "full", 6, grad_accum=2)
+    assert rerun.resumed_from == 4  # type: ignore[attr-defined]
+    reference = full.ema.state_dict()  # type: ignore[attr-defined]
+    for other in (resumed, rerun):
+        assert other.history == full.history  # type: ignore[attr-defined]
+        state = other.ema.state_dict()  # type: ignore[attr-defined]
+        assert all(torch.equal(reference[k], state[k]) for k in reference)
+
+
+def test_finished_run_trains_nothing_and_checkpoint_holds_ema(tmp_path: Path) -> None:
+    first, _ = _train(tmp_path, 2)
+    again, warnings = _train(tmp_path, 2)
+    assert again.resumed_from == 2 and again.steps_done == 2 and warnings == []  # type: ignore[attr-defined]
+    assert again.history == first.history  # type: ignore[attr-defined]
+    trainer_json = json.loads((tmp_path / "step-0000002" / "trainer.json").read_text())
+    assert trainer_json["loop_state"]["seed"] == 7
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "step-0000002" / "model.safetensors")).keys()
+    assert any(k.startswith("ema.") for k in keys) and any(k.startswith("model.") for k in keys)
+
+
+def test_grad_accum_reads_consecutive_micro_batches(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def batches(index: int) -> dict[str, torch.Tensor]:
+        seen.append(index)
+        return _batches(index)
+
+    config = GeneratorTrainConfig(steps=2, batch_size=2, grad_accum=3, checkpoint_every=5, amp="off")
+    train_generator(_model(), batches, None, SCHEDULE, config, tmp_path, "cpu", 0, print)
+    assert seen == [0, 1, 2, 3, 4, 5]
+    wrong = GeneratorTrainConfig(steps=1, batch_size=3, amp="off")
+    with pytest.raises(ValueError, match="batch dim 2, expected 3"):
+        train_generator(_model(), _batches, None, SCHEDULE, wrong, tmp_path / "w", "cpu", 0, print)
+
+
+def test_conditional_training_with_cfg_dropout_runs(tmp_path: Path) -> None:
+    config = GeneratorTrainConfig(steps=2, batch_size=2, checkpoint_every=5, amp="off")
+    outcome = train_generator(
+        _model(cond_dim=3, cond_dropout=0.5), partial(_batches, cond_dim=3), None, SCHEDULE, config, tmp_path, "cpu", 0,
+        print,
+    )  # fmt: skip
+    assert len(outcome.history) == 2
+
+
+# --------------------------------------------------------------------------- generator files
+
+
+def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
+    model = _model(cond_dim=3)
+    save_generator(tmp_path / "gen", model, model.config, {"timesteps": 50, "window": [-1000, 400]})
+    loaded, config, extra = load_generator(tmp_path / "gen")
+    assert config == model.config and extra == {"timesteps": 50, "window": [-1000, 400]}
+    ref = model.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in loaded.state_dict().items())
+    x, t, cond = torch.randn(1, 1, 8, 8, 8), torch.tensor([5]), torch.rand(1, 3)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, t, cond), loaded(x, t, cond))
+    weights = tmp_path / "gen" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="sha256"):
+        load_generator(tmp_path / "gen")
