@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -24,7 +25,13 @@ LESIONS = [((10, 10, 12), 3.0, 1), ((27, 26, 28), 2.5, 2)]
 SIZE = (16, 16, 16)
 
 
-def _case(seed: int, *, organ_empty: bool = False) -> CaseArrays:
+class Arrays(NamedTuple):
+    image: np.ndarray
+    label: np.ndarray
+    organ: np.ndarray
+
+
+def _case(seed: int, *, organ_empty: bool = False) -> Arrays:
     rng = np.random.default_rng(seed)
     image = rng.normal(0, 0.3, (2, *SHAPE)).astype(np.float32)
     label = np.zeros(SHAPE, np.uint8)
@@ -33,14 +40,16 @@ def _case(seed: int, *, organ_empty: bool = False) -> CaseArrays:
     organ = np.zeros(SHAPE, np.uint8)
     if not organ_empty:
         organ[2:30, 2:30, 2:30] = 1
-    return CaseArrays(image=image, label=label, organ=organ)
+    return Arrays(image=image, label=label, organ=organ)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("store")
     for case_id, seed, empty in (("a", 1, False), ("b", 2, True)):
-        write_case(root, case_id, _case(seed, organ_empty=empty), {"spacing": [1, 1, 1]}, chunk_shape=(16, 16, 16))
+        write_case(
+            root, case_id, CaseArrays(*_case(seed, organ_empty=empty)), {"spacing": [1, 1, 1]}, chunk_shape=(16, 16, 16)
+        )
     return root
 
 
@@ -70,7 +79,7 @@ def test_lesion_rois_centred_on_known_spheres(store: Path) -> None:
         np.testing.assert_array_equal(roi.image[(slice(None), *dst)], arrays.image[(slice(None), *src)])
         np.testing.assert_array_equal(roi.label[dst], arrays.label[src])
         assert roi.organ is not None
-        np.testing.assert_array_equal(roi.organ[dst], arrays.organ[src])  # type: ignore[index]
+        np.testing.assert_array_equal(roi.organ[dst], arrays.organ[src])
         np.testing.assert_array_equal(roi.mask, roi.label == cls)
 
 
@@ -132,7 +141,6 @@ def test_candidates_lesion_free_with_organ_centres(store: Path) -> None:
         assert not crop(arrays.label, cand.origin, SIZE).any()
         assert not cand.label.any()
         centre = tuple(o + s // 2 for o, s in zip(cand.origin, SIZE, strict=True))
-        assert arrays.organ is not None
         assert arrays.organ[centre] == 1
         np.testing.assert_array_equal(cand.image, crop(arrays.image, cand.origin, SIZE))
     # case "b" has an empty organ mask: reported, not raised
@@ -149,7 +157,9 @@ def test_candidate_shortfall_and_no_organ() -> None:
     # a 40³ window around any organ voxel touches the first lesion: no room at all
     assert candidate_rois(arrays.image, arrays.label, arrays.organ, (40, 40, 40), 3, rng) == []
     assert candidate_rois(arrays.image, arrays.label, None, SIZE, 3, rng) == []
-    few = candidate_rois(arrays.image, None, np.pad(np.ones((1, 1, 2), np.uint8), ((5, 26), (5, 26), (5, 25))), SIZE, 5, rng)
+    few = candidate_rois(
+        arrays.image, None, np.pad(np.ones((1, 1, 2), np.uint8), ((5, 26), (5, 26), (5, 25))), SIZE, 5, rng
+    )
     assert len(few) == 2
 
 
