@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lesionflow.diffusion.schedules import cosine_schedule
 from lesionflow.diffusion.trainer import (
     GeneratorTrainConfig,
+    GeneratorTrainOutcome,
     eps_loss,
     load_generator,
     masked_eps_loss,
@@ -27,7 +29,12 @@ SCHEDULE = cosine_schedule(50)
 def _model(cond_dim: int = 0, cond_dropout: float = 0.0) -> ConditionalUNet3D:
     torch.manual_seed(0)
     config = UNetConfig(
-        in_channels=1, out_channels=1, base_channels=8, channel_mults=(1, 2), cond_dim=cond_dim, cond_dropout=cond_dropout
+        in_channels=1,
+        out_channels=1,
+        base_channels=8,
+        channel_mults=(1, 2),
+        cond_dim=cond_dim,
+        cond_dropout=cond_dropout,
     )
     return ConditionalUNet3D(config)
 
@@ -41,12 +48,18 @@ def _batches(index: int, *, batch_size: int = 2, cond_dim: int = 0) -> dict[str,
     return batch
 
 
-def _train(root: Path, steps: int, **kwargs: float) -> tuple[object, list[str]]:
+def _train(root: Path, steps: int, **kwargs: float) -> tuple[GeneratorTrainOutcome, list[str]]:
     warnings: list[str] = []
     config = GeneratorTrainConfig(
-        steps=steps, batch_size=2, lr=float(kwargs.get("lr", 1e-3)), ema_decay=float(kwargs.get("ema_decay", 0.9)),
-        checkpoint_every=2, keep_checkpoints=3, amp="off", grad_accum=int(kwargs.get("grad_accum", 1)),
-    )  # fmt: skip
+        steps=steps,
+        batch_size=2,
+        lr=float(kwargs.get("lr", 1e-3)),
+        ema_decay=float(kwargs.get("ema_decay", 0.9)),
+        checkpoint_every=int(kwargs.get("checkpoint_every", 2)),
+        keep_checkpoints=3,
+        amp="off",
+        grad_accum=int(kwargs.get("grad_accum", 1)),
+    )
     outcome = train_generator(_model(), _batches, None, SCHEDULE, config, root, "cpu", 7, warnings.append)
     return outcome, warnings
 
@@ -75,9 +88,7 @@ def test_masked_loss_gradient_is_zero_outside_mask_and_normalizations_differ_by_
 def test_eps_loss_is_a_pure_function_of_the_generator() -> None:
     model = _model(cond_dim=3, cond_dropout=0.5).train()
     batch = _batches(0, cond_dim=3) | {"mask": torch.ones(2, 1, 8, 8, 8)}
-    losses = [
-        eps_loss(model, batch, torch.Generator().manual_seed(s), schedule=SCHEDULE).item() for s in (1, 1, 2)
-    ]
+    losses = [eps_loss(model, batch, torch.Generator().manual_seed(s), schedule=SCHEDULE).item() for s in (1, 1, 2)]
     assert losses[0] == losses[1] != losses[2]
 
 
@@ -85,18 +96,18 @@ def test_eps_loss_is_a_pure_function_of_the_generator() -> None:
 
 
 def test_loss_decreases_on_constant_images(tmp_path: Path) -> None:
-    outcome, _ = _train(tmp_path, 40, lr=3e-3)
-    history = outcome.history  # type: ignore[attr-defined]
-    assert len(history) == 40
-    assert sum(history[-8:]) / 8 < 0.6 * sum(history[:8]) / 8
+    outcome, _ = _train(tmp_path, 24, lr=3e-3, checkpoint_every=100)
+    history = outcome.history
+    assert len(history) == 24
+    assert sum(history[-6:]) / 6 < 0.6 * sum(history[:6]) / 6  # observed ratio ~0.3
 
 
 def test_ema_differs_from_weights_and_equals_them_at_decay_zero(tmp_path: Path) -> None:
     outcome, _ = _train(tmp_path / "a", 3, ema_decay=0.9)
-    raw, ema = outcome.model.state_dict(), outcome.ema.state_dict()  # type: ignore[attr-defined]
+    raw, ema = outcome.model.state_dict(), outcome.ema.state_dict()
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     outcome, _ = _train(tmp_path / "b", 3, ema_decay=0.0)
-    raw, ema = outcome.model.state_dict(), outcome.ema.state_dict()  # type: ignore[attr-defined]
+    raw, ema = outcome.model.state_dict(), outcome.ema.state_dict()
     assert all(torch.equal(raw[k], ema[k]) for k in raw)
 
 
@@ -105,29 +116,30 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
     # stop at step 4, then continue to 6
     _train(tmp_path / "split", 4, grad_accum=2)
     resumed, _ = _train(tmp_path / "split", 6, grad_accum=2)
-    assert resumed.resumed_from == 4  # type: ignore[attr-defined]
+    assert resumed.resumed_from == 4
     # delete the final checkpoint of the uninterrupted run and rerun
     shutil.rmtree(tmp_path / "full" / "step-0000006")
     rerun, _ = _train(tmp_path / "full", 6, grad_accum=2)
-    assert rerun.resumed_from == 4  # type: ignore[attr-defined]
-    reference = full.ema.state_dict()  # type: ignore[attr-defined]
+    assert rerun.resumed_from == 4
+    reference = full.ema.state_dict()
     for other in (resumed, rerun):
-        assert other.history == full.history  # type: ignore[attr-defined]
-        state = other.ema.state_dict()  # type: ignore[attr-defined]
+        assert other.history == full.history
+        state = other.ema.state_dict()
         assert all(torch.equal(reference[k], state[k]) for k in reference)
 
 
 def test_finished_run_trains_nothing_and_checkpoint_holds_ema(tmp_path: Path) -> None:
     first, _ = _train(tmp_path, 2)
     again, warnings = _train(tmp_path, 2)
-    assert again.resumed_from == 2 and again.steps_done == 2 and warnings == []  # type: ignore[attr-defined]
-    assert again.history == first.history  # type: ignore[attr-defined]
+    assert again.resumed_from == 2
+    assert again.steps_done == 2
+    assert warnings == []
+    assert again.history == first.history
     trainer_json = json.loads((tmp_path / "step-0000002" / "trainer.json").read_text())
     assert trainer_json["loop_state"]["seed"] == 7
-    from safetensors.torch import load_file
-
     keys = load_file(str(tmp_path / "step-0000002" / "model.safetensors")).keys()
-    assert any(k.startswith("ema.") for k in keys) and any(k.startswith("model.") for k in keys)
+    assert any(k.startswith("ema.") for k in keys)
+    assert any(k.startswith("model.") for k in keys)
 
 
 def test_grad_accum_reads_consecutive_micro_batches(tmp_path: Path) -> None:
@@ -161,7 +173,8 @@ def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
     model = _model(cond_dim=3)
     save_generator(tmp_path / "gen", model, model.config, {"timesteps": 50, "window": [-1000, 400]})
     loaded, config, extra = load_generator(tmp_path / "gen")
-    assert config == model.config and extra == {"timesteps": 50, "window": [-1000, 400]}
+    assert config == model.config
+    assert extra == {"timesteps": 50, "window": [-1000, 400]}
     ref = model.state_dict()
     assert all(torch.equal(ref[k], v) for k, v in loaded.state_dict().items())
     x, t, cond = torch.randn(1, 1, 8, 8, 8), torch.tensor([5]), torch.rand(1, 3)
