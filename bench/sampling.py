@@ -1,0 +1,91 @@
+"""Benchmark: LeFusion RePaint sampling speed (ROIs per second) for a preset, batching several lesions per pass.
+
+The network is untrained (sampling cost does not depend on the weights). Each ROI gets a sphere mask and a
+histogram condition; ``--batch`` ROIs share one forward pass. Reports network evaluations per sample (the
+formula of generative.md §2.6, checked against a call counter), seconds per ROI and ROIs per second.
+
+    .venv/bin/python bench/sampling.py --preset toy                      # 16³, base 8, T=50, j=r=2 (CPU)
+    .venv/bin/python bench/sampling.py --preset lefusion-lidc --device cuda --batch 8 --amp bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+
+from lesionflow.diffusion.samplers import count_network_evaluations, repaint_sample
+from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
+from lesionflow.seeding import torch_generator
+from lesionflow.synth.lefusion import LeFusionSettings
+from lesionflow.synth.placement import sphere_mask
+
+PRESETS = {
+    # size (x, y, z), base width, mults, attention, T, jump length, resamples
+    "toy": ((16, 16, 16), 8, (1, 2), (False, False), 50, 2, 2),
+    "lefusion-lidc": ((64, 64, 32), 64, (1, 2, 4, 8), (False, False, False, True), 300, 2, 2),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="toy", choices=sorted(PRESETS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=1, help="ROIs per forward pass")
+    ap.add_argument("--rounds", type=int, default=2, help="timed batches (after one untimed warm-up batch)")
+    ap.add_argument("--amp", default="off", choices=["off", "bf16"])
+    args = ap.parse_args()
+
+    size, base, mults, attention, timesteps, jump, resample = PRESETS[args.preset]
+    settings = LeFusionSettings(timesteps=timesteps, jump_length=jump, jump_n_sample=resample)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = UNetConfig(1, 1, base, mults, 1, attention, cond_dim=settings.bins, groups=8)
+    model = ConditionalUNet3D(config).to(device).eval()
+    calls = 0
+    forward = model.forward
+
+    def counted(*a, **k):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return forward(*a, **k)
+
+    model.forward = counted  # type: ignore[method-assign]
+    known = torch.randn(args.batch, 1, *size, device=device)
+    ball = torch.from_numpy(sphere_mask(size, [s / 2 for s in size], min(size) / 5))
+    mask = ball[None, None].expand_as(known).to(device)
+    cond = torch.full((args.batch, settings.bins), 1.0 / settings.bins, device=device)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if args.amp == "bf16" and device.type == "cuda" else nullcontext()
+    )
+    eps_fn = make_eps_fn(model, cond=cond)
+    schedule = settings.schedule()
+
+    def one(round_index: int) -> None:
+        gen = torch_generator(0, "bench-sampling", round_index, device=device)
+        with autocast:
+            repaint_sample(eps_fn, known, mask, schedule, jump_length=jump, jump_n_sample=resample, generator=gen)
+
+    one(0)
+    calls = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for r in range(1, args.rounds + 1):
+        one(r)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    nfe = count_network_evaluations(timesteps, jump, resample)
+    assert calls == nfe * args.rounds, (calls, nfe)
+    rois = args.batch * args.rounds
+    print(f"\npreset {args.preset}: ROI {list(size)}, base {base}, mults {list(mults)}, T={timesteps}, j=r={jump}")
+    print(f"device {device}, batch {args.batch}, amp {args.amp}, {torch.get_num_threads()} torch threads")
+    print(f"network evaluations per sample: {nfe} (formula = counted)")
+    print(f"seconds per ROI: {seconds / rois:.3f}   ROIs per second: {rois / seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()
