@@ -226,49 +226,19 @@ def _frame(rows: Sequence[Mapping[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(cells)
 
 
-def _uri_source(uri: str) -> Any:
-    """A dataset source that only records ``uri`` (for schemes MLflow has no resolver for: dvc://, zarr+s3://...)."""
-    from mlflow.data.dataset_source import DatasetSource
-
-    class UriDatasetSource(DatasetSource):
-        def __init__(self, value: str) -> None:
-            self.uri = value
-
-        @staticmethod
-        def _get_source_type() -> str:
-            return "uri"
-
-        def load(self) -> Any:
-            raise NotImplementedError(f"lesionflow records {self.uri} for lineage only; read it with lesionflow")
-
-        @staticmethod
-        def _can_resolve(raw_source: Any) -> bool:
-            return False
-
-        @classmethod
-        def _resolve(cls, raw_source: Any) -> DatasetSource:
-            return cls(str(raw_source))
-
-        def to_dict(self) -> dict[str, Any]:
-            return {"uri": self.uri}
-
-        @classmethod
-        def from_dict(cls, source_dict: dict[Any, Any]) -> DatasetSource:
-            return cls(str(source_dict["uri"]))
-
-    return UriDatasetSource(uri)
-
-
-def _dataset(df: pd.DataFrame, source: str, name: str, digest: str) -> PandasDataset:
-    from mlflow.data.pandas_dataset import PandasDataset, from_pandas
+def _dataset(df: pd.DataFrame, source: str, name: str, digest: str) -> tuple[PandasDataset, bool]:
+    """The MLflow dataset, and whether MLflow could record ``source`` itself."""
+    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.exceptions import MlflowException
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways" for local paths
         try:
-            return from_pandas(df, source=source, name=name, digest=digest)
-        except MlflowException:  # no resolver for this scheme
-            return PandasDataset(df=df, source=_uri_source(source), name=name, digest=digest)
+            return from_pandas(df, source=source, name=name, digest=digest), True
+        except MlflowException:
+            # No MLflow resolver for this scheme (dvc://, zarr+s3://...): MLflow's default source is kept and the
+            # URI itself is recorded in the input's lesionflow.source tag (see _log_dataset), read back first.
+            return from_pandas(df, name=name, digest=digest), False
 
 
 def _log_dataset(ref: DatasetRef) -> None:
@@ -279,13 +249,17 @@ def _log_dataset(ref: DatasetRef) -> None:
     tags = {str(k): str(v)[:_MAX_INPUT_TAG_VALUE] for k, v in ref.tags.items() if k not in RESERVED_INPUT_TAGS}
     tags[TAG_DIGEST] = ref.digest.lower()
     tags[TAG_N_CASES] = str(ref.tags.get("n_cases") or len(ref.cases))
-    if len(source) <= _MAX_INPUT_TAG_VALUE:  # longer ones live only in the dataset's source (64 KB)
+    # Longer URIs live in the dataset's own source (64 KB); a scheme MLflow cannot resolve keeps them in the
+    # tag, cut with a visible marker (in practice only a long ';'-joined list of sources), see below.
+    if len(source) <= _MAX_INPUT_TAG_VALUE:
         tags[TAG_SOURCE] = source
     if ref.cases:
         table = f"{DATASETS_DIR}/{_clean_key(ref.name).replace('/', '_')}.json"
         mlflow.log_table(df, artifact_file=table)
         tags[TAG_TABLE] = table
-    dataset = _dataset(df, source, ref.name, ref.digest.lower()[:SHORT_DIGEST])
+    dataset, resolved = _dataset(df, source, ref.name, ref.digest.lower()[:SHORT_DIGEST])
+    if not resolved and TAG_SOURCE not in tags:
+        tags[TAG_SOURCE] = source[: _MAX_INPUT_TAG_VALUE - 1] + "…"
     mlflow.log_input(dataset, context=ref.context, tags=tags)
 
 
