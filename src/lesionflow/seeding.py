@@ -7,9 +7,12 @@ inputs give the same stream on every machine, in every Dask worker and after eve
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _word(part: int | str) -> int:
@@ -40,6 +43,8 @@ def derive_seed(*parts: int | str) -> int:
 
 def torch_generator(*parts: int | str, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator seeded from the parts (per sample: same parts, same noise)."""
+    import torch  # lazily: the CLI imports this module and must not pay for torch
+
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(*parts))
     return gen

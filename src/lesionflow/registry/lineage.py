@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -120,26 +121,20 @@ def nest_params(flat: dict[str, str]) -> dict[str, Any]:
     return nested
 
 
-def _list_run_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+def _walk(list_artifacts: Callable[[str | None], list[Any]], path: str | None = None) -> list[str]:
+    """Every file path under ``path`` of an artifact tree, sorted (``list_artifacts(path)`` lists one level)."""
     found: list[str] = []
-    for info in client.list_artifacts(run_id, path):
-        if info.is_dir:
-            found.extend(_list_run_artifacts(client, run_id, info.path))
-        else:
-            found.append(info.path)
+    for info in list_artifacts(path):
+        found.extend(_walk(list_artifacts, info.path) if info.is_dir else [info.path])
     return sorted(found)
 
 
-def _list_model_files(client: MlflowClient, model_id: str | None, path: str | None = None) -> list[str]:
-    if model_id is None:
-        return []
-    found: list[str] = []
-    for info in client.list_logged_model_artifacts(model_id, path):
-        if info.is_dir:
-            found.extend(_list_model_files(client, model_id, info.path))
-        else:
-            found.append(info.path)
-    return sorted(found)
+def _list_run_artifacts(client: MlflowClient, run_id: str) -> list[str]:
+    return _walk(lambda path: client.list_artifacts(run_id, path))
+
+
+def _list_model_files(client: MlflowClient, model_id: str | None) -> list[str]:
+    return [] if model_id is None else _walk(lambda path: client.list_logged_model_artifacts(model_id, path))
 
 
 def _read_table(client: MlflowClient, run_id: str, table: str) -> tuple[tuple[dict[str, str], ...] | None, str]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from lesionflow.errors import ParamsError, SourceError
 from lesionflow.params import Params
 from lesionflow.seeding import rng_for
-from lesionflow.stages.preprocess import read_metadata, store_root
+from lesionflow.stages.preprocess import read_metadata
 from lesionflow.stages.validate_processed import accepted_cases, accepted_path
 from lesionflow.workspace import Workspace
 
@@ -62,10 +62,6 @@ def segmenter_dir(ws: Workspace) -> Path:
 
 def checkpoints_dir(ws: Workspace) -> Path:
     return ws.root / "models" / "checkpoints" / "segmenter"
-
-
-def processed_store(ws: Workspace) -> Path:
-    return store_root(ws)
 
 
 @contextmanager

@@ -24,13 +24,12 @@ from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.params import Params
 from lesionflow.stages.base import CODE_VERSION, StageResult, write_json, write_text_if_changed
 from lesionflow.stages.plan import load_plan, plans_digest
-from lesionflow.stages.preprocess import metadata_path, read_metadata
+from lesionflow.stages.preprocess import metadata_path, read_metadata, store_root
 from lesionflow.stages.segdata import (
     Splits,
     checkpoints_dir,
     cpu_threads,
     label_names,
-    processed_store,
     resolve_device,
     segmenter_dir,
     splits,
@@ -152,7 +151,7 @@ def train_in_process(ws: Workspace, params: Params) -> StageResult:
     check_patch(patch, rows, split.train)
     rank, world = _init_distributed(tp.device)
     device = resolve_device(tp.device)
-    store = processed_store(ws)
+    store = store_root(ws)
     seed = params.project.seed
     real = index_cases(store, split.train, seed=seed)
     synthetic = _synthetic_cases(ws, params)

@@ -13,6 +13,7 @@ import shutil
 from typing import Any
 
 from lesionflow.errors import SourceError
+from lesionflow.hashing import sha256_file
 from lesionflow.params import Params
 from lesionflow.stages.base import StageResult, write_json
 from lesionflow.stages.evaluate import cases_csv_path, evaluate_cases, metrics_path
@@ -56,8 +57,6 @@ def _champion(ws: Workspace, params: Params, metrics: dict[str, Any]) -> tuple[d
         shutil.rmtree(folder)
     download_model_files(ref, uri, folder)
     facts: dict[str, Any] = {"version": champ.version, "run_id": champ.run_id}
-    from lesionflow.hashing import sha256_file
-
     if sha256_file(folder / "model.safetensors") == metrics["model_sha256"]:
         return {**facts, "status": "same_model"}, {}
     cases = set(metrics["cases"])
