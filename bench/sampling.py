@@ -1,10 +1,13 @@
 """Benchmark: LeFusion RePaint sampling speed (ROIs per second) for a preset, batching several lesions per pass.
 
-The network is untrained (sampling cost does not depend on the weights). Each ROI gets a sphere mask and a
-histogram condition; ``--batch`` ROIs share one forward pass. Reports network evaluations per sample (the
-formula of generative.md §2.6, checked against a call counter), seconds per ROI and ROIs per second.
+The network is untrained (sampling cost does not depend on the weights). Each ROI gets a sphere mask (split
+into ``--classes`` concentric class shells) and a histogram condition; ``--batch`` ROIs share one forward pass of
+:func:`lesionflow.synth.lefusion.synthesize_batch` (the pipeline's sampling call, merge and paste included).
+Reports network evaluations per sample (the formula of generative.md §2.6, checked against a call counter),
+seconds per ROI and ROIs per second.
 
     .venv/bin/python bench/sampling.py --preset toy                      # 16³, base 8, T=50, j=r=2 (CPU)
+    .venv/bin/python bench/sampling.py --preset toy --classes 2          # EMIDEC-like two-class model
     .venv/bin/python bench/sampling.py --preset lefusion-lidc --device cuda --batch 8 --amp bf16
 """
 
@@ -14,12 +17,12 @@ import argparse
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
-from lesionflow.diffusion.samplers import count_network_evaluations, repaint_sample
-from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
+from lesionflow.diffusion.samplers import count_network_evaluations
 from lesionflow.seeding import torch_generator
-from lesionflow.synth.lefusion import LeFusionSettings
+from lesionflow.synth.lefusion import LeFusionSettings, make_model, synthesize_batch
 from lesionflow.synth.placement import sphere_mask
 
 PRESETS = {
@@ -34,16 +37,18 @@ def main() -> None:
     ap.add_argument("--preset", default="toy", choices=sorted(PRESETS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1, help="ROIs per forward pass")
+    ap.add_argument("--classes", type=int, default=1, help="lesion classes (channel blocks) of the model")
     ap.add_argument("--rounds", type=int, default=2, help="timed batches (after one untimed warm-up batch)")
     ap.add_argument("--amp", default="off", choices=["off", "bf16"])
     args = ap.parse_args()
 
     size, base, mults, attention, timesteps, jump, resample = PRESETS[args.preset]
-    settings = LeFusionSettings(timesteps=timesteps, jump_length=jump, jump_n_sample=resample)
+    settings = LeFusionSettings(
+        timesteps=timesteps, jump_length=jump, jump_n_sample=resample, class_values=tuple(range(1, args.classes + 1))
+    )
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = UNetConfig(1, 1, base, mults, 1, attention, cond_dim=settings.bins, groups=8)
-    model = ConditionalUNet3D(config).to(device).eval()
+    model = make_model(1, settings, base, mults, attention).to(device).eval()
     calls = 0
     forward = model.forward
 
@@ -53,20 +58,22 @@ def main() -> None:
         return forward(*a, **k)
 
     model.forward = counted  # type: ignore[method-assign]
-    known = torch.randn(args.batch, 1, *size, device=device)
-    ball = torch.from_numpy(sphere_mask(size, [s / 2 for s in size], min(size) / 5))
-    mask = ball[None, None].expand_as(known).to(device)
-    cond = torch.full((args.batch, settings.bins), 1.0 / settings.bins, device=device)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(args.batch, 1, *size)).astype(np.float32)
+    # class k = the shell between radii r(k+1) and r(k) of a sphere of radius min(size) / 5 (class 0 outermost)
+    radius = min(size) / 5
+    balls = [sphere_mask(size, [s / 2 for s in size], radius * (1 - k / args.classes)) for k in range(args.classes)]
+    shells = np.stack([balls[k] & ~balls[k + 1] if k + 1 < args.classes else balls[k] for k in range(args.classes)])
+    masks = np.broadcast_to(shells, (args.batch, *shells.shape))
+    hists = np.full((args.batch, settings.cond_dim), 1.0 / settings.bins, dtype=np.float32)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if args.amp == "bf16" and device.type == "cuda" else nullcontext()
     )
-    eps_fn = make_eps_fn(model, cond=cond)
-    schedule = settings.schedule()
 
     def one(round_index: int) -> None:
         gen = torch_generator(0, "bench-sampling", round_index, device=device)
         with autocast:
-            repaint_sample(eps_fn, known, mask, schedule, jump_length=jump, jump_n_sample=resample, generator=gen)
+            synthesize_batch(model, settings, images, masks, hists, gen)
 
     one(0)
     calls = 0
@@ -81,7 +88,10 @@ def main() -> None:
     nfe = count_network_evaluations(timesteps, jump, resample)
     assert calls == nfe * args.rounds, (calls, nfe)
     rois = args.batch * args.rounds
-    print(f"\npreset {args.preset}: ROI {list(size)}, base {base}, mults {list(mults)}, T={timesteps}, j=r={jump}")
+    print(
+        f"\npreset {args.preset}: ROI {list(size)}, base {base}, mults {list(mults)}, T={timesteps}, j=r={jump}, "
+        f"{args.classes} class(es)"
+    )
     print(f"device {device}, batch {args.batch}, amp {args.amp}, {torch.get_num_threads()} torch threads")
     print(f"network evaluations per sample: {nfe} (formula = counted)")
     print(f"seconds per ROI: {seconds / rois:.3f}   ROIs per second: {rois / seconds:.2f}")

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lesionflow.errors import ParamsError
+from lesionflow.params_synth import SyntheticQualityParams, SynthParams
 
 
 class _Section(BaseModel):
@@ -121,6 +122,7 @@ class QualityParams(_Section):
     raw: RawQualityParams = Field(default_factory=RawQualityParams)
     processed: ProcessedQualityParams = Field(default_factory=ProcessedQualityParams)
     metrics: MetricsQualityParams = Field(default_factory=MetricsQualityParams)
+    synthetic: SyntheticQualityParams = Field(default_factory=SyntheticQualityParams)
 
 
 class PlanParams(_Section):
@@ -212,8 +214,10 @@ class TrainParams(_Section):
         0.33, ge=0, le=1, description="Share of each batch centred on a foreground voxel (nnU-Net: 0.33)."
     )
     augmentation: AugmentParams = Field(default_factory=AugmentParams)
-    synthetic_store: str = Field("", description="Second Zarr store of synthetic cases (empty = none).")
-    synthetic_ratio: float = Field(0.0, ge=0, le=1, description="Share of patches drawn from the synthetic store.")
+    synthetic_store: str = Field(
+        "data/synthetic/store.zarr", description="Second Zarr store of synthetic cases (empty = none)."
+    )
+    synthetic_ratio: float = Field(0.25, ge=0, le=1, description="Share of patches drawn from the synthetic store.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of training cases held out for validation.")
     val_every: int = Field(50, ge=1, description="Validate (sliding window) every N steps and at the end.")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N validations without gain (0 = off).")
@@ -285,6 +289,7 @@ class Params(_Section):
     quality: QualityParams = Field(default_factory=QualityParams)
     plan: PlanParams = Field(default_factory=PlanParams)
     preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    synth: SynthParams = Field(default_factory=SynthParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)

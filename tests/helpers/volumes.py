@@ -98,9 +98,30 @@ TINY_TRAINING = {
         "checkpoint_every": 2,
         "num_workers": 0,
         "device": "cpu",
+        "synthetic_store": "",  # real cases only; tests/stages/test_synthesis.py trains on the synthetic mix
+        "synthetic_ratio": 0.0,
     },
     "evaluate": {"device": "cpu", "sw_batch_size": 4},
-    "quality": {"metrics": {"min_mean_dice": 0.0}},
+    "quality": {
+        "metrics": {"min_mean_dice": 0.0},
+        # generators trained for 3 steps make noise: the statistics are checked in tests/stages/test_synthesis.py
+        "synthetic": {
+            "max_histogram_w1": 10.0,
+            "boundary_gradient_ratio": [0.0, 1000.0],
+            "max_nn_similarity": 1.0,
+            "max_diversity": 1.0,
+            "min_volume_ks_pvalue": 0.0,
+            "max_reject_fraction": 1.0,
+        },
+    },
+    "synth": {
+        "new_per_case": 0,  # a 20x18x16 sphere case has no room for a second lesion
+        "workers": 1,
+        "device": "cpu",
+        "lefusion": {"steps": 3, "timesteps": 10, "batch_size": 2},
+        "diffmask": {"steps": 3, "timesteps": 10, "batch_size": 2},
+        "ddpm": {"steps": 3, "timesteps": 10, "batch_size": 2},
+    },
 }
 
 
@@ -109,12 +130,14 @@ def use_tiny_training(params_file: Path, **train: object) -> None:
     import yaml
 
     data = yaml.safe_load(params_file.read_text())
-    for section, values in TINY_TRAINING.items():
-        node = data.setdefault(section, {})
+
+    def merge(node: dict[str, object], values: dict[str, object]) -> None:
         for key, value in values.items():
             if isinstance(value, dict):
-                node.setdefault(key, {}).update(value)
+                merge(node.setdefault(key, {}), value)  # type: ignore[arg-type]
             else:
                 node[key] = value
+
+    merge(data, TINY_TRAINING)  # type: ignore[arg-type]
     data["train"].update(train)
     params_file.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -187,3 +187,22 @@ def case_montage_png(rows: Sequence[CaseTile], path: Path) -> Path:
             ax.set_title(f"{tile.title}: {suffix}", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def loss_curves_png(histories: Mapping[str, Sequence[float]], path: Path) -> Path:
+    """One panel per named loss history (e.g. one per generator), loss against optimizer step, log y-axis."""
+    names = list(histories) or ["none"]
+    fig = _figure(4.0 * len(names), 3.2)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names, strict=True):
+        values = [float(v) for v in histories.get(name, [])]
+        if values and all(v > 0 for v in values):
+            ax.plot(range(1, len(values) + 1), values, color="#0a84ff", linewidth=1.0)
+            ax.set_yscale("log")
+        else:
+            _no_data(ax, "no steps")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(name)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -49,10 +50,13 @@ def _digest(path: Path) -> str:
 def _synthetic_digest(ws: Workspace, params: Params) -> str:
     if not params.train.synthetic_store:
         return "none"
+    from lesionflow.stages.synthdata import accepted_synthetic_path
     from lesionflow.store.zarr_store import store_digest
 
     root = ws.path(params.train.synthetic_store)
-    return store_digest(root) if root.is_dir() else "absent"
+    accepted = accepted_synthetic_path(root)
+    store = store_digest(root) if root.is_dir() else "absent"
+    return f"{store}:{sha256_file(accepted) if accepted.exists() else 'all'}"
 
 
 def inputs(ws: Workspace, params: Params) -> dict[str, str]:
@@ -290,10 +294,19 @@ def _synthetic_cases(ws: Workspace, params: Params) -> list[Any]:
                 "set the store (e.g. data/synthetic/store.zarr) or the ratio to 0"
             )
         return []
+    from lesionflow.stages.synthdata import accepted_synthetic_path
+
     root = ws.path(params.train.synthetic_store)
     ids = list_cases(root)
+    accepted = accepted_synthetic_path(root)
+    if accepted.exists():  # the synthetic gate's verdict: rejected samples never reach the segmenter
+        keep = set(json.loads(accepted.read_text())["accepted"])
+        ids = [c for c in ids if c in keep]
     if not ids:
-        raise SourceError(f"train.synthetic_store = {params.train.synthetic_store!r} holds no complete cases")
+        raise SourceError(
+            f"train.synthetic_store = {params.train.synthetic_store!r} holds no complete (accepted) cases; run "
+            "`lesionflow stage synthesize` and `validate-synthetic`, or set train.synthetic_ratio=0"
+        )
     return index_cases(root, ids, seed=params.project.seed)
 
 

@@ -37,19 +37,29 @@ from lesionflow.hashing import combine_digests, sha256_file, sha256_tree
 COMPRESSOR = ZstdCodec(level=3)
 IMAGE_AXES = ("c", "x", "y", "z")
 SPATIAL_AXES = ("x", "y", "z")
-LABEL_NAMES = ("label", "organ")
-ARRAY_PATHS: dict[str, str] = {"image": "image", "label": "labels/label/0", "organ": "labels/organ/0"}
+LABEL_NAMES = ("label", "organ", "generated")
+ARRAY_PATHS: dict[str, str] = {
+    "image": "image",
+    "label": "labels/label/0",
+    "organ": "labels/organ/0",
+    "generated": "labels/generated/0",
+}
 NGFF_VERSION = "0.5"
 _TMP, _OLD = ".tmp-", ".old-"
 
 
 @dataclass(frozen=True)
 class CaseArrays:
-    """Arrays of one case: image (c, x, y, z) float; label / organ (x, y, z) uint8 or None."""
+    """Arrays of one case: image (c, x, y, z) float; label / organ (x, y, z) uint8 or None.
+
+    ``generated`` (x, y, z) uint8, synthetic cases only: k where lesion k - 1 of the sample was generated, 0
+    where every voxel equals the source case bit for bit (the synthetic gate checks it).
+    """
 
     image: np.ndarray
     label: np.ndarray | None
     organ: np.ndarray | None = None
+    generated: np.ndarray | None = None
 
 
 def _check_case_id(case_id: str) -> None:
@@ -326,7 +336,7 @@ def read_case_attrs(root: Path, case_id: str, *, include_ome: bool = False) -> d
 
 
 def open_case_array(root: Path, case_id: str, name: str) -> zarr.Array | None:
-    """Open array ``name`` ("image", "label" or "organ") read-only; None for a label the case does not have."""
+    """Open array ``name`` ("image", "label", "organ" or "generated") read-only; None when the case lacks it."""
     path = _case_dir(root, case_id) / ARRAY_PATHS[name]
     if not (path / "zarr.json").is_file():
         return None
@@ -340,7 +350,9 @@ def read_case(root: Path, case_id: str) -> CaseArrays:
     arrays = {name: open_case_array(root, case_id, name) for name in ARRAY_PATHS}
     loaded = {name: None if a is None else np.asarray(a[...]) for name, a in arrays.items()}
     assert loaded["image"] is not None
-    return CaseArrays(image=loaded["image"], label=loaded["label"], organ=loaded["organ"])
+    return CaseArrays(
+        image=loaded["image"], label=loaded["label"], organ=loaded["organ"], generated=loaded["generated"]
+    )
 
 
 def _read_window(arr: zarr.Array, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:

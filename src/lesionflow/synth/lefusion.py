@@ -1,12 +1,24 @@
 """LeFusion (generative.md §2): a lesion-focused, histogram-conditioned DDPM, trained on lesion ROIs and sampled
-with RePaint inside a lesion mask.
+with RePaint inside a lesion mask, for one or several lesion classes (§2.7 multi-channel decomposition).
 
 Conventions: ROI images are (c, x, y, z) float32 in the store's normalized units; masks (x, y, z) bool, True =
-lesion (= generate). The model predicts eps of the image channels from ``x_t`` alone; the condition is the
-lesion's intensity histogram (``bins`` values per class, §2.3), added to the time embedding. The loss is the
-masked eps loss (§2.2: L1, normalized over all voxels as the authors do, or over lesion voxels). Sampling runs
-the RePaint jump schedule with the background re-injected at every step and ends with the exact paste, so
-every voxel outside the mask equals the input ROI bit for bit (§2.6, our fix of the authors' blurry background).
+lesion (= generate). ``C = len(settings.class_values)`` lesion classes give the network ``C * c`` image channels:
+block ``k`` (channels ``k*c .. (k+1)*c - 1``) is a copy of the image that is trained and generated for class
+``class_values[k]`` only. The condition is the concatenation of the C per-class intensity histograms (``bins``
+values each, zeros for a class absent from the lesion, §2.3), added to the time embedding.
+
+- Loss (§2.2, §2.7): the masked eps loss, L1, with block ``k`` masked by class mask ``k``. ``loss_normalize="all"``
+  is the authors' ``sum_k mean(|M_k ⊙ (eps_k - eps_hat_k)|)`` (each block's mean over all its voxels, summed over
+  blocks); ``"mask"`` divides the summed error by the number of class-mask voxels of all blocks.
+- Sampling (§2.6, §2.7): the known image is the ROI tiled C times, every block is generated inside the *union* of
+  the class masks with the RePaint jump schedule and the final hard paste, then the blocks are merged per image
+  channel by :func:`lesionflow.synth.placement.merge_class_channels` (``out = sum_k ch_k M_k + ch_0 (1 - union)``,
+  the later class wins where masks overlap). Every voxel outside the union equals the input ROI bit for bit.
+- ``C = 1`` is the binary model and behaves as before the multi-class generalisation: its single class is the
+  whole lesion component, whatever its label value (see :func:`class_masks`).
+- Randomness: training batches are a pure function of ``(seed, i)``; weight initialisation is seeded inside a
+  forked torch RNG (the global state is left as it was); sampling draws only from the caller's generator, which
+  must live on the model's device.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from lesionflow.diffusion.samplers import repaint_sample
 from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule
@@ -26,12 +39,30 @@ from lesionflow.diffusion.trainer import GeneratorTrainConfig, GeneratorTrainOut
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
 from lesionflow.seeding import rng_for
 from lesionflow.synth.histograms import HistogramBank, lesion_histogram
+from lesionflow.synth.placement import merge_class_channels
 from lesionflow.synth.rois import Roi
+
+__all__ = [
+    "LeFusionSettings",
+    "class_masks",
+    "classes_without_lesions",
+    "lesion_conditions",
+    "make_model",
+    "rois_with_classes",
+    "synthesize_batch",
+    "synthesize_in_roi",
+    "train_lefusion",
+    "training_batches",
+]
 
 
 @dataclass(frozen=True)
 class LeFusionSettings:
-    """Diffusion and conditioning settings (toy defaults; the authors': T=300 cosine, j=r=5, 16 bins)."""
+    """Diffusion and conditioning settings (toy defaults; the authors': T=300 cosine, j=r=5, 16 bins).
+
+    ``class_values`` are the label values of the lesion classes, one channel block and one histogram block per
+    class, in this order (EMIDEC: ``(3, 4)`` = MI, PMO).
+    """
 
     timesteps: int = 50
     bins: int = 16
@@ -40,35 +71,116 @@ class LeFusionSettings:
     jump_length: int = 2
     jump_n_sample: int = 2
     bank_k: int = 3
+    class_values: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        values = tuple(int(v) for v in self.class_values)
+        if not values or len(set(values)) != len(values) or any(not 0 < v <= 255 for v in values):
+            raise ValueError(f"class_values must be distinct label values in 1..255, got {self.class_values!r}")
+        object.__setattr__(self, "class_values", values)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_values)
+
+    @property
+    def cond_dim(self) -> int:
+        return self.n_classes * self.bins
 
     def schedule(self) -> NoiseSchedule:
         return cosine_schedule(self.timesteps)
 
 
+# --------------------------------------------------------------------------- classes and conditions
+
+
+def class_masks(label_roi: np.ndarray, lesion_mask: np.ndarray, class_values: Sequence[int]) -> np.ndarray:
+    """(C, x, y, z) bool: mask ``k`` = ``(label_roi == class_values[k]) & lesion_mask``.
+
+    With a single class value the one mask is ``lesion_mask`` itself (the binary model: every label value of the
+    lesion counts), so a single-class model trains on whole lesion components as it always did.
+    """
+    label, lesion = np.asarray(label_roi), np.asarray(lesion_mask) > 0
+    if label.shape != lesion.shape or lesion.ndim != 3:
+        raise ValueError(f"label shape {label.shape} != lesion mask shape {lesion.shape} (both (x, y, z))")
+    if len(class_values) == 0:
+        raise ValueError("class_values must not be empty")
+    if len(class_values) == 1:
+        return lesion[None].copy()
+    return np.stack([(label == v) & lesion for v in class_values])
+
+
+def classes_without_lesions(rois: Sequence[Roi], class_values: Sequence[int]) -> list[int]:
+    """The class values (in the given order) that no ROI's lesion mask contains (per :func:`class_masks`)."""
+    present = np.zeros(len(class_values), dtype=bool)
+    for roi in rois:
+        present |= class_masks(roi.label, roi.mask, class_values).any(axis=(1, 2, 3))
+    return [int(v) for v, seen in zip(class_values, present, strict=True) if not seen]
+
+
+def rois_with_classes(rois: Sequence[Roi], class_values: Sequence[int]) -> list[Roi]:
+    """The ROIs whose lesion mask holds at least one voxel of some class (the ones LeFusion can train on)."""
+    return [r for r in rois if class_masks(r.label, r.mask, class_values).any()]
+
+
 def lesion_conditions(rois: Sequence[Roi], settings: LeFusionSettings) -> np.ndarray:
-    """(n, bins) histograms of the lesions' first channel inside their masks (the training conditions)."""
+    """(n, C * bins) training conditions: per class, the histogram of the ROI's first channel inside the class
+    mask (a block of zeros for a class absent from the lesion), concatenated in ``class_values`` order."""
     if not rois:
         raise ValueError("no lesion ROIs: the training cases have no labelled lesion")
-    return np.stack([lesion_histogram(r.image, r.mask, settings.bins, settings.value_range) for r in rois])
+    rows = []
+    for roi in rois:
+        masks = class_masks(roi.label, roi.mask, settings.class_values)
+        if not masks.any():
+            raise ValueError(
+                f"ROI {roi.case_id}/lesion {roi.index} has no voxel of classes {list(settings.class_values)} "
+                "(filter the ROIs with rois_with_classes)"
+            )
+        blocks = [
+            lesion_histogram(roi.image, m, settings.bins, settings.value_range) if m.any() else np.zeros(settings.bins)
+            for m in masks
+        ]
+        rows.append(np.concatenate(blocks))
+    return np.stack(rows)
+
+
+# --------------------------------------------------------------------------- training
 
 
 def training_batches(
-    rois: Sequence[Roi], conditions: np.ndarray, batch_size: int, seed: int
+    rois: Sequence[Roi],
+    conditions: np.ndarray,
+    batch_size: int,
+    seed: int,
+    settings: LeFusionSettings | None = None,
 ) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batches(i)``: micro-batch ``i`` as a pure function of (seed, i): ROIs drawn uniformly, each flipped
-    along x with probability 1/2 (the authors' one in-plane flip). Keys: image (B, c, *size) float32, mask
-    (B, 1, *size) float32, cond (B, bins) float32."""
+    along x with probability 1/2 (the authors' one in-plane flip). Keys: image (B, C*c, *size) float32 (the ROI
+    image tiled C times, block k for class k), mask (B, C*c, *size) float32 (block k = class mask k), cond
+    (B, C*bins) float32. ``settings`` None = the defaults (one class)."""
+    settings = settings or LeFusionSettings()
+    if len(conditions) != len(rois) or np.shape(conditions)[1:] != (settings.cond_dim,):
+        raise ValueError(
+            f"conditions shape {np.shape(conditions)} does not match {len(rois)} ROIs x {settings.cond_dim} values"
+        )
     images = np.stack([r.image.astype(np.float32) for r in rois])
-    masks = np.stack([r.mask.astype(np.float32) for r in rois])[:, None]
+    c_img = images.shape[1]
+    # Class masks repeated per image channel: (n, C*c, *size), block k = class k (uint8 keeps it 4x smaller).
+    masks = np.stack([np.repeat(class_masks(r.label, r.mask, settings.class_values), c_img, axis=0) for r in rois])
+    masks = masks.astype(np.uint8)
     conds = conditions.astype(np.float32)
+    tiles = settings.n_classes
 
     def batches(i: int) -> dict[str, torch.Tensor]:
+        # Same draws, in the same order, as the single-class version: the batches do not depend on C.
         rng = rng_for(seed, "lefusion-batch", i)
         pick = rng.integers(len(rois), size=batch_size)
         flip = rng.random(batch_size) < 0.5
-        image, mask = images[pick].copy(), masks[pick].copy()
+        image, mask = images[pick].copy(), masks[pick].astype(np.float32)
         image[flip] = image[flip][:, :, ::-1]
         mask[flip] = mask[flip][:, :, ::-1]
+        if tiles > 1:
+            image = np.concatenate([image] * tiles, axis=1)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
@@ -78,16 +190,32 @@ def training_batches(
     return batches
 
 
-def make_model(image_channels: int, settings: LeFusionSettings, base_channels: int = 8) -> ConditionalUNet3D:
+def make_model(
+    image_channels: int,
+    settings: LeFusionSettings,
+    base_channels: int = 8,
+    channel_mults: tuple[int, ...] = (1, 2),
+    attention_levels: tuple[bool, ...] | None = None,
+) -> ConditionalUNet3D:
+    """The LeFusion UNet: ``C * image_channels`` in and out, condition of ``C * bins`` values, no attention by
+    default (``attention_levels`` None = none)."""
     config = UNetConfig(
-        in_channels=image_channels,
-        out_channels=image_channels,
+        in_channels=settings.n_classes * image_channels,
+        out_channels=settings.n_classes * image_channels,
         base_channels=base_channels,
-        channel_mults=(1, 2),
-        attention_levels=(False, False),
-        cond_dim=settings.bins,
+        channel_mults=tuple(channel_mults),
+        attention_levels=tuple(attention_levels) if attention_levels is not None else (False,) * len(channel_mults),
+        cond_dim=settings.cond_dim,
     )
     return ConditionalUNet3D(config)
+
+
+def _blockwise_loss(
+    model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator, *, schedule: NoiseSchedule, blocks: int
+) -> Tensor:
+    # masked_eps_loss("all") divides by every element of all C blocks; the authors sum one mean per block, which
+    # is C times that.
+    return blocks * eps_loss(model, batch, generator, schedule=schedule, kind="l1", normalize="all")
 
 
 def train_lefusion(
@@ -100,14 +228,22 @@ def train_lefusion(
     device: torch.device | str = "cpu",
     warn: Callable[[str], None] = print,
     base_channels: int = 8,
+    channel_mults: tuple[int, ...] = (1, 2),
+    attention_levels: tuple[bool, ...] | None = None,
 ) -> tuple[GeneratorTrainOutcome, HistogramBank]:
-    """Train LeFusion on lesion ROIs; return the outcome (EMA weights for sampling) and the histogram bank."""
+    """Train LeFusion on lesion ROIs; return the outcome (EMA weights for sampling) and the histogram bank fitted
+    on the (n, C * bins) training conditions."""
     conditions = lesion_conditions(rois, settings)
-    torch.manual_seed(seed)  # weight init only; every draw of the loop takes its own generator
-    model = make_model(rois[0].image.shape[0], settings, base_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # weight init only; every draw of the loop takes its own generator
+        model = make_model(rois[0].image.shape[0], settings, base_channels, channel_mults, attention_levels)
     schedule = settings.schedule()
-    loss = partial(eps_loss, schedule=schedule, kind="l1", normalize=settings.loss_normalize)
-    batches = training_batches(rois, conditions, config.batch_size, seed)
+    loss: Callable[[nn.Module, dict[str, Tensor], torch.Generator], Tensor]
+    if settings.loss_normalize == "all" and settings.n_classes > 1:
+        loss = partial(_blockwise_loss, schedule=schedule, blocks=settings.n_classes)
+    else:
+        loss = partial(eps_loss, schedule=schedule, kind="l1", normalize=settings.loss_normalize)
+    batches = training_batches(rois, conditions, config.batch_size, seed, settings)
     outcome = train_generator(model, batches, loss, schedule, config, checkpoint_root, device, seed, warn)
     bank = HistogramBank.fit(
         conditions, settings.bank_k, seed=seed, bins=settings.bins, value_range=settings.value_range
@@ -115,23 +251,63 @@ def train_lefusion(
     return outcome, bank
 
 
-def synthesize_in_roi(
+# --------------------------------------------------------------------------- sampling
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def synthesize_batch(
     model: ConditionalUNet3D,
     settings: LeFusionSettings,
-    image_roi: np.ndarray,
-    mask: np.ndarray,
-    histogram: np.ndarray,
+    image_rois: np.ndarray,
+    masks: np.ndarray,
+    histograms: np.ndarray,
     generator: torch.Generator,
 ) -> np.ndarray:
-    """A lesion with texture ``histogram`` generated inside ``mask`` of ``image_roi`` (c, x, y, z); every voxel
-    outside the mask is returned unchanged (bitwise)."""
-    if mask.shape != image_roi.shape[1:]:
-        raise ValueError(f"mask shape {mask.shape} does not match the ROI {image_roi.shape[1:]}")
-    if not mask.any():
-        raise ValueError("the lesion mask is empty: nothing to generate")
-    known = torch.from_numpy(np.ascontiguousarray(image_roi, dtype=np.float32))[None]
-    where = torch.from_numpy(np.ascontiguousarray(mask))[None, None].expand_as(known)
-    cond = torch.from_numpy(np.asarray(histogram, dtype=np.float32))[None]
+    """Lesions for B ROIs in one RePaint run (one forward pass per step for the whole batch).
+
+    ``image_rois`` (B, c, x, y, z); ``masks`` (B, C, x, y, z) bool class masks (or (B, x, y, z) when C = 1);
+    ``histograms`` (B, C * bins). Returns (B, c, x, y, z), float32 for float32 input (the dtype that holds the
+    input exactly otherwise): each item's voxels outside the union of its class masks equal the input bitwise.
+    The generator must live on the model's device; the batch draws its noise jointly, so item ``b`` differs from a
+    single-item call with the same generator.
+    """
+    images = np.asarray(image_rois)
+    n_classes, bins = settings.n_classes, settings.bins
+    if images.ndim != 5:
+        raise ValueError(f"image_rois must be (B, c, x, y, z), got shape {images.shape}")
+    b, c_img, *size = images.shape
+    m = np.asarray(masks) > 0
+    if n_classes == 1 and m.shape == (b, *size):
+        m = m[:, None]
+    if m.shape != (b, n_classes, *size):
+        raise ValueError(f"masks shape {m.shape} does not match (B, C, x, y, z) = {(b, n_classes, *size)}")
+    hist = np.asarray(histograms, dtype=np.float32)
+    if hist.shape != (b, n_classes * bins):
+        raise ValueError(f"histograms must have shape (B, C*bins): expected {(b, n_classes * bins)}, got {hist.shape}")
+    expected = n_classes * c_img
+    if model.config.in_channels != expected or model.config.cond_dim != n_classes * bins:
+        raise ValueError(
+            f"model expects {model.config.in_channels} channels / cond {model.config.cond_dim}; "
+            f"{n_classes} classes x {c_img} image channels need {expected} / {n_classes * bins}"
+        )
+    union = np.asarray(m.any(axis=1))  # (B, x, y, z): every block is generated here
+    empty = [i for i in range(b) if not union[i].any()]
+    if empty:
+        raise ValueError(
+            f"the lesion mask (union of the class masks) is empty for item(s) {empty}: nothing to generate"
+        )
+    device = _model_device(model)
+    # 1. known = the ROI tiled C times (block k for class k); the generation region is the union for every block
+    known_np = np.ascontiguousarray(images, dtype=np.float32)
+    if n_classes > 1:
+        known_np = np.concatenate([known_np] * n_classes, axis=1)
+    known = torch.from_numpy(known_np).to(device)
+    where = torch.from_numpy(np.ascontiguousarray(union))[:, None].to(device).expand_as(known)
+    cond = torch.from_numpy(hist).to(device)
+    # 2. RePaint with the jump schedule and the final hard paste (§2.6)
     out = repaint_sample(
         make_eps_fn(model.eval(), cond=cond),
         known,
@@ -141,4 +317,41 @@ def synthesize_in_roi(
         jump_n_sample=settings.jump_n_sample,
         generator=generator,
     )
-    return np.asarray(out[0].numpy(), dtype=np.float32)
+    generated = out.float().cpu().numpy().reshape(b, n_classes, c_img, *size)
+    # 3. merge the class blocks per image channel (§2.7): block k inside class mask k, block 0 elsewhere
+    merged = np.stack(
+        [np.stack([merge_class_channels(generated[i, :, ch], m[i]) for ch in range(c_img)]) for i in range(b)]
+    )
+    # 4. the background straight from the input (no float round trip even for non-float32 ROIs)
+    dtype = np.result_type(np.float32, images.dtype)
+    return np.where(union[:, None], merged, images).astype(dtype, copy=False)
+
+
+def synthesize_in_roi(
+    model: ConditionalUNet3D,
+    settings: LeFusionSettings,
+    image_roi: np.ndarray,
+    masks: np.ndarray,
+    histogram: np.ndarray,
+    generator: torch.Generator,
+) -> np.ndarray:
+    """A lesion with texture ``histogram`` (C * bins values) generated inside the class ``masks`` (C, x, y, z)
+    (or one (x, y, z) mask when C = 1) of ``image_roi`` (c, x, y, z); every voxel outside the union of the masks
+    is returned unchanged (bitwise). Same as :func:`synthesize_batch` with a batch of one."""
+    image = np.asarray(image_roi)
+    if image.ndim != 4:
+        raise ValueError(f"image_roi must be (c, x, y, z), got shape {image.shape}")
+    m = np.asarray(masks)
+    if m.shape != image.shape[1:] and m.shape != (settings.n_classes, *image.shape[1:]):
+        raise ValueError(
+            f"mask shape {m.shape} does not match the ROI: expected {(settings.n_classes, *image.shape[1:])}"
+            + (f" or {image.shape[1:]}" if settings.n_classes == 1 else "")
+        )
+    if m.ndim == 3 and settings.n_classes != 1:
+        raise ValueError(f"{settings.n_classes} classes need (C, x, y, z) class masks, got one mask {m.shape}")
+    hist = np.asarray(histogram)
+    if hist.shape != (settings.cond_dim,):
+        raise ValueError(
+            f"histogram must have {settings.cond_dim} values (C*bins): expected {settings.cond_dim}, got {hist.shape}"
+        )
+    return synthesize_batch(model, settings, image[None], m[None], hist[None], generator)[0]

@@ -1,0 +1,180 @@
+"""Typed parameters of lesion synthesis: the ``synth`` section and the synthetic gate's ``quality.synthetic``.
+
+Kept apart from :mod:`lesionflow.params` only for size; the same rules apply (frozen models, unknown keys
+rejected, one-line errors). Defaults are the CPU ``toy`` preset (16³ ROIs, base width 8, T = 50, seconds per
+sample); ``presets/lefusion-lidc.yaml`` and ``presets/repaint.yaml`` hold the papers' sizes for a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GeneratorMethod = Literal["lefusion", "diffmask", "ddpm"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GeneratorNetParams(_Section):
+    """Network, schedule and optimisation of one diffusion generator (shared by every method)."""
+
+    base_channels: int = Field(8, ge=1, description="Width of the first UNet level (independent of the ROI size).")
+    channel_mults: tuple[int, ...] = Field((1, 2), description="Width multipliers per level; levels-1 downsamplings.")
+    attention_levels: tuple[bool, ...] = Field((False, False), description="Self-attention per level (coarse only).")
+    timesteps: int = Field(50, ge=2, le=4000, description="Diffusion steps T (cosine schedule, s = 0.008).")
+    steps: int = Field(150, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, le=512, description="ROIs per micro-batch.")
+    grad_accum: int = Field(1, ge=1, le=64, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate (authors: 1e-4; toy runs are short).")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA decay; the EMA weights are the ones sampled from.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps and at the end (resumable).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast on CUDA (auto = when supported).")
+
+    @model_validator(mode="after")
+    def _levels(self) -> GeneratorNetParams:
+        if not self.channel_mults or min(self.channel_mults) < 1:
+            raise ValueError(f"channel_mults must be positive ints, got {list(self.channel_mults)}")
+        if len(self.attention_levels) != len(self.channel_mults):
+            raise ValueError(
+                f"attention_levels has {len(self.attention_levels)} entries for {len(self.channel_mults)} levels"
+            )
+        return self
+
+
+class LeFusionParams(GeneratorNetParams):
+    """LeFusion: lesion-focused loss, histogram condition, RePaint sampling (generative.md §2, §9.2)."""
+
+    bins: int = Field(16, ge=2, le=256, description="Histogram bins of the lesion texture condition.")
+    value_range: tuple[float, float] = Field((-3.0, 3.0), description="Histogram support in normalized units.")
+    loss_normalize: Literal["all", "mask"] = Field(
+        "all", description="Masked L1 divided by all voxels (authors) or by lesion voxels."
+    )
+    jump_length: int = Field(2, ge=1, description="RePaint jump length j (authors 5; 2 = fast).")
+    jump_n_sample: int = Field(2, ge=1, description="RePaint resamplings r (authors 5; 2 = fast).")
+    bank_k: int = Field(3, ge=1, description="k-means clusters of the histogram bank.")
+    histogram_mode: Literal["cluster", "empirical", "explicit"] = Field(
+        "cluster", description="Condition at sampling: a bank cluster (±10% perturbed), a real lesion's, or explicit."
+    )
+    explicit_histogram: tuple[float, ...] = Field((), description="The histogram for mode explicit (bins per class).")
+    multi_class: bool = Field(True, description="One channel per lesion class (§2.7); false = all classes as one.")
+
+    @field_validator("value_range")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] < v[1]:
+            raise ValueError(f"expected min < max, got {list(v)}")
+        return v
+
+
+class DiffMaskParams(GeneratorNetParams):
+    """DiffMask: a DDPM over lesion masks controlled by a bounding-sphere channel (generative.md §2.8)."""
+
+    threshold: float = Field(0.5, gt=0, lt=1, description="Threshold of the sampled mask mapped to [0, 1].")
+    zoom: float = Field(1.0, gt=0, le=4, description="Mask zoom about the sphere centre (authors 1.5; grid kept).")
+    ddim_steps: int = Field(0, ge=0, description="0 = ancestral DDPM over all T steps; >0 = DDIM (eta 0).")
+    batch_size: int = Field(8, ge=1, le=512, description="Masks per micro-batch.")
+
+
+class DdpmParams(GeneratorNetParams):
+    """Unconditional DDPM for RePaint inpainting: lesion removal and the insertion baseline (§3, §9.3)."""
+
+    schedule: Literal["cosine", "linear"] = Field("cosine", description="Noise schedule.")
+    jump_length: int = Field(2, ge=1, description="RePaint jump length j (paper 10; 2 = fast).")
+    jump_n_sample: int = Field(2, ge=1, description="RePaint resamplings r (paper 10; 2 = fast).")
+    removal_dilation: int = Field(1, ge=0, le=16, description="Voxels a lesion grows by before removal.")
+
+
+class SynthParams(_Section):
+    """Lesion synthesis: ROI extraction, generator training and the synthetic store (defaults: toy preset)."""
+
+    roi_size: tuple[int, int, int] = Field((16, 16, 16), description="ROI (x, y, z) voxels; LIDC preset 64x64x32.")
+    min_lesion_voxels: int = Field(4, ge=1, description="Smaller lesion components are not used for training.")
+    candidates_per_case: int = Field(4, ge=0, description="Lesion-free ROIs drawn inside each case's organ mask.")
+    generators: tuple[GeneratorMethod, ...] = Field(
+        ("lefusion", "diffmask"), description="Generators `train-generator` trains: lefusion, diffmask, ddpm."
+    )
+    method: Literal["lefusion", "ddpm"] = Field(
+        "lefusion", description="Texture generator `synthesize` uses (ddpm = the RePaint insertion baseline)."
+    )
+    relesion_per_case: int = Field(1, ge=0, le=64, description="Samples re-texturing the case's real lesions (P').")
+    new_per_case: int = Field(1, ge=0, le=64, description="Samples with new lesions placed inside the organ (N').")
+    remove_per_case: int = Field(0, ge=0, le=64, description="Samples with a lesion removed (needs the ddpm model).")
+    lesions_per_sample: int = Field(1, ge=1, le=16, description="Lesions generated per new-lesion sample.")
+    batch_lesions: int = Field(4, ge=1, le=64, description="Lesions sampled per forward pass.")
+    workers: int = Field(2, ge=1, le=256, description="Local Dask worker processes for `synthesize`.")
+    scheduler_address: str = Field("", description="tcp://host:8786 to use a running Dask cluster.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    lefusion: LeFusionParams = Field(default_factory=LeFusionParams)
+    diffmask: DiffMaskParams = Field(default_factory=DiffMaskParams)
+    ddpm: DdpmParams = Field(default_factory=DdpmParams)
+
+    @field_validator("roi_size")
+    @classmethod
+    def _roi(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(v) < 4:
+            raise ValueError(f"expected three edges >= 4 voxels, got {list(v)}")
+        return v
+
+    @field_validator("generators")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"generators listed twice: {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SynthParams:
+        if self.generators and self.method not in self.generators:
+            raise ValueError(
+                f"method {self.method!r} is not among the trained generators {list(self.generators)}; add it"
+            )
+        if self.remove_per_case and "ddpm" not in self.generators:
+            raise ValueError("remove_per_case > 0 needs the ddpm generator: add 'ddpm' to synth.generators")
+        for name in ("lefusion", "diffmask", "ddpm"):
+            net: GeneratorNetParams = getattr(self, name)
+            multiple = 2 ** (len(net.channel_mults) - 1)
+            if name in self.generators and any(s % multiple for s in self.roi_size):
+                raise ValueError(
+                    f"roi_size {list(self.roi_size)} must be a multiple of {multiple} per axis "
+                    f"for synth.{name}.channel_mults {list(net.channel_mults)}"
+                )
+        return self
+
+
+class SyntheticQualityParams(_Section):
+    """Expectations of the synthetic gate (validate-synthetic); statistics are toy-tolerant by default."""
+
+    max_histogram_w1: float = Field(
+        1.0, ge=0, description="Wasserstein-1 (normalized units) between a lesion and its condition histogram."
+    )
+    min_volume_ks_pvalue: float = Field(
+        0.001, ge=0, le=1, description="KS test of synthetic vs real lesion volumes: p-value at least this."
+    )
+    boundary_gradient_ratio: tuple[float, float] = Field(
+        (0.2, 5.0), description="Boundary gradient / median real one must lie in this range (detects stickers)."
+    )
+    max_nn_similarity: float = Field(
+        0.995, ge=0, le=1, description="Correlation with the nearest training lesion at most this (memorization)."
+    )
+    max_diversity: float = Field(
+        0.995, ge=0, le=1, description="Mean pairwise correlation of samples sharing a condition at most this."
+    )
+    min_detected_fraction: float = Field(
+        0.7, ge=0, le=1, description="Acceptance filter: the segmenter must find this share of a lesion."
+    )
+    acceptance_model: str = Field(
+        "champion",
+        description="Segmenter for the acceptance filter: champion (registry alias), a model folder, or empty = off.",
+    )
+    max_reject_fraction: float = Field(0.5, ge=0, le=1, description="The gate fails above this share of rejections.")
+
+    @field_validator("boundary_gradient_ratio")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"expected 0 <= min < max, got {list(v)}")
+        return v

@@ -1,0 +1,231 @@
+"""The synthetic gate: what each generated lesion (one row per sample) and the generated set must meet.
+
+Table (id column ``sample_id``), built by ``validate-synthetic`` with :mod:`lesionflow.quality.synthetic_checks`:
+
+- ``background_max_abs_diff``: max |synthetic - original| outside the mask, must be 0 (check 1)
+- ``mask_binary``: 1 if the mask is binary, else 0 (a bool column is converted) (check 7)
+- ``components``: connected components of the mask, must be 1 (check 7)
+- ``inside_organ``: share of the mask inside the organ mask, must be 1 (1.0 without an organ mask) (check 7)
+- ``histogram_w1``: W1 of the lesion histogram vs its condition (check 8)
+- ``boundary_gradient_ratio``: boundary gradient / median real-lesion boundary gradient (check 10)
+- ``nn_similarity``: NCC with the nearest training lesion (check 11, memorisation)
+- ``detected_fraction``: share of the lesion the segmenter finds (check 15; NaN = no segmenter)
+
+Every column check is *row-level*: a failing row is a rejected sample, named by its ``sample_id``. GX skips
+null values in column-map expectations, so a NaN in the last three columns means "not measured" and passes;
+the first five carry an explicit not-null check, so a missing hard invariant rejects the sample instead of
+slipping through. Dataset level: at least one row, unique ids, the population statistics of
+:class:`SyntheticStats` (KS p-value of volumes, diversity, acceptance rate; added to the table as constant
+columns so they show in the same report and Data Docs with their ``quality.synthetic.*`` key), and the reject
+policy ``quality.synthetic.max_reject_fraction``. A NaN statistic (not measured: fewer than two samples per
+condition, no segmenter) is checked with ``expect_column_values_to_be_null``, which passes and says so in
+the report, instead of an aggregate over nothing, which GX would fail.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lesionflow.quality.gate import GatePolicy, GateResult, run_gate
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from great_expectations.expectations import Expectation
+
+GATE = "synthetic"
+ID_COLUMN = "sample_id"
+PARAM_PREFIX = "quality.synthetic."
+
+#: per-sample columns the stage must provide (besides ``sample_id``)
+ROW_COLUMNS = (
+    "background_max_abs_diff",
+    "mask_binary",
+    "components",
+    "inside_organ",
+    "histogram_w1",
+    "boundary_gradient_ratio",
+    "nn_similarity",
+    "detected_fraction",
+)
+#: hard invariants that must be present in every row (the others may be NaN = not measured)
+REQUIRED_COLUMNS = ROW_COLUMNS[:5]
+#: constant columns :func:`with_stats_columns` adds from :class:`SyntheticStats`
+STATS_COLUMNS = ("volume_ks_pvalue", "diversity", "acceptance_rate")
+
+
+@dataclass(frozen=True)
+class SyntheticThresholds:
+    """Bounds of the synthetic gate; mirrors ``params.quality.synthetic`` (keys ``quality.synthetic.<field>``)."""
+
+    max_histogram_w1: float = 0.5  # normalised intensity units
+    min_volume_ks_pvalue: float = 0.01
+    boundary_gradient_ratio: tuple[float, float] = (0.25, 4.0)  # (min, max) of sample / median real
+    max_nn_similarity: float = 0.99
+    max_diversity: float = 0.99  # mean pairwise NCC of samples with the same condition
+    min_detected_fraction: float = 0.7  # per sample; the acceptance rate must reach 1 - max_reject_fraction
+    max_reject_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        lo, hi = self.boundary_gradient_ratio
+        if not 0 <= lo < hi:
+            raise ValueError(f"boundary_gradient_ratio must be (min, max) with 0 <= min < max, got {(lo, hi)}")
+        for name in ("min_volume_ks_pvalue", "min_detected_fraction", "max_reject_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SyntheticStats:
+    """Population statistics of one generated set (NaN = not measured, which passes)."""
+
+    volume_ks_pvalue: float  # KsResult.pvalue of synthetic vs real lesion volumes (1.0 when not testable)
+    diversity: float  # mean pairwise NCC of samples sharing a condition (NaN with < 2 per condition)
+    acceptance_rate: float  # share of samples the segmenter accepted (NaN without a segmenter)
+
+
+def with_stats_columns(table: pd.DataFrame, stats: SyntheticStats) -> pd.DataFrame:
+    """A copy of ``table`` with the :data:`STATS_COLUMNS` set to the ``stats`` values (float64) on every row,
+    and a bool ``mask_binary`` converted to 0/1 (int64) so its check reads "exactly 1"."""
+    out = table.copy()
+    for column in STATS_COLUMNS:
+        out[column] = float(getattr(stats, column))
+        out[column] = out[column].astype("float64")
+    if "mask_binary" in out.columns and out["mask_binary"].dtype == bool:
+        out["mask_binary"] = out["mask_binary"].astype("int64")
+    return out
+
+
+def _param(name: str) -> str:
+    return PARAM_PREFIX + name
+
+
+def _stat_expectation(
+    column: str, value: float, *, min_value: float | None = None, max_value: float | None = None, param: str, why: str
+) -> Expectation:
+    """A dataset-level check of one constant stats column, or a passing "not measured" check for NaN."""
+    import great_expectations.expectations as gxe
+
+    meta = {"param": param, "scope": "dataset", "label": column}
+    if math.isnan(value):
+        return gxe.ExpectColumnValuesToBeNull(
+            column=column, notes=f"Not measured in this run (NaN), so not checked. {why}", meta=meta
+        )
+    return gxe.ExpectColumnMeanToBeBetween(
+        column=column, min_value=min_value, max_value=max_value, notes=why, meta=meta
+    )
+
+
+def synthetic_expectations(t: SyntheticThresholds, stats: SyntheticStats) -> list[Expectation]:
+    """The suite over :func:`with_stats_columns` of the per-sample table (see the module docstring)."""
+    import great_expectations.expectations as gxe
+
+    lo, hi = t.boundary_gradient_ratio
+    exps: list[Expectation] = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1, meta={"explain": "no synthetic samples ({observed} rows)"}),
+        gxe.ExpectColumnValuesToBeUnique(column=ID_COLUMN, meta={"scope": "both"}),
+    ]
+    exps += [
+        gxe.ExpectColumnValuesToNotBeNull(
+            column=column, notes="A hard invariant that was not computed cannot be trusted to hold."
+        )
+        for column in REQUIRED_COLUMNS
+    ]
+    exps += [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="background_max_abs_diff",
+            min_value=0,
+            max_value=0,
+            notes="The paste must leave every voxel outside the lesion mask bit-exact (§9.7 check 1).",
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="mask_binary", min_value=1, max_value=1, notes="The generated mask must be binary (check 7)."
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="components",
+            min_value=1,
+            max_value=1,
+            notes="One lesion per sample: exactly one connected component, not empty (check 7).",
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="inside_organ",
+            min_value=1,
+            max_value=1,
+            notes="The whole lesion must lie inside the organ mask (check 7).",
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="histogram_w1",
+            max_value=t.max_histogram_w1,
+            notes="The lesion's intensity histogram must follow its condition (Wasserstein-1, check 8).",
+            meta={"param": _param("max_histogram_w1")},
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="boundary_gradient_ratio",
+            min_value=lo,
+            max_value=hi,
+            notes="Edge sharpness vs real lesions: too high is a pasted sticker, too low a smear (check 10).",
+            meta={"param": _param("boundary_gradient_ratio")},
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="nn_similarity",
+            max_value=t.max_nn_similarity,
+            notes="Correlation with the nearest training lesion: near 1 means a memorised copy (check 11).",
+            meta={"param": _param("max_nn_similarity")},
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="detected_fraction",
+            min_value=t.min_detected_fraction,
+            notes="FreeTumor acceptance: the real-data segmenter must find the lesion (check 15; "
+            "missing = no segmenter, skipped).",
+            meta={"param": _param("min_detected_fraction")},
+        ),
+    ]
+    exps += [
+        _stat_expectation(
+            "volume_ks_pvalue",
+            stats.volume_ks_pvalue,
+            min_value=t.min_volume_ks_pvalue,
+            param=_param("min_volume_ks_pvalue"),
+            why="KS test of synthetic vs real lesion volumes: a tiny p-value means different size distributions "
+            "(check 9).",
+        ),
+        _stat_expectation(
+            "diversity",
+            stats.diversity,
+            max_value=t.max_diversity,
+            param=_param("max_diversity"),
+            why="Mean pairwise correlation of samples sharing a condition: near 1 means mode collapse (check 11).",
+        ),
+        _stat_expectation(
+            "acceptance_rate",
+            stats.acceptance_rate,
+            min_value=1.0 - t.max_reject_fraction,
+            param=_param("max_reject_fraction"),
+            why="Share of samples the segmenter accepted must reach 1 - the tolerated reject fraction (check 15).",
+        ),
+    ]
+    return exps
+
+
+def run_synthetic_gate(
+    table: pd.DataFrame, stats: SyntheticStats, t: SyntheticThresholds, report_dir: Path, *, data_docs: bool = True
+) -> GateResult:
+    """Validate the per-sample ``table`` plus ``stats`` and write the gate reports under ``report_dir``.
+
+    ``GateResult.rejected`` is keyed by ``sample_id``; a sample is rejected by any failing row-level check, and
+    the gate fails above ``t.max_reject_fraction`` rejected samples or on any dataset-level failure.
+    """
+    policy = GatePolicy(
+        max_reject_fraction=t.max_reject_fraction, max_reject_fraction_param=_param("max_reject_fraction")
+    )
+    return run_gate(
+        GATE,
+        with_stats_columns(table, stats),
+        synthetic_expectations(t, stats),
+        policy,
+        report_dir,
+        id_column=ID_COLUMN,
+        data_docs=data_docs,
+    )

@@ -1,0 +1,141 @@
+"""Stage extract-rois: lesion-centred and lesion-free ROIs of the training cases -> data/rois/rois.zarr.
+
+Only the training split is read (validation and test cases never reach a generator). Lesions the generators
+cannot learn from are reported and skipped, the other cases go on: a lesion larger than the ROI (it would be
+cut), a lesion touching the volume border (the scan cuts it; its shape is not a lesion shape), a case whose
+organ mask is empty or missing (no lesion-free candidates).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import numpy as np
+
+from lesionflow.errors import SourceError
+from lesionflow.hashing import sha256_file, sha256_tree
+from lesionflow.params import Params
+from lesionflow.stages.base import Finding, StageResult, write_json, write_text_if_changed
+from lesionflow.stages.plan import load_plan, plans_digest
+from lesionflow.stages.preprocess import metadata_path, store_root
+from lesionflow.stages.segdata import splits
+from lesionflow.stages.synthdata import rois_path, rois_table_path
+from lesionflow.stages.validate_processed import accepted_path
+from lesionflow.workspace import Workspace
+
+STAGE = "extract-rois"
+
+
+def inputs(ws: Workspace, params: Params) -> dict[str, str]:
+    def digest(path: Any) -> str:
+        return sha256_file(path) if path.exists() else "absent"
+
+    return {
+        "plans": plans_digest(ws),
+        "metadata": digest(metadata_path(ws)),
+        "accepted": digest(accepted_path(ws)),
+    }
+
+
+def _lesion_problem(roi: Any, shape: tuple[int, ...], size: tuple[int, int, int]) -> tuple[str, str] | None:
+    """Why a lesion ROI cannot be used (code, message), or None."""
+    coords = np.argwhere(roi.mask) + np.asarray(roi.origin)
+    if int(roi.mask.sum()) < roi.voxels:
+        extent = (coords.max(0) - coords.min(0) + 1).tolist() if len(coords) else []
+        return (
+            "lesion_larger_than_roi",
+            f"lesion {roi.index} ({roi.voxels} voxels) does not fit synth.roi_size {list(size)} "
+            f"(visible part spans {extent}); skipped; raise synth.roi_size to cover it",
+        )
+    touching = [
+        a
+        for a, (lo, hi, n) in enumerate(zip(coords.min(0), coords.max(0), shape, strict=True))
+        if lo == 0 or hi == n - 1
+    ]
+    if touching:
+        axes = ",".join("xyz"[a] for a in touching)
+        return (
+            "lesion_touches_border",
+            f"lesion {roi.index} touches the volume border along {axes} (the scan cuts it); skipped; "
+            "preprocess with a wider crop if such lesions matter",
+        )
+    return None
+
+
+def run(ws: Workspace, params: Params) -> StageResult:
+    from lesionflow.seeding import rng_for
+    from lesionflow.stages.base import rich_progress
+    from lesionflow.store.zarr_store import read_case
+    from lesionflow.synth.roi_store import write_roi_set
+    from lesionflow.synth.rois import RoiSet, candidate_rois, lesion_rois
+
+    sp = params.synth
+    plan = load_plan(ws)
+    cases = splits(ws, params).train
+    store = store_root(ws)
+    lesions: list[Any] = []
+    candidates: list[Any] = []
+    findings: list[Finding] = []
+    for case_id in rich_progress(iter(cases), "extract-rois", len(cases)):
+        arrays = read_case(store, case_id)
+        if arrays.label is not None:
+            for roi in lesion_rois(
+                arrays.image, arrays.label, arrays.organ, sp.roi_size, min_voxels=sp.min_lesion_voxels, case_id=case_id
+            ):
+                problem = _lesion_problem(roi, arrays.image.shape[1:], sp.roi_size)
+                if problem:
+                    findings.append(Finding(case_id, *problem))
+                else:
+                    lesions.append(roi)
+        if sp.candidates_per_case == 0:
+            continue
+        if arrays.organ is None or not np.any(arrays.organ):
+            what = "has no organ mask" if arrays.organ is None else "has an empty organ mask"
+            findings.append(
+                Finding(
+                    case_id,
+                    "empty_organ_mask",
+                    f"{what}: no lesion-free ROIs and no new lesions from it; check the organ mask of the source",
+                )
+            )
+            continue
+        rng = rng_for(params.project.seed, "synth-candidates", case_id)
+        found = candidate_rois(
+            arrays.image, arrays.label, arrays.organ, sp.roi_size, sp.candidates_per_case, rng, case_id=case_id
+        )
+        candidates += found
+    if not lesions:
+        raise SourceError(
+            f"no usable lesion ROI in the {len(cases)} training case(s) "
+            f"({len(findings)} skipped: {'; '.join(f.line() for f in findings[:3]) or 'no labelled lesions'}); "
+            "check synth.roi_size and synth.min_lesion_voxels"
+        )
+    roi_set = RoiSet(size=sp.roi_size, lesions=tuple(lesions), candidates=tuple(candidates))
+    write_roi_set(rois_path(ws), roi_set, plan.n_channels)
+    _write_table(ws, roi_set)
+    summary = {
+        "n_cases": len(cases),
+        "n_lesions": len(lesions),
+        "n_candidates": len(candidates),
+        "n_skipped": len(findings),
+        "roi_size": list(sp.roi_size),
+        "lesion_voxels_median": float(np.median([r.voxels for r in lesions])),
+        "rois_digest": sha256_tree(rois_path(ws)),
+    }
+    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
+    outputs = {"rois": "data/rois/rois.zarr", "table": "data/rois/rois.csv", "summary": f"reports/{STAGE}/summary.json"}
+    return StageResult(STAGE, True, summary, outputs, tuple(findings))
+
+
+def _write_table(ws: Workspace, roi_set: Any) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["kind", "case_id", "index", "origin_x", "origin_y", "origin_z", "radius", "classes", "voxels"])
+    for roi in (*roi_set.lesions, *roi_set.candidates):
+        radius = "" if roi.sphere is None else f"{roi.sphere.radius:.3f}"
+        writer.writerow(
+            [roi.kind, roi.case_id, roi.index, *roi.origin, radius, " ".join(map(str, roi.classes)), roi.voxels]
+        )
+    write_text_if_changed(rois_table_path(ws), buf.getvalue())

@@ -1,0 +1,316 @@
+"""Stage synthesize: one Dask task per (case, sample) -> data/synthetic/store.zarr + data/synthetic/manifest.json.
+
+Samples are drawn from the training cases only: ``synth.relesion_per_case`` re-textured real lesions,
+``synth.new_per_case`` new lesions and ``synth.remove_per_case`` removed lesions per case
+(:mod:`lesionflow.synth.compose`). Sample ``(case, kind, s)`` takes its numpy and torch generators from
+``(project.seed, "synth", case, kind, s)`` and runs single-threaded on CPU, so a Dask worker, a retry or a
+second run writes the same bytes. A sample whose key (source case digest, generator digests, params, seed,
+code) is already in the store is not recomputed; samples no longer asked for are removed. The synthetic case
+keeps the source's attributes (affine, spacing, crop) and adds ``synthetic`` (source case, kind, method) and a
+``generated`` label marking the voxels that were generated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from lesionflow.errors import SourceError
+from lesionflow.hashing import sha256_file, sha256_json, sha256_tree
+from lesionflow.params import Params, PreprocessParams
+from lesionflow.stages.base import CODE_VERSION, Finding, StageResult, write_json
+from lesionflow.stages.preprocess import store_root
+from lesionflow.stages.segdata import splits
+from lesionflow.stages.synthdata import (
+    check_generator,
+    generator_digest,
+    generator_dir,
+    manifest_path,
+    rois_path,
+    synthetic_store,
+)
+from lesionflow.stages.validate_processed import accepted_path
+from lesionflow.workspace import Workspace
+
+STAGE = "synthesize"
+KINDS = ("relesion", "new", "remove")
+
+
+def _methods(params: Params) -> list[str]:
+    sp = params.synth
+    used = [sp.method]
+    if "diffmask" in sp.generators and sp.new_per_case:
+        used.append("diffmask")
+    if sp.remove_per_case and sp.method != "ddpm":
+        used.append("ddpm")
+    return used
+
+
+def inputs(ws: Workspace, params: Params) -> dict[str, str]:
+    rois = rois_path(ws)
+    return {
+        "accepted": sha256_file(accepted_path(ws)) if accepted_path(ws).exists() else "absent",
+        "rois": sha256_tree(rois) if rois.is_dir() else "absent",
+        **{f"generator:{m}": generator_digest(ws, m) for m in _methods(params)},
+    }
+
+
+def sample_id(case_id: str, kind: str, index: int) -> str:
+    return f"{case_id}__{kind}{index}"
+
+
+def _tasks(ws: Workspace, params: Params) -> list[dict[str, Any]]:
+    from lesionflow.store.zarr_store import case_digest
+
+    sp = params.synth
+    counts = {"relesion": sp.relesion_per_case, "new": sp.new_per_case, "remove": sp.remove_per_case}
+    generators = {m: generator_digest(ws, m) for m in _methods(params)}
+    synth = params.synth.model_dump(mode="json")
+    for key in ("workers", "scheduler_address", "device"):
+        synth.pop(key)
+    from lesionflow.stages.plan import load_plan
+
+    chunk = list(load_plan(ws).chunk_shape)
+    tasks = []
+    for case_id in splits(ws, params).train:
+        source = case_digest(store_root(ws), case_id)
+        for kind in KINDS:
+            for s in range(counts[kind]):
+                key = sha256_json(
+                    {"source": source, "generators": generators, "synth": synth, "seed": params.project.seed,
+                     "kind": kind, "s": s, "code": CODE_VERSION}
+                )  # fmt: skip
+                tasks.append(
+                    {"case_id": case_id, "kind": kind, "index": s, "key": key, "chunk": chunk,
+                     "sample_id": sample_id(case_id, kind, s)}
+                )  # fmt: skip
+    return tasks
+
+
+@functools.lru_cache(maxsize=2)
+def _generators(root: str, params_json: str, digests: str) -> Any:
+    """Load the generators once per worker process (``digests`` is part of the cache key: new weights reload)."""
+    import numpy as np
+
+    from lesionflow.diffusion.trainer import load_generator
+    from lesionflow.stages.train_generator import diffmask_settings, inpaint_settings, lefusion_settings
+    from lesionflow.synth.compose import Generators
+    from lesionflow.synth.histograms import HistogramBank
+    from lesionflow.synth.roi_store import read_roi_set
+
+    ws, params = Workspace.at(root), Params.model_validate_json(params_json)
+    sp = params.synth
+    texture, _, extra = load_generator(generator_dir(ws, sp.method))
+    if sp.method == "lefusion":
+        classes = tuple(int(v) for v in extra["class_values"])
+        settings: Any = lefusion_settings(params, classes)
+        bank: HistogramBank | None = HistogramBank.from_dict(extra["bank"])
+    else:
+        classes, settings, bank = (1,), inpaint_settings(params), None
+    mask_model, mask_settings = None, None
+    if "diffmask" in _methods(params):
+        mask_model, _, mask_extra = load_generator(generator_dir(ws, "diffmask"))
+        mask_settings = diffmask_settings(params)
+        radii = np.asarray(mask_extra["radii"], dtype=np.float64)
+    rois = read_roi_set(rois_path(ws))
+    if mask_model is None:
+        radii = np.asarray(sorted(r.sphere.radius for r in rois.lesions if r.sphere is not None), dtype=np.float64)
+    remover, remover_settings = None, None
+    if sp.remove_per_case:
+        remover = texture if sp.method == "ddpm" else load_generator(generator_dir(ws, "ddpm"))[0]
+        remover_settings = inpaint_settings(params)
+    return Generators(
+        method=sp.method,
+        texture=texture,
+        texture_settings=settings,
+        class_values=classes,
+        bank=bank,
+        histogram_mode=sp.lefusion.histogram_mode,
+        explicit_histogram=sp.lefusion.explicit_histogram,
+        mask_model=mask_model,
+        mask_settings=mask_settings,
+        radii=radii,
+        layouts=[r for r in rois.lesions if r.sphere is not None],
+        remover=remover,
+        remover_settings=remover_settings,
+    )
+
+
+def synthesize_sample(root: str, params_json: str, digests: str, task: dict[str, Any]) -> dict[str, Any]:
+    """Compose and write one synthetic case (runs in a Dask worker); returns its manifest record or a failure."""
+    import numpy as np
+    import torch
+
+    from lesionflow.seeding import rng_for, torch_generator
+    from lesionflow.stages.segdata import resolve_device
+    from lesionflow.store.zarr_store import CaseArrays, read_case, read_case_attrs, write_case
+    from lesionflow.synth import compose
+
+    ws, params = Workspace.at(root), Params.model_validate_json(params_json)
+    sp = params.synth
+    case_id, kind, s = task["case_id"], task["kind"], int(task["index"])
+    torch.set_num_threads(1)  # same thread count everywhere: same float sums, same bytes
+    device = resolve_device(sp.device)
+    gens = _generators(root, params_json, digests)
+    if device.type != "cpu":
+        for m in (gens.texture, gens.mask_model, gens.remover):
+            if m is not None:
+                m.to(device)
+    arrays = read_case(store_root(ws), case_id)
+    rng = rng_for(params.project.seed, "synth", case_id, kind, s)
+    tgen = torch_generator(params.project.seed, "synth", case_id, kind, s, device=device)
+    label = arrays.label if arrays.label is not None else np.zeros(arrays.image.shape[1:], np.uint8)
+    if kind == "relesion":
+        out = compose.relesion(
+            arrays.image, label, arrays.organ, gens, sp.roi_size,
+            min_voxels=sp.min_lesion_voxels, batch=sp.batch_lesions, rng=rng, torch_gen=tgen,
+        )  # fmt: skip
+    elif kind == "new":
+        if arrays.organ is None or not arrays.organ.any():
+            return {"ok": False, "code": "empty_organ_mask", "message": "no organ mask: nowhere to place a new lesion"}
+        out = compose.new_lesions(
+            arrays.image, label, arrays.organ, gens, sp.roi_size,
+            count=sp.lesions_per_sample, batch=sp.batch_lesions, rng=rng, torch_gen=tgen,
+        )  # fmt: skip
+    else:
+        out = compose.remove_lesion(
+            arrays.image, label, arrays.organ, gens, sp.roi_size,
+            which=s, min_voxels=sp.min_lesion_voxels, torch_gen=tgen,
+        )  # fmt: skip
+    if not out.lesions:
+        why = "; ".join(out.notes) or "no usable lesion"
+        return {"ok": False, "code": "nothing_generated", "message": f"{kind} sample {s}: {why}"}
+    attrs = read_case_attrs(store_root(ws), case_id)
+    attrs["synthetic"] = {
+        "source_case": case_id,
+        "kind": kind,
+        "index": s,
+        "method": sp.method,
+        "sample_key": task["key"],
+    }
+    chunk = tuple(int(c) for c in task["chunk"])
+    digest = write_case(
+        synthetic_store(ws),
+        task["sample_id"],
+        CaseArrays(out.image, out.label, arrays.organ, out.generated),
+        attrs,
+        chunk_shape=chunk,  # type: ignore[arg-type]
+        image_dtype=str(arrays.image.dtype),
+    )
+    from dataclasses import asdict
+
+    record = {
+        "sample_id": task["sample_id"],
+        "source_case": case_id,
+        "kind": kind,
+        "index": s,
+        "method": sp.method,
+        "seed": [params.project.seed, "synth", case_id, kind, s],
+        "sample_key": task["key"],
+        "digest": digest,
+        "lesions": [asdict(lesion) for lesion in out.lesions],
+        "notes": out.notes,
+    }
+    return {"ok": True, "record": record}
+
+
+def _existing(ws: Workspace) -> dict[str, str]:
+    """sample id -> sample key of the complete synthetic cases already in the store."""
+    from lesionflow.store.zarr_store import list_cases, read_case_attrs
+
+    root = synthetic_store(ws)
+    return {c: read_case_attrs(root, c).get("synthetic", {}).get("sample_key", "") for c in list_cases(root)}
+
+
+def run(ws: Workspace, params: Params) -> StageResult:
+    import json
+    import shutil
+
+    import zarr
+
+    from lesionflow.store.zarr_store import clean_temp, open_store
+
+    for method in _methods(params):
+        check_generator(ws, params, method)
+    root = synthetic_store(ws)
+    open_store(root)
+    clean_temp(root)
+    tasks = _tasks(ws, params)
+    if not tasks:
+        raise SourceError("synth: no samples asked for (relesion_per_case, new_per_case and remove_per_case are 0)")
+    old = json.loads(manifest_path(ws).read_text()) if manifest_path(ws).exists() else {"samples": []}
+    records = {r["sample_id"]: r for r in old.get("samples", [])}
+    existing = _existing(ws)
+    wanted = {t["sample_id"] for t in tasks}
+    for stale in sorted(set(existing) - wanted):
+        shutil.rmtree(root / stale, ignore_errors=True)
+    todo = [t for t in tasks if existing.get(t["sample_id"]) != t["key"] or t["sample_id"] not in records]
+    findings: list[Finding] = []
+    if todo:
+        findings = _fan_out(ws, params, todo, records)
+    for finding in findings:  # an outdated sample of a failed id must not stay behind
+        shutil.rmtree(root / finding.subject, ignore_errors=True)
+    kept = [records[t["sample_id"]] for t in tasks if t["sample_id"] in records and (root / t["sample_id"]).exists()]
+    generator_model = ", ".join(f"{m}:{generator_digest(ws, m)[:12]}" for m in _methods(params))
+    zarr.open_group(str(root), mode="r+", zarr_format=3).attrs.update({"generator_model": generator_model})
+    manifest = {
+        "generator_model": generator_model,
+        "generators": {m: generator_digest(ws, m) for m in _methods(params)},
+        "samples": kept,
+    }
+    write_json(manifest_path(ws), manifest)
+    if not kept:
+        raise SourceError(
+            f"synthesize produced no sample ({len(findings)} failed: "
+            f"{'; '.join(f.line() for f in findings[:3])}); see the findings above"
+        )
+    by_kind = {k: sum(r["kind"] == k for r in kept) for k in KINDS}
+    summary = {
+        "n_samples": len(kept),
+        "n_generated_now": len(todo) - len(findings),
+        "n_failed": len(findings),
+        "by_kind": by_kind,
+        "n_lesions": sum(len(r["lesions"]) for r in kept),
+        "generator_model": generator_model,
+        "manifest_sha256": sha256_file(manifest_path(ws)),
+    }
+    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
+    outputs = {"store": "data/synthetic/store.zarr", "manifest": "data/synthetic/manifest.json"}
+    return StageResult(STAGE, True, summary, outputs, tuple(findings))
+
+
+def _fan_out(ws: Workspace, params: Params, todo: list[dict[str, Any]], records: dict[str, Any]) -> list[Finding]:
+    from distributed import as_completed
+
+    from lesionflow.parallel import dask_client
+    from lesionflow.stages.base import rich_progress
+
+    cluster = PreprocessParams(
+        workers=params.synth.workers,
+        memory_limit=params.preprocess.memory_limit,
+        scheduler_address=params.synth.scheduler_address,
+    )
+    params_json = params.model_dump_json()
+    digests = sha256_json({m: generator_digest(ws, m) for m in _methods(params)})
+    findings: list[Finding] = []
+    with dask_client(cluster) as client:
+        futures = {
+            client.submit(
+                synthesize_sample, str(ws.root), params_json, digests, task,
+                key=f"synthesize-{task['sample_id']}-{task['key'][:12]}", pure=False,
+            ): task
+            for task in todo
+        }  # fmt: skip
+        for future in rich_progress(as_completed(futures), "synthesize", len(futures)):
+            task = futures[future]
+            try:
+                outcome = dict(future.result())
+            except Exception as err:  # noqa: BLE001 - one failed sample must not stop the others; the reason is kept
+                text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                outcome = {"ok": False, "code": "synthesis_error", "message": f"{type(err).__name__}: {text}"}
+            if outcome["ok"]:
+                records[task["sample_id"]] = outcome["record"]
+            else:
+                records.pop(task["sample_id"], None)
+                findings.append(Finding(task["sample_id"], outcome["code"], outcome["message"]))
+    return findings

@@ -1,0 +1,227 @@
+"""Stage train-generator: train every generator of ``synth.generators`` on data/rois -> models/generators/<method>.
+
+Methods: ``lefusion`` (lesion texture, histogram-conditioned, multi-class channels), ``diffmask`` (lesion masks
+from a bounding sphere) and ``ddpm`` (unconditional DDPM for RePaint removal / the insertion baseline). Each
+is trained by the shared loop (EMA, resume from ``models/checkpoints/generators/<method>/<run key>``) and saved
+as EMA weights + ``config.json`` whose ``extra`` block records the method and preset fingerprint (a generator
+from another method or preset is refused downstream), the seed and what sampling needs (LeFusion's classes and
+histogram bank, DiffMask's radius pool).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from lesionflow.errors import SourceError
+from lesionflow.hashing import sha256_file, sha256_json, sha256_tree
+from lesionflow.params import Params
+from lesionflow.stages.base import CODE_VERSION, Finding, StageResult, write_json, write_text_if_changed
+from lesionflow.stages.plan import load_plan
+from lesionflow.stages.segdata import cpu_threads, resolve_device
+from lesionflow.stages.synthdata import (
+    generator_checkpoints,
+    generator_dir,
+    lesion_classes,
+    net_fingerprint,
+    rois_path,
+)
+from lesionflow.workspace import Workspace
+
+STAGE = "train-generator"
+
+
+def inputs(ws: Workspace, params: Params) -> dict[str, str]:
+    root = rois_path(ws)
+    plans = ws.processed / "plans.json"
+    return {
+        "rois": sha256_tree(root) if root.is_dir() else "absent",
+        "plans": sha256_file(plans) if plans.exists() else "absent",
+    }
+
+
+def _train_config(net: Any) -> Any:
+    from lesionflow.diffusion.trainer import GeneratorTrainConfig
+
+    return GeneratorTrainConfig(
+        steps=net.steps,
+        batch_size=net.batch_size,
+        lr=net.learning_rate,
+        ema_decay=net.ema_decay,
+        grad_accum=net.grad_accum,
+        checkpoint_every=net.checkpoint_every,
+        keep_checkpoints=net.keep_checkpoints,
+        amp=net.amp,
+    )
+
+
+def lefusion_settings(params: Params, class_values: tuple[int, ...]) -> Any:
+    from lesionflow.synth.lefusion import LeFusionSettings
+
+    lp = params.synth.lefusion
+    return LeFusionSettings(
+        timesteps=lp.timesteps,
+        bins=lp.bins,
+        value_range=lp.value_range,
+        loss_normalize=lp.loss_normalize,
+        jump_length=lp.jump_length,
+        jump_n_sample=lp.jump_n_sample,
+        bank_k=lp.bank_k,
+        class_values=class_values,
+    )
+
+
+def diffmask_settings(params: Params) -> Any:
+    from lesionflow.synth.diffmask import DiffMaskSettings
+
+    dp = params.synth.diffmask
+    return DiffMaskSettings(timesteps=dp.timesteps, threshold=dp.threshold, zoom=dp.zoom, ddim_steps=dp.ddim_steps)
+
+
+def inpaint_settings(params: Params) -> Any:
+    from lesionflow.synth.inpaint import InpaintSettings
+
+    ip = params.synth.ddpm
+    return InpaintSettings(
+        timesteps=ip.timesteps,
+        schedule=ip.schedule,
+        jump_length=ip.jump_length,
+        jump_n_sample=ip.jump_n_sample,
+        removal_dilation=ip.removal_dilation,
+    )
+
+
+def _train_one(
+    ws: Workspace, params: Params, method: str, rois: Any, device: Any
+) -> tuple[Any, dict[str, Any], list[Finding]]:
+    """Train ``method``; returns (outcome, extra for config.json, findings)."""
+    from lesionflow.seeding import derive_seed
+
+    net = getattr(params.synth, method)
+    seed = derive_seed(params.project.seed, "generator", method)
+    fingerprint = net_fingerprint(params, method)
+    key = sha256_json(
+        {
+            "fp": fingerprint,
+            "net": net.model_dump(mode="json"),
+            "seed": seed,
+            "rois": inputs(ws, params),
+            "code": CODE_VERSION,
+        }
+    )
+    checkpoints = generator_checkpoints(ws, method) / key[:16]
+    arch = {
+        "base_channels": net.base_channels,
+        "channel_mults": net.channel_mults,
+        "attention_levels": net.attention_levels,
+    }
+
+    def warn(line: str) -> None:
+        print(f"train-generator ({method}): {line}", file=sys.stderr)
+
+    findings: list[Finding] = []
+    extra: dict[str, Any] = {"fingerprint": fingerprint, "seed": seed, "run_key": key}
+    config = _train_config(net)
+    if method == "lefusion":
+        from lesionflow.synth.lefusion import classes_without_lesions, train_lefusion
+
+        classes = lesion_classes(load_plan(ws).label_values, params.synth.lefusion.multi_class)
+        if not params.synth.lefusion.multi_class:
+            # one merged class: every lesion voxel counts as the first lesion value
+            rois = [_merged(r, classes[0]) for r in rois.lesions]
+        else:
+            rois = list(rois.lesions)
+        for value in classes_without_lesions(rois, classes):
+            findings.append(
+                Finding(
+                    "dataset",
+                    "class_without_lesions",
+                    f"lesion class {value} has no training lesion: its LeFusion channel is not trained and no "
+                    "lesion of that class is synthesized; add cases with that class or set "
+                    "synth.lefusion.multi_class=false",
+                )
+            )
+        settings = lefusion_settings(params, classes)
+        outcome, bank = train_lefusion(rois, settings, config, checkpoints, seed=seed, device=device, warn=warn, **arch)
+        if bank.k < params.synth.lefusion.bank_k:
+            findings.append(
+                Finding(
+                    "dataset",
+                    "bank_smaller_than_k",
+                    f"the histogram bank has {len(rois)} lesion(s) ({bank.k} distinct) for synth.lefusion.bank_k = "
+                    f"{params.synth.lefusion.bank_k}; it uses k = {bank.k}; lower bank_k or add lesions",
+                )
+            )
+        extra.update(class_values=list(classes), bank=bank.to_dict(), image_channels=int(rois[0].image.shape[0]))
+        write_json(generator_dir(ws, method) / "histogram_bank.json", bank.to_dict())
+    elif method == "diffmask":
+        from lesionflow.synth.diffmask import train_diffmask
+
+        usable = [r for r in rois.lesions if r.sphere is not None and r.mask.any()]
+        outcome = train_diffmask(
+            usable, diffmask_settings(params), config, checkpoints, seed=seed, device=device, warn=warn, **arch
+        )
+        extra["radii"] = sorted(float(r.sphere.radius) for r in usable)
+    else:
+        from lesionflow.synth.inpaint import train_ddpm
+
+        patches = [*rois.lesions, *rois.candidates]
+        outcome = train_ddpm(
+            patches, inpaint_settings(params), config, checkpoints, seed=seed, device=device, warn=warn, **arch
+        )
+        extra["image_channels"] = int(patches[0].image.shape[0])
+    return outcome, extra, findings
+
+
+def _merged(roi: Any, value: int) -> Any:
+    from dataclasses import replace
+
+    label = np.where(roi.label > 0, np.uint8(value), np.uint8(0))
+    return replace(roi, label=label, classes=(value,))
+
+
+def run(ws: Workspace, params: Params) -> StageResult:
+    from lesionflow.diffusion.trainer import count_parameters, save_generator
+    from lesionflow.seg.plots import loss_curves_png
+    from lesionflow.synth.roi_store import read_roi_set
+
+    if not params.synth.generators:
+        raise SourceError("synth.generators is empty: nothing to train; list lefusion, diffmask and/or ddpm")
+    rois = read_roi_set(rois_path(ws))
+    device = resolve_device(params.synth.device)
+    findings: list[Finding] = []
+    methods: dict[str, Any] = {}
+    histories: dict[str, list[float]] = {}
+    with cpu_threads(params.train.cpu_threads):
+        for method in params.synth.generators:
+            outcome, extra, found = _train_one(ws, params, method, rois, device)
+            findings += found
+            folder = generator_dir(ws, method)
+            save_generator(folder, outcome.ema, outcome.ema.config, extra)
+            histories[method] = list(outcome.history)
+            methods[method] = {
+                "parameters": count_parameters(outcome.model),
+                "steps_done": outcome.steps_done,
+                "resumed_from": outcome.resumed_from,
+                "final_loss": outcome.history[-1] if outcome.history else None,
+                "model_sha256": sha256_file(folder / "model.safetensors"),
+            }
+    report = ws.stage_report_dir(STAGE)
+    loss_curves_png(histories, report / "curves.png")
+    rows = ["method,step,loss"] + [f"{m},{i + 1},{v:.6g}" for m, h in histories.items() for i, v in enumerate(h)]
+    write_text_if_changed(report / "curves.csv", "\n".join(rows) + "\n")
+    summary = {
+        "generators": methods,
+        "n_lesion_rois": len(rois.lesions),
+        "n_candidate_rois": len(rois.candidates),
+        "device": str(device),
+    }
+    write_json(report / "summary.json", summary)
+    outputs = {
+        "generators": "models/generators",
+        "curves": f"reports/{STAGE}/curves.png",
+        "summary": f"reports/{STAGE}/summary.json",
+    }
+    return StageResult(STAGE, True, summary, outputs, tuple(findings))

@@ -1,0 +1,312 @@
+"""Stage validate-synthetic: the synthetic quality gate -> data/synthetic/accepted.json + an HTML report.
+
+One table row per generated lesion (``<sample id>#<k>``; ``generated == k + 1`` in the synthetic case marks it):
+exact invariants (background bit-exact outside the generated region, masks binary, one component, inside the
+organ), texture fidelity (Wasserstein-1 to the condition histogram), boundary gradient vs real lesions,
+memorization (correlation with the nearest training lesion inside the mask) and, when a segmenter is
+available (``quality.synthetic.acceptance_model``), the FreeTumor acceptance filter. Dataset statistics: KS
+test of new-lesion volumes vs real ones, diversity of lesions sharing a condition, acceptance rate. A sample
+with a rejected lesion is left out of accepted.json (the segmenter never trains on it); nothing is deleted.
+A montage of real vs synthetic lesions per class is written for people.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lesionflow.errors import SourceError
+from lesionflow.hashing import sha256_file, sha256_tree
+from lesionflow.params import Params
+from lesionflow.stages.base import StageResult, write_json
+from lesionflow.stages.gates import gate_failed, gate_findings
+from lesionflow.stages.plan import load_plan
+from lesionflow.stages.preprocess import store_root
+from lesionflow.stages.synthdata import accepted_synthetic_path, manifest_path, rois_path, synthetic_store
+from lesionflow.workspace import Workspace
+
+STAGE = "validate-synthetic"
+
+
+def _segmenter_ref(ws: Workspace, params: Params) -> tuple[str, Path | None, str]:
+    """(identity for the cache key, local model folder or None, note) of the acceptance segmenter."""
+    setting = params.quality.synthetic.acceptance_model.strip()
+    if not setting:
+        return "off", None, "acceptance filter off (quality.synthetic.acceptance_model is empty)"
+    if setting != "champion":
+        folder = ws.path(setting)
+        if not (folder / "model.safetensors").is_file():
+            raise SourceError(
+                f"quality.synthetic.acceptance_model = {setting!r} is not a model folder (no model.safetensors); "
+                "use champion, a folder such as models/segmenter, or an empty value"
+            )
+        return sha256_file(folder / "model.safetensors"), folder, f"acceptance filter: {setting}"
+    from lesionflow.registry.publish import champion_info
+    from lesionflow.registry.tracking import RegistryUnavailable, download_model_files, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(params.registry.tracking_uri, ws.root)
+    try:
+        champ = champion_info(uri, params.registry.model_name)
+    except RegistryUnavailable as err:
+        return "unreachable", None, f"acceptance filter off: {err}"
+    if champ is None:
+        return "none", None, f"acceptance filter off: no {params.registry.model_name}@champion yet"
+    folder = ws.cache / "acceptance" / f"v{champ.version}"
+    if not (folder / "model.safetensors").is_file():
+        download_model_files(f"{params.registry.model_name}/{champ.version}", uri, folder)
+    return (
+        f"champion:v{champ.version}:{champ.run_id}",
+        folder,
+        f"acceptance filter: {params.registry.model_name}@champion (v{champ.version})",
+    )
+
+
+def inputs(ws: Workspace, params: Params) -> dict[str, str] | None:
+    identity, _, _ = _segmenter_ref(ws, params)
+    if identity == "unreachable":
+        return None
+    manifest = manifest_path(ws)
+    return {
+        "manifest": sha256_file(manifest) if manifest.exists() else "absent",
+        "rois": sha256_tree(rois_path(ws)) if rois_path(ws).is_dir() else "absent",
+        "segmenter": identity,
+    }
+
+
+def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    from lesionflow.quality.synthetic_checks import normalized_cross_correlation
+
+    return float(normalized_cross_correlation(a, b, mask))
+
+
+def _lesion_rows(
+    sample: dict[str, Any],
+    case: Any,
+    source: Any,
+    real: Any,
+    params: Params,
+    plan_ctx: dict[str, Any],
+    predicted: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    from lesionflow.quality.synthetic_checks import (
+        background_max_abs_diff,
+        boundary_gradient,
+        component_count,
+        detected_fraction,
+        histogram_w1,
+        inside_fraction,
+    )
+    from lesionflow.synth.histograms import concatenated_histograms, lesion_histogram
+    from lesionflow.synth.rois import crop
+
+    lp = params.synth.lefusion
+    size = params.synth.roi_size
+    generated = case.generated if case.generated is not None else np.zeros(case.image.shape[1:], np.uint8)
+    background = background_max_abs_diff(source.image, case.image, generated > 0)
+    rows = []
+    for k, lesion in enumerate(sample["lesions"]):
+        region = generated == k + 1
+        origin = tuple(lesion["origin"])
+        mask_roi = crop(region.astype(np.uint8), origin, size) > 0
+        image_roi = crop(case.image[0], origin, size)
+        label_roi = crop(case.label, origin, size) if case.label is not None else np.zeros(size, np.uint8)
+        made = lesion["mask_source"] in ("diffmask", "sphere")
+        classes = plan_ctx["class_values"]
+        allowed = set(classes) | {0}
+        w1 = float("nan")
+        if lesion["histogram"]:
+            image_crop = crop(case.image, origin, size)
+            if len(classes) > 1:
+                hist = concatenated_histograms(
+                    image_crop, np.where(mask_roi, label_roi, 0), classes, lp.bins, lp.value_range
+                )
+            else:
+                hist = lesion_histogram(image_crop, mask_roi, lp.bins, lp.value_range)
+            w1 = histogram_w1(hist, np.asarray(lesion["histogram"]), lp.value_range, bins=lp.bins)
+        nn = max((_ncc(image_roi, r.image[0], mask_roi) for r in real.lesions), default=float("nan"))
+        rows.append(
+            {
+                "sample_id": f"{sample['sample_id']}#{k}",
+                "kind": sample["kind"],
+                "mask_source": lesion["mask_source"],
+                "cluster": -1 if lesion.get("cluster") is None else int(lesion["cluster"]),
+                "voxels": int(region.sum()),
+                "background_max_abs_diff": float(background),
+                "mask_binary": int(set(np.unique(label_roi[mask_roi]).tolist()) <= allowed) if made else 1,
+                "components": component_count(region) if made else 1,
+                "inside_organ": inside_fraction(region, source.organ) if made else 1.0,
+                "histogram_w1": w1 if np.isfinite(w1) else 0.0,
+                "boundary_gradient_ratio": boundary_gradient(case.image[0], region) / plan_ctx["real_gradient"],
+                "nn_similarity": nn,
+                "detected_fraction": float("nan") if predicted is None else detected_fraction(predicted, region),
+            }
+        )
+    return rows
+
+
+def run(ws: Workspace, params: Params) -> StageResult:
+    import pandas as pd
+
+    from lesionflow.quality.synthetic_checks import boundary_gradient, volume_ks
+    from lesionflow.quality.synthetic_suite import SyntheticStats, SyntheticThresholds, run_synthetic_gate
+    from lesionflow.stages.base import rich_progress
+    from lesionflow.stages.synthdata import lesion_classes
+    from lesionflow.store.zarr_store import read_case
+    from lesionflow.synth.roi_store import read_roi_set
+
+    if not manifest_path(ws).exists():
+        raise SourceError("data/synthetic/manifest.json is missing; run `lesionflow stage synthesize` first")
+    manifest = json.loads(manifest_path(ws).read_text())
+    samples = manifest["samples"]
+    real = read_roi_set(rois_path(ws))
+    plan = load_plan(ws)
+    classes = lesion_classes(plan.label_values, params.synth.lefusion.multi_class)
+    gradients = [boundary_gradient(r.image[0], r.mask) for r in real.lesions]
+    ctx = {"class_values": classes, "real_gradient": float(np.nanmedian(gradients)) or 1.0}
+    identity, folder, note = _segmenter_ref(ws, params)
+    print(f"{STAGE}: {note}", file=sys.stderr)
+    segment = _segmenter(folder, plan, params) if folder is not None else None
+    rows: list[dict[str, Any]] = []
+    views: dict[str, list[Any]] = {"real": [], "synthetic": []}
+    for sample in rich_progress(iter(samples), STAGE, len(samples)):
+        case = read_case(synthetic_store(ws), sample["sample_id"])
+        source = read_case(store_root(ws), sample["source_case"])
+        predicted = segment(case.image) if segment is not None else None
+        rows += _lesion_rows(sample, case, source, real, params, ctx, predicted)
+        views["synthetic"] += _views(case, sample, params)
+    table = pd.DataFrame(rows)
+    new_voxels = [r["voxels"] for r in rows if r["mask_source"] in ("diffmask", "sphere")]
+    ks = volume_ks([r.voxels for r in real.lesions], new_voxels)
+    diversity = _diversity(ws, samples, params)
+    detected = table["detected_fraction"].dropna() if len(table) else pd.Series(dtype=float)
+    q = params.quality.synthetic
+    acceptance = float((detected >= q.min_detected_fraction).mean()) if len(detected) else float("nan")
+    stats = SyntheticStats(volume_ks_pvalue=ks.pvalue, diversity=diversity, acceptance_rate=acceptance)
+    thresholds = SyntheticThresholds(
+        max_histogram_w1=q.max_histogram_w1,
+        min_volume_ks_pvalue=q.min_volume_ks_pvalue,
+        boundary_gradient_ratio=q.boundary_gradient_ratio,
+        max_nn_similarity=q.max_nn_similarity,
+        max_diversity=q.max_diversity,
+        min_detected_fraction=q.min_detected_fraction,
+        max_reject_fraction=q.max_reject_fraction,
+    )
+    report_dir = ws.reports / "quality" / "synthetic"
+    result = run_synthetic_gate(table, stats, thresholds, report_dir)
+    findings = gate_findings(result)
+    report = str(result.report_html.relative_to(ws.root))
+    rejected_samples = sorted({str(i).split("#")[0] for i in result.rejected})
+    views["real"] = [_real_view(r) for r in real.lesions[:8]]
+    _montage(ws, views)
+    table.to_csv(ws.stage_report_dir(STAGE) / "lesions.csv", index=False, float_format="%.6g")
+    if result.dataset_failures:
+        raise gate_failed("synthetic", result, report, findings)
+    accepted = sorted(s["sample_id"] for s in samples if s["sample_id"] not in set(rejected_samples))
+    write_json(accepted_synthetic_path(synthetic_store(ws)), {"accepted": accepted, "rejected": rejected_samples})
+    summary = {
+        "success": True,
+        "n_samples": len(samples),
+        "n_lesions": len(table),
+        "n_accepted": len(accepted),
+        "n_rejected": len(rejected_samples),
+        "volume_ks_pvalue": ks.pvalue,
+        "diversity": diversity,
+        "acceptance_rate": acceptance,
+        "segmenter": identity,
+        "max_background_diff": float(table["background_max_abs_diff"].max()) if len(table) else 0.0,
+        "mean_histogram_w1": float(table["histogram_w1"].mean()) if len(table) else 0.0,
+        "report": report,
+    }
+    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
+    outputs = {
+        "accepted": "data/synthetic/accepted.json",
+        "report": report,
+        "montage": f"reports/{STAGE}/montage.png",
+        "summary": f"reports/{STAGE}/summary.json",
+    }
+    return StageResult(STAGE, True, summary, outputs, tuple(findings))
+
+
+def _segmenter(folder: Path, plan: Any, params: Params) -> Any:
+    """``predict(image) -> labels`` with the acceptance segmenter; None when it was trained on another plan."""
+    from lesionflow.seg.inference import probabilities_to_labels, sliding_window_predict
+    from lesionflow.seg.model_files import load_segmenter
+    from lesionflow.stages.segdata import resolve_device
+
+    device = resolve_device(params.evaluate.device)
+    network, config = load_segmenter(folder, device)
+    if config.plan_hash != plan.plan_hash:
+        print(f"{STAGE}: acceptance filter off: the segmenter was trained on another plan", file=sys.stderr)
+        return None
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        probs = sliding_window_predict(
+            network, image.astype(np.float32), config.network.patch_size, overlap=0.25, device=device
+        )
+        return probabilities_to_labels(probs, config.label_values)
+
+    return predict
+
+
+def _diversity(ws: Workspace, samples: list[dict[str, Any]], params: Params) -> float:
+    """Mean over conditions (LeFusion cluster) of the mean pairwise correlation of their lesions' ROIs."""
+    from lesionflow.quality.synthetic_checks import pairwise_similarity
+    from lesionflow.store.zarr_store import read_case
+    from lesionflow.synth.rois import crop
+
+    groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    size = params.synth.roi_size
+    for sample in samples:
+        case = read_case(synthetic_store(ws), sample["sample_id"])
+        for k, lesion in enumerate(sample["lesions"]):
+            if lesion.get("cluster") is None:
+                continue
+            origin = tuple(lesion["origin"])
+            mask = crop((case.generated == k + 1).astype(np.uint8), origin, size) > 0
+            groups[int(lesion["cluster"])].append((crop(case.image[0], origin, size), mask))
+    values = [
+        pairwise_similarity([g[0] for g in items], [g[1] for g in items]) for items in groups.values() if len(items) > 1
+    ]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _views(case: Any, sample: dict[str, Any], params: Params) -> list[Any]:
+    from lesionflow.synth.montage import LesionView
+    from lesionflow.synth.rois import crop
+
+    size = params.synth.roi_size
+    out = []
+    for k, lesion in enumerate(sample["lesions"][:2]):
+        origin = tuple(lesion["origin"])
+        mask = crop((case.generated == k + 1).astype(np.uint8), origin, size) > 0
+        label = crop(case.label, origin, size) if case.label is not None else np.zeros(size, np.uint8)
+        values = label[mask]
+        cls = int(np.bincount(values).argmax()) if values.size and values.max() > 0 else 0
+        out.append(
+            LesionView(crop(case.image[0], origin, size), mask, cls, f"{sample['kind']} {sample['source_case']}")
+        )
+    return out
+
+
+def _real_view(roi: Any) -> Any:
+    from lesionflow.synth.montage import LesionView
+
+    values = roi.label[roi.mask]
+    cls = int(np.bincount(values).argmax()) if values.size and values.max() > 0 else 0
+    return LesionView(roi.image[0], roi.mask, cls, f"real {roi.case_id}")
+
+
+def _montage(ws: Workspace, views: dict[str, list[Any]]) -> None:
+    from lesionflow.synth.montage import lesion_montage
+
+    png = lesion_montage(views["real"], views["synthetic"], title="Real vs synthetic lesions per class")
+    path = ws.stage_report_dir(STAGE) / "montage.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_bytes() != png:
+        path.write_bytes(png)

@@ -1,0 +1,267 @@
+"""DDPM inpainting with RePaint (generative.md §3, §9.3): an unconditional 3D DDPM trained on the user's patches,
+sampled with the RePaint jump schedule inside a mask. Two uses: lesion *removal* (fill a lesion, grown by a rim,
+with healthy-looking tissue) and lesion *insertion* into a given mask (the baseline LeFusion is compared with).
+
+Conventions
+- Images are (c, x, y, z) float arrays in the store's normalised units, masks (x, y, z) bool; batches put B first.
+- **Mask: True / 1 = generate, False / 0 = keep.** RePaint's own mask files use the inverse (255 or 1 = keep,
+  0 = generate): convert one with ``mask = (repaint_mask == 0)``.
+- Exactness: every voxel outside the mask equals the input bit for bit (the sampler's final hard paste plus a
+  paste from the input array itself, so non-float32 inputs make no float round trip either). An empty mask
+  returns the input unchanged without calling the network.
+- Training: eps MSE over the whole patch (no mask, no condition; RePaint needs no inpainting-specific training),
+  on lesion ROIs and lesion-free candidate ROIs alike. Micro-batch ``i`` is a pure function of ``(seed, i)``;
+  weight initialisation is seeded inside a forked torch RNG (the global state is left as it was).
+- Sampling draws only from the caller's ``torch.Generator``, which must live on the model's device. A batch draws
+  its noise jointly, so item ``b`` of a batch differs from a single call with the same generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from lesionflow.diffusion.samplers import repaint_sample
+from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule, linear_schedule
+from lesionflow.diffusion.trainer import GeneratorTrainConfig, GeneratorTrainOutcome, eps_loss, train_generator
+from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
+from lesionflow.seeding import rng_for
+from lesionflow.synth.rois import Roi
+
+__all__ = [
+    "InpaintSettings",
+    "inpaint",
+    "inpaint_batch",
+    "insert_lesion",
+    "make_ddpm_model",
+    "patch_batches",
+    "removal_mask",
+    "remove_lesion",
+    "train_ddpm",
+]
+
+
+@dataclass(frozen=True)
+class InpaintSettings:
+    """Diffusion and sampling settings (toy defaults; RePaint's: T = 1000 respaced to 250, j = r = 10).
+
+    ``removal_dilation`` is how many voxels (26-neighbourhood steps) the lesion mask grows by before removal, so
+    the lesion's partial-volume rim is regenerated too. The linear schedule needs ``timesteps > 20`` (its betas
+    are scaled by ``1000 / T``).
+    """
+
+    timesteps: int = 50
+    schedule: Literal["cosine", "linear"] = "cosine"
+    jump_length: int = 2
+    jump_n_sample: int = 2
+    removal_dilation: int = 1
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        if self.timesteps < 1 or self.jump_length < 1 or self.jump_n_sample < 1:
+            raise ValueError(
+                f"need timesteps, jump_length, jump_n_sample >= 1, got "
+                f"{self.timesteps}, {self.jump_length}, {self.jump_n_sample}"
+            )
+        if self.removal_dilation < 0:
+            raise ValueError(f"removal_dilation must be >= 0, got {self.removal_dilation}")
+
+    def noise_schedule(self) -> NoiseSchedule:
+        return cosine_schedule(self.timesteps) if self.schedule == "cosine" else linear_schedule(self.timesteps)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def patch_batches(rois: Sequence[Roi], batch_size: int, seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
+    """``batches(i)``: micro-batch ``i`` as a pure function of (seed, i): patches drawn uniformly from ``rois``
+    (lesion and candidate ROIs alike), each flipped along x with probability 1/2. Key: image (B, c, *size)
+    float32."""
+    if not rois:
+        raise ValueError("no ROIs to train the inpainting DDPM on")
+    shapes = {r.image.shape for r in rois}
+    if len(shapes) != 1:
+        raise ValueError(f"all ROI images must have one shape (c, x, y, z), got {sorted(shapes)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = np.stack([r.image.astype(np.float32) for r in rois])
+
+    def batches(i: int) -> dict[str, torch.Tensor]:
+        rng = rng_for(seed, "ddpm-batch", i)
+        pick = rng.integers(len(images), size=batch_size)
+        flip = rng.random(batch_size) < 0.5
+        image = images[pick].copy()
+        image[flip] = image[flip][:, :, ::-1]
+        return {"image": torch.from_numpy(np.ascontiguousarray(image))}
+
+    return batches
+
+
+def make_ddpm_model(
+    image_channels: int,
+    base_channels: int = 8,
+    channel_mults: tuple[int, ...] = (1, 2),
+    attention_levels: tuple[bool, ...] | None = None,
+) -> ConditionalUNet3D:
+    """The unconditional UNet: ``image_channels`` in and out, no vector condition (``cond_dim = 0``), no attention
+    by default (``attention_levels`` None = none)."""
+    config = UNetConfig(
+        in_channels=image_channels,
+        out_channels=image_channels,
+        base_channels=base_channels,
+        channel_mults=tuple(channel_mults),
+        attention_levels=tuple(attention_levels) if attention_levels is not None else (False,) * len(channel_mults),
+        cond_dim=0,
+    )
+    return ConditionalUNet3D(config)
+
+
+def train_ddpm(
+    rois: Sequence[Roi],
+    settings: InpaintSettings,
+    config: GeneratorTrainConfig,
+    checkpoint_root: Path,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+    warn: Callable[[str], None] = print,
+    base_channels: int = 8,
+    channel_mults: tuple[int, ...] = (1, 2),
+    attention_levels: tuple[bool, ...] | None = None,
+) -> GeneratorTrainOutcome:
+    """Train the unconditional DDPM (eps MSE over the whole patch) on ``rois``; resumes from ``checkpoint_root``
+    like every generator. Use ``outcome.ema`` for sampling."""
+    batches = patch_batches(rois, config.batch_size, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # weight init only; every draw of the loop takes its own generator
+        model = make_ddpm_model(rois[0].image.shape[0], base_channels, channel_mults, attention_levels)
+    schedule = settings.noise_schedule()
+    loss = partial(eps_loss, schedule=schedule, kind="l2")
+    return train_generator(model, batches, loss, schedule, config, checkpoint_root, device, seed, warn)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _check_model(model: ConditionalUNet3D, channels: int) -> None:
+    cfg = model.config
+    if cfg.in_channels != channels or cfg.out_channels != channels or cfg.cond_dim != 0:
+        raise ValueError(
+            f"model takes {cfg.in_channels} channels (cond_dim {cfg.cond_dim}); "
+            f"an unconditional model of {channels} image channels is needed"
+        )
+
+
+def inpaint_batch(
+    model: ConditionalUNet3D,
+    settings: InpaintSettings,
+    image_rois: np.ndarray,
+    masks: np.ndarray,
+    generator: torch.Generator,
+) -> np.ndarray:
+    """RePaint for B patches in one run (one forward pass per step for the items with a non-empty mask).
+
+    ``image_rois`` (B, c, x, y, z), ``masks`` (B, x, y, z) (True = generate). Returns (B, c, x, y, z), float32 for
+    float32 input (the dtype that holds the input exactly otherwise); outside each mask the input bit for bit.
+    Items with an empty mask are returned unchanged and do not enter the network (none: no network call).
+    """
+    images = np.asarray(image_rois)
+    if images.ndim != 5:
+        raise ValueError(f"image_rois must be (B, c, x, y, z), got shape {images.shape}")
+    m = np.asarray(masks) > 0
+    if m.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"masks shape {m.shape} does not match (B, x, y, z) = {(images.shape[0], *images.shape[2:])}")
+    _check_model(model, images.shape[1])
+    dtype = np.result_type(np.float32, images.dtype)
+    out = images.astype(dtype, copy=True)
+    todo = np.flatnonzero(m.reshape(len(m), -1).any(axis=1))
+    if todo.size == 0:
+        return out
+    device = next(model.parameters()).device
+    known = torch.from_numpy(np.ascontiguousarray(images[todo], dtype=np.float32)).to(device)
+    where = torch.from_numpy(np.ascontiguousarray(m[todo]))[:, None].to(device).expand_as(known)
+    generated = repaint_sample(
+        make_eps_fn(model.eval()),
+        known,
+        where,
+        settings.noise_schedule(),
+        jump_length=settings.jump_length,
+        jump_n_sample=settings.jump_n_sample,
+        generator=generator,
+    )
+    # The background comes from the input array itself: exact whatever the input dtype.
+    inside = m[todo][:, None]
+    out[todo] = np.where(inside, generated.float().cpu().numpy(), out[todo])
+    return out
+
+
+def inpaint(
+    model: ConditionalUNet3D,
+    settings: InpaintSettings,
+    image_roi: np.ndarray,
+    mask: np.ndarray,
+    generator: torch.Generator,
+) -> np.ndarray:
+    """RePaint inside ``mask`` (x, y, z; True = generate) of ``image_roi`` (c, x, y, z); exact outside the mask,
+    the input itself for an empty mask (no network call). Same as :func:`inpaint_batch` with a batch of one."""
+    image = np.asarray(image_roi)
+    if image.ndim != 4:
+        raise ValueError(f"image_roi must be (c, x, y, z), got shape {image.shape}")
+    m = np.asarray(mask)
+    if m.shape != image.shape[1:]:
+        raise ValueError(f"mask shape {m.shape} does not match the ROI {image.shape[1:]}")
+    return inpaint_batch(model, settings, image[None], m[None], generator)[0]
+
+
+def removal_mask(lesion_mask: np.ndarray, dilation: int) -> np.ndarray:
+    """The region regenerated to remove a lesion: ``lesion_mask`` (x, y, z) grown by ``dilation`` voxels
+    (binary dilation, 26-neighbourhood, clipped to the ROI). Contains the lesion, so it is never empty for a
+    non-empty lesion; ``dilation = 0`` is the lesion itself."""
+    lesion = np.asarray(lesion_mask) > 0
+    if lesion.ndim != 3:
+        raise ValueError(f"lesion_mask must be (x, y, z), got shape {lesion.shape}")
+    if dilation < 0:
+        raise ValueError(f"dilation must be >= 0, got {dilation}")
+    if dilation == 0 or not lesion.any():
+        return lesion.copy()
+    structure = ndimage.generate_binary_structure(3, 3)
+    return np.asarray(ndimage.binary_dilation(lesion, structure=structure, iterations=dilation))
+
+
+def remove_lesion(
+    model: ConditionalUNet3D,
+    settings: InpaintSettings,
+    image_roi: np.ndarray,
+    lesion_mask: np.ndarray,
+    generator: torch.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replace the lesion (grown by ``settings.removal_dilation``) with tissue sampled by the DDPM. Returns
+    (image, the mask actually regenerated); outside that mask the image is the input bit for bit."""
+    lesion = np.asarray(lesion_mask)
+    if lesion.shape != np.shape(image_roi)[1:]:
+        raise ValueError(f"lesion_mask shape {lesion.shape} does not match the ROI {np.shape(image_roi)[1:]}")
+    if not lesion.any():
+        raise ValueError("the lesion mask is empty: there is no lesion to remove")
+    region = removal_mask(lesion, settings.removal_dilation)
+    return inpaint(model, settings, image_roi, region, generator), region
+
+
+def insert_lesion(
+    model: ConditionalUNet3D,
+    settings: InpaintSettings,
+    image_roi: np.ndarray,
+    mask: np.ndarray,
+    generator: torch.Generator,
+) -> np.ndarray:
+    """The RePaint insertion baseline (LeFusion §2.10 "RePaint"): sample inside ``mask`` exactly as given (no
+    dilation). An unconditional model fills the mask with whatever its training patches make likely there, which
+    is why LeFusion adds the lesion-focused loss and histogram control. Empty mask: the input unchanged."""
+    return inpaint(model, settings, image_roi, mask, generator)
