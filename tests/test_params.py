@@ -59,3 +59,20 @@ def test_malformed_override_and_file(tmp_path: Path) -> None:
         load_params(bad)
     with pytest.raises(ParamsError, match="does not exist"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_cross_key_synth_checks_name_the_keys() -> None:
+    with pytest.raises(ParamsError) as info:
+        load_params(REPO / "params.yaml", ["synth.remove_per_case=1"])
+    assert str(info.value) == (
+        "params: 'synth' is invalid: remove_per_case > 0 needs the ddpm generator: add 'ddpm' to synth.generators"
+    )
+    with pytest.raises(ParamsError, match=r"roi_size \[10, 16, 16\] must be a multiple of 4"):
+        load_params(
+            REPO / "params.yaml",
+            [
+                "synth.roi_size=[10, 16, 16]",
+                "synth.lefusion.channel_mults=[1, 2, 4]",
+                "synth.lefusion.attention_levels=[false, false, false]",
+            ],
+        )

@@ -308,6 +308,8 @@ def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     if first["type"] == "extra_forbidden":
         return f"params: unknown key '{key}'; remove it or check its spelling (see params.yaml)"
     expected = first["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):  # a check across keys of a section: the message names them, the dict is noise
+        return f"params: '{key}' is invalid: {expected}"
     return f"params: '{key}' = {value!r} is invalid: {expected}"
 
 

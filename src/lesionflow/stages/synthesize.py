@@ -38,7 +38,7 @@ KINDS = ("relesion", "new", "remove")
 
 def _methods(params: Params) -> list[str]:
     sp = params.synth
-    used = [sp.method]
+    used: list[str] = [sp.method]
     if "diffmask" in sp.generators and sp.new_per_case:
         used.append("diffmask")
     if sp.remove_per_case and sp.method != "ddpm":

@@ -267,7 +267,7 @@ def _diversity(ws: Workspace, samples: list[dict[str, Any]], params: Params) -> 
             if lesion.get("cluster") is None:
                 continue
             origin = tuple(lesion["origin"])
-            mask = crop((case.generated == k + 1).astype(np.uint8), origin, size) > 0
+            mask = crop(np.asarray(case.generated == k + 1, np.uint8), origin, size) > 0
             groups[int(lesion["cluster"])].append((crop(case.image[0], origin, size), mask))
     values = [
         pairwise_similarity([g[0] for g in items], [g[1] for g in items]) for items in groups.values() if len(items) > 1

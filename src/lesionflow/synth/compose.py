@@ -130,6 +130,12 @@ def _texture(
     ]
 
 
+def _sphere_tuple(sphere: Sphere, origin: Int3) -> tuple[float, float, float, float]:
+    """(centre x, y, z, radius) of an ROI-coordinate sphere in volume coordinates."""
+    c = [a + o for a, o in zip(sphere.centre, origin, strict=True)]
+    return (c[0], c[1], c[2], sphere.radius)
+
+
 def _class_masks(label_roi: np.ndarray, region: np.ndarray, class_values: Sequence[int]) -> np.ndarray:
     masks = np.stack([(label_roi == v) & region for v in class_values])
     if len(class_values) == 1:
@@ -170,7 +176,7 @@ def relesion(
         masks = [_class_masks(r.label, r.mask, gens.class_values) for r in group]
         generated, conds = _texture(gens, [r.image for r in group], masks, rng, torch_gen)
         for roi, gen_roi, m, (hist, mode, cluster) in zip(group, generated, masks, conds, strict=True):
-            region = m.any(axis=0)
+            region = np.asarray(m.any(axis=0), dtype=bool)
             _paste(out.image, roi.origin, gen_roi, region)
             _paste(out.generated, roi.origin, _marker(out, roi_size), region)
             s = roi.sphere
@@ -180,9 +186,7 @@ def relesion(
                     classes=roi.classes,
                     voxels=int(region.sum()),
                     mask_source="real",
-                    sphere=None
-                    if s is None
-                    else (*(c + o for c, o in zip(s.centre, roi.origin, strict=True)), s.radius),  # type: ignore[arg-type]
+                    sphere=None if s is None else _sphere_tuple(s, roi.origin),
                     histogram=tuple(float(v) for v in hist),
                     histogram_mode=mode,
                     cluster=cluster,
@@ -246,9 +250,8 @@ def new_lesions(
         if gens.mask_model is not None:
             from lesionflow.synth.diffmask import generate_masks
 
-            sample = generate_masks(
-                gens.mask_model, gens.mask_settings, roi_size, local, organ_roi, torch_gen, count=1
-            )[0]
+            settings: Any = gens.mask_settings
+            sample = generate_masks(gens.mask_model, settings, roi_size, local, organ_roi, torch_gen, count=1)[0]
             mask, dice, source = sample.mask, sample.sphere_dice, "diffmask"
         else:
             mask, dice, source = sphere_mask(roi_size, local.centre, local.radius) & organ_roi, 1.0, "sphere"
@@ -307,7 +310,7 @@ def remove_lesion(
         out.notes.append("no lesion fits the ROI" if gens.remover is not None else "no ddpm generator for removal")
         return out
     roi = rois[which % len(rois)]
-    filled, region = refill(gens.remover, gens.remover_settings, roi.image, roi.mask, torch_gen)
+    filled, region = refill(gens.remover, gens.remover_settings, roi.image, roi.mask, torch_gen)  # type: ignore[arg-type]
     _paste(out.image, roi.origin, filled, region)
     _paste(out.generated, roi.origin, _marker(out, roi_size), region)
     _paste(out.label, roi.origin, np.zeros(roi_size, np.uint8), roi.mask)

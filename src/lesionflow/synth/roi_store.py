@@ -41,7 +41,7 @@ def _row(roi: Roi) -> dict[str, Any]:
 
 def _stack(rois: Sequence[Roi], size: tuple[int, int, int], channels: int) -> dict[str, np.ndarray]:
     n = len(rois)
-    out = {
+    out: dict[str, np.ndarray] = {
         "image": np.zeros((n, channels, *size), np.float32),
         "label": np.zeros((n, *size), np.uint8),
         "mask": np.zeros((n, *size), np.uint8),
@@ -92,7 +92,7 @@ def _rois(group: zarr.Group, kind: str, rows: list[dict[str, Any]]) -> tuple[Roi
     if not rows:
         return ()
     sub = group[kind]
-    data = {name: np.asarray(sub[name][...]) for name in _ARRAYS}  # type: ignore[index]
+    data: dict[str, np.ndarray] = {name: np.asarray(sub[name][...]) for name in _ARRAYS}  # type: ignore[index, call-overload]
     out = []
     for i, row in enumerate(rows):
         sphere = row["sphere"]
@@ -106,7 +106,7 @@ def _rois(group: zarr.Group, kind: str, rows: list[dict[str, Any]]) -> tuple[Roi
                 label=data["label"][i],
                 organ=data["organ"][i] if row["has_organ"] else None,
                 mask=data["mask"][i].astype(bool),
-                sphere=None if sphere is None else Sphere(tuple(sphere["centre"]), float(sphere["radius"])),  # type: ignore[arg-type]
+                sphere=None if sphere is None else Sphere(tuple(sphere["centre"]), float(sphere["radius"])),
                 classes=tuple(int(c) for c in row["classes"]),
                 voxels=int(row["voxels"]),
             )
@@ -119,7 +119,7 @@ def read_roi_set(root: Path) -> RoiSet:
     if not (root / "zarr.json").is_file():
         raise FileNotFoundError(f"no ROI set at {root}; run `lesionflow stage extract-rois` first")
     group = zarr.open_group(str(root), mode="r", zarr_format=3)
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     return RoiSet(
         size=tuple(int(s) for s in attrs["roi_size"]),  # type: ignore[arg-type]
         lesions=_rois(group, "lesion", list(attrs["lesions"])),
