@@ -48,6 +48,8 @@ class GeneratorNetParams(_Section):
 class LeFusionParams(GeneratorNetParams):
     """LeFusion: lesion-focused loss, histogram condition, RePaint sampling (generative.md §2, §9.2)."""
 
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+
     bins: int = Field(16, ge=2, le=256, description="Histogram bins of the lesion texture condition.")
     value_range: tuple[float, float] = Field((-3.0, 3.0), description="Histogram support in normalized units.")
     loss_normalize: Literal["all", "mask"] = Field(
@@ -149,7 +151,7 @@ class SyntheticQualityParams(_Section):
     """Expectations of the synthetic gate (validate-synthetic); statistics are toy-tolerant by default."""
 
     max_histogram_w1: float = Field(
-        1.0, ge=0, description="Wasserstein-1 (normalized units) between a lesion and its condition histogram."
+        2.5, ge=0, description="Wasserstein-1 (normalized units) between a lesion and its condition histogram."
     )
     min_volume_ks_pvalue: float = Field(
         0.001, ge=0, le=1, description="KS test of synthetic vs real lesion volumes: p-value at least this."

@@ -17,6 +17,7 @@ import yaml
 
 from lesionflow.caching import run_cached
 from lesionflow.errors import GateFailed, SourceError
+from lesionflow.hashing import sha256_file
 from lesionflow.io.volumes import Volume, write_nifti
 from lesionflow.params import load_params
 from lesionflow.stages import STAGES
@@ -240,3 +241,22 @@ def test_lesion_larger_than_roi_and_small_bank_are_reported(prepared: Path, tmp_
     run_cached("extract-rois", ws, params, STAGES["extract-rois"].run)
     result = STAGES["train-generator"].run(ws, params)
     assert any(f.code == "bank_smaller_than_k" and "bank_k = 50" in f.detail for f in result.findings)
+
+
+def test_acceptance_filter_runs_the_segmenter_on_every_lesion(synthesized: Path, tmp_path: Path) -> None:
+    ws = _copy(synthesized, tmp_path, "accept")
+    STAGES["train"].run(ws, load_params(ws.params_file))
+    folder = ws.root / "models" / "segmenter"
+    strict = ["quality.synthetic.acceptance_model=models/segmenter", "quality.synthetic.min_detected_fraction=1.0"]
+    loose = ["quality.synthetic.acceptance_model=models/segmenter", "quality.synthetic.min_detected_fraction=0.0"]
+    result = STAGES["validate-synthetic"].run(ws, load_params(ws.params_file, loose))
+    table = (ws.reports / "validate-synthetic" / "lesions.csv").read_text().splitlines()
+    fractions = [float(line.rsplit(",", 1)[1]) for line in table[1:]]
+    assert all(0.0 <= f <= 1.0 for f in fractions)  # measured for every lesion, not NaN
+    assert result.summary["acceptance_rate"] == 1.0
+    assert result.summary["segmenter"] == sha256_file(folder / "model.safetensors")
+    params = load_params(ws.params_file, [*strict, "quality.synthetic.max_reject_fraction=1.0"])
+    if min(fractions) < 1.0:  # a 6-step segmenter misses some lesion voxels: those samples are rejected
+        result = STAGES["validate-synthetic"].run(ws, params)
+        assert result.summary["n_rejected"] >= 1
+        assert any("detected_fraction" in f.code for f in result.findings)

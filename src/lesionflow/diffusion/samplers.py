@@ -37,6 +37,19 @@ __all__ = [
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
 
+# ``clip_denoised``: False = no clamp, True = clamp x0_hat to [-1, 1] (data scaled like the DDPM papers), or a
+# (low, high) range in the data's own units (z-scored volumes). Without a clamp, an undertrained network's eps
+# error is amplified by 1/sqrt(alpha_t) (~30x at the cosine schedule's last step) and samples diverge.
+Clip = bool | tuple[float, float]
+
+
+def _clip(x0_hat: Tensor, clip: Clip) -> Tensor:
+    if clip is False:
+        return x0_hat
+    low, high = (-1.0, 1.0) if clip is True else clip
+    return x0_hat.clamp(float(low), float(high))
+
+
 def _randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
@@ -108,13 +121,11 @@ def ddpm_step(
     t: int,
     generator: torch.Generator,
     *,
-    clip_denoised: bool = False,
+    clip_denoised: Clip = False,
 ) -> Tensor:
     """Ancestral step ``x_{t-1} = mu_t(x_t, x0_hat) + sigma_t z``, ``sigma_t^2 = beta~_t``, no noise at t = 0 (§1)."""
-    # 1. x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), optionally clamped to [-1, 1]
-    x0_hat = predict_x0_from_eps(schedule, x_t, t, model_eps)
-    if clip_denoised:
-        x0_hat = x0_hat.clamp(-1.0, 1.0)
+    # 1. x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), optionally clamped to the data range
+    x0_hat = _clip(predict_x0_from_eps(schedule, x_t, t, model_eps), clip_denoised)
     # 2. mu_t = c1 x0_hat + c2 x_t ; variance beta~_t
     mean, variance, _ = q_posterior_mean_variance(schedule, x0_hat, x_t, t)
     if t == 0:
@@ -132,7 +143,7 @@ def ddim_step(
     eta: float,
     generator: torch.Generator,
     *,
-    clip_denoised: bool = False,
+    clip_denoised: Clip = False,
 ) -> Tensor:
     """DDIM step from index ``t`` to ``t_prev < t`` (``-1`` = clean image); ``eta = 0`` is deterministic (§1).
 
@@ -148,8 +159,8 @@ def ddim_step(
     # 1. x0_hat from eps (§1), optionally clamped; re-derive eps so it is consistent with the clamped x0_hat
     x0_hat = predict_x0_from_eps(schedule, x_t, t, model_eps)
     eps = model_eps
-    if clip_denoised:
-        x0_hat = x0_hat.clamp(-1.0, 1.0)
+    if clip_denoised is not False:
+        x0_hat = _clip(x0_hat, clip_denoised)
         eps = (x_t - torch.sqrt(abar_t) * x0_hat) / torch.sqrt(1.0 - abar_t)
     # 2. sigma_t(eta)
     sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * torch.sqrt(1.0 - abar_t / abar_prev)
@@ -194,7 +205,7 @@ def ddpm_sample(
     *,
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
-    clip_denoised: bool = False,
+    clip_denoised: Clip = False,
 ) -> Tensor:
     """Unconditional ancestral sampling over all ``T`` steps, ``x_T ~ N(0, I)`` on the generator's device."""
     # 1. x_T ~ N(0, I)
@@ -214,7 +225,7 @@ def ddim_sample(
     eta: float = 0.0,
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
-    clip_denoised: bool = False,
+    clip_denoised: Clip = False,
 ) -> Tensor:
     """Unconditional DDIM sampling over :func:`ddim_timesteps` (``steps`` network evaluations)."""
     timesteps = ddim_timesteps(schedule.num_timesteps, steps)
@@ -236,7 +247,7 @@ def repaint_sample(
     jump_length: int,
     jump_n_sample: int,
     generator: torch.Generator,
-    clip_denoised: bool = False,
+    clip_denoised: Clip = False,
 ) -> Tensor:
     """RePaint inpainting (paper Alg. 1 with resampling, §3.1): generate where ``mask != 0``, keep the rest.
 

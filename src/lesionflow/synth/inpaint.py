@@ -62,6 +62,7 @@ class InpaintSettings:
     jump_length: int = 2
     jump_n_sample: int = 2
     removal_dilation: int = 1
+    clip_range: tuple[float, float] = (-5.0, 5.0)  # x0_hat clamp while sampling, in the data's (z-scored) units
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear"):
@@ -196,6 +197,7 @@ def inpaint_batch(
         jump_length=settings.jump_length,
         jump_n_sample=settings.jump_n_sample,
         generator=generator,
+        clip_denoised=settings.clip_range,
     )
     # The background comes from the input array itself: exact whatever the input dtype.
     inside = m[todo][:, None]

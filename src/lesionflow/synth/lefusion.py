@@ -316,6 +316,7 @@ def synthesize_batch(
         jump_length=settings.jump_length,
         jump_n_sample=settings.jump_n_sample,
         generator=generator,
+        clip_denoised=settings.value_range,  # x0_hat clamped to the histogram support (z-scored units)
     )
     generated = out.float().cpu().numpy().reshape(b, n_classes, c_img, *size)
     # 3. merge the class blocks per image channel (§2.7): block k inside class mask k, block 0 elsewhere
