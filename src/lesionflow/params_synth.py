@@ -151,7 +151,7 @@ class SyntheticQualityParams(_Section):
     """Expectations of the synthetic gate (validate-synthetic); statistics are toy-tolerant by default."""
 
     max_histogram_w1: float = Field(
-        2.5, ge=0, description="Wasserstein-1 (normalized units) between a lesion and its condition histogram."
+        1.5, ge=0, description="Wasserstein-1 (normalized units) between a lesion and its condition histogram."
     )
     min_volume_ks_pvalue: float = Field(
         0.001, ge=0, le=1, description="KS test of synthetic vs real lesion volumes: p-value at least this."
