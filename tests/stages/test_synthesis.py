@@ -260,3 +260,20 @@ def test_acceptance_filter_runs_the_segmenter_on_every_lesion(synthesized: Path,
         result = STAGES["validate-synthetic"].run(ws, params)
         assert result.summary["n_rejected"] >= 1
         assert any("detected_fraction" in f.code for f in result.findings)
+
+
+def test_ddpm_insertion_baseline_fills_the_same_masks(synthesized: Path, tmp_path: Path) -> None:
+    ws = _copy(synthesized, tmp_path, "baseline")
+    shutil.rmtree(synthetic_store(ws))
+    params = load_params(ws.params_file, ["synth.method=ddpm", "synth.new_per_case=0", "synth.remove_per_case=0"])
+    result = STAGES["synthesize"].run(ws, params)
+    manifest = json.loads(manifest_path(ws).read_text())
+    assert result.summary["by_kind"]["relesion"] == len(manifest["samples"]) >= 2
+    for sample in manifest["samples"]:
+        assert sample["method"] == "ddpm"
+        assert all(lesion["histogram"] == [] for lesion in sample["lesions"])  # unconditional: no texture condition
+        synth = read_case(synthetic_store(ws), sample["sample_id"])
+        source = read_case(ws.processed / "store.zarr", sample["source_case"])
+        outside = synth.generated == 0
+        assert np.array_equal(synth.image[:, outside], source.image[:, outside])
+        assert not np.array_equal(synth.image[:, ~outside], source.image[:, ~outside])
