@@ -112,6 +112,7 @@ TINY_TRAINING = {
             "max_diversity": 1.0,
             "min_volume_ks_pvalue": 0.0,
             "max_reject_fraction": 1.0,
+            "acceptance_model": "",  # a 6-step segmenter finds nothing; the filter is tested on its own
         },
     },
     "synth": {

@@ -168,7 +168,7 @@ def test_validate_synthetic_accepts_and_reports(synthesized: Path) -> None:
     summary = json.loads((ws.reports / "validate-synthetic" / "summary.json").read_text())
     accepted = json.loads(accepted_synthetic_path(synthetic_store(ws)).read_text())
     assert summary["max_background_diff"] == 0.0
-    assert summary["segmenter"] == "none"  # no champion registered yet: filter off
+    assert summary["segmenter"] == "off"  # quality.synthetic.acceptance_model is empty in the tiny params
     assert set(accepted["accepted"]) == set(list_cases(synthetic_store(ws)))
     assert (ws.reports / "validate-synthetic" / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (ws.reports / "quality" / "synthetic" / "index.html").exists()
