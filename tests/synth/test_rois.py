@@ -172,3 +172,22 @@ def test_roi_spec_validation() -> None:
     arrays = _case(1)
     with pytest.raises(ValueError, match="spatial shape"):
         lesion_rois(arrays.image, arrays.label[:-1], None, SIZE)
+
+
+def test_lesion_roi_problem_names_cut_and_border_lesions() -> None:
+    from lesionflow.synth.rois import lesion_roi_problem
+
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[8:13, 8:13, 8:13] = 1  # 5³, fully inside a 8³ ROI, away from the border
+    label[0:3, 0:3, 15:18] = 1  # touches x = 0 and y = 0
+    border, inside = lesion_rois(  # raster order: the x = 0 lesion comes first
+        np.zeros((1, 20, 20, 20), np.float32), label, None, (8, 8, 8)
+    )
+    assert lesion_roi_problem(inside, label.shape) is None
+    code, message = lesion_roi_problem(border, label.shape)  # type: ignore[misc]
+    assert code == "lesion_touches_border"
+    assert "along x,y" in message
+    (big,) = lesion_rois(np.zeros((1, 20, 20, 20), np.float32), label[:, :, :14], None, (4, 4, 4))[:1]
+    code, message = lesion_roi_problem(big, label[:, :, :14].shape)  # type: ignore[misc]
+    assert code == "lesion_larger_than_roi"
+    assert "synth.roi_size [4, 4, 4]" in message

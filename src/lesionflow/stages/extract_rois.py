@@ -39,37 +39,12 @@ def inputs(ws: Workspace, params: Params) -> dict[str, str]:
     }
 
 
-def _lesion_problem(roi: Any, shape: tuple[int, ...], size: tuple[int, int, int]) -> tuple[str, str] | None:
-    """Why a lesion ROI cannot be used (code, message), or None."""
-    coords = np.argwhere(roi.mask) + np.asarray(roi.origin)
-    if int(roi.mask.sum()) < roi.voxels:
-        extent = (coords.max(0) - coords.min(0) + 1).tolist() if len(coords) else []
-        return (
-            "lesion_larger_than_roi",
-            f"lesion {roi.index} ({roi.voxels} voxels) does not fit synth.roi_size {list(size)} "
-            f"(visible part spans {extent}); skipped; raise synth.roi_size to cover it",
-        )
-    touching = [
-        a
-        for a, (lo, hi, n) in enumerate(zip(coords.min(0), coords.max(0), shape, strict=True))
-        if lo == 0 or hi == n - 1
-    ]
-    if touching:
-        axes = ",".join("xyz"[a] for a in touching)
-        return (
-            "lesion_touches_border",
-            f"lesion {roi.index} touches the volume border along {axes} (the scan cuts it); skipped; "
-            "preprocess with a wider crop if such lesions matter",
-        )
-    return None
-
-
 def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.seeding import rng_for
     from lesionflow.stages.base import rich_progress
     from lesionflow.store.zarr_store import read_case
     from lesionflow.synth.roi_store import write_roi_set
-    from lesionflow.synth.rois import RoiSet, candidate_rois, lesion_rois
+    from lesionflow.synth.rois import RoiSet, candidate_rois, lesion_roi_problem, lesion_rois
 
     sp = params.synth
     plan = load_plan(ws)
@@ -84,7 +59,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
             for roi in lesion_rois(
                 arrays.image, arrays.label, arrays.organ, sp.roi_size, min_voxels=sp.min_lesion_voxels, case_id=case_id
             ):
-                problem = _lesion_problem(roi, arrays.image.shape[1:], sp.roi_size)
+                problem = lesion_roi_problem(roi, arrays.image.shape[1:])
                 if problem:
                     findings.append(Finding(case_id, *problem))
                 else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,42 @@ def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float(normalized_cross_correlation(a, b, mask))
 
 
+@dataclass(frozen=True)
+class _LesionCrop:
+    """Lesion ``k`` of a synthetic sample: its volume-wide region and its ROI crops (image (c, *size))."""
+
+    k: int
+    lesion: dict[str, Any]
+    region: np.ndarray
+    image: np.ndarray
+    mask: np.ndarray
+    label: np.ndarray
+
+
+def _lesion_crops(sample: dict[str, Any], case: Any, size: tuple[int, int, int]) -> list[_LesionCrop]:
+    from lesionflow.synth.rois import crop
+
+    generated = case.generated if case.generated is not None else np.zeros(case.image.shape[1:], np.uint8)
+    out = []
+    for k, lesion in enumerate(sample["lesions"]):
+        region = generated == k + 1  # synthesize writes lesion k as k + 1
+        origin = tuple(lesion["origin"])
+        label = crop(case.label, origin, size) if case.label is not None else np.zeros(size, np.uint8)
+        mask = crop(region.astype(np.uint8), origin, size) > 0
+        out.append(_LesionCrop(k, lesion, region, crop(case.image, origin, size), mask, label))
+    return out
+
+
+def _dominant_class(label: np.ndarray, mask: np.ndarray) -> int:
+    values = label[mask]
+    return int(np.bincount(values).argmax()) if values.size and values.max() > 0 else 0
+
+
 def _lesion_rows(
     sample: dict[str, Any],
     case: Any,
     source: Any,
+    lesions: list[_LesionCrop],
     real: Any,
     params: Params,
     plan_ctx: dict[str, Any],
@@ -102,48 +135,38 @@ def _lesion_rows(
         inside_fraction,
     )
     from lesionflow.synth.histograms import concatenated_histograms, lesion_histogram
-    from lesionflow.synth.rois import crop
 
     lp = params.synth.lefusion
-    size = params.synth.roi_size
+    classes = plan_ctx["class_values"]
+    allowed = set(classes) | {0}
     generated = case.generated if case.generated is not None else np.zeros(case.image.shape[1:], np.uint8)
     background = background_max_abs_diff(source.image, case.image, generated > 0)
     rows = []
-    for k, lesion in enumerate(sample["lesions"]):
-        region = generated == k + 1
-        origin = tuple(lesion["origin"])
-        mask_roi = crop(region.astype(np.uint8), origin, size) > 0
-        image_roi = crop(case.image[0], origin, size)
-        label_roi = crop(case.label, origin, size) if case.label is not None else np.zeros(size, np.uint8)
-        made = lesion["mask_source"] in ("diffmask", "sphere")
-        classes = plan_ctx["class_values"]
-        allowed = set(classes) | {0}
+    for c in lesions:
+        made = c.lesion["mask_source"] in ("diffmask", "sphere")
         w1 = float("nan")
-        if lesion["histogram"]:
-            image_crop = crop(case.image, origin, size)
+        if c.lesion["histogram"]:
             if len(classes) > 1:
-                hist = concatenated_histograms(
-                    image_crop, np.where(mask_roi, label_roi, 0), classes, lp.bins, lp.value_range
-                )
+                hist = concatenated_histograms(c.image, np.where(c.mask, c.label, 0), classes, lp.bins, lp.value_range)
             else:
-                hist = lesion_histogram(image_crop, mask_roi, lp.bins, lp.value_range)
-            w1 = histogram_w1(hist, np.asarray(lesion["histogram"]), lp.value_range, bins=lp.bins)
-        nn = max((_ncc(image_roi, r.image[0], mask_roi) for r in real.lesions), default=float("nan"))
+                hist = lesion_histogram(c.image, c.mask, lp.bins, lp.value_range)
+            w1 = histogram_w1(hist, np.asarray(c.lesion["histogram"]), lp.value_range, bins=lp.bins)
+        nn = max((_ncc(c.image[0], r.image[0], c.mask) for r in real.lesions), default=float("nan"))
         rows.append(
             {
-                "sample_id": f"{sample['sample_id']}#{k}",
+                "sample_id": f"{sample['sample_id']}#{c.k}",
                 "kind": sample["kind"],
-                "mask_source": lesion["mask_source"],
-                "cluster": -1 if lesion.get("cluster") is None else int(lesion["cluster"]),
-                "voxels": int(region.sum()),
+                "mask_source": c.lesion["mask_source"],
+                "cluster": -1 if c.lesion.get("cluster") is None else int(c.lesion["cluster"]),
+                "voxels": int(c.region.sum()),
                 "background_max_abs_diff": float(background),
-                "mask_binary": int(set(np.unique(label_roi[mask_roi]).tolist()) <= allowed) if made else 1,
-                "components": component_count(region) if made else 1,
-                "inside_organ": inside_fraction(region, source.organ) if made else 1.0,
+                "mask_binary": int(set(np.unique(c.label[c.mask]).tolist()) <= allowed) if made else 1,
+                "components": component_count(c.region) if made else 1,
+                "inside_organ": inside_fraction(c.region, source.organ) if made else 1.0,
                 "histogram_w1": w1 if np.isfinite(w1) else 0.0,
-                "boundary_gradient_ratio": boundary_gradient(case.image[0], region) / plan_ctx["real_gradient"],
+                "boundary_gradient_ratio": boundary_gradient(case.image[0], c.region) / plan_ctx["real_gradient"],
                 "nn_similarity": nn,
-                "detected_fraction": float("nan") if predicted is None else detected_fraction(predicted, region),
+                "detected_fraction": float("nan") if predicted is None else detected_fraction(predicted, c.region),
             }
         )
     return rows
@@ -173,16 +196,21 @@ def run(ws: Workspace, params: Params) -> StageResult:
     segment = _segmenter(folder, plan, params) if folder is not None else None
     rows: list[dict[str, Any]] = []
     views: dict[str, list[Any]] = {"real": [], "synthetic": []}
+    by_condition: dict[int, list[_LesionCrop]] = defaultdict(list)  # diversity: lesions sharing a cluster
     for sample in rich_progress(iter(samples), STAGE, len(samples)):
         case = read_case(synthetic_store(ws), sample["sample_id"])
         source = read_case(store_root(ws), sample["source_case"])
         predicted = segment(case.image) if segment is not None else None
-        rows += _lesion_rows(sample, case, source, real, params, ctx, predicted)
-        views["synthetic"] += _views(case, sample, params)
+        lesions = _lesion_crops(sample, case, params.synth.roi_size)
+        rows += _lesion_rows(sample, case, source, lesions, real, params, ctx, predicted)
+        views["synthetic"] += [_synthetic_view(c, sample) for c in lesions[:2]]
+        for c in lesions:
+            if c.lesion.get("cluster") is not None:
+                by_condition[int(c.lesion["cluster"])].append(c)
     table = pd.DataFrame(rows)
     new_voxels = [r["voxels"] for r in rows if r["mask_source"] in ("diffmask", "sphere")]
     ks = volume_ks([r.voxels for r in real.lesions], new_voxels)
-    diversity = _diversity(ws, samples, params)
+    diversity = _diversity(by_condition)
     detected = table["detected_fraction"].dropna() if len(table) else pd.Series(dtype=float)
     q = params.quality.synthetic
     acceptance = float((detected >= q.min_detected_fraction).mean()) if len(detected) else float("nan")
@@ -253,53 +281,29 @@ def _segmenter(folder: Path, plan: Any, params: Params) -> Any:
     return predict
 
 
-def _diversity(ws: Workspace, samples: list[dict[str, Any]], params: Params) -> float:
+def _diversity(by_condition: dict[int, list[_LesionCrop]]) -> float:
     """Mean over conditions (LeFusion cluster) of the mean pairwise correlation of their lesions' ROIs."""
     from lesionflow.quality.synthetic_checks import pairwise_similarity
-    from lesionflow.store.zarr_store import read_case
-    from lesionflow.synth.rois import crop
 
-    groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
-    size = params.synth.roi_size
-    for sample in samples:
-        case = read_case(synthetic_store(ws), sample["sample_id"])
-        for k, lesion in enumerate(sample["lesions"]):
-            if lesion.get("cluster") is None:
-                continue
-            origin = tuple(lesion["origin"])
-            mask = crop(np.asarray(case.generated == k + 1, np.uint8), origin, size) > 0
-            groups[int(lesion["cluster"])].append((crop(case.image[0], origin, size), mask))
     values = [
-        pairwise_similarity([g[0] for g in items], [g[1] for g in items]) for items in groups.values() if len(items) > 1
+        pairwise_similarity([c.image[0] for c in items], [c.mask for c in items])
+        for items in by_condition.values()
+        if len(items) > 1
     ]
     values = [v for v in values if np.isfinite(v)]
     return float(np.mean(values)) if values else float("nan")
 
 
-def _views(case: Any, sample: dict[str, Any], params: Params) -> list[Any]:
+def _synthetic_view(c: _LesionCrop, sample: dict[str, Any]) -> Any:
     from lesionflow.synth.montage import LesionView
-    from lesionflow.synth.rois import crop
 
-    size = params.synth.roi_size
-    out = []
-    for k, lesion in enumerate(sample["lesions"][:2]):
-        origin = tuple(lesion["origin"])
-        mask = crop((case.generated == k + 1).astype(np.uint8), origin, size) > 0
-        label = crop(case.label, origin, size) if case.label is not None else np.zeros(size, np.uint8)
-        values = label[mask]
-        cls = int(np.bincount(values).argmax()) if values.size and values.max() > 0 else 0
-        out.append(
-            LesionView(crop(case.image[0], origin, size), mask, cls, f"{sample['kind']} {sample['source_case']}")
-        )
-    return out
+    return LesionView(c.image[0], c.mask, _dominant_class(c.label, c.mask), f"{sample['kind']} {sample['source_case']}")
 
 
 def _real_view(roi: Any) -> Any:
     from lesionflow.synth.montage import LesionView
 
-    values = roi.label[roi.mask]
-    cls = int(np.bincount(values).argmax()) if values.size and values.max() > 0 else 0
-    return LesionView(roi.image[0], roi.mask, cls, f"real {roi.case_id}")
+    return LesionView(roi.image[0], roi.mask, _dominant_class(roi.label, roi.mask), f"real {roi.case_id}")
 
 
 def _montage(ws: Workspace, views: dict[str, list[Any]]) -> None:

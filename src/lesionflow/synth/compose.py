@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from lesionflow.synth.histograms import HistogramBank
 from lesionflow.synth.placement import Sphere, sample_spheres, sphere_mask
-from lesionflow.synth.rois import Roi, crop, lesion_rois
+from lesionflow.synth.rois import Roi, crop, lesion_roi_problem, lesion_rois
 
 Int3 = tuple[int, int, int]
 
@@ -163,13 +163,9 @@ def relesion(
     out = ComposedSample(image.copy(), label.copy(), np.zeros(label.shape, np.uint8))
     usable = []
     for roi in lesion_rois(image, label, organ, roi_size, min_voxels=min_voxels):
-        coords = np.argwhere(roi.mask) + np.asarray(roi.origin)
-        if (
-            int(roi.mask.sum()) < roi.voxels
-            or coords.min() == 0
-            or np.any(coords.max(0) == np.asarray(label.shape) - 1)
-        ):
-            out.notes.append(f"lesion {roi.index} skipped (larger than the ROI or touching the border)")
+        problem = lesion_roi_problem(roi, label.shape)  # the rule extract-rois trains with
+        if problem is not None:
+            out.notes.append(problem[1])
             continue
         usable.append(roi)
     for group in _batched(usable, batch):

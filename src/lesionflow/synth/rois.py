@@ -212,6 +212,34 @@ def lesion_rois(
     return rois
 
 
+def lesion_roi_problem(roi: Roi, volume_shape: Sequence[int]) -> tuple[str, str] | None:
+    """Why a lesion ROI cannot be used for training or re-texturing, as (code, one-line message), or None.
+
+    ``lesion_larger_than_roi``: the crop cuts the lesion (its mask holds fewer voxels than the component);
+    ``lesion_touches_border``: the lesion reaches the first or last voxel of the (x, y, z) volume along an axis,
+    so the scan itself cuts it and its shape is not a lesion shape.
+    """
+    size = list(roi.mask.shape)
+    coords = np.argwhere(roi.mask) + np.asarray(roi.origin)
+    if int(roi.mask.sum()) < roi.voxels:
+        extent = (coords.max(0) - coords.min(0) + 1).tolist() if len(coords) else []
+        return (
+            "lesion_larger_than_roi",
+            f"lesion {roi.index} ({roi.voxels} voxels) does not fit synth.roi_size {size} "
+            f"(visible part spans {extent}); skipped; raise synth.roi_size to cover it",
+        )
+    lows, highs = coords.min(0), coords.max(0)
+    touching = [a for a, n in enumerate(volume_shape) if lows[a] == 0 or highs[a] == int(n) - 1]
+    if touching:
+        axes = ",".join("xyz"[a] for a in touching)
+        return (
+            "lesion_touches_border",
+            f"lesion {roi.index} touches the volume border along {axes} (the scan cuts it); skipped; "
+            "preprocess with a wider crop if such lesions matter",
+        )
+    return None
+
+
 def candidate_centres(label: np.ndarray | None, organ: np.ndarray, size: RoiSpec | Sequence[int]) -> np.ndarray:
     """Boolean (x, y, z) map: voxel p is a valid candidate centre if it is an organ voxel and the ROI centred on it
     (``origin = p - size // 2``) holds no lesion voxel (``label > 0``; voxels outside the volume count as none).
