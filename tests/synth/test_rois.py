@@ -187,7 +187,8 @@ def test_lesion_roi_problem_names_cut_and_border_lesions() -> None:
     code, message = lesion_roi_problem(border, label.shape)  # type: ignore[misc]
     assert code == "lesion_touches_border"
     assert "along x,y" in message
-    (big,) = lesion_rois(np.zeros((1, 20, 20, 20), np.float32), label[:, :, :14], None, (4, 4, 4))[:1]
-    code, message = lesion_roi_problem(big, label[:, :, :14].shape)  # type: ignore[misc]
+    only_inside = label[:, :, :14]  # the border lesion cut away: one 5³ lesion left, larger than a 4³ ROI
+    (big,) = lesion_rois(np.zeros((1, *only_inside.shape), np.float32), only_inside, None, (4, 4, 4))
+    code, message = lesion_roi_problem(big, only_inside.shape)  # type: ignore[misc]
     assert code == "lesion_larger_than_roi"
     assert "synth.roi_size [4, 4, 4]" in message
