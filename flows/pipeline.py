@@ -1,9 +1,13 @@
-"""The training pipeline flow: every registered stage in order, each as a Prefect task.
+"""The training pipeline flow (the nightly retrain): every registered stage in order, each as a Prefect task.
 
-Stages: ingest -> validate-raw -> plan -> preprocess -> validate-processed -> train -> evaluate ->
-validate-metrics -> register (synthesis joins in a later issue).
-After each stage the flow runs ``dvc commit`` for it (and data.dvc), so dvc.lock records what the flow
-produced and ``dvc status`` is clean. A failed gate fails its task and stops the flow.
+Stages: ingest -> validate-raw -> plan -> preprocess -> validate-processed -> extract-rois -> train-generator ->
+synthesize -> validate-synthetic -> train -> evaluate -> validate-metrics -> register. Every gate stops the flow
+when it fails, with its failed expectations and HTML report attached to the run as artifacts. After each stage
+the flow runs ``dvc commit`` for it (and data.dvc), so dvc.lock records what the flow produced and
+``dvc status`` is clean. The workspace lock is held for the whole run.
+
+The parameters are typed, so the Prefect UI's "Custom run" form shows each params section with its keys,
+defaults and descriptions (see ``flows.common.resolve_params`` for how they merge over params.yaml).
 """
 
 from __future__ import annotations
@@ -12,33 +16,83 @@ from typing import Any
 
 from prefect import flow
 
-from lesionflow.params import load_params
+from flows.common import DEFAULT_LOCK_TIMEOUT_S, run_flow
+from lesionflow.params import (
+    EvaluateParams,
+    IngestParams,
+    PlanParams,
+    PreprocessParams,
+    ProjectParams,
+    QualityParams,
+    RegistryParams,
+    TrainParams,
+)
+from lesionflow.params_synth import SynthParams
 from lesionflow.stages import pipeline_order
-from lesionflow.workspace import Workspace
-from tasks.stages import dvc_commit, run_stage
+
+FLOW_NAME = "lesionflow-pipeline"
 
 
-@flow(name="lesionflow-pipeline", log_prints=True)
+@flow(name=FLOW_NAME, log_prints=True)
 def training_pipeline(
-    workspace: str = ".", params_file: str = "params.yaml", overrides: list[str] | None = None
+    workspace: str = ".",
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    project: ProjectParams | None = None,
+    ingest: IngestParams | None = None,
+    quality: QualityParams | None = None,
+    plan: PlanParams | None = None,
+    preprocess: PreprocessParams | None = None,
+    synth: SynthParams | None = None,
+    train: TrainParams | None = None,
+    evaluate: EvaluateParams | None = None,
+    registry: RegistryParams | None = None,
+    wait_for_lock: bool = True,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
-    """Run the pipeline in ``workspace`` with ``params_file`` and ``section.key=value`` overrides."""
-    ws = Workspace.at(workspace)
-    params = load_params(ws.path(params_file), list(overrides or []))
-    params_json = params.model_dump(mode="json")
-    results = []
-    for stage in pipeline_order():
-        result = run_stage(stage, str(ws.root), params_json)
-        for finding in result["findings"]:
-            print(f"{stage}: {finding['subject']}: {finding['detail']} [{finding['code']}]")
-        if result["cached"]:  # nothing ran, nothing new to record in dvc.lock
-            pass
-        elif overrides:
-            print(f"{stage}: not recorded in dvc.lock (ran with overrides {overrides}; dvc.lock follows params.yaml)")
-        else:
-            dvc_commit(str(ws.root), ["data.dvc", stage])
-        results.append(result)
-    return results
+    """Run every stage in order in a workspace; a failed quality gate stops the run with its report attached.
+
+    Args:
+        workspace: Workspace root (holds params.yaml, dvc.yaml and data/); relative to the worker's directory.
+        params_file: params.yaml to read, relative to the workspace unless absolute.
+        overrides: Extra `section.key=value` overrides, applied last (e.g. train.steps=500).
+        project: Overrides of params.yaml's `project` section; only the keys given replace params.yaml's values.
+        ingest: Overrides of the `ingest` section (e.g. a new `source`); only the keys given are replaced.
+        quality: Overrides of the `quality` section (gate thresholds); only the keys given are replaced.
+        plan: Overrides of the `plan` section; only the keys given are replaced.
+        preprocess: Overrides of the `preprocess` section (Dask workers, scheduler address); only the keys given.
+        synth: Overrides of the `synth` section (generators, sample counts); only the keys given are replaced.
+        train: Overrides of the `train` section (network, steps, device); only the keys given are replaced.
+        evaluate: Overrides of the `evaluate` section; only the keys given are replaced.
+        registry: Overrides of the `registry` section (MLflow server, model name); only the keys given.
+        wait_for_lock: When another run holds the workspace, wait for it (true) or fail at once (false).
+        lock_timeout_s: Longest wait for the workspace lock, in seconds (0: no limit).
+
+    Returns:
+        One result per stage (summary, outputs, findings, whether it was up to date).
+    """
+    sections = {
+        "project": project,
+        "ingest": ingest,
+        "quality": quality,
+        "plan": plan,
+        "preprocess": preprocess,
+        "synth": synth,
+        "train": train,
+        "evaluate": evaluate,
+        "registry": registry,
+    }
+    result: list[dict[str, Any]] = run_flow(
+        FLOW_NAME,
+        pipeline_order(),
+        workspace=workspace,
+        params_file=params_file,
+        overrides=overrides,
+        sections=sections,
+        wait_for_lock=wait_for_lock,
+        lock_timeout_s=lock_timeout_s,
+    )
+    return result
 
 
 if __name__ == "__main__":

@@ -76,3 +76,13 @@ def test_cross_key_synth_checks_name_the_keys() -> None:
                 "synth.lefusion.attention_levels=[false, false, false]",
             ],
         )
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "presets").glob("*.yaml")))
+def test_every_preset_applies_to_the_repository_params(preset: str) -> None:
+    from lesionflow.params import preset_overrides
+
+    overrides = preset_overrides(preset, [REPO])
+    params = load_params(REPO / "params.yaml", overrides)  # validated, cross-key checks included
+    assert overrides
+    assert params != load_params(REPO / "params.yaml") or preset == "toy"  # toy = the defaults

@@ -190,19 +190,55 @@ def run(
     params_file: ParamsOpt = None,
     overrides: SetOpt = None,
     preset: PresetOpt = None,
+    wait_lock: Annotated[
+        bool,
+        typer.Option(
+            "--wait-lock/--no-wait-lock",
+            help="When another run holds the workspace: wait for it (up to --lock-timeout) or stop at once.",
+        ),
+    ] = False,
+    lock_timeout: Annotated[
+        float, typer.Option("--lock-timeout", help="Seconds --wait-lock waits at most (0: no limit).")
+    ] = 3600.0,
 ) -> None:
     """Run the pipeline end to end through the Prefect flow (embedded Prefect unless PREFECT_API_URL is set)."""
+    from lesionflow.workspace_lock import check_unlocked
+
     overrides = _with_preset(workspace, preset, overrides)
     ws, _ = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
+    if not wait_lock:
+        check_unlocked(ws.root, "lesionflow run")  # fail fast too; the flow itself holds the lock for the run
     from flows.pipeline import training_pipeline
 
     results = training_pipeline(
-        workspace=str(ws.root), params_file=str(params_file or ws.params_file), overrides=list(overrides or [])
+        workspace=str(ws.root),
+        params_file=str(params_file or ws.params_file),
+        overrides=list(overrides or []),
+        wait_for_lock=wait_lock,
+        lock_timeout_s=lock_timeout,
     )
     table = Table("stage", "status", "outputs", title="pipeline finished")
     for res in results:
         table.add_row(res["stage"], "ok" if res["ok"] else "failed", ", ".join(res["outputs"].values()))
     out.print(table)
+
+
+@app.command("serve")
+def serve(
+    workspace: WorkspaceOpt = Path("."),
+    port: Annotated[int, typer.Option(help="Port of the Prefect server and UI (bound to 127.0.0.1).")] = 4200,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL URL (postgresql+asyncpg://user:pw@host:5432/db); default: SQLite in .prefect/."),
+    ] = None,
+    pool: Annotated[str | None, typer.Option(help="Process work pool (default: orchestration.work_pool).")] = None,
+    params_file: ParamsOpt = None,
+) -> None:
+    """Prefect server + work pool + the deployments of infra/prefect.yaml + a worker; Ctrl-C stops them."""
+    from lesionflow.serve import resolve_settings
+    from lesionflow.serve import serve as run_serve
+
+    run_serve(resolve_settings(workspace, port, database_url, pool, params_file))
 
 
 def _tracking_uri(workspace: Path, params_file: Path | None, given: str | None) -> str:

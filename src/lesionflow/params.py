@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -280,6 +281,36 @@ class RegistryParams(_Section):
     )
 
 
+class OrchestrationParams(_Section):
+    """``lesionflow serve``: the Prefect deployments of infra/prefect.yaml on a local process work pool."""
+
+    timezone: str = Field(
+        "UTC", description="IANA time zone of the nightly-retrain schedule (e.g. Europe/Berlin); DST aware."
+    )
+    nightly_cron: str = Field("0 2 * * *", description="Cron line of the nightly-retrain deployment (5 fields).")
+    work_pool: str = Field(
+        "lesionflow-local", min_length=1, description="Process work pool the deployments run on (serve --pool wins)."
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        # Prefect accepts exactly the names in the IANA database shipped with Python (zoneinfo); checking here
+        # turns a typo into a params error at load time instead of a failed deploy.
+        if v not in zoneinfo.available_timezones():
+            raise ValueError(f"unknown time zone {v!r}; expected an IANA name such as 'UTC' or 'Europe/Berlin'")
+        return v
+
+    @field_validator("nightly_cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        # Only the shape is checked here (params never import Prefect); Prefect's own cron parser checks the
+        # fields at deploy time and `lesionflow serve` reports its message.
+        if len(v.split()) != 5:
+            raise ValueError(f"expected a cron line with 5 fields (minute hour day month weekday), got {v!r}")
+        return v
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -293,6 +324,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
+    orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
 
     @model_validator(mode="after")
     def _check(self) -> Params:

@@ -142,7 +142,8 @@ STAGES: dict[str, StageSpec] = {
             name="train-generator",
             run=train_generator.run,
             inputs=train_generator.inputs,
-            description="Diffusion generators of synth.generators (LeFusion, DiffMask, DDPM) on the ROIs; resumable.",
+            description="Diffusion generators of synth.generators (LeFusion, DiffMask, DDPM, PIE) on the ROIs; "
+            "resumable.",
             params=(
                 "project.seed",
                 "train.cpu_threads",
@@ -152,6 +153,7 @@ STAGES: dict[str, StageSpec] = {
                 "synth.lefusion",
                 "synth.diffmask",
                 "synth.ddpm",
+                "synth.pie",
             ),
             deps=(
                 "data/rois",
@@ -170,7 +172,8 @@ STAGES: dict[str, StageSpec] = {
             name="synthesize",
             run=synthesize.run,
             inputs=synthesize.inputs,
-            description="One Dask task per (case, sample): generated lesions pasted into full volumes -> Zarr.",
+            description="One Dask task per (case, sample) and per PIE trajectory: lesions pasted into full volumes "
+            "and progression frames -> Zarr.",
             params=("project.seed", "train.val_fraction", "synth"),
             deps=(
                 "models/generators",
@@ -178,20 +181,23 @@ STAGES: dict[str, StageSpec] = {
                 "data/processed/accepted.json",
                 "src/lesionflow/synth",
                 "src/lesionflow/stages/synthesize.py",
+                "src/lesionflow/stages/progression.py",
             ),
-            outs=("data/synthetic/manifest.json",),
-            persist_outs=("data/synthetic/store.zarr",),
+            outs=("data/synthetic/manifest.json", "data/synthetic/progression.json"),
+            persist_outs=("data/synthetic/store.zarr", "data/synthetic/progression.zarr"),
             metrics=("reports/synthesize/summary.json",),
-            state_outputs=("data/synthetic/manifest.json",),
+            state_outputs=("data/synthetic/manifest.json", "data/synthetic/progression.json"),
         ),
         StageSpec(
             name="validate-synthetic",
             run=validate_synthetic.run,
             inputs=validate_synthetic.inputs,
-            description="Synthetic gate: exact background, mask checks, texture/volume/boundary stats, acceptance.",
+            description="Synthetic gate: exact background, mask checks, texture/volume/boundary stats, acceptance; "
+            "PIE trajectories: outside-ROI bound, severity trend, convergence.",
             params=("quality.synthetic", "synth.lefusion.bins", "synth.lefusion.value_range", "registry.model_name"),
             deps=(
                 "data/synthetic/manifest.json",
+                "data/synthetic/progression.json",
                 "data/rois",
                 "src/lesionflow/quality",
                 "src/lesionflow/stages/validate_synthetic.py",

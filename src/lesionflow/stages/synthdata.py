@@ -86,7 +86,7 @@ def lesion_classes(label_values: tuple[int, ...], multi_class: bool) -> tuple[in
 def net_fingerprint(params: Params, method: str) -> dict[str, Any]:
     """What a trained generator must agree with to be used or resumed: method, ROI size and architecture."""
     net = getattr(params.synth, method)
-    return {
+    fingerprint: dict[str, Any] = {
         "method": method,
         "roi_size": list(params.synth.roi_size),
         "base_channels": net.base_channels,
@@ -94,6 +94,9 @@ def net_fingerprint(params: Params, method: str) -> dict[str, Any]:
         "attention_levels": list(net.attention_levels),
         "timesteps": net.timesteps,
     }
+    if method == "pie":  # the condition's meaning: a volume-quantile model cannot be driven by class ranks
+        fingerprint["severity"] = params.synth.pie.severity
+    return fingerprint
 
 
 def check_generator(ws: Workspace, params: Params, method: str) -> dict[str, Any]:

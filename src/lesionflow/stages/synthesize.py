@@ -13,6 +13,7 @@ keeps the source's attributes (affine, spacing, crop) and adds ``synthetic`` (so
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from lesionflow.errors import SourceError
@@ -20,6 +21,15 @@ from lesionflow.hashing import sha256_file, sha256_json, sha256_tree
 from lesionflow.params import Params, PreprocessParams
 from lesionflow.stages.base import CODE_VERSION, Finding, StageResult, write_json
 from lesionflow.stages.preprocess import store_root
+from lesionflow.stages.progression import (
+    make_trajectory,
+    progression_store,
+    read_progression_manifest,
+    stored_key,
+    trajectory_task,
+    wants_trajectories,
+    write_progression_manifest,
+)
 from lesionflow.stages.segdata import splits
 from lesionflow.stages.synthdata import (
     check_generator,
@@ -33,17 +43,26 @@ from lesionflow.stages.validate_processed import accepted_path
 from lesionflow.workspace import Workspace
 
 STAGE = "synthesize"
+#: (id, fn(root, params_json, digests, task) -> outcome, digests, task): one unit of Dask work
+Job = tuple[str, Callable[..., dict[str, Any]], str, dict[str, Any]]
 KINDS = ("relesion", "new", "remove")
 
 
-def _methods(params: Params) -> list[str]:
+def _texture_methods(params: Params) -> list[str]:
+    """Generators the lesion samples need (none with method pie: it makes trajectories only)."""
     sp = params.synth
+    if sp.method == "pie":
+        return []
     used: list[str] = [sp.method]
     if "diffmask" in sp.generators and sp.new_per_case:
         used.append("diffmask")
     if sp.remove_per_case and sp.method != "ddpm":
         used.append("ddpm")
     return used
+
+
+def _methods(params: Params) -> list[str]:
+    return _texture_methods(params) + (["pie"] if wants_trajectories(params) else [])
 
 
 def inputs(ws: Workspace, params: Params) -> dict[str, str]:
@@ -63,8 +82,10 @@ def _tasks(ws: Workspace, params: Params) -> list[dict[str, Any]]:
     from lesionflow.store.zarr_store import case_digest
 
     sp = params.synth
+    if sp.method == "pie":
+        return []
     counts = {"relesion": sp.relesion_per_case, "new": sp.new_per_case, "remove": sp.remove_per_case}
-    generators = {m: generator_digest(ws, m) for m in _methods(params)}
+    generators = {m: generator_digest(ws, m) for m in _texture_methods(params)}
     synth = params.synth.model_dump(mode="json")
     for key in ("workers", "scheduler_address", "device"):
         synth.pop(key)
@@ -108,7 +129,7 @@ def _generators(root: str, params_json: str, digests: str) -> Any:
     else:
         classes, settings, bank = (1,), inpaint_settings(params), None
     mask_model, mask_settings = None, None
-    if "diffmask" in _methods(params):
+    if "diffmask" in _texture_methods(params):
         mask_model, _, mask_extra = load_generator(generator_dir(ws, "diffmask"))
         mask_settings = diffmask_settings(params)
         radii = np.asarray(mask_extra["radii"], dtype=np.float64)
@@ -222,22 +243,50 @@ def _existing(ws: Workspace) -> dict[str, str]:
     return {c: read_case_attrs(root, c).get("synthetic", {}).get("sample_key", "") for c in list_cases(root)}
 
 
+def _trajectory_tasks(ws: Workspace, params: Params) -> list[dict[str, Any]]:
+    """``synth.pie.cases`` training cases toward ``synth.pie.target_severity``, the earliest disease first.
+
+    Order (from the ROI set): cases with only lesion-free ROIs (a healthy start), then by the voxel count of the
+    case's smallest usable lesion, then by id. A case whose lesions are already the largest seen would have
+    nowhere to progress to; cases with neither a usable lesion nor an organ mask cannot start at all.
+    """
+    from lesionflow.synth.roi_store import read_roi_set
+
+    if not wants_trajectories(params):
+        return []
+    rois = read_roi_set(rois_path(ws))
+    train = set(splits(ws, params).train)
+    smallest_lesion: dict[str, int] = {}
+    for r in rois.lesions:
+        if r.case_id in train:
+            smallest_lesion[r.case_id] = min(r.voxels, smallest_lesion.get(r.case_id, r.voxels))
+    healthy = {r.case_id for r in rois.candidates if r.case_id in train} - set(smallest_lesion)
+    order = sorted(healthy) + sorted(smallest_lesion, key=lambda c: (smallest_lesion[c], c))
+    return [trajectory_task(ws, params, c, params.synth.pie.target_severity) for c in order[: params.synth.pie.cases]]
+
+
 def run(ws: Workspace, params: Params) -> StageResult:
     import json
     import shutil
 
     import zarr
 
-    from lesionflow.store.zarr_store import clean_temp, open_store
+    from lesionflow.store.zarr_store import clean_temp, ensure_root, open_store
+    from lesionflow.synth.trajectory_store import repair
 
     for method in _methods(params):
         check_generator(ws, params, method)
     root = synthetic_store(ws)
     open_store(root)
     clean_temp(root)
+    repair(progression_store(ws))
     tasks = _tasks(ws, params)
-    if not tasks:
-        raise SourceError("synth: no samples asked for (relesion_per_case, new_per_case and remove_per_case are 0)")
+    trajectories = _trajectory_tasks(ws, params)
+    if not tasks and not trajectories:
+        raise SourceError(
+            "synth: no samples asked for (relesion_per_case, new_per_case and remove_per_case are 0, and no "
+            "pie trajectory: synth.pie.cases = 0 or pie not in synth.generators)"
+        )
     old = json.loads(manifest_path(ws).read_text()) if manifest_path(ws).exists() else {"samples": []}
     records = {r["sample_id"]: r for r in old.get("samples", [])}
     existing = _existing(ws)
@@ -245,41 +294,81 @@ def run(ws: Workspace, params: Params) -> StageResult:
     for stale in sorted(set(existing) - wanted):
         shutil.rmtree(root / stale, ignore_errors=True)
     todo = [t for t in tasks if existing.get(t["sample_id"]) != t["key"] or t["sample_id"] not in records]
+    # Trajectories made by the progression flow for other cases or targets stay; only ours are (re)computed.
+    trajectory_records = read_progression_manifest(ws)
+    traj_todo = [
+        t
+        for t in trajectories
+        if stored_key(ws, t["trajectory_id"]) != t["key"] or t["trajectory_id"] not in trajectory_records
+    ]
+    jobs: list[Job] = [(t["sample_id"], synthesize_sample, _texture_digests(ws, params), t) for t in todo]
+    jobs += [(t["trajectory_id"], make_trajectory, generator_digest(ws, "pie"), t) for t in traj_todo]
+    outcomes = _fan_out(params, ws, jobs) if jobs else {}
     findings: list[Finding] = []
-    if todo:
-        findings = _fan_out(ws, params, todo, records)
-    for finding in findings:  # an outdated sample of a failed id must not stay behind
-        shutil.rmtree(root / finding.subject, ignore_errors=True)
+    for task in todo:
+        outcome = outcomes[task["sample_id"]]
+        if outcome["ok"]:
+            records[task["sample_id"]] = outcome["record"]
+        else:
+            records.pop(task["sample_id"], None)
+            shutil.rmtree(root / task["sample_id"], ignore_errors=True)  # an outdated sample must not stay behind
+            findings.append(Finding(task["sample_id"], outcome["code"], outcome["message"]))
+    for task in traj_todo:
+        outcome = outcomes[task["trajectory_id"]]
+        if outcome["ok"]:
+            trajectory_records[task["trajectory_id"]] = outcome["record"]
+        else:
+            findings.append(Finding(task["trajectory_id"], outcome["code"], outcome["message"]))
+    # Always written (dvc.yaml declares them), empty when no trajectory is asked for.
+    ensure_root(progression_store(ws))
+    write_progression_manifest(ws, trajectory_records)
     kept = [records[t["sample_id"]] for t in tasks if t["sample_id"] in records and (root / t["sample_id"]).exists()]
+    texture = _texture_methods(params)
     generator_model = ", ".join(f"{m}:{generator_digest(ws, m)[:12]}" for m in _methods(params))
     zarr.open_group(str(root), mode="r+", zarr_format=3).attrs.update({"generator_model": generator_model})
     manifest = {
         "generator_model": generator_model,
-        "generators": {m: generator_digest(ws, m) for m in _methods(params)},
+        "generators": {m: generator_digest(ws, m) for m in texture},
         "samples": kept,
     }
     write_json(manifest_path(ws), manifest)
-    if not kept:
+    made = [t for t in trajectories if t["trajectory_id"] in trajectory_records]
+    if (tasks and not kept) or (trajectories and not made):
         raise SourceError(
-            f"synthesize produced no sample ({len(findings)} failed: "
+            f"synthesize produced no {'sample' if tasks and not kept else 'trajectory'} ({len(findings)} failed: "
             f"{'; '.join(f.line() for f in findings[:3])}); see the findings above"
         )
     by_kind = {k: sum(r["kind"] == k for r in kept) for k in KINDS}
     summary = {
         "n_samples": len(kept),
-        "n_generated_now": len(todo) - len(findings),
+        "n_generated_now": len(todo) - sum(not outcomes[t["sample_id"]]["ok"] for t in todo),
         "n_failed": len(findings),
         "by_kind": by_kind,
         "n_lesions": sum(len(r["lesions"]) for r in kept),
+        "n_trajectories": len(made),
+        "trajectory_rho": [_rounded(trajectory_records[t["trajectory_id"]]["trend_rho"]) for t in made],
         "generator_model": generator_model,
         "manifest_sha256": sha256_file(manifest_path(ws)),
     }
     write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
     outputs = {"store": "data/synthetic/store.zarr", "manifest": "data/synthetic/manifest.json"}
+    if trajectories:
+        outputs.update(progression="data/synthetic/progression.zarr", pictures="reports/synthesize/progression")
     return StageResult(STAGE, True, summary, outputs, tuple(findings))
 
 
-def _fan_out(ws: Workspace, params: Params, todo: list[dict[str, Any]], records: dict[str, Any]) -> list[Finding]:
+def _rounded(value: float | None) -> float | None:
+    """ρ for the summary (None: the target equals the start severity, no trend to measure)."""
+    return None if value is None else round(value, 4)
+
+
+def _texture_digests(ws: Workspace, params: Params) -> str:
+    return sha256_json({m: generator_digest(ws, m) for m in _texture_methods(params)})
+
+
+def _fan_out(params: Params, ws: Workspace, jobs: list[Job]) -> dict[str, dict[str, Any]]:
+    """Run ``fn(root, params_json, digests, task)`` for every job ``(id, fn, digests, task)`` on one Dask cluster;
+    the outcome per id (an exception becomes a failure with its first line: the other jobs go on)."""
     from distributed import as_completed
 
     from lesionflow.parallel import dask_client
@@ -291,26 +380,20 @@ def _fan_out(ws: Workspace, params: Params, todo: list[dict[str, Any]], records:
         scheduler_address=params.synth.scheduler_address,
     )
     params_json = params.model_dump_json()
-    digests = sha256_json({m: generator_digest(ws, m) for m in _methods(params)})
-    findings: list[Finding] = []
+    outcomes: dict[str, dict[str, Any]] = {}
     with dask_client(cluster) as client:
         futures = {
             client.submit(
-                synthesize_sample, str(ws.root), params_json, digests, task,
-                key=f"synthesize-{task['sample_id']}-{task['key'][:12]}", pure=False,
-            ): task
-            for task in todo
+                fn, str(ws.root), params_json, digests, task,
+                key=f"synthesize-{job_id}-{task['key'][:12]}", pure=False,
+            ): job_id
+            for job_id, fn, digests, task in jobs
         }  # fmt: skip
         for future in rich_progress(as_completed(futures), "synthesize", len(futures)):
-            task = futures[future]
+            job_id = futures[future]
             try:
-                outcome = dict(future.result())
-            except Exception as err:  # noqa: BLE001 - one failed sample must not stop the others; the reason is kept
+                outcomes[job_id] = dict(future.result())
+            except Exception as err:  # noqa: BLE001 - one failed job must not stop the others; the reason is kept
                 text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-                outcome = {"ok": False, "code": "synthesis_error", "message": f"{type(err).__name__}: {text}"}
-            if outcome["ok"]:
-                records[task["sample_id"]] = outcome["record"]
-            else:
-                records.pop(task["sample_id"], None)
-                findings.append(Finding(task["sample_id"], outcome["code"], outcome["message"]))
-    return findings
+                outcomes[job_id] = {"ok": False, "code": "synthesis_error", "message": f"{type(err).__name__}: {text}"}
+    return outcomes

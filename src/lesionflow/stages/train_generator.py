@@ -1,7 +1,8 @@
 """Stage train-generator: train every generator of ``synth.generators`` on data/rois -> models/generators/<method>.
 
 Methods: ``lefusion`` (lesion texture, histogram-conditioned, multi-class channels), ``diffmask`` (lesion masks
-from a bounding sphere) and ``ddpm`` (unconditional DDPM for RePaint removal / the insertion baseline). Each
+from a bounding sphere), ``ddpm`` (unconditional DDPM for RePaint removal / the insertion baseline) and ``pie``
+(severity-conditioned DDPM with classifier-free guidance for progression trajectories). Each
 is trained by the shared loop (EMA, resume from ``models/checkpoints/generators/<method>/<run key>``) and saved
 as EMA weights + ``config.json`` whose ``extra`` block records the method and preset fingerprint (a generator
 from another method or preset is refused downstream), the seed and what sampling needs (LeFusion's classes and
@@ -93,6 +94,21 @@ def inpaint_settings(params: Params) -> Any:
     )
 
 
+def pie_settings(params: Params) -> Any:
+    from lesionflow.synth.pie import PieSettings
+
+    pp = params.synth.pie
+    return PieSettings(
+        timesteps=pp.timesteps,
+        ddim_steps=pp.ddim_steps,
+        iterations=pp.iterations,
+        strength=pp.strength,
+        guidance=pp.guidance,
+        beta_outside=pp.beta_outside,
+        beta_inside=pp.beta_inside,
+    )
+
+
 def _train_one(
     ws: Workspace, params: Params, method: str, rois: Any, device: Any
 ) -> tuple[Any, dict[str, Any], list[Finding]]:
@@ -164,6 +180,25 @@ def _train_one(
             usable, diffmask_settings(params), config, checkpoints, seed=seed, device=device, warn=warn, **arch
         )
         extra["radii"] = sorted(float(r.sphere.radius) for r in usable)
+    elif method == "pie":
+        from lesionflow.synth.pie import fit_severity_scale, lesion_intensity_split, train_pie
+
+        plan = load_plan(ws)
+        pp = params.synth.pie
+        scale = fit_severity_scale(rois.lesions, rois.candidates, pp.severity, lesion_classes(plan.label_values, True))
+        threshold, polarity = lesion_intensity_split(rois.lesions)
+        patches = [*rois.lesions, *rois.candidates]
+        outcome = train_pie(
+            patches, scale, pie_settings(params), config, checkpoints,
+            seed=seed, cond_dropout=pp.cond_dropout, device=device, warn=warn, **arch,
+        )  # fmt: skip
+        extra.update(
+            severity=scale.to_dict(),
+            lesion_threshold=threshold,
+            lesion_polarity=polarity,
+            image_channels=int(patches[0].image.shape[0]),
+            spacing=list(plan.target_spacing),
+        )
     else:
         from lesionflow.synth.inpaint import train_ddpm
 
@@ -188,7 +223,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.synth.roi_store import read_roi_set
 
     if not params.synth.generators:
-        raise SourceError("synth.generators is empty: nothing to train; list lefusion, diffmask and/or ddpm")
+        raise SourceError("synth.generators is empty: nothing to train; list lefusion, diffmask, ddpm and/or pie")
     rois = read_roi_set(rois_path(ws))
     device = resolve_device(params.synth.device)
     findings: list[Finding] = []

@@ -28,6 +28,7 @@ from lesionflow.stages.base import StageResult, write_json
 from lesionflow.stages.gates import gate_failed, gate_findings
 from lesionflow.stages.plan import load_plan
 from lesionflow.stages.preprocess import store_root
+from lesionflow.stages.progression import progression_manifest_path, progression_store, read_progression_manifest
 from lesionflow.stages.synthdata import accepted_synthetic_path, manifest_path, rois_path, synthetic_store
 from lesionflow.workspace import Workspace
 
@@ -72,8 +73,10 @@ def inputs(ws: Workspace, params: Params) -> dict[str, str] | None:
     if identity == "unreachable":
         return None
     manifest = manifest_path(ws)
+    progression = progression_manifest_path(ws)
     return {
         "manifest": sha256_file(manifest) if manifest.exists() else "absent",
+        "progression": sha256_file(progression) if progression.exists() else "absent",
         "rois": sha256_tree(rois_path(ws)) if rois_path(ws).is_dir() else "absent",
         "segmenter": identity,
     }
@@ -186,6 +189,10 @@ def run(ws: Workspace, params: Params) -> StageResult:
         raise SourceError("data/synthetic/manifest.json is missing; run `lesionflow stage synthesize` first")
     manifest = json.loads(manifest_path(ws).read_text())
     samples = manifest["samples"]
+    trajectories = read_progression_manifest(ws)
+    progression = _progression_gate(ws, params, trajectories) if trajectories else None
+    if not samples and trajectories:  # method pie: trajectories only, no lesion samples to judge
+        return _finish(ws, [], [], progression, {"n_samples": 0, "n_lesions": 0})
     real = read_roi_set(rois_path(ws))
     plan = load_plan(ws)
     classes = lesion_classes(plan.label_values, params.synth.lefusion.multi_class)
@@ -234,14 +241,9 @@ def run(ws: Workspace, params: Params) -> StageResult:
     table.to_csv(ws.stage_report_dir(STAGE) / "lesions.csv", index=False, float_format="%.6g")
     if result.dataset_failures:
         raise gate_failed("synthetic", result, report, findings)
-    accepted = sorted(s["sample_id"] for s in samples if s["sample_id"] not in set(rejected_samples))
-    write_json(accepted_synthetic_path(synthetic_store(ws)), {"accepted": accepted, "rejected": rejected_samples})
     summary = {
-        "success": True,
         "n_samples": len(samples),
         "n_lesions": len(table),
-        "n_accepted": len(accepted),
-        "n_rejected": len(rejected_samples),
         "volume_ks_pvalue": ks.pvalue,
         "diversity": diversity,
         "acceptance_rate": acceptance,
@@ -250,14 +252,102 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "mean_histogram_w1": float(table["histogram_w1"].mean()) if len(table) else 0.0,
         "report": report,
     }
+    extra = {"montage": f"reports/{STAGE}/montage.png", "report": report}
+    return _finish(ws, samples, rejected_samples, progression, summary, findings, extra)
+
+
+def _finish(
+    ws: Workspace,
+    samples: list[dict[str, Any]],
+    rejected_samples: list[str],
+    progression: Any,
+    summary: dict[str, Any],
+    findings: list[Any] | None = None,
+    outputs: dict[str, str] | None = None,
+) -> StageResult:
+    """Fail on the progression gate, else write accepted.json (samples and trajectories) and the summary."""
+    findings = list(findings or [])
+    accepted = sorted(s["sample_id"] for s in samples if s["sample_id"] not in set(rejected_samples))
+    payload: dict[str, Any] = {"accepted": accepted, "rejected": rejected_samples}
+    if progression is not None:
+        result, report, numbers = progression
+        findings += gate_findings(result)
+        if result.dataset_failures:
+            raise gate_failed("progression", result, report, findings)
+        payload["trajectories_rejected"] = sorted(result.rejected)
+        summary.update(
+            n_trajectories=result.n_cases,
+            n_trajectories_rejected=result.n_rejected,
+            progression_report=report,
+            **numbers,
+        )
+    write_json(accepted_synthetic_path(synthetic_store(ws)), payload)
+    summary = {"success": True, **summary, "n_accepted": len(accepted), "n_rejected": len(rejected_samples)}
     write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
-    outputs = {
-        "accepted": "data/synthetic/accepted.json",
-        "report": report,
-        "montage": f"reports/{STAGE}/montage.png",
-        "summary": f"reports/{STAGE}/summary.json",
+    out = {"accepted": "data/synthetic/accepted.json", "summary": f"reports/{STAGE}/summary.json", **(outputs or {})}
+    if progression is not None:
+        out["progression_report"] = progression[1]
+    return StageResult(STAGE, True, summary, out, tuple(findings))
+
+
+def _progression_rows(ws: Workspace, trajectories: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per stored trajectory, measured again from its stored frames (the record is not trusted)."""
+    from lesionflow.quality.progression_checks import progression_stats
+    from lesionflow.quality.progression_suite import OUTSIDE_TOLERANCE
+    from lesionflow.synth.trajectory_store import read_trajectory
+
+    rows = []
+    for tid in sorted(trajectories):
+        stored = read_trajectory(progression_store(ws), tid)
+        settings = stored.attrs["settings"]
+        beta_outside = float(settings["beta_outside"])
+        stats = progression_stats(
+            stored.frames,
+            stored.masks,
+            stored.roi,
+            direction=float(stored.attrs["target_severity"]) - float(stored.attrs["start_severity"]),
+            beta_outside=beta_outside,
+            clip_range=(float(settings["clip_range"][0]), float(settings["clip_range"][1])),
+        )
+        exact = beta_outside == 0
+        within = stats.outside_max_change == 0 if exact else stats.outside_excess <= OUTSIDE_TOLERANCE
+        rows.append(
+            {
+                "trajectory_id": tid,
+                "frame_count_ok": int(len(stored.frames) == int(settings["iterations"]) + 1),
+                "outside_within_bound": int(within),
+                "trend_rho": stats.trend_rho,
+                "step_change_ratio": stats.step_change_ratio,
+                "outside_max_change": stats.outside_max_change,
+                "exact_background": int(exact),
+                "severity_first": stats.severity[0],
+                "severity_last": stats.severity[-1],
+            }
+        )
+    return rows
+
+
+def _progression_gate(
+    ws: Workspace, params: Params, trajectories: dict[str, dict[str, Any]]
+) -> tuple[Any, str, dict[str, float]]:
+    """(gate result, report path, summary numbers) of the stored trajectories."""
+    import pandas as pd
+
+    from lesionflow.quality.progression_suite import run_progression_gate
+
+    table = pd.DataFrame(_progression_rows(ws, trajectories))
+    q = params.quality.synthetic
+    result = run_progression_gate(
+        table, q.min_progression_rho, q.max_step_change_ratio, ws.reports / "quality" / "progression"
+    )
+    ws.stage_report_dir(STAGE).mkdir(parents=True, exist_ok=True)
+    table.to_csv(ws.stage_report_dir(STAGE) / "trajectories.csv", index=False, float_format="%.6g")
+    numbers = {
+        "mean_trend_rho": float(table["trend_rho"].mean()),
+        "mean_step_change_ratio": float(table["step_change_ratio"].mean()),
+        "max_outside_change": float(table["outside_max_change"].max()),
     }
-    return StageResult(STAGE, True, summary, outputs, tuple(findings))
+    return result, str(result.report_html.relative_to(ws.root)), numbers
 
 
 def _segmenter(folder: Path, plan: Any, params: Params) -> Any:

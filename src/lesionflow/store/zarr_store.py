@@ -20,7 +20,7 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -68,18 +68,18 @@ def _check_case_id(case_id: str) -> None:
         raise ValueError(f"invalid case id {case_id!r}")
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain-JSON copy of ``obj`` with dict keys sorted recursively (the same attrs give the same bytes)."""
     if isinstance(obj, Mapping):
         if not all(isinstance(k, str) for k in obj):
             raise TypeError(f"attribute keys must be str: {list(obj)}")
-        return {k: _jsonable(obj[k]) for k in sorted(obj)}
+        return {k: jsonable(obj[k]) for k in sorted(obj)}
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float):
         if not math.isfinite(obj):
             raise ValueError(f"non-finite float in attributes: {obj}")  # NaN/inf are not valid JSON
@@ -110,7 +110,7 @@ def _multiscales(name: str, path: str, axes: Sequence[str], attrs: Mapping[str, 
     return [{"name": name, "axes": _axes(axes), "datasets": [{"path": path, "coordinateTransformations": transforms}]}]
 
 
-def _ensure_root(root: Path) -> None:
+def ensure_root(root: Path) -> None:
     """Create ``<root>/zarr.json`` atomically (several worker processes may race here)."""
     if (root / "zarr.json").is_file():
         return
@@ -126,11 +126,11 @@ def _ensure_root(root: Path) -> None:
 
 def open_store(root: Path) -> zarr.Group:
     """Open the store's root group, creating it (Zarr format 3) if missing."""
-    _ensure_root(Path(root))
+    ensure_root(Path(root))
     return zarr.open_group(str(root), mode="r+", zarr_format=3)
 
 
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...], dims: Sequence[str]) -> None:
+def write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...], dims: Sequence[str]) -> None:
     """Create ``name`` in ``group`` as one shard holding ``chunks``-sized inner chunks, and write it in one call."""
     shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunks, strict=True))
     arr = group.create_array(
@@ -205,8 +205,8 @@ def _write_group(
     spatial = data["image"].shape[1:]
     p = tuple(min(int(c), s) for c, s in zip(chunk, spatial, strict=True))
     ome = {"version": NGFF_VERSION, "multiscales": _multiscales(case_id, "image", IMAGE_AXES, attrs)}
-    group = zarr.create_group(store=str(tmp), zarr_format=3, attributes={**_jsonable(attrs), "ome": _jsonable(ome)})
-    _write_array(group, "image", data["image"], (1, *p), IMAGE_AXES)
+    group = zarr.create_group(store=str(tmp), zarr_format=3, attributes={**jsonable(attrs), "ome": jsonable(ome)})
+    write_array(group, "image", data["image"], (1, *p), IMAGE_AXES)
     names = [n for n in LABEL_NAMES if n in data]
     if names:
         labels = group.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": names}})
@@ -216,8 +216,8 @@ def _write_group(
                 "image-label": {"colors": _label_colors(data[name]), "source": {"image": "../../"}},
                 "multiscales": _multiscales(name, "0", SPATIAL_AXES, attrs),
             }
-            sub = labels.create_group(name, attributes={"ome": _jsonable(label_ome)})
-            _write_array(sub, "0", data[name], p, SPATIAL_AXES)
+            sub = labels.create_group(name, attributes={"ome": jsonable(label_ome)})
+            write_array(sub, "0", data[name], p, SPATIAL_AXES)
 
 
 def write_case(
@@ -244,13 +244,24 @@ def write_case(
         raise ValueError("'ome' is reserved for the NGFF metadata written by this module")
     if len(attrs.get("spacing", ())) != 3:
         raise ValueError("attrs must contain 'spacing' (3 values, mm): it becomes the NGFF scale")
-    _ensure_root(root)
-    tmp = root / f"{_TMP}{case_id}-{secrets.token_hex(8)}"
-    final = root / case_id
-    old = root / f"{_OLD}{case_id}-{secrets.token_hex(8)}"
+    ensure_root(root)
+    publish_group(root, case_id, lambda tmp: _write_group(tmp, case_id, data, attrs, chunk_shape))
+    return case_digest(root, case_id)
+
+
+def publish_group(root: Path, name: str, build: Callable[[Path], None]) -> None:
+    """Build group ``name`` with ``build(tmp_folder)`` in ``<root>/.tmp-<name>-<hex>`` and rename it into place.
+
+    An existing ``<root>/<name>`` is first renamed to ``.old-<name>-<hex>`` and deleted only after the new one is in
+    place, so after a crash at any point :func:`clean_temp` leaves either the old or the new complete group. On an
+    exception the temp folder is removed and the old group put back.
+    """
+    tmp = root / f"{_TMP}{name}-{secrets.token_hex(8)}"
+    final = root / name
+    old = root / f"{_OLD}{name}-{secrets.token_hex(8)}"
     had_old = False
     try:
-        _write_group(tmp, case_id, data, attrs, chunk_shape)
+        build(tmp)
         _fsync_tree(tmp)
         if final.exists():
             os.rename(final, old)  # a crash from here until the next rename is repaired by clean_temp
@@ -260,18 +271,18 @@ def write_case(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if had_old and not final.exists():
-            os.rename(old, final)  # put the previous complete case back
+            os.rename(old, final)  # put the previous complete group back
         raise
     if had_old:
         shutil.rmtree(old, ignore_errors=True)  # a leftover is removed by clean_temp
-    return case_digest(root, case_id)
 
 
-def clean_temp(root: Path) -> list[str]:
+def clean_temp(root: Path, is_complete: Callable[[Path], bool] | None = None) -> list[str]:
     """Remove leftover ``.tmp-*`` / ``.old-*`` folders of interrupted writes; return their names (sorted).
 
     An ``.old-<case>-*`` folder whose case is missing (crash between the two renames of :func:`write_case`)
-    is renamed back to ``<case>`` instead of being deleted. Must not run concurrently with writers.
+    is renamed back to ``<case>`` instead of being deleted (``is_complete`` says what complete means; default: a
+    case with an image). Must not run concurrently with writers.
     """
     root = Path(root)
     if not root.is_dir():
@@ -283,7 +294,7 @@ def clean_temp(root: Path) -> list[str]:
         handled.append(entry.name)
         if entry.name.startswith(_OLD):
             final = root / entry.name[len(_OLD) :].rsplit("-", 1)[0]
-            if not final.exists() and _is_complete(entry):
+            if not final.exists() and (is_complete or _is_complete)(entry):
                 os.rename(entry, final)
                 continue
         if entry.is_dir():

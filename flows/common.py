@@ -1,0 +1,203 @@
+"""What the flows share: typed params sections merged over params.yaml, the workspace lock, and running stages.
+
+Every flow is ``run_flow(title, stage names, ...)``: it resolves the params, takes the workspace lock for the
+whole run, runs the stages in order as ``tasks.stages.run_stage`` tasks, records each one in dvc.lock, and
+publishes a table of the stages. Flows never call each other (a nested flow would wait for the lock its
+caller holds): they share this module instead.
+
+Failures a user can fix (a failed gate, bad params, a missing prerequisite, a busy workspace) end the flow in a
+``Failed`` state whose message is the one-line error; a caller that invoked the flow directly (``lesionflow
+run``) gets the error itself back, raised, with its findings.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from prefect.states import Failed, State
+from pydantic import BaseModel
+
+from lesionflow.caching import read_record, status
+from lesionflow.dvc import is_dvc_repo
+from lesionflow.errors import LesionflowError
+from lesionflow.params import Params, apply_overrides, load_params, read_params_file, validate_params
+from lesionflow.stages import STAGES
+from lesionflow.workspace import Workspace
+from lesionflow.workspace_lock import workspace_lock
+
+# How long a flow waits for another run in the same workspace by default. A nightly run started while someone's
+# manual run is still going waits for it; an hour bounds a run stuck behind a hung one.
+DEFAULT_LOCK_TIMEOUT_S = 3600.0
+
+
+def _deep_merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in given.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def section_overrides(sections: Mapping[str, BaseModel | None]) -> dict[str, Any]:
+    """The keys each given section sets (pydantic's ``exclude_unset``), nested like params.yaml.
+
+    A section built from ``{"min_cases": 3}`` (the UI form, ``prefect deployment run --param``) or from
+    ``RawQualityParams(min_cases=3)`` sets only ``min_cases``; the model's defaults for the other keys must not
+    replace params.yaml's values.
+    """
+    return {
+        name: model.model_dump(mode="json", exclude_unset=True) for name, model in sections.items() if model is not None
+    }
+
+
+def resolve_params(
+    ws: Workspace, params_file: str, overrides: Sequence[str] | None, sections: Mapping[str, BaseModel | None]
+) -> Params:
+    """params.yaml, then the typed section overrides, then ``section.key=value`` overrides; validated once."""
+    raw = read_params_file(ws.path(params_file))
+    merged = _deep_merge(raw, section_overrides(sections))
+    return validate_params(apply_overrides(merged, list(overrides or [])))
+
+
+def matches_workspace_params(ws: Workspace, params: Params) -> bool:
+    """True when ``params`` equal the workspace's params.yaml, the file dvc.yaml (and so dvc.lock) reads."""
+    try:
+        return ws.params_file.exists() and load_params(ws.params_file) == params
+    except LesionflowError:
+        return False
+
+
+def require_done(ws: Workspace, params: Params, first: str, flow_title: str) -> None:
+    """Refuse (one line) when a stage before ``first`` never ran in ``ws``; print a line for stale ones.
+
+    A stale prerequisite is only reported: it may be stale because this run overrides a params section that
+    the earlier stage also reads, and its outputs are still consistent with each other.
+    """
+    before = list(STAGES)[: list(STAGES).index(first)]
+    missing = [name for name in before if read_record(ws, name) is None]
+    if missing:
+        raise LesionflowError(
+            f"{flow_title} starts at {first} and needs the stages before it done in {ws.root}; never run there: "
+            f"{', '.join(missing)}. Run the training pipeline (lesionflow run -w {ws.root}) or those stages "
+            f"first (lesionflow stage {missing[0]} -w {ws.root}, and so on)"
+        )
+    stale = [row for row in status(ws, params) if row.stage in before and not row.up_to_date]
+    for row in stale:
+        print(f"{flow_title}: note: prerequisite {row.stage} is stale ({row.reason}); using its current outputs")
+
+
+def _print_findings(stage: str, result: dict[str, Any]) -> None:
+    for finding in result["findings"]:
+        print(f"{stage}: {finding['subject']}: {finding['detail']} [{finding['code']}]")
+
+
+def _raise_if_failed(state: State[Any], what: str) -> None:
+    """Raise the error a failed (or crashed, cancelled) task state carries; the flow turns it into its failure."""
+    if state.is_failed() or state.is_crashed() or state.is_cancelled():
+        error = state.result(raise_on_failure=False)
+        raise error if isinstance(error, BaseException) else LesionflowError(f"{what}: {state.message}")
+
+
+def run_stages(
+    names: Sequence[str],
+    ws: Workspace,
+    params: Params,
+    *,
+    record_in_dvc: bool,
+    results: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``names`` in order as stage tasks; after each, record it in dvc.lock when ``record_in_dvc``.
+
+    Each finished stage's result is appended to ``results`` (a new list when None), which is returned. Raises
+    the stage's :class:`LesionflowError` when one fails (its artifacts are already published); the stages after
+    it do not run, and ``results`` holds those that finished. Outside a DVC repository nothing is recorded (and
+    no dvc-commit task runs).
+    """
+    from tasks.stages import dvc_commit, run_stage
+
+    params_json = params.model_dump(mode="json")
+    results = [] if results is None else results
+    in_dvc = is_dvc_repo(ws)
+    for stage in names:
+        state = run_stage(stage, str(ws.root), params_json, return_state=True)
+        _raise_if_failed(state, stage)
+        result: dict[str, Any] = state.result()
+        _print_findings(stage, result)
+        if result["cached"] or not in_dvc:
+            pass  # nothing ran (nothing new to record), or no DVC repository to record it in
+        elif not record_in_dvc:
+            print(
+                f"{stage}: not recorded in dvc.lock (this run's params differ from params.yaml, which dvc.lock follows)"
+            )
+        else:
+            _raise_if_failed(dvc_commit(str(ws.root), ["data.dvc", stage], return_state=True), f"dvc commit {stage}")
+        results.append(result)
+    return results
+
+
+def publish_stage_table(
+    flow_key: str, names: Sequence[str], results: Sequence[dict[str, Any]], failed: tuple[str, str] | None = None
+) -> None:
+    """A table of this run's stages (ok / up to date / failed / not run, outputs) on the flow run.
+
+    ``failed`` is (stage, one-line error) when a stage failed.
+    """
+    from tasks.artifacts import ArtifactSpec, publish
+
+    done = {r["stage"]: r for r in results}
+    rows = []
+    for name in names:
+        r = done.get(name)
+        if r is not None:
+            state = "up to date (no work)" if r["cached"] else "ok"
+            rows.append({"stage": name, "status": state, "detail": ", ".join(r["outputs"].values())})
+        elif failed is not None and failed[0] == name:
+            rows.append({"stage": name, "status": "failed", "detail": failed[1]})
+        else:
+            rows.append({"stage": name, "status": "not run", "detail": ""})
+    publish([ArtifactSpec("table", f"{flow_key}-stages", "Stages of this run, in order", table=rows)])
+
+
+def fail(error: BaseException) -> Any:
+    """A ``Failed`` state carrying ``error``, for a flow to return.
+
+    Prefect ends the run Failed with the one-line message and logs no traceback; a caller that called the flow
+    directly gets ``error`` raised back (Prefect's documented handling of a returned failed state).
+    """
+    return Failed(message=str(error), data=error)
+
+
+def run_flow(
+    flow_title: str,
+    names: Sequence[str],
+    *,
+    workspace: str,
+    params_file: str,
+    overrides: Sequence[str] | None,
+    sections: Mapping[str, BaseModel | None],
+    wait_for_lock: bool,
+    lock_timeout_s: float,
+    before: Callable[[Workspace, Params], None] | None = None,
+) -> Any:
+    """The body every flow shares; returns the stage results, or a ``Failed`` state (see :func:`fail`)."""
+    results: list[dict[str, Any]] = []
+    running = False  # True once stages run: a failure after that belongs to stage names[len(results)]
+    try:
+        ws = Workspace.at(workspace)
+        params = resolve_params(ws, params_file, overrides, sections)
+        with workspace_lock(ws.root, wait=wait_for_lock, timeout_s=lock_timeout_s, purpose=f"flow {flow_title}"):
+            if before is not None:
+                before(ws, params)
+            running = True
+            run_stages(names, ws, params, record_in_dvc=matches_workspace_params(ws, params), results=results)
+    except LesionflowError as error:
+        print(f"{flow_title} failed: {error}")
+        if running:
+            publish_stage_table(flow_title, names, results, (names[len(results)], str(error)))
+        return fail(error)
+    publish_stage_table(flow_title, names, results)
+    return results

@@ -1,0 +1,209 @@
+"""``lesionflow serve`` for real: Prefect server + process work pool + infra/prefect.yaml + worker, no mocks.
+
+Two serves start together at module set-up: one on SQLite (shared by the tests, stopped by the SIGTERM test) and
+one on a throwaway PostgreSQL (initdb + pg_ctl). Every process binds 127.0.0.1 on a free port and is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+import asyncpg
+import pytest
+import yaml
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import DeploymentResponse
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.exceptions import PrefectHTTPStatusError
+
+from tests.flows.serve_helpers import (
+    REPO,
+    Served,
+    alive,
+    descendants,
+    make_workspace,
+    postgres_bin,
+    running_postgres,
+    start_serve,
+)
+
+pytestmark = pytest.mark.slow
+
+TIMEZONE = "Europe/Berlin"  # not the default (UTC): the schedule must take the workspace's params value
+ENTRYPOINTS = {
+    spec["name"]: spec["entrypoint"]
+    for spec in yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())["deployments"]
+}
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str | None]:
+    """A throwaway PostgreSQL for the module (None without PostgreSQL binaries); stopped after the serves."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        yield None
+        return
+    with running_postgres(bin_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def services(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str | None
+) -> Iterator[dict[str, tuple[Served, Path]]]:
+    """Both serves (SQLite and, when possible, PostgreSQL) start at once: their start-ups overlap on two cores."""
+    root = tmp_path_factory.mktemp("serve")
+    ws = make_workspace(root / "sqlite", TIMEZONE)
+    started = {"sqlite": (start_serve(ws, root), ws)}
+    if postgres_url is not None:
+        pg_ws = make_workspace(root / "postgresql", "UTC")
+        started["postgresql"] = (start_serve(pg_ws, root, "--database-url", postgres_url), pg_ws)
+    try:
+        yield started
+    finally:
+        for service, _ in started.values():
+            service.stop()
+
+
+@pytest.fixture(scope="module")
+def served(services: dict[str, tuple[Served, Path]]) -> tuple[Served, Path]:
+    service, ws = services["sqlite"]
+    service.wait_ready()
+    return service, ws
+
+
+def deployments_by_name(client: SyncPrefectClient) -> dict[str, DeploymentResponse]:
+    return {d.name: d for d in client.read_deployments()}
+
+
+def wait_final(client: SyncPrefectClient, run_id: UUID, timeout_s: float = 120.0) -> FlowRun:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} not finished after {timeout_s} s: {run.state}")
+
+
+def test_serve_deploys_the_four_deployments_with_the_params_timezone(served: tuple[Served, Path]) -> None:
+    service, ws = served
+    assert set(ENTRYPOINTS) == {"nightly-retrain", "ingest", "synthesize", "progression"}
+    with service.client() as client:
+        found = deployments_by_name(client)
+        assert {name: found[name].entrypoint for name in ENTRYPOINTS if name in found} == ENTRYPOINTS, service.text()
+        for deployment in found.values():
+            assert deployment.work_pool_name == "lesionflow-local"
+            assert deployment.parameters["workspace"] == str(ws)
+            assert deployment.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+            ]
+        (schedule,) = found["nightly-retrain"].schedules
+        assert schedule.active
+        assert isinstance(schedule.schedule, CronSchedule)
+        assert schedule.schedule.cron == "0 2 * * *"
+        assert schedule.schedule.timezone == TIMEZONE
+        pool = client.read_work_pool("lesionflow-local")
+        assert pool.type == "process"
+    assert "Prefect UI: http://127.0.0.1:" in service.text()
+
+
+def test_ingest_deployment_runs_with_a_changed_parameter(served: tuple[Served, Path]) -> None:
+    service, ws = served
+    with service.client() as client:
+        deployment = deployments_by_name(client)["ingest"]
+        # params.yaml says ingest.source=data/demo, which does not exist: the run succeeds only with the change
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"ingest": {"source": "data/mine"}})
+        assert run.parameters["workspace"] == str(ws)  # the deployment's default, kept
+        final = wait_final(client, run.id)
+        assert final.state is not None
+        assert final.state.is_completed(), final.state.message
+    manifest = (ws / "data" / "raw" / "manifest.csv").read_text()
+    assert [row.split(",")[0] for row in manifest.splitlines()[1:]] == ["case_000", "case_001"]
+
+
+def test_invalid_parameters_are_rejected_with_the_validation_message(served: tuple[Served, Path]) -> None:
+    service, _ = served
+    with service.client() as client:
+        deployment = deployments_by_name(client)["ingest"]
+        # A wrong type never becomes a run: the deployment enforces the flow's parameter schema (the UI's form too).
+        with pytest.raises(PrefectHTTPStatusError) as rejected:
+            client.create_flow_run_from_deployment(deployment.id, parameters={"workspace": 123})
+        detail = rejected.value.response.json()["detail"]
+        assert "Validation failed for field 'workspace'" in detail
+        assert "123 is not of type 'string'" in detail
+        # A well-typed value that params.yaml's model rejects: the run fails before any stage, with the one line
+        started = time.monotonic()
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"overrides": ["ingest.test_fraction=1.5"]}
+        )
+        final = wait_final(client, run.id, timeout_s=60)
+        assert final.state is not None
+        assert final.state.is_failed()
+        message = str(final.state.message)
+        assert "params: 'ingest.test_fraction' = 1.5 is invalid: Input should be less than 1" in message
+        assert time.monotonic() - started < 90  # worker pick-up + process start only (~10 s idle); no stage ran
+        assert not [t for t in client.read_task_runs() if t.flow_run_id == run.id]
+
+
+def test_sigterm_stops_worker_and_server_and_leaves_no_process(served: tuple[Served, Path]) -> None:
+    service, _ = served
+    children = descendants(service.proc.pid)
+    assert len(children) >= 2, children  # the server and the worker at least
+    code = service.stop()
+    assert code == 0, service.text()
+    assert [pid for pid in children if alive(pid)] == []
+    assert "stopping the worker, then the server" in service.text()
+    assert service.text().rstrip().endswith("stopped")
+
+
+def test_serve_on_postgresql(services: dict[str, tuple[Served, Path]], postgres_url: str | None) -> None:
+    if postgres_url is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/15/bin")
+    service, ws = services["postgresql"]
+    service.wait_ready()
+    with service.client() as client:
+        names = {d.name: str(d.id) for d in client.read_deployments()}
+    assert set(names) == set(ENTRYPOINTS)
+    assert "database postgresql+asyncpg://postgres@127.0.0.1:" in service.text()  # serve names the dialect it used
+    assert not (ws / ".prefect" / "prefect.db").exists()  # nothing went to the default SQLite file
+
+    dsn = postgres_url.replace("+asyncpg", "")  # asyncpg itself takes the plain postgresql:// form
+
+    async def stored() -> dict[str, str]:
+        conn = await asyncpg.connect(dsn)
+        rows = await conn.fetch("SELECT name, id::text FROM deployment")
+        await conn.close()
+        return {row["name"]: row["id"] for row in rows}
+
+    assert asyncio.run(stored()) == names  # the API's deployments are the rows in PostgreSQL
+    assert service.stop() == 0, service.text()
+
+
+def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "lesionflow.cli", "serve", "-w", str(ws), "--port", str(port)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in lines[0]
+    assert "--port" in lines[0]
+    assert not (ws / ".prefect" / "prefect.db").exists()
