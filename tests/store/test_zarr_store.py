@@ -215,7 +215,7 @@ def test_failure_midway_keeps_previous_case(tmp_path: Path, monkeypatch: pytest.
     arrays, attrs = _case()
     digest = write_case(root, "case_a", arrays, attrs, chunk_shape=CHUNK)
     files = _files(root)
-    real_write_array = zs._write_array
+    real_write_array = zs.write_array
     written: list[str] = []
 
     def fail_on_label(group: Any, name: str, data: np.ndarray, *args: Any) -> None:
@@ -224,7 +224,7 @@ def test_failure_midway_keeps_previous_case(tmp_path: Path, monkeypatch: pytest.
         real_write_array(group, name, data, *args)
         written.append(name)
 
-    monkeypatch.setattr(zs, "_write_array", fail_on_label)
+    monkeypatch.setattr(zs, "write_array", fail_on_label)
     new, _ = _case(9)
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_case(root, "case_a", new, attrs, chunk_shape=CHUNK)
