@@ -112,18 +112,26 @@ def run_stages(
 ) -> list[dict[str, Any]]:
     """Run ``names`` in order as stage tasks; after each, record it in dvc.lock when ``record_in_dvc``.
 
+    With ``storage.remote`` set, the stage tasks keep their results there, each stage's Zarr stores are
+    published there after it (also when the stage was up to date: a run that died while publishing leaves the
+    copy behind), and the recorded data is pushed to its DVC remote at the end.
+
     Each finished stage's result is appended to ``results`` (a new list when None), which is returned. Raises
     the stage's :class:`LesionflowError` when one fails (its artifacts are already published); the stages after
     it do not run, and ``results`` holds those that finished. Outside a DVC repository nothing is recorded (and
     no dvc-commit task runs).
     """
     from tasks.stages import dvc_commit, run_stage
+    from tasks.storage import dvc_push, publish_stage_stores, result_storage, with_retries
 
     params_json = params.model_dump(mode="json")
     results = [] if results is None else results
     in_dvc = is_dvc_repo(ws)
+    remote = params.storage.remote
+    stage_task = run_stage.with_options(result_storage=result_storage(params.storage)) if remote else run_stage
+    publish = with_retries(publish_stage_stores, params.storage)
     for stage in names:
-        state = run_stage(stage, str(ws.root), params_json, return_state=True)
+        state = stage_task(stage, str(ws.root), params_json, return_state=True)
         _raise_if_failed(state, stage)
         result: dict[str, Any] = state.result()
         _print_findings(stage, result)
@@ -135,7 +143,12 @@ def run_stages(
             )
         else:
             _raise_if_failed(dvc_commit(str(ws.root), ["data.dvc", stage], return_state=True), f"dvc commit {stage}")
+        if remote and STAGES[stage].zarr_stores:
+            stores = list(STAGES[stage].zarr_stores)
+            _raise_if_failed(publish(stage, str(ws.root), remote, stores, return_state=True), f"publish {stage}")
         results.append(result)
+    if remote and in_dvc and record_in_dvc:
+        _raise_if_failed(with_retries(dvc_push, params.storage)(str(ws.root), remote, return_state=True), "dvc push")
     return results
 
 

@@ -25,6 +25,7 @@ from lesionflow.params import (
     ProjectParams,
     QualityParams,
     RegistryParams,
+    StorageParams,
     TrainParams,
 )
 from lesionflow.params_synth import SynthParams
@@ -47,6 +48,7 @@ def training_pipeline(
     train: TrainParams | None = None,
     evaluate: EvaluateParams | None = None,
     registry: RegistryParams | None = None,
+    storage: StorageParams | None = None,
     wait_for_lock: bool = True,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
@@ -65,6 +67,7 @@ def training_pipeline(
         train: Overrides of the `train` section (network, steps, device); only the keys given are replaced.
         evaluate: Overrides of the `evaluate` section; only the keys given are replaced.
         registry: Overrides of the `registry` section (MLflow server, model name); only the keys given.
+        storage: Overrides of the `storage` section (the team's s3://bucket/prefix, retries); only the keys given.
         wait_for_lock: When another run holds the workspace, wait for it (true) or fail at once (false).
         lock_timeout_s: Longest wait for the workspace lock, in seconds (0: no limit).
 
@@ -81,6 +84,7 @@ def training_pipeline(
         "train": train,
         "evaluate": evaluate,
         "registry": registry,
+        "storage": storage,
     }
     result: list[dict[str, Any]] = run_flow(
         FLOW_NAME,

@@ -67,12 +67,13 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-@pytest.fixture
-def dvc_workspace(tmp_path: Path) -> Path:
-    """A git + DVC repository holding this project's dvc.yaml, params.yaml, data.dvc and code deps."""
-    ws = tmp_path / "repo"
-    ws.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "data.dvc"):
+def init_dvc_workspace(ws: Path) -> Path:
+    """Make ``ws`` a git + DVC repository holding this project's dvc.yaml, params.yaml, data.dvc and code deps.
+
+    Tiny training params; an MSD dataset of 3 training and 1 test case in data/demo (the ingest source).
+    """
+    ws.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", "data.dvc", ".gitignore"):
         shutil.copy(REPO / name, ws / name)
     use_tiny_training(ws / "params.yaml")
     shutil.copytree(REPO / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -80,6 +81,12 @@ def dvc_workspace(tmp_path: Path) -> Path:
     _run([sys.executable, "-m", "dvc", "init", "-q"], ws)
     write_msd(ws / "data" / "demo", n_train=3, n_test=1)
     return ws
+
+
+@pytest.fixture
+def dvc_workspace(tmp_path: Path) -> Path:
+    """A git + DVC repository holding this project's dvc.yaml, params.yaml, data.dvc and code deps."""
+    return init_dvc_workspace(tmp_path / "repo")
 
 
 def test_dvc_repro_twice_second_does_nothing(dvc_workspace: Path) -> None:

@@ -1,4 +1,4 @@
-"""Calls to the DVC command line (the flow records its outputs so `dvc status` stays clean)."""
+"""Calls to the DVC command line (the flow records its outputs so `dvc status` stays clean, then pushes them)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,26 @@ import sys
 from lesionflow.errors import LesionflowError
 from lesionflow.workspace import Workspace
 
+# The remote the flow pushes to when storage.remote is set; configured in .dvc/config.local (machine-local, not
+# versioned), so a team's own default remote in .dvc/config is left alone.
+STORAGE_REMOTE = "lesionflow-storage"
+# Words of DVC/botocore failures that retrying may cure (the endpoint did not answer).
+_TRANSIENT = ("connect", "timed out", "timeout", "temporarily", "503", "500 ", "slowdown")
+
 
 def is_dvc_repo(ws: Workspace) -> bool:
     return (ws.root / ".dvc").is_dir()
+
+
+def _dvc(ws: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=ws.root, capture_output=True, text=True, check=False
+    )
+
+
+def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.startswith("ERROR")]
+    return " ".join(lines[-1].split()) if lines else f"exit status {proc.returncode}"
 
 
 def commit(ws: Workspace, targets: list[str]) -> bool:
@@ -18,14 +35,34 @@ def commit(ws: Workspace, targets: list[str]) -> bool:
     if not is_dvc_repo(ws):
         return False
     targets = [t for t in targets if not t.endswith(".dvc") or (ws.root / t).exists()]
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "commit", "-f", *targets],
-        cwd=ws.root,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = _dvc(ws, "commit", "-f", *targets)
     if proc.returncode != 0:
-        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.startswith("ERROR")]
-        raise LesionflowError(f"dvc commit {' '.join(targets)} failed: {lines[-1] if lines else proc.returncode}")
+        raise LesionflowError(f"dvc commit {' '.join(targets)} failed: {_error_line(proc)}")
     return True
+
+
+def push(ws: Workspace, url: str) -> int:
+    """Push what dvc.lock and data.dvc record to the DVC remote at ``url`` (s3://...); returns the files pushed.
+
+    The remote is (re)configured as ``lesionflow-storage`` in ``.dvc/config.local``; the endpoint and credentials
+    come from the AWS_* environment (dvc-s3 reads it). Outside a DVC repository nothing is pushed (0).
+
+    Raises:
+        StorageError: one line naming the remote and DVC's message; StorageUnavailable when the endpoint did not
+            answer (worth retrying).
+    """
+    from lesionflow.io.publish import StorageError, StorageUnavailable
+    from lesionflow.io.remote import redact_uri
+
+    if not is_dvc_repo(ws):
+        return 0
+    added = _dvc(ws, "remote", "add", "--local", "--force", STORAGE_REMOTE, url)
+    if added.returncode != 0:
+        raise StorageError(f"cannot configure the DVC remote {redact_uri(url)}: {_error_line(added)}")
+    proc = _dvc(ws, "push", "--remote", STORAGE_REMOTE)
+    if proc.returncode != 0:
+        message = _error_line(proc)
+        kind = StorageUnavailable if any(w in message.lower() for w in _TRANSIENT) else StorageError
+        raise kind(f"dvc push to {redact_uri(url)} failed: {message}; check AWS_ENDPOINT_URL, the bucket, credentials")
+    counts = [int(w) for line in proc.stdout.splitlines() for w in line.split()[:1] if w.isdigit()]
+    return counts[0] if counts else 0

@@ -281,6 +281,34 @@ class RegistryParams(_Section):
     )
 
 
+class StorageParams(_Section):
+    """The team's shared storage: the flow publishes the Zarr stores there, pushes the DVC data, keeps Prefect's task
+    results and MLflow's artifacts. Endpoint and credentials come from the AWS_* environment, never from params.
+    """
+
+    remote: str = Field(
+        "",
+        description="s3://bucket/prefix of the team storage (endpoint: AWS_ENDPOINT_URL); empty = local only.",
+    )
+    retries: int = Field(3, ge=0, le=10, description="Retries of a publication or push whose endpoint did not answer.")
+    retry_delay_s: float = Field(2.0, ge=0, le=600, description="First retry delay in seconds; doubled each retry.")
+
+    @field_validator("remote")
+    @classmethod
+    def _s3_prefix(cls, v: str) -> str:
+        v = v.strip()
+        scheme, sep, rest = v.partition("://")
+        if v and (not sep or scheme.lower() not in ("s3", "s3a") or not rest.strip("/")):
+            raise ValueError("expected s3://bucket/prefix (or empty for local disk only)")
+        if "@" in rest.split("/", 1)[0]:
+            raise ValueError("credentials do not belong in the URL; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return v.rstrip("/")
+
+    def retry_delays(self) -> list[float]:
+        """Backoff before each retry: retry_delay_s, doubled each time."""
+        return [self.retry_delay_s * 2**i for i in range(self.retries)]
+
+
 class OrchestrationParams(_Section):
     """``lesionflow serve``: the Prefect deployments of infra/prefect.yaml on a local process work pool."""
 
@@ -325,6 +353,7 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
+    storage: StorageParams = Field(default_factory=StorageParams)
 
     @model_validator(mode="after")
     def _check(self) -> Params:

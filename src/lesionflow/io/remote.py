@@ -125,7 +125,7 @@ def mirror_remote_source(
 def _mirror(
     bucket: str, prefix: str, shown: str, root: Path, progress: Callable[[int, int], None] | None
 ) -> MirrorResult:
-    fs = _connect()
+    fs = connect_s3()
     listing = _list_objects(fs, bucket, prefix)
     if not listing:
         raise SourceError(
@@ -157,7 +157,7 @@ def _mirror(
     return MirrorResult(root, total, len(todo), total - len(todo), tuple(rejected))
 
 
-def _connect() -> Any:
+def connect_s3() -> Any:
     """An S3FileSystem configured only from the environment, failing fast on a dead endpoint."""
     import s3fs  # lazy: importing lesionflow for local data should not pay for aiobotocore
 
@@ -282,22 +282,39 @@ def _save_index(root: Path, objects: dict[str, list[Any]], shown: str) -> None:
 
 def _as_source_error(exc: Exception, shown: str, root: Path) -> SourceError:
     """Map any failure to one actionable line without secrets (the original exception is dropped on purpose)."""
+    if isinstance(exc, OSError) and exc.filename is not None:  # only local file operations set filename
+        what = f"cannot write the local mirror under {root} ({exc.strerror}); check free space and permissions"
+    else:
+        what, _ = s3_problem(exc)
+    return SourceError(f"cannot mirror {shown}: {what}")
+
+
+def s3_endpoint() -> str:
+    """The S3 endpoint boto3 talks to, as a user would name it (redacted): ``AWS_ENDPOINT_URL[_S3]`` or AWS S3."""
+    return redact_uri(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
+
+
+def s3_problem(exc: BaseException) -> tuple[str, bool]:
+    """(what went wrong, with the fix; whether retrying may help) for a failed S3 call, without secrets.
+
+    Transient means the endpoint did not answer, timed out or answered 5xx/throttling; a missing bucket, denied
+    access or absent credentials are not transient: retrying them only delays the message.
+    """
     from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
-    endpoint = redact_uri(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
+    endpoint = s3_endpoint()
+    name = type(exc).__name__.lower()
+    text = str(exc)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        what = "no usable AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile/role)"
-    elif isinstance(exc, OSError) and exc.filename is not None:  # only local file operations set filename
-        what = f"cannot write the local mirror under {root} ({exc.strerror}); check free space and permissions"
-    elif isinstance(exc, FileNotFoundError):
-        what = f"the bucket or an object does not exist at {endpoint}; check the URI and AWS_ENDPOINT_URL"
-    elif isinstance(exc, PermissionError):
-        what = "access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
-    elif "connect" in type(exc).__name__.lower() or "timeout" in type(exc).__name__.lower():
-        what = f"cannot reach the endpoint {endpoint}; check AWS_ENDPOINT_URL and the network"
-    else:
-        what = f"{type(exc).__name__}: {_scrub(str(exc))}; check AWS_ENDPOINT_URL and credentials"
-    return SourceError(f"cannot mirror {shown}: {what}")
+        return "no usable AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile/role)", False
+    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
+        return f"the bucket or an object does not exist at {endpoint}; create the bucket or fix the URI", False
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return "access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy", False
+    if "connect" in name or "timeout" in name or "endpoint" in name:
+        return f"cannot reach the endpoint {endpoint}; check AWS_ENDPOINT_URL and the network", True
+    transient = any(word in text for word in ("SlowDown", "InternalError", "ServiceUnavailable", "503", "500"))
+    return f"{type(exc).__name__}: {_scrub(text)}; check AWS_ENDPOINT_URL and credentials", transient
 
 
 def _scrub(text: str) -> str:

@@ -104,6 +104,7 @@ class RegistrationRequest:
     artifacts: Sequence[Path]  # extra files or folders to log under reports/
     promote_champion: bool
     pip_requirements: Sequence[str]
+    artifact_root: str | None = None  # where a new experiment keeps artifacts (s3://...); None = the default
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,9 @@ def register_model(req: RegistrationRequest) -> RegistrationResult:
     if truncated:
         tags[TAG_TRUNCATED] = ",".join(truncated)[:_MAX_TAG_VALUE]
     with mlflow_session(req.tracking_uri) as client:
-        experiment_id = ensure_experiment(client, req.experiment, default_artifact_root(req.tracking_uri))
+        experiment_id = ensure_experiment(
+            client, req.experiment, req.artifact_root or default_artifact_root(req.tracking_uri)
+        )
         with mlflow.start_run(experiment_id=experiment_id, run_name=req.model_name, tags=tags) as run:
             run_id = run.info.run_id
             if params:

@@ -45,6 +45,11 @@ class StageSpec:
     state_outputs: tuple[str, ...] = ()  # outputs whose digest is part of the stage's cache state
     plots: tuple[str, ...] = ()  # CSV files `dvc plots show` renders (cache: false)
 
+    @property
+    def zarr_stores(self) -> tuple[str, ...]:
+        """The Zarr stores among the outputs: what a flow publishes to the team storage after the stage."""
+        return tuple(path for path in (*self.outs, *self.persist_outs) if path.endswith(".zarr"))
+
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -264,7 +269,7 @@ STAGES: dict[str, StageSpec] = {
             run=register.run,
             inputs=register.inputs,
             description="MLflow model version with lineage; candidate alias always, champion through the gate.",
-            params=("registry",),
+            params=("registry", "storage.remote"),
             deps=(
                 "reports/validate-metrics/summary.json",
                 "models/segmenter",

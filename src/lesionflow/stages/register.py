@@ -242,6 +242,8 @@ def run(ws: Workspace, params: Params) -> StageResult:
         artifacts=artifacts,
         promote_champion=bool(gate["promote_champion"]),
         pip_requirements=requirements,
+        # Team storage: MLflow keeps the model and reports under <storage.remote>/mlflow (boto3 reads AWS_*).
+        artifact_root=f"{params.storage.remote}/mlflow" if params.storage.remote else None,
     )
     existing = _existing_version(request)
     result = existing or register_model(request)
