@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 export DVC_STUDIO_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup run test lint format clean-workspace
+.PHONY: help setup run test test-quick lint format clean-workspace
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,6 +37,9 @@ run: setup  ## build the demo data and run the pipeline end to end through the P
 
 test: setup  ## run the test suite
 	$(BIN)/pytest -q
+
+test-quick: setup  ## the suite without the tests marked slow (servers, browser, cluster, full pipelines)
+	$(BIN)/pytest -q -m "not slow"
 
 lint: setup  ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .

@@ -12,8 +12,9 @@ run``) gets the error itself back, raised, with its findings.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prefect.states import Failed, State
@@ -152,6 +153,26 @@ def run_stages(
     return results
 
 
+@contextlib.contextmanager
+def shared_dask_cluster(ws: Workspace, params: Params, names: Sequence[str]) -> Iterator[None]:
+    """One local Dask cluster for the run's Dask stages that have work to do and no scheduler of their own.
+
+    Without it preprocess and synthesize would each start (and import torch, zarr... in) their own worker
+    processes. Nothing starts when every such stage is up to date or points at a running scheduler.
+    """
+    from lesionflow.parallel import run_cluster
+
+    own = {"preprocess": params.preprocess.scheduler_address, "synthesize": params.synth.scheduler_address}
+    wanted = {n for n in names if STAGES[n].uses_dask and not own.get(n)}
+    stale = {row.stage for row in status(ws, params) if not row.up_to_date} if wanted else set()
+    if not wanted & stale:
+        yield
+        return
+    workers = max(params.preprocess.workers, params.synth.workers)
+    with run_cluster(workers, params.preprocess.memory_limit):
+        yield
+
+
 def publish_stage_table(
     flow_key: str, names: Sequence[str], results: Sequence[dict[str, Any]], failed: tuple[str, str] | None = None
 ) -> None:
@@ -206,7 +227,8 @@ def run_flow(
             if before is not None:
                 before(ws, params)
             running = True
-            run_stages(names, ws, params, record_in_dvc=matches_workspace_params(ws, params), results=results)
+            with shared_dask_cluster(ws, params, names):
+                run_stages(names, ws, params, record_in_dvc=matches_workspace_params(ws, params), results=results)
     except LesionflowError as error:
         print(f"{flow_title} failed: {error}")
         if running:

@@ -11,52 +11,98 @@ from typing import Any
 from lesionflow.errors import LesionflowError
 from lesionflow.params import PreprocessParams
 
+# How long the client keeps trying to reach a running scheduler (distributed retries with backoff inside it) before
+# the stage stops with one line naming the address. Workers restarting after a node failure need tens of seconds.
+CONNECT_TIMEOUT_S = 30.0
+
+
+# A flow run's own local cluster (see :func:`run_cluster`): stages with no scheduler_address use it. Handed over
+# through the environment because stages never import Prefect and the address is not a param (it must not change
+# cache keys or what dvc.lock records: results do not depend on which cluster computed them).
+RUN_SCHEDULER_ENV = "LESIONFLOW_RUN_SCHEDULER"
+
+
+@contextmanager
+def _restored_environ() -> Iterator[None]:
+    # A Nanny writes its workers' environment (OMP_NUM_THREADS=1 ...) into this process's os.environ; put it
+    # back afterwards, or a later torch stage in the same process would train with other thread settings.
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def _local_cluster(workers: int, memory_limit: str) -> Any:
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit=memory_limit,
+        dashboard_address="127.0.0.1:0",
+        silence_logs=logging.ERROR,
+    )
+
+
+@contextmanager
+def run_cluster(workers: int, memory_limit: str, say: Callable[[str], None] = print) -> Iterator[str]:
+    """One local cluster for a whole flow run (yields its address); closed on exit.
+
+    While it runs, stages whose ``scheduler_address`` is empty submit to it instead of starting their own, so a
+    run starts worker processes once (and their imports of torch, zarr... are paid once).
+    """
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    with _restored_environ():
+        with _restored_environ():  # the stages of this run (torch training among them) see the environment as it was
+            cluster = _local_cluster(workers, memory_limit)
+        os.environ[RUN_SCHEDULER_ENV] = cluster.scheduler_address
+        say(f"dask: this run's cluster, {workers} worker process(es) x 1 thread, {memory_limit} each; "
+            f"dashboard {cluster.dashboard_link}")  # fmt: skip
+        try:
+            yield str(cluster.scheduler_address)
+        finally:
+            cluster.close()
+
 
 @contextmanager
 def dask_client(params: PreprocessParams, say: Callable[[str], None] = print) -> Iterator[Any]:
-    """A ``distributed.Client``; a local cluster (processes, 1 thread each, memory limit) is closed on exit.
+    """A ``distributed.Client`` on ``params.scheduler_address``, else on the flow run's cluster, else on a new local
+    cluster (processes, 1 thread each, memory limit) that is closed on exit.
 
-    The dashboard address is printed when the cluster starts (bokeh is installed; port chosen free).
+    The dashboard address is printed when a cluster starts (bokeh is installed; port chosen free).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     # The scheduler of a local cluster lives in this process; its INFO lines would drown the progress bar.
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
-    if params.scheduler_address:
+    address = params.scheduler_address or os.environ.get(RUN_SCHEDULER_ENV, "")
+    if address:
         try:
-            client = Client(params.scheduler_address, timeout="15s")
+            client = Client(address, timeout=f"{CONNECT_TIMEOUT_S}s")
         except OSError as err:
             raise LesionflowError(
-                f"cannot reach the Dask scheduler at preprocess.scheduler_address="
-                f"{params.scheduler_address!r} ({type(err).__name__}); start it or clear the value"
+                f"cannot reach the Dask scheduler at {address} (tried for {CONNECT_TIMEOUT_S:g} s: "
+                f"{type(err).__name__}); start it, or clear scheduler_address to use a local cluster"
             ) from None
-        say(f"dask: connected to {params.scheduler_address}; dashboard {client.dashboard_link}")
+        say(f"dask: connected to {address}; dashboard {client.dashboard_link}")
         try:
             yield client
         finally:
             client.close()
         return
-    # A Nanny writes its workers' environment (OMP_NUM_THREADS=1 ...) into this process's os.environ; put it
-    # back afterwards, or a later torch stage in the same process would train with other thread settings.
-    environ = dict(os.environ)
-    cluster = LocalCluster(
-        n_workers=params.workers,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=params.memory_limit,
-        dashboard_address="127.0.0.1:0",
-        silence_logs=logging.ERROR,
-    )
-    client = Client(cluster)
-    say(
-        f"dask: local cluster, {params.workers} worker process(es) x 1 thread, {params.memory_limit} each; "
-        f"dashboard {client.dashboard_link}"
-    )
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
-        os.environ.clear()
-        os.environ.update(environ)
+    with _restored_environ():
+        cluster = _local_cluster(params.workers, params.memory_limit)
+        client = Client(cluster)
+        say(
+            f"dask: local cluster, {params.workers} worker process(es) x 1 thread, {params.memory_limit} each; "
+            f"dashboard {client.dashboard_link}"
+        )
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()

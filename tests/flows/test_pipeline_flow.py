@@ -29,6 +29,7 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+@pytest.mark.slow
 def test_pipeline_flow_runs_stages_and_records_them_in_dvc(dvc_workspace: Path) -> None:  # noqa: F811
     ws = dvc_workspace
     results = training_pipeline(workspace=str(ws))
@@ -109,3 +110,29 @@ def test_recreated_workspace_at_the_same_path_is_not_served_from_the_cache(works
 
     assert ingest_once() == "Completed"
     assert len(list((workspace / "data" / "raw" / "cases").iterdir())) == 2
+
+
+def test_one_dask_cluster_serves_every_dask_stage_of_a_run(workspace: Path) -> None:
+    """Stages without a scheduler of their own submit to the run's cluster; it goes away with the run."""
+    import os
+
+    from flows.common import shared_dask_cluster
+    from lesionflow.parallel import RUN_SCHEDULER_ENV, dask_client
+    from lesionflow.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    params = load_params(ws.params_file, ["preprocess.workers=1", "synth.workers=1"])
+    environ = dict(os.environ)
+    with shared_dask_cluster(ws, params, ["preprocess", "synthesize"]):
+        address = os.environ[RUN_SCHEDULER_ENV]
+        for _ in range(2):  # as preprocess, then synthesize, would
+            with dask_client(params.preprocess) as client:
+                assert client.scheduler.address == address
+                assert len(client.scheduler_info()["workers"]) == 1
+    assert dict(os.environ) == environ  # the workers' thread settings did not leak into this process
+    # a stage that names its own scheduler, or a run without Dask stages, starts nothing
+    with shared_dask_cluster(ws, params, ["ingest", "train"]):
+        assert RUN_SCHEDULER_ENV not in os.environ
+    own = load_params(ws.params_file, ["preprocess.scheduler_address=tcp://127.0.0.1:1"])
+    with shared_dask_cluster(ws, own, ["preprocess"]):
+        assert RUN_SCHEDULER_ENV not in os.environ

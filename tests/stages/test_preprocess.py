@@ -185,3 +185,22 @@ def test_volume_too_big_for_its_worker_is_quarantined(msd_workspace: Workspace) 
     assert "memory_limit" in reason["message"]
     assert results["preprocess"].summary["n_failed"] == 1
     assert list_cases(store_root(ws)) == ["case_000", "case_001", "case_002", "case_003"]
+
+
+def test_unreachable_scheduler_is_one_line_naming_the_address(
+    msd_workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lesionflow import parallel
+    from lesionflow.errors import LesionflowError
+    from tests.helpers.moto_server import _free_port
+
+    monkeypatch.setattr(parallel, "CONNECT_TIMEOUT_S", 2.0)  # the real connect loop, shorter
+    address = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there
+    params = load_params(msd_workspace.params_file, [f"preprocess.scheduler_address={address}"])
+    for name in ORDER[:3]:
+        run_cached(name, msd_workspace, params, STAGES[name].run)
+    with pytest.raises(LesionflowError) as err:
+        run_cached("preprocess", msd_workspace, params, STAGES["preprocess"].run)
+    assert address in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not list_cases(store_root(msd_workspace))  # nothing half-written

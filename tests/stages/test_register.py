@@ -199,6 +199,7 @@ def test_unknown_model_reference_is_one_line_listing_the_models(evaluated: Path,
     assert "lesionflow-seg (@candidate=v1, @champion=v1)" in missing.stderr.replace("\n", " ")
 
 
+@pytest.mark.slow
 def test_registered_model_evaluates_a_dataset_ingested_later(evaluated: Path, tmp_path: Path) -> None:
     ws = _copy(evaluated, tmp_path)
     _gate_and_register(ws)

@@ -87,6 +87,7 @@ def _latest_checkpoint(ws: Workspace) -> list[Path]:
     return sorted(checkpoints_dir(ws).glob("*/step-*"))
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(
     prepared: Path, tmp_path: Path
 ) -> None:
@@ -193,6 +194,7 @@ def test_evaluate_predictions_keep_the_raw_geometry(prepared: Path, tmp_path: Pa
         assert (ws.reports / "evaluate" / png).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_ddp_with_two_processes_on_cpu(prepared: Path, tmp_path: Path) -> None:
     """torchrun + gloo: two ranks, each reading its own items; rank 0 writes the model and the summary."""
     ws = _copy(prepared, tmp_path)

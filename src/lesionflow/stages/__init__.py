@@ -44,6 +44,7 @@ class StageSpec:
     uncached_outs: tuple[str, ...] = ()  # reports that are rebuilt, not versioned (cache: false)
     state_outputs: tuple[str, ...] = ()  # outputs whose digest is part of the stage's cache state
     plots: tuple[str, ...] = ()  # CSV files `dvc plots show` renders (cache: false)
+    uses_dask: bool = False  # fans out on a Dask cluster (a flow run shares one between such stages)
 
     @property
     def zarr_stores(self) -> tuple[str, ...]:
@@ -100,6 +101,7 @@ STAGES: dict[str, StageSpec] = {
                 "src/lesionflow/stages/preprocess.py",
             ),
             persist_outs=("data/processed/store.zarr", "data/processed/metadata.csv"),
+            uses_dask=True,
             metrics=("reports/preprocess/summary.json",),
             state_outputs=("data/processed/metadata.csv",),
         ),
@@ -190,6 +192,7 @@ STAGES: dict[str, StageSpec] = {
             ),
             outs=("data/synthetic/manifest.json", "data/synthetic/progression.json"),
             persist_outs=("data/synthetic/store.zarr", "data/synthetic/progression.zarr"),
+            uses_dask=True,
             metrics=("reports/synthesize/summary.json",),
             state_outputs=("data/synthetic/manifest.json", "data/synthetic/progression.json"),
         ),
