@@ -129,7 +129,8 @@ def run_stages(
     results = [] if results is None else results
     in_dvc = is_dvc_repo(ws)
     remote = params.storage.remote
-    stage_task = run_stage.with_options(result_storage=result_storage(params.storage)) if remote else run_stage
+    results_on = result_storage(params.storage)  # None: Prefect's default (local) result storage
+    stage_task = run_stage.with_options(result_storage=results_on) if results_on is not None else run_stage
     publish = with_retries(publish_stage_stores, params.storage)
     for stage in names:
         state = stage_task(stage, str(ws.root), params_json, return_state=True)

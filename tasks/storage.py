@@ -8,7 +8,7 @@ empty.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, task
 from prefect.client.schemas.objects import TaskRun
@@ -21,6 +21,9 @@ from lesionflow.hashing import sha256_bytes
 from lesionflow.io.publish import StorageUnavailable, publish_tree, remote_url
 from lesionflow.params import StorageParams
 from lesionflow.workspace import Workspace
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 RESULTS_PREFIX = "prefect-results"  # under storage.remote
 DVC_PREFIX = "dvc"
@@ -66,7 +69,7 @@ def dvc_push(workspace: str, remote: str) -> int:
     return n
 
 
-def with_retries(storage_task: Task[..., Any], storage: StorageParams) -> Task[..., Any]:
+def with_retries(storage_task: Task[P, R], storage: StorageParams) -> Task[P, R]:
     """The task with the configured number of retries and backoff delays."""
     return storage_task.with_options(retries=storage.retries, retry_delay_seconds=storage.retry_delays())
 
