@@ -22,6 +22,13 @@ CONNECT_TIMEOUT_S = 30.0
 RUN_SCHEDULER_ENV = "LESIONFLOW_RUN_SCHEDULER"
 
 
+def _quiet_distributed() -> None:
+    """Only warnings from distributed: a local cluster's scheduler lives in this process and its INFO lines would
+    drown the progress bar. Its modules set levels of their own, so every ``distributed.*`` logger is lowered."""
+    for name in [n for n in logging.root.manager.loggerDict if n == "distributed" or n.startswith("distributed.")]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @contextmanager
 def _restored_environ() -> Iterator[None]:
     # A Nanny writes its workers' environment (OMP_NUM_THREADS=1 ...) into this process's os.environ; put it
@@ -54,7 +61,9 @@ def run_cluster(workers: int, memory_limit: str, say: Callable[[str], None] = pr
     While it runs, stages whose ``scheduler_address`` is empty submit to it instead of starting their own, so a
     run starts worker processes once (and their imports of torch, zarr... are paid once).
     """
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    import distributed  # noqa: F401 - its loggers exist once it is imported
+
+    _quiet_distributed()
     with _restored_environ():
         with _restored_environ():  # the stages of this run (torch training among them) see the environment as it was
             cluster = _local_cluster(workers, memory_limit)
@@ -76,8 +85,7 @@ def dask_client(params: PreprocessParams, say: Callable[[str], None] = print) ->
     """
     from distributed import Client
 
-    # The scheduler of a local cluster lives in this process; its INFO lines would drown the progress bar.
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    _quiet_distributed()
 
     address = params.scheduler_address or os.environ.get(RUN_SCHEDULER_ENV, "")
     if address:
