@@ -9,8 +9,8 @@ path>`` an exact copy of it:
   rerun after a new case uploads that case only.
 * Readers never see half a case. Chunk and shard files go first, then the ``zarr.json`` documents from the
   deepest up (a case group's metadata appears after its arrays, the root's last), then stale objects are
-  deleted, then the index is written. An interrupted publication leaves at worst extra objects that the next
-  one removes.
+  deleted (their ``zarr.json`` first), then the index is written. An interrupted publication leaves at worst
+  extra objects that the next one removes.
 * The copy's digest is the same :func:`lesionflow.hashing.sha256_tree` digest as the local folder (hidden
   entries, e.g. a killed writer's ``.tmp-`` folders, are skipped by both), so lineage and tests can compare.
 
@@ -114,8 +114,10 @@ def _publish(files: dict[str, Path], digests: dict[str, str], url: str, shown: s
     for rel in todo:
         fs.put_file(str(files[rel]), f"{base}/{rel}")
     stale = sorted(set(present) - set(files))
-    if stale:
-        fs.rm([f"{base}/{rel}" for rel in stale])
+    # A removed case disappears metadata first, so no reader finds a group whose arrays are already gone.
+    for batch in ([r for r in stale if Path(r).name == _METADATA], [r for r in stale if Path(r).name != _METADATA]):
+        if batch:
+            fs.rm([f"{base}/{rel}" for rel in batch])
     index = {rel: [digests[rel], files[rel].stat().st_size] for rel in files}
     digest = combine_digests(digests.items())
     fs.pipe_file(index_key, json.dumps({"format": 1, "digest": digest, "files": index}, sort_keys=True).encode())
