@@ -19,7 +19,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import _common as c
 import numpy as np
