@@ -39,6 +39,10 @@ def test_overrides_apply_on_load() -> None:
         ("quality.raw.spacing_mm=[5, 1]", ["quality.raw.spacing_mm", "min < max"]),
         ("ingest.sourse=x", ["unknown key", "ingest.sourse"]),
         ("demo.cases=many", ["demo.cases", "'many'", "integer"]),
+        ("storage.remote=/mnt/team", ["storage.remote", "/mnt/team", "expected s3://bucket/prefix"]),
+        ("storage.remote=s3://", ["storage.remote", "expected s3://bucket/prefix"]),
+        ("storage.remote=s3://AKIA:secret@team/ws", ["storage.remote", "credentials do not belong in the URL"]),
+        ("storage.retries=-1", ["storage.retries", "greater than or equal to 0"]),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(override: str, needles: list[str]) -> None:
@@ -48,6 +52,7 @@ def test_bad_values_name_key_value_and_expectation(override: str, needles: list[
     assert "\n" not in message
     for needle in needles:
         assert needle in message, message
+    assert "secret" not in message  # a URL's credentials are never echoed
 
 
 def test_malformed_override_and_file(tmp_path: Path) -> None:
@@ -86,3 +91,9 @@ def test_every_preset_applies_to_the_repository_params(preset: str) -> None:
     params = load_params(REPO / "params.yaml", overrides)  # validated, cross-key checks included
     assert overrides
     assert params != load_params(REPO / "params.yaml") or preset == "toy"  # toy = the defaults
+
+
+def test_storage_remote_is_normalised_and_backoff_doubles() -> None:
+    params = load_params(REPO / "params.yaml", ["storage.remote=s3://team/ws/", "storage.retry_delay_s=1.5"])
+    assert params.storage.remote == "s3://team/ws"
+    assert params.storage.retry_delays() == [1.5, 3.0, 6.0]

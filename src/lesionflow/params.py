@@ -371,6 +371,10 @@ def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     expected = first["msg"].removeprefix("Value error, ")
     if isinstance(value, dict):  # a check across keys of a section: the message names them, the dict is noise
         return f"params: '{key}' is invalid: {expected}"
+    if isinstance(value, str) and "://" in value:  # a URL may carry credentials: never echo them
+        from lesionflow.io.remote import redact_uri
+
+        value = redact_uri(value)
     return f"params: '{key}' = {value!r} is invalid: {expected}"
 
 
