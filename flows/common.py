@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect.states import Failed, State
@@ -26,7 +27,7 @@ from lesionflow.errors import LesionflowError
 from lesionflow.params import Params, apply_overrides, load_params, read_params_file, validate_params
 from lesionflow.stages import STAGES
 from lesionflow.workspace import Workspace
-from lesionflow.workspace_lock import workspace_lock
+from lesionflow.workspace_lock import LOCK_DIR, workspace_lock
 
 # How long a flow waits for another run in the same workspace by default. A nightly run started while someone's
 # manual run is still going waits for it; an hour bounds a run stuck behind a hung one.
@@ -137,14 +138,15 @@ def run_stages(
         _raise_if_failed(state, stage)
         result: dict[str, Any] = state.result()
         _print_findings(stage, result)
-        if result["cached"] or not in_dvc:
-            pass  # nothing ran (nothing new to record), or no DVC repository to record it in
+        if not in_dvc or (result["cached"] and dvc_recorded(ws, stage)):
+            pass  # no DVC repository to record it in, or dvc.lock already holds this state of the stage
         elif not record_in_dvc:
             print(
                 f"{stage}: not recorded in dvc.lock (this run's params differ from params.yaml, which dvc.lock follows)"
             )
         else:
             _raise_if_failed(dvc_commit(str(ws.root), ["data.dvc", stage], return_state=True), f"dvc commit {stage}")
+            mark_dvc_recorded(ws, stage)
         if remote and STAGES[stage].zarr_stores:
             stores = list(STAGES[stage].zarr_stores)
             _raise_if_failed(publish(stage, str(ws.root), remote, stores, return_state=True), f"publish {stage}")
@@ -152,6 +154,32 @@ def run_stages(
     if remote and in_dvc and record_in_dvc:
         _raise_if_failed(with_retries(dvc_push, params.storage)(str(ws.root), remote, return_state=True), "dvc push")
     return results
+
+
+def _dvc_mark(ws: Workspace, stage: str) -> Path:
+    return ws.root / LOCK_DIR / "dvc-recorded" / stage
+
+
+def dvc_recorded(ws: Workspace, stage: str) -> bool:
+    """True when the flow recorded the stage's current state (its cache key) in dvc.lock.
+
+    A run killed between a stage and its ``dvc commit`` leaves the stage done but unrecorded; the rerun finds the
+    stage up to date (no work), and this tells it that the commit is still owed. Marks live in ``.lesionflow/``
+    (ignored by git, not a DVC output), never in an output folder, where they would change DVC's digests.
+    """
+    record = read_record(ws, stage)
+    mark = _dvc_mark(ws, stage)
+    return record is not None and record["key"] is not None and mark.is_file() and mark.read_text() == record["key"]
+
+
+def mark_dvc_recorded(ws: Workspace, stage: str) -> None:
+    record = read_record(ws, stage)
+    mark = _dvc_mark(ws, stage)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    if record is not None and record["key"] is not None:
+        mark.write_text(record["key"])
+    else:
+        mark.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

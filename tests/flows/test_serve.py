@@ -7,12 +7,18 @@ one on a throwaway PostgreSQL (initdb + pg_ctl). Every process binds 127.0.0.1 o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
 import asyncpg
+import psutil
 import pytest
 import yaml
 from prefect.client.orchestration import SyncPrefectClient
@@ -149,6 +155,93 @@ def test_invalid_parameters_are_rejected_with_the_validation_message(served: tup
         assert "params: 'ingest.test_fraction' = 1.5 is invalid: Input should be less than 1" in message
         assert time.monotonic() - started < 90  # worker pick-up + process start only (~10 s idle); no stage ran
         assert not [t for t in client.read_task_runs() if t.flow_run_id == run.id]
+
+
+# What the worker logs once it has reaped a flow-run process that was killed (Prefect 3.8).
+WORKER_REAPED = "prefect.flow_runs.worker - Check whether the flow run exceeded its memory allocation"
+
+
+def _flow_run_process(service: Served, run_id: UUID, timeout_s: float = 60.0) -> psutil.Process:
+    """The process the worker started for flow run ``run_id`` (Prefect hands it the id in its environment)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in descendants(service.proc.pid):
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if proc.environ().get("PREFECT__FLOW_RUN_ID") == str(run_id):
+                    return proc
+        time.sleep(0.2)
+    raise AssertionError(f"no process runs flow run {run_id}:\n{service.text()[-2000:]}")
+
+
+def test_a_killed_run_is_retried_with_prefect_flow_run_retry_and_resumes(served: tuple[Served, Path]) -> None:
+    """The flow-run process dies after ingest, while its dvc commit waits for DVC's lock.
+
+    `prefect flow-run retry` reruns it on the worker: ingest is not redone, the dvc commit it owed is made,
+    validate-raw runs, and dvc status is clean.
+    """
+    import zc.lockfile
+
+    from tests.helpers.volumes import add_msd_entry, sphere_case
+
+    service, ws = served
+    # params.yaml itself points at the data, so the run's params are the workspace's and dvc.lock records the run
+    params = ws / "params.yaml"
+    params.write_text(params.read_text().replace("  source: data/demo ", "  source: data/mine ", 1))
+    image, label = sphere_case(7)
+    # a new case: work for ingest
+    add_msd_entry(ws / "data" / "mine", "case_new", image.array, label.array, affine=image.affine)
+    ingest_record = ws / "reports" / "ingest" / "stage.json"
+    before = ingest_record.read_text() if ingest_record.exists() else ""
+    gate_record = ws / "reports" / "validate-raw" / "stage.json"
+    gate_before = gate_record.read_text() if gate_record.exists() else ""
+    dvc_lock = zc.lockfile.LockFile(str(ws / ".dvc" / "tmp" / "lock"))  # a `dvc` command of someone else's
+    try:
+        with service.client() as client:
+            deployment = deployments_by_name(client)["ingest"]
+            run = client.create_flow_run_from_deployment(deployment.id)
+            process = _flow_run_process(service, run.id)
+            deadline = time.monotonic() + 120
+            while not (ingest_record.exists() and ingest_record.read_text() != before):
+                assert time.monotonic() < deadline, service.text()[-2000:]
+                time.sleep(0.1)
+            time.sleep(0.5)  # the flow is now in its dvc-commit task, retrying while the lock is taken
+            reaped = service.text().count(WORKER_REAPED)
+            process.kill()
+            # Two parts of Prefect report the death: the process runner at once, the worker once it has reaped the
+            # job. A retry between the two would be overwritten by the worker's report: wait for the worker's line.
+            deadline = time.monotonic() + 60
+            while service.text().count(WORKER_REAPED) == reaped:
+                assert time.monotonic() < deadline, service.text()[-2000:]
+                time.sleep(0.2)
+            time.sleep(1.0)  # its state proposal follows the log line
+            crashed = client.read_flow_run(run.id)
+            assert crashed.state is not None
+            assert crashed.state.is_crashed(), crashed.state
+    finally:
+        dvc_lock.close()
+    assert (gate_record.read_text() if gate_record.exists() else "") == gate_before  # it died before the gate
+    ingested = ingest_record.read_text()
+    manifest_mtime = (ws / "data" / "raw" / "manifest.csv").stat().st_mtime_ns
+
+    env = {**os.environ, "PREFECT_API_URL": service.api_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "flow-run", "retry", str(run.id)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    with service.client() as client:
+        final = wait_final(client, run.id)
+        assert final.state is not None
+        assert final.state.is_completed(), final.state.message
+        assert final.run_count == 2
+    assert ingest_record.read_text() == ingested  # ingest was not redone...
+    assert (ws / "data" / "raw" / "manifest.csv").stat().st_mtime_ns == manifest_mtime
+    assert "case_new" in (ws / "data" / "raw" / "manifest.csv").read_text()
+    assert json.loads((ws / "reports" / "validate-raw" / "summary.json").read_text())["success"] is True
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True, text=True, check=True)
+    for target in ("data.dvc:", "ingest:", "validate-raw:"):  # ...and the dvc commit it owed was made on the retry
+        assert target not in status.stdout, status.stdout
 
 
 def test_sigterm_stops_worker_and_server_and_leaves_no_process(served: tuple[Served, Path]) -> None:
