@@ -21,7 +21,7 @@ from typing import Any
 from prefect.states import Failed, State
 from pydantic import BaseModel
 
-from lesionflow.caching import read_record, status
+from lesionflow.caching import matching_record, read_record, status
 from lesionflow.dvc import is_dvc_repo
 from lesionflow.errors import LesionflowError
 from lesionflow.params import Params, apply_overrides, load_params, read_params_file, validate_params
@@ -192,9 +192,11 @@ def shared_dask_cluster(ws: Workspace, params: Params, names: Sequence[str]) -> 
     from lesionflow.parallel import run_cluster
 
     own = {"preprocess": params.preprocess.scheduler_address, "synthesize": params.synth.scheduler_address}
-    wanted = {n for n in names if STAGES[n].uses_dask and not own.get(n)}
-    stale = {row.stage for row in status(ws, params) if not row.up_to_date} if wanted else set()
-    if not wanted & stale:
+    order = list(STAGES)
+    last = max((order.index(n) for n in names if STAGES[n].uses_dask and not own.get(n)), default=-1)
+    # Such a stage has work when it, or a stage before it, is not up to date; the scan stops at the first stale
+    # stage and never reaches the later ones (whose states query the model registry).
+    if not any(matching_record(name, ws, params) is None for name in order[: last + 1]):
         yield
         return
     workers = max(params.preprocess.workers, params.synth.workers)

@@ -70,13 +70,21 @@ def read_record(ws: Workspace, name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def matching_record(name: str, ws: Workspace, params: Params) -> dict[str, Any] | None:
+    """The stage's record when its current state has the recorded key (the stage is up to date), else None."""
+    record = read_record(ws, name)
+    if record is None or record["key"] is None:
+        return None  # never ran, or reads remote state: no key to match
+    state = stage_state(name, ws, params)
+    return record if state is not None and record["key"] == sha256_json(state) else None
+
+
 def run_cached(
     name: str, ws: Workspace, params: Params, run: Callable[[Workspace, Params], StageResult]
 ) -> StageResult:
     """Run stage ``name`` unless its current state matches the recorded one; record the state after a run."""
-    state = stage_state(name, ws, params)
-    record = read_record(ws, name)
-    if state is not None and record is not None and record["key"] is not None and record["key"] == sha256_json(state):
+    record = matching_record(name, ws, params)
+    if record is not None:
         r = record["result"]
         findings = tuple(Finding(**f) for f in r["findings"])
         return StageResult(r["stage"], r["ok"], r["summary"], r["outputs"], findings, cached=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -64,5 +65,5 @@ def push(ws: Workspace, url: str) -> int:
         message = _error_line(proc)
         kind = StorageUnavailable if any(w in message.lower() for w in _TRANSIENT) else StorageError
         raise kind(f"dvc push to {redact_uri(url)} failed: {message}; check AWS_ENDPOINT_URL, the bucket, credentials")
-    counts = [int(w) for line in proc.stdout.splitlines() for w in line.split()[:1] if w.isdigit()]
-    return counts[0] if counts else 0
+    pushed = re.search(r"(\d+) files? pushed", proc.stdout)  # "Everything is up to date." when none
+    return int(pushed.group(1)) if pushed else 0

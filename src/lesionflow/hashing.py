@@ -44,12 +44,18 @@ def combine_digests(items: Iterable[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def sha256_tree(root: Path, *, exclude_prefixes: tuple[str, ...] = (".",)) -> str:
-    """Digest of every regular file under ``root`` (relative path + bytes); hidden entries skipped."""
-    items = []
+def tree_files(root: Path, *, exclude_prefixes: tuple[str, ...] = (".",)) -> dict[str, Path]:
+    """Relative POSIX path -> path of every regular file under ``root``, sorted; hidden entries skipped."""
+    out: dict[str, Path] = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if any(part.startswith(exclude_prefixes) for part in rel.parts) or not path.is_file():
             continue
-        items.append((rel.as_posix(), sha256_file(path)))
-    return combine_digests(items)
+        out[rel.as_posix()] = path
+    return out
+
+
+def sha256_tree(root: Path, *, exclude_prefixes: tuple[str, ...] = (".",)) -> str:
+    """Digest of every regular file under ``root`` (relative path + bytes); hidden entries skipped."""
+    files = tree_files(root, exclude_prefixes=exclude_prefixes)
+    return combine_digests((rel, sha256_file(path)) for rel, path in files.items())

@@ -41,10 +41,11 @@ def _restored_environ() -> Iterator[None]:
         os.environ.update(environ)
 
 
-def _local_cluster(workers: int, memory_limit: str) -> Any:
+def _local_cluster(workers: int, memory_limit: str, what: str, say: Callable[[str], None]) -> Any:
+    """A local process cluster (one thread per worker), announced with its dashboard address."""
     from distributed import LocalCluster
 
-    return LocalCluster(
+    cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=1,
         processes=True,
@@ -52,6 +53,9 @@ def _local_cluster(workers: int, memory_limit: str) -> Any:
         dashboard_address="127.0.0.1:0",
         silence_logs=logging.ERROR,
     )
+    shape = f"{workers} worker process(es) x 1 thread, {memory_limit} each"
+    say(f"dask: {what}, {shape}; dashboard {cluster.dashboard_link}")
+    return cluster
 
 
 @contextmanager
@@ -66,10 +70,8 @@ def run_cluster(workers: int, memory_limit: str, say: Callable[[str], None] = pr
     _quiet_distributed()
     with _restored_environ():
         with _restored_environ():  # the stages of this run (torch training among them) see the environment as it was
-            cluster = _local_cluster(workers, memory_limit)
+            cluster = _local_cluster(workers, memory_limit, "this run's cluster", say)
         os.environ[RUN_SCHEDULER_ENV] = cluster.scheduler_address
-        say(f"dask: this run's cluster, {workers} worker process(es) x 1 thread, {memory_limit} each; "
-            f"dashboard {cluster.dashboard_link}")  # fmt: skip
         try:
             yield str(cluster.scheduler_address)
         finally:
@@ -103,12 +105,8 @@ def dask_client(params: PreprocessParams, say: Callable[[str], None] = print) ->
             client.close()
         return
     with _restored_environ():
-        cluster = _local_cluster(params.workers, params.memory_limit)
+        cluster = _local_cluster(params.workers, params.memory_limit, "local cluster", say)
         client = Client(cluster)
-        say(
-            f"dask: local cluster, {params.workers} worker process(es) x 1 thread, {params.memory_limit} each; "
-            f"dashboard {client.dashboard_link}"
-        )
         try:
             yield client
         finally:

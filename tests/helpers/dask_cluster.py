@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +42,10 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _wait_for(what: str, ready: object, procs: list[subprocess.Popen[bytes]], log: Path) -> None:
+def _wait_for(what: str, ready: Callable[[], bool], procs: list[subprocess.Popen[bytes]], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if callable(ready) and ready():
+        if ready():
             return
         if any(p.poll() is not None for p in procs):
             break

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lesionflow.errors import LesionflowError
-from lesionflow.hashing import combine_digests, sha256_file
+from lesionflow.hashing import combine_digests, sha256_file, tree_files
 from lesionflow.io.remote import connect_s3, is_remote, redact_uri, s3_problem
 
 INDEX_SUFFIX = ".publish.json"
@@ -58,17 +58,6 @@ def remote_url(remote: str, relative: str) -> str:
     return f"{remote.rstrip('/')}/{relative.strip('/')}"
 
 
-def local_files(root: Path) -> dict[str, Path]:
-    """Relative POSIX path -> file for every regular file under ``root``, hidden entries skipped (as sha256_tree)."""
-    out: dict[str, Path] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        out[rel.as_posix()] = path
-    return out
-
-
 def upload_order(rels: list[str]) -> list[str]:
     """Data files first, then ``zarr.json`` documents deepest first: a group is announced after its content."""
     data = sorted(r for r in rels if Path(r).name != _METADATA)
@@ -88,10 +77,11 @@ def publish_tree(local: Path, url: str) -> PublishResult:
         raise StorageError(f"{shown!r} is not an S3 location; set storage.remote to s3://bucket/prefix")
     if not local.is_dir():
         raise StorageError(f"nothing to publish to {shown}: {local} is not a folder; run the stage that writes it")
-    files = local_files(local)
-    digests = {rel: sha256_file(path) for rel, path in files.items()}
+    files = tree_files(local)  # the files sha256_tree digests, so the copy's digest is the folder's
+    # rel -> [sha256, size], the index entry of each file
+    entries = {rel: [sha256_file(path), path.stat().st_size] for rel, path in files.items()}
     try:
-        return _publish(files, digests, url.rstrip("/"), shown)
+        return _publish(files, entries, url.rstrip("/"), shown)
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - every S3 failure becomes one clean line without secrets
@@ -100,16 +90,14 @@ def publish_tree(local: Path, url: str) -> PublishResult:
         raise kind(f"cannot publish {local.name} to {shown}: {what}") from None
 
 
-def _publish(files: dict[str, Path], digests: dict[str, str], url: str, shown: str) -> PublishResult:
+def _publish(files: dict[str, Path], entries: dict[str, list[Any]], url: str, shown: str) -> PublishResult:
     fs = connect_s3()
     base = url.partition("://")[2]
     index_key = base + INDEX_SUFFIX
     old = _read_index(fs, index_key)
     present = _remote_sizes(fs, base)
     todo = [
-        rel
-        for rel in upload_order(list(files))
-        if old.get(rel) != [digests[rel], files[rel].stat().st_size] or present.get(rel) != files[rel].stat().st_size
+        rel for rel in upload_order(list(files)) if old.get(rel) != entries[rel] or present.get(rel) != entries[rel][1]
     ]
     for rel in todo:
         fs.put_file(str(files[rel]), f"{base}/{rel}")
@@ -118,9 +106,8 @@ def _publish(files: dict[str, Path], digests: dict[str, str], url: str, shown: s
     for batch in ([r for r in stale if Path(r).name == _METADATA], [r for r in stale if Path(r).name != _METADATA]):
         if batch:
             fs.rm([f"{base}/{rel}" for rel in batch])
-    index = {rel: [digests[rel], files[rel].stat().st_size] for rel in files}
-    digest = combine_digests(digests.items())
-    fs.pipe_file(index_key, json.dumps({"format": 1, "digest": digest, "files": index}, sort_keys=True).encode())
+    digest = combine_digests((rel, sha256) for rel, (sha256, _) in entries.items())
+    fs.pipe_file(index_key, json.dumps({"format": 1, "digest": digest, "files": entries}, sort_keys=True).encode())
     return PublishResult(shown, len(files), len(todo), len(stale), digest)
 
 
@@ -129,9 +116,7 @@ def _read_index(fs: Any, key: str) -> dict[str, list[Any]]:
     try:
         data = json.loads(fs.cat_file(key))
         return {str(k): list(v) for k, v in data["files"].items()}
-    except FileNotFoundError:
-        return {}
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
