@@ -1,4 +1,17 @@
-"""Model-agnostic DDPM / DDIM / RePaint samplers (generative.md §1, §2.6, §3, §9.1).
+"""Model-agnostic DDPM / DDIM / RePaint samplers.
+
+References (equation and algorithm numbers are the papers' own; the numbered steps in the code cite them):
+
+- [DDPM] J. Ho, A. Jain, P. Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020,
+  https://arxiv.org/abs/2006.11239 -- Algorithm 2 (sampling), Eq. 4 (``q(x_t | x_0)``), Eqs. 6-7 (the posterior
+  ``q(x_{t-1} | x_t, x_0)``: mean ``mu~_t`` and variance ``beta~_t``), Eq. 11 (``mu_theta`` from eps), Eq. 15
+  (``x0_hat`` from eps).
+- [DDIM] J. Song, C. Meng, S. Ermon, "Denoising Diffusion Implicit Models", ICLR 2021,
+  https://arxiv.org/abs/2010.02502 -- Eq. 12 (the generalised step), Eq. 16 (``sigma_t(eta)``).
+- [RePaint] A. Lugmayr, M. Danelljan, A. Romero, F. Yu, R. Timofte, L. Van Gool, "RePaint: Inpainting using
+  Denoising Diffusion Probabilistic Models", CVPR 2022, https://arxiv.org/abs/2201.09865 -- Algorithm 1,
+  Eqs. 8a-8c (known part, unknown part, merge), Sec. 4.2 (resampling, jump length ``j`` and ``r`` repeats);
+  authors' code: https://github.com/andreas128/RePaint (``get_schedule_jump`` in ``guided_diffusion/scheduler.py``).
 
 Conventions
 - Timestep indices ``t = 0 .. T-1`` as in :mod:`lesionflow.diffusion.schedules`; index ``-1`` is the clean ``x_0``.
@@ -76,13 +89,14 @@ def _check_jump_args(T: int, jump_length: int, jump_n_sample: int) -> None:
 
 
 def repaint_jump_schedule(T: int, jump_length: int, jump_n_sample: int) -> list[int]:
-    """RePaint's time list: ``[T-1, ..., -1]`` with upward "undo" jumps (§3.1, resampling).
+    """RePaint's time list: ``[T-1, ..., -1]`` with upward "undo" jumps ([RePaint] Sec. 4.2, resampling).
 
     Walk down from ``T-1`` one index at a time; each time the walk *arrives* at a jump point (a multiple of
     ``jump_length`` below ``T - jump_length``) that still has jumps left, go back up ``jump_length`` indices one
     at a time and walk down again; each jump point does this ``jump_n_sample - 1`` times. Consecutive pairs
     ``(t_last, t_cur)`` are a reverse step at ``t_last`` when ``t_cur < t_last`` and an undo step otherwise.
-    ``jump_length = jump_n_sample = 1`` gives the plain list ``T-1, ..., 0, -1``.
+    ``jump_length = jump_n_sample = 1`` gives the plain list ``T-1, ..., 0, -1``. Same walk as the authors'
+    ``get_schedule_jump(t_T, n_sample=1, jump_length, jump_n_sample)`` (its nested jump levels left at their default 1).
     """
     _check_jump_args(T, jump_length, jump_n_sample)
     # 1. jump budget per jump point: multiples of j in [0, T - j)
@@ -102,7 +116,7 @@ def repaint_jump_schedule(T: int, jump_length: int, jump_n_sample: int) -> list[
 
 
 def count_network_evaluations(T: int, jump_length: int, jump_n_sample: int) -> int:
-    """Reverse (denoising) steps in :func:`repaint_jump_schedule`: ``N = T + (T/j - 1)(r - 1) j`` (§2.6).
+    """Reverse (denoising) steps in :func:`repaint_jump_schedule`: ``N = T + (T/j - 1)(r - 1) j``.
 
     The closed form assumes ``j`` divides ``T``; in general the number of jump points is ``ceil((T - j) / j)``.
     """
@@ -123,14 +137,19 @@ def ddpm_step(
     *,
     clip_denoised: Clip = False,
 ) -> Tensor:
-    """Ancestral step ``x_{t-1} = mu_t(x_t, x0_hat) + sigma_t z``, ``sigma_t^2 = beta~_t``, no noise at t = 0 (§1)."""
-    # 1. x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), optionally clamped to the data range
+    """Ancestral step ``x_{t-1} = mu_t(x_t, x0_hat) + sigma_t z``, ``sigma_t^2 = beta~_t``, no noise at t = 0.
+
+    [DDPM] Algorithm 2 lines 3-4 (https://arxiv.org/abs/2006.11239), with ``sigma_t^2 = beta~_t`` (Sec. 3.2). The
+    mean goes through ``x0_hat`` (Eq. 15) and the posterior mean (Eq. 7), which without a clamp equals Eq. 11's
+    ``mu_theta``; the clamp is the authors' code's ``clip_denoised``.
+    """
+    # 1. x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) ([DDPM] Eq. 15), optionally clamped to the data range
     x0_hat = _clip(predict_x0_from_eps(schedule, x_t, t, model_eps), clip_denoised)
-    # 2. mu_t = c1 x0_hat + c2 x_t ; variance beta~_t
+    # 2. mu_t = c1 x0_hat + c2 x_t ; variance beta~_t ([DDPM] Eqs. 6-7)
     mean, variance, _ = q_posterior_mean_variance(schedule, x0_hat, x_t, t)
     if t == 0:
         return mean
-    # 3. x_{t-1} = mu_t + sigma_t z, z ~ N(0, I)
+    # 3. x_{t-1} = mu_t + sigma_t z, z ~ N(0, I) ([DDPM] Algorithm 2 lines 3-4; z = 0 at the last step)
     return mean + torch.sqrt(variance) * _randn_like(x_t, generator)
 
 
@@ -145,10 +164,11 @@ def ddim_step(
     *,
     clip_denoised: Clip = False,
 ) -> Tensor:
-    """DDIM step from index ``t`` to ``t_prev < t`` (``-1`` = clean image); ``eta = 0`` is deterministic (§1).
+    """DDIM step from index ``t`` to ``t_prev < t`` (``-1`` = clean image); ``eta = 0`` is deterministic.
 
-    ``x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps + sigma z`` with
-    ``sigma = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})``.
+    ``x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps + sigma z`` ([DDIM] Eq. 12,
+    https://arxiv.org/abs/2010.02502; the paper writes ``alpha`` for our ``abar``) with
+    ``sigma = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})`` ([DDIM] Eq. 16).
     """
     if not -1 <= t_prev < t:
         raise ValueError(f"need -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
@@ -156,30 +176,37 @@ def ddim_step(
         raise ValueError(f"eta must be >= 0, got {eta}")
     abar_t = _alpha_bar(schedule, t, x_t)
     abar_prev = _alpha_bar(schedule, t_prev, x_t)
-    # 1. x0_hat from eps (§1), optionally clamped; re-derive eps so it is consistent with the clamped x0_hat
+    # 1. x0_hat from eps ("predicted x_0" of [DDIM] Eq. 12), optionally clamped; re-derive eps so it is consistent
+    #    with the clamped x0_hat
     x0_hat = predict_x0_from_eps(schedule, x_t, t, model_eps)
     eps = model_eps
     if clip_denoised is not False:
         x0_hat = _clip(x0_hat, clip_denoised)
         eps = (x_t - torch.sqrt(abar_t) * x0_hat) / torch.sqrt(1.0 - abar_t)
-    # 2. sigma_t(eta)
+    # 2. sigma_t(eta) ([DDIM] Eq. 16)
     sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * torch.sqrt(1.0 - abar_t / abar_prev)
-    # 3. deterministic part: sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps
+    # 3. deterministic part of [DDIM] Eq. 12: sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps
     out = torch.sqrt(abar_prev) * x0_hat + torch.sqrt((1.0 - abar_prev - sigma**2).clamp(min=0.0)) * eps
     if eta == 0 or t_prev == -1:
         return out
-    # 4. + sigma z
+    # 4. + sigma z (the random-noise term of [DDIM] Eq. 12)
     return out + sigma * _randn_like(x_t, generator)
 
 
 def undo_step(schedule: NoiseSchedule, x_prev: Tensor, t: int, generator: torch.Generator) -> Tensor:
-    """RePaint's forward jump ``x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)`` (§3.1)."""
+    """RePaint's forward jump ``x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)``.
+
+    [RePaint] Algorithm 1 line 10 (https://arxiv.org/abs/2201.09865), the one-step forward process of [DDPM].
+    """
     beta_t = extract(schedule.betas, t, x_prev)
     return torch.sqrt(1.0 - beta_t) * x_prev + torch.sqrt(beta_t) * _randn_like(x_prev, generator)
 
 
 def noise_known(schedule: NoiseSchedule, known: Tensor, t: int, generator: torch.Generator) -> Tensor:
-    """The known region diffused to index ``t``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) z`` (``t = -1``: ``known``)."""
+    """The known region diffused to index ``t``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) z`` (``t = -1``: ``known``).
+
+    ``q(x_t | x_0)`` of [DDPM] Eq. 4 (https://arxiv.org/abs/2006.11239); [RePaint] Algorithm 1 line 5 / Eq. 8a.
+    """
     if t == -1:
         return known
     return extract(schedule.sqrt_alphas_cumprod, t, known) * known + extract(
@@ -191,7 +218,11 @@ def noise_known(schedule: NoiseSchedule, known: Tensor, t: int, generator: torch
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """``steps`` distinct indices evenly spread from ``T-1`` down to 0 (``steps = 1``: just ``T-1``)."""
+    """``steps`` distinct indices evenly spread from ``T-1`` down to 0 (``steps = 1``: just ``T-1``).
+
+    The increasing sub-sequence ``tau`` of [DDIM]'s accelerated sampling (https://arxiv.org/abs/2010.02502), read
+    from its end.
+    """
     if not 1 <= steps <= T:
         raise ValueError(f"steps must lie in [1, {T}], got {steps}")
     grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
@@ -207,10 +238,13 @@ def ddpm_sample(
     dtype: torch.dtype = torch.float32,
     clip_denoised: Clip = False,
 ) -> Tensor:
-    """Unconditional ancestral sampling over all ``T`` steps, ``x_T ~ N(0, I)`` on the generator's device."""
-    # 1. x_T ~ N(0, I)
+    """Unconditional ancestral sampling over all ``T`` steps, ``x_T ~ N(0, I)`` on the generator's device.
+
+    [DDPM] Algorithm 2, https://arxiv.org/abs/2006.11239 (our index ``t`` is the paper's ``t + 1``).
+    """
+    # 1. x_T ~ N(0, I) ([DDPM] Algorithm 2 line 1)
     x = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
-    # 2. t = T-1 .. 0: x_{t-1} = mu_t + sigma_t z
+    # 2. t = T-1 .. 0: x_{t-1} = mu_t + sigma_t z ([DDPM] Algorithm 2 lines 2-5)
     for t in range(schedule.num_timesteps - 1, -1, -1):
         x = ddpm_step(schedule, eps_fn(x, _t_batch(x, t)), x, t, generator, clip_denoised=clip_denoised)
     return x
@@ -227,11 +261,14 @@ def ddim_sample(
     dtype: torch.dtype = torch.float32,
     clip_denoised: Clip = False,
 ) -> Tensor:
-    """Unconditional DDIM sampling over :func:`ddim_timesteps` (``steps`` network evaluations)."""
+    """Unconditional DDIM sampling over :func:`ddim_timesteps` (``steps`` network evaluations).
+
+    [DDIM] Eq. 12 applied along the sub-sequence, https://arxiv.org/abs/2010.02502.
+    """
     timesteps = ddim_timesteps(schedule.num_timesteps, steps)
     # 1. x_T ~ N(0, I)
     x = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
-    # 2. consecutive pairs (t, t'), the last one to the clean image (t' = -1)
+    # 2. consecutive pairs (t, t'), the last one to the clean image (t' = -1): one [DDIM] Eq. 12 step each
     for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
         eps = eps_fn(x, _t_batch(x, t))
         x = ddim_step(schedule, eps, x, t, t_prev, eta, generator, clip_denoised=clip_denoised)
@@ -249,13 +286,17 @@ def repaint_sample(
     generator: torch.Generator,
     clip_denoised: Clip = False,
 ) -> Tensor:
-    """RePaint inpainting (paper Alg. 1 with resampling, §3.1): generate where ``mask != 0``, keep the rest.
+    """RePaint inpainting ([RePaint] Algorithm 1 with resampling): generate where ``mask != 0``, keep the rest.
+
+    Lugmayr et al., CVPR 2022, https://arxiv.org/abs/2201.09865: Algorithm 1, Eqs. 8a-8c, the jump schedule of
+    Sec. 4.2 (:func:`repaint_jump_schedule`).
 
     ``known`` is the volume in normalised units, batch first (e.g. ``(B, C, D, H, W)``); ``mask`` broadcasts to it
     (**1 = generate**, the inverse of RePaint's files). Each reverse step from ``x_t`` produces the unknown part
-    ``x_{t-1} ~ p(x_{t-1} | x_t)`` and merges it with the known part diffused to the *same* level ``t-1``
-    (trap §3.2: not ``t``); the last merge (``t-1 = -1``) uses ``known`` itself. Undo steps diffuse the whole
-    volume one level up. The result is finally hard-pasted, so voxels with ``mask == 0`` equal ``known`` bitwise.
+    ``x_{t-1} ~ p(x_{t-1} | x_t)`` and merges it with the known part diffused to the *same* level ``t-1`` (the
+    level of ``x_{t-1}``, not ``t``); the last merge (``t-1 = -1``) uses ``known`` itself. Undo steps
+    diffuse the whole volume one level up. The result is finally hard-pasted (not part of Algorithm 1), so voxels
+    with ``mask == 0`` equal ``known`` bitwise.
     """
     if not known.is_floating_point():
         raise ValueError(f"known must be a floating tensor (normalised units), got {known.dtype}")
@@ -266,15 +307,16 @@ def repaint_sample(
     x = _randn_like(known, generator)
     for t_last, t_cur in itertools.pairwise(times):
         if t_cur < t_last:
-            # 2. unknown part: x_{t-1}^unknown = mu_t + sigma_t z (Alg. 1 lines 6-7)
+            # 2. unknown part: x_{t-1}^unknown = mu_t + sigma_t z ([RePaint] Alg. 1 lines 6-7, Eq. 8b)
             eps = eps_fn(x, _t_batch(x, t_last))
             unknown = ddpm_step(schedule, eps, x, t_last, generator, clip_denoised=clip_denoised)
-            # 3. known part at level t-1: sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1}) eps (Alg. 1 line 5)
+            # 3. known part at level t-1: sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1}) eps ([RePaint] Alg. 1 line 5,
+            #    Eq. 8a)
             known_t = noise_known(schedule, known, t_cur, generator)
-            # 4. x_{t-1} = m ⊙ known + (1 - m) ⊙ unknown, m = keep (Alg. 1 line 8)
+            # 4. x_{t-1} = m ⊙ known + (1 - m) ⊙ unknown, m = keep ([RePaint] Alg. 1 line 8, Eq. 8c)
             x = torch.where(generate, unknown, known_t)
         else:
-            # 5. resampling: x_t ~ N(sqrt(1 - beta_t) x_{t-1}, beta_t I) (Alg. 1 line 10)
+            # 5. resampling: x_t ~ N(sqrt(1 - beta_t) x_{t-1}, beta_t I) ([RePaint] Alg. 1 line 10, Sec. 4.2)
             x = undo_step(schedule, x, t_cur, generator)
-    # 6. final hard paste (§3.2: without it the known region comes back blurred/noisy in other samplers)
+    # 6. final hard paste (ours, not a step of [RePaint] Alg. 1): the known region is returned bit for bit
     return hard_paste(x, known, mask)

@@ -1,4 +1,12 @@
-"""DDPM noise schedules and the closed-form forward/posterior quantities (generative.md §1, §9.1).
+"""DDPM noise schedules and the closed-form forward/posterior quantities.
+
+References:
+
+- [DDPM] J. Ho, A. Jain, P. Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020,
+  https://arxiv.org/abs/2006.11239 -- Eq. 4 (``q(x_t | x_0)``), Eqs. 6-7 (the posterior ``q(x_{t-1} | x_t, x_0)``),
+  Eq. 15 (``x0_hat`` from eps), Sec. 4 (the linear schedule, ``beta`` from 1e-4 to 0.02 over T = 1000).
+- [IDDPM] A. Nichol, P. Dhariwal, "Improved Denoising Diffusion Probabilistic Models", ICML 2021,
+  https://arxiv.org/abs/2102.09672 -- Eq. 17 (the cosine schedule), Sec. 3.2 (``beta`` clipped to 0.999).
 
 Indexing: a schedule of ``T`` steps is indexed ``t = 0 .. T-1``; index ``t`` is the paper's step ``t + 1``
 (so ``alphas_cumprod[0] = abar_1``), and "index -1" stands for the clean ``x_0`` (``abar = 1``).
@@ -51,18 +59,18 @@ class NoiseSchedule:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError(f"betas must lie in (0, 1), got range [{betas.min():.3g}, {betas.max():.3g}]")
-        # 1. alpha_t = 1 - beta_t ; abar_t = prod_{s<=t} alpha_s (§1)
+        # 1. alpha_t = 1 - beta_t ; abar_t = prod_{s<=t} alpha_s ([DDPM] Sec. 2, notation of Eq. 4)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         # 2. abar_{t-1}, with abar_0 = 1 for the first step (x_0 is noise-free)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        # 3. posterior q(x_{t-1} | x_t, x_0): variance beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) (§1)
+        # 3. posterior q(x_{t-1} | x_t, x_0): variance beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) ([DDPM] Eq. 7)
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # 4. log variance with the first entry (exactly 0) replaced by the second, so log() stays finite
         first = posterior_variance[1] if betas.numel() > 1 else betas[0]
         posterior_log_variance_clipped = torch.log(torch.cat([first.reshape(1), posterior_variance[1:]]))
         # 5. posterior mean mu_t = c1 x_0 + c2 x_t, c1 = beta_t sqrt(abar_{t-1}) / (1 - abar_t),
-        #    c2 = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) (§1)
+        #    c2 = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) ([DDPM] Eq. 7, mu~_t(x_t, x_0))
         coef1 = betas * torch.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         coef2 = (1.0 - alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - alphas_cumprod)
         return cls(
@@ -80,7 +88,11 @@ class NoiseSchedule:
 
 
 def linear_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> NoiseSchedule:
-    """DDPM linear betas, scaled by ``1000 / T`` so any T spans the same noise range as T = 1000."""
+    """DDPM linear betas, scaled by ``1000 / T`` so any T spans the same noise range as T = 1000.
+
+    [DDPM] Sec. 4 (https://arxiv.org/abs/2006.11239): ``beta_1 = 1e-4`` to ``beta_T = 0.02`` for T = 1000; the
+    ``1000 / T`` scaling is the "linear" schedule of the [IDDPM] code (https://github.com/openai/improved-diffusion).
+    """
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
     if not 0 < beta_start <= beta_end:
@@ -88,23 +100,27 @@ def linear_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 2e-2) ->
     scale = 1000.0 / T
     if scale * beta_end >= 1:
         raise ValueError(f"T = {T} too small for beta_end = {beta_end}: scaled beta_end {scale * beta_end:.3g} >= 1")
-    # beta_t linear from scale*beta_start to scale*beta_end (§1, "Linear schedule")
+    # beta_t linear from scale*beta_start to scale*beta_end ([DDPM] Sec. 4)
     return NoiseSchedule.from_betas(torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64))
 
 
 def cosine_schedule(T: int, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
-    """Nichol & Dhariwal cosine schedule: ``abar(t) = f(t)/f(0)``, ``f(t) = cos^2(((t/T)+s)/(1+s) * pi/2)``."""
+    """Nichol & Dhariwal cosine schedule: ``abar(t) = f(t)/f(0)``, ``f(t) = cos^2(((t/T)+s)/(1+s) * pi/2)``.
+
+    [IDDPM] Eq. 17 (https://arxiv.org/abs/2102.09672), ``s = 0.008``; betas clipped to ``max_beta = 0.999`` as in
+    its Sec. 3.2.
+    """
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
     if s < 0:
         raise ValueError(f"s must be >= 0, got {s}")
     if not 0 < max_beta < 1:
         raise ValueError(f"max_beta must lie in (0, 1), got {max_beta}")
-    # 1. f(t) on t = 0..T (§1, "Cosine schedule")
+    # 1. f(t) on t = 0..T and abar_t = f(t) / f(0) ([IDDPM] Eq. 17)
     steps = torch.arange(T + 1, dtype=torch.float64)
     f = torch.cos(((steps / T) + s) / (1 + s) * math.pi / 2) ** 2
     abar = f / f[0]
-    # 2. beta_t = min(1 - abar_t / abar_{t-1}, max_beta)
+    # 2. beta_t = min(1 - abar_t / abar_{t-1}, max_beta) ([IDDPM] Sec. 3.2)
     betas = torch.clamp(1.0 - abar[1:] / abar[:-1], min=1e-12, max=max_beta)
     return NoiseSchedule.from_betas(betas)
 
@@ -128,7 +144,7 @@ def extract(buffer: Tensor, t: int | Tensor, like: Tensor) -> Tensor:
 
 
 def q_sample(schedule: NoiseSchedule, x0: Tensor, t: int | Tensor, noise: Tensor) -> Tensor:
-    """Forward diffusion ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (§1, q(x_t | x_0))."""
+    """Forward diffusion ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``: a draw of ``q(x_t | x_0)``, [DDPM] Eq. 4."""
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
     return extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(
@@ -137,7 +153,7 @@ def q_sample(schedule: NoiseSchedule, x0: Tensor, t: int | Tensor, noise: Tensor
 
 
 def predict_x0_from_eps(schedule: NoiseSchedule, x_t: Tensor, t: int | Tensor, eps: Tensor) -> Tensor:
-    """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (§1, eps-prediction)."""
+    """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (eps-prediction, [DDPM] Eq. 15)."""
     return (x_t - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / extract(
         schedule.sqrt_alphas_cumprod, t, x_t
     )
@@ -146,7 +162,7 @@ def predict_x0_from_eps(schedule: NoiseSchedule, x_t: Tensor, t: int | Tensor, e
 def q_posterior_mean_variance(
     schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: int | Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, variance and clipped log variance of ``q(x_{t-1} | x_t, x_0)`` (§1, "Posterior")."""
+    """Mean, variance and clipped log variance of ``q(x_{t-1} | x_t, x_0)`` ([DDPM] Eqs. 6-7)."""
     mean = extract(schedule.posterior_mean_coef1, t, x_t) * x0 + extract(schedule.posterior_mean_coef2, t, x_t) * x_t
     variance = extract(schedule.posterior_variance, t, x_t)
     log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t)

@@ -1,4 +1,14 @@
-"""DiffMask (generative.md §2.8, §9.2 item 6): a DDPM over lesion *masks*, steered by a bounding sphere.
+"""DiffMask: a DDPM over lesion *masks*, steered by a bounding sphere.
+
+References:
+
+- [LeFusion] H. Zhang, Y. Liu, J. Yang, S. Wan, X. Wang, W. Peng, P. Fua, "LeFusion: Controllable Pathology
+  Synthesis via Lesion-Focused Diffusion Models", ICLR 2025, https://arxiv.org/abs/2403.14066 -- DiffMask, its
+  lesion mask diffusion controlled by a bounding sphere (size, location, boundary); authors' code
+  https://github.com/M3DV/LeFusion (``DiffMask/``).
+- Sampling: [DDPM] J. Ho, A. Jain, P. Abbeel, NeurIPS 2020, https://arxiv.org/abs/2006.11239, Algorithm 2, or
+  [DDIM] J. Song, C. Meng, S. Ermon, ICLR 2021, https://arxiv.org/abs/2010.02502, Eq. 12 (see
+  :mod:`lesionflow.diffusion.samplers`).
 
 Contracts
 - Arrays are (x, y, z); masks are bool; spheres (:class:`~lesionflow.synth.placement.Sphere`) are in voxels of
@@ -11,9 +21,10 @@ Contracts
   seed gives the same masks.
 - :func:`postprocess_mask` turns a raw sample (about [-1, 1]) into a bool mask of the **same shape**: threshold,
   hole filling, volume-dependent Gaussian smoothing, largest 26-connected component, optional zoom about a
-  centre on the same voxel grid (our fix of the authors' 1.5x zoom that changed the ROI geometry, LeFusion
-  #10; default 1.0 = no zoom), intersection with the organ. The result is empty or one 26-connected component
-  inside the organ; an empty result is returned, not raised (the caller reports it).
+  centre on the same voxel grid (our fix of the authors' 1.5x zoom that changed the ROI geometry,
+  https://github.com/HINTLab/LeFusion/issues/10; default 1.0 = no zoom), intersection with the organ. The result
+  is empty or one 26-connected component inside the organ; an empty result is returned, not raised (the caller
+  reports it).
 """
 
 from __future__ import annotations
@@ -67,7 +78,8 @@ _FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 
 @dataclass(frozen=True)
 class DiffMaskSettings:
-    """Diffusion and post-processing settings (toy defaults; the authors': T = 300 cosine, zoom 1.5).
+    """Diffusion and post-processing settings (toy defaults; the authors' code: T = 300, cosine schedule of
+    Nichol & Dhariwal https://arxiv.org/abs/2102.09672 Eq. 17, zoom 1.5).
 
     ``threshold`` applies to the [0, 1] mapping ``(raw + 1) / 2``; ``zoom`` is the post-processing scale factor
     (1.0 = none); ``ddim_steps`` 0 = ancestral DDPM over all T steps (as the authors), > 0 = DDIM with eta 0.
@@ -204,10 +216,12 @@ def sample_mask_raw(
     # x0 is clipped to [-1, 1] at every step: the data are {-1, 1} masks, and clipping keeps an undertrained
     # model's chain from drifting (the default of the DDPM code the authors build on).
     if settings.ddim_steps > 0:
+        # DDIM, eta = 0 ([DDIM] Eq. 12, https://arxiv.org/abs/2010.02502)
         out = ddim_sample(
             eps_fn, out_shape, settings.schedule(), steps=settings.ddim_steps, generator=generator, clip_denoised=True
         )
     else:
+        # ancestral DDPM over all T steps, as the authors ([DDPM] Algorithm 2, https://arxiv.org/abs/2006.11239)
         out = ddpm_sample(eps_fn, out_shape, settings.schedule(), generator=generator, clip_denoised=True)
     return np.asarray(out[:, 0].float().cpu().numpy(), dtype=np.float32)
 

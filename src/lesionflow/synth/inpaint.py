@@ -1,6 +1,17 @@
-"""DDPM inpainting with RePaint (generative.md §3, §9.3): an unconditional 3D DDPM trained on the user's patches,
+"""DDPM inpainting with RePaint: an unconditional 3D DDPM trained on the user's patches,
 sampled with the RePaint jump schedule inside a mask. Two uses: lesion *removal* (fill a lesion, grown by a rim,
 with healthy-looking tissue) and lesion *insertion* into a given mask (the baseline LeFusion is compared with).
+
+References:
+
+- RePaint: A. Lugmayr et al., "RePaint: Inpainting using Denoising Diffusion Probabilistic Models", CVPR 2022,
+  https://arxiv.org/abs/2201.09865 -- Algorithm 1 and Eqs. 8a-8c (sampling inside the mask), Sec. 4.2 (resampling
+  with jump length ``j`` and ``r`` repeats); authors' code https://github.com/andreas128/RePaint. The loop itself
+  is :func:`lesionflow.diffusion.samplers.repaint_sample`.
+- The model is a DDPM: J. Ho, A. Jain, P. Abbeel, NeurIPS 2020, https://arxiv.org/abs/2006.11239 -- trained with
+  the simplified eps loss (Algorithm 1, Eq. 14), sampled as in Algorithm 2.
+- LeFusion (the method the insertion baseline is compared with): H. Zhang et al., ICLR 2025,
+  https://arxiv.org/abs/2403.14066.
 
 Conventions
 - Images are (c, x, y, z) float arrays in the store's normalised units, masks (x, y, z) bool; batches put B first.
@@ -50,7 +61,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class InpaintSettings:
-    """Diffusion and sampling settings (toy defaults; RePaint's: T = 1000 respaced to 250, j = r = 10).
+    """Diffusion and sampling settings (toy defaults; RePaint's configs in https://github.com/andreas128/RePaint:
+    T = 1000 respaced to 250, j = r = 10).
 
     ``removal_dilation`` is how many voxels (26-neighbourhood steps) the lesion mask grows by before removal, so
     the lesion's partial-volume rim is regenerated too. The linear schedule needs ``timesteps > 20`` (its betas
@@ -263,7 +275,8 @@ def insert_lesion(
     mask: np.ndarray,
     generator: torch.Generator,
 ) -> np.ndarray:
-    """The RePaint insertion baseline (LeFusion §2.10 "RePaint"): sample inside ``mask`` exactly as given (no
-    dilation). An unconditional model fills the mask with whatever its training patches make likely there, which
-    is why LeFusion adds the lesion-focused loss and histogram control. Empty mask: the input unchanged."""
+    """The RePaint insertion baseline (the "RePaint" rows of LeFusion's results, https://arxiv.org/abs/2403.14066):
+    sample inside ``mask`` exactly as given (no dilation). An unconditional model fills the mask with whatever its
+    training patches make likely there, which is why LeFusion adds the lesion-focused loss and histogram control.
+    Empty mask: the input unchanged."""
     return inpaint(model, settings, image_roi, mask, generator)

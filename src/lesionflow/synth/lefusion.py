@@ -1,17 +1,32 @@
-"""LeFusion (generative.md §2): a lesion-focused, histogram-conditioned DDPM, trained on lesion ROIs and sampled
-with RePaint inside a lesion mask, for one or several lesion classes (§2.7 multi-channel decomposition).
+"""LeFusion: a lesion-focused, histogram-conditioned DDPM, trained on lesion ROIs and sampled
+with RePaint inside a lesion mask, for one or several lesion classes (multi-channel decomposition).
+
+References:
+
+- [LeFusion] H. Zhang, Y. Liu, J. Yang, S. Wan, X. Wang, W. Peng, P. Fua, "LeFusion: Controllable Pathology
+  Synthesis via Lesion-Focused Diffusion Models", ICLR 2025, https://arxiv.org/abs/2403.14066 -- the
+  lesion-focused loss, background-preserving sampling (forward-diffused background merged into the reverse
+  process), histogram-based texture control and multi-channel decomposition; authors' code
+  https://github.com/M3DV/LeFusion (``LeFusion/ddpm/diffusion.py``: ``p_losses``, ``p_sample_loop_repaint``).
+- [RePaint] A. Lugmayr et al., CVPR 2022, https://arxiv.org/abs/2201.09865 -- Algorithm 1 and the jump schedule
+  of Sec. 4.2, used for sampling (:func:`lesionflow.diffusion.samplers.repaint_sample`).
+- [DDPM] J. Ho, A. Jain, P. Abbeel, NeurIPS 2020, https://arxiv.org/abs/2006.11239 -- the eps objective
+  (Algorithm 1) that the lesion-focused loss masks.
 
 Conventions: ROI images are (c, x, y, z) float32 in the store's normalized units; masks (x, y, z) bool, True =
 lesion (= generate). ``C = len(settings.class_values)`` lesion classes give the network ``C * c`` image channels:
 block ``k`` (channels ``k*c .. (k+1)*c - 1``) is a copy of the image that is trained and generated for class
 ``class_values[k]`` only. The condition is the concatenation of the C per-class intensity histograms (``bins``
-values each, zeros for a class absent from the lesion, §2.3), added to the time embedding.
+values each, zeros for a class absent from the lesion; [LeFusion] histogram-based texture control), added to the
+time embedding.
 
-- Loss (§2.2, §2.7): the masked eps loss, L1, with block ``k`` masked by class mask ``k``. ``loss_normalize="all"``
-  is the authors' ``sum_k mean(|M_k ⊙ (eps_k - eps_hat_k)|)`` (each block's mean over all its voxels, summed over
-  blocks); ``"mask"`` divides the summed error by the number of class-mask voxels of all blocks.
-- Sampling (§2.6, §2.7): the known image is the ROI tiled C times, every block is generated inside the *union* of
-  the class masks with the RePaint jump schedule and the final hard paste, then the blocks are merged per image
+- Loss ([LeFusion] lesion-focused loss, multi-channel decomposition): the masked eps loss, L1, with block ``k``
+  masked by class mask ``k``. ``loss_normalize="all"`` is the authors' ``sum_k mean(|M_k ⊙ (eps_k - eps_hat_k)|)``
+  (each block's mean over all its voxels, summed over blocks); ``"mask"`` divides the summed error by the number
+  of class-mask voxels of all blocks.
+- Sampling ([LeFusion] background-preserving inference, i.e. [RePaint] Algorithm 1; multi-channel merge): the
+  known image is the ROI tiled C times, every block is generated inside the *union* of the class masks with the
+  RePaint jump schedule and the final hard paste, then the blocks are merged per image
   channel by :func:`lesionflow.synth.placement.merge_class_channels` (``out = sum_k ch_k M_k + ch_0 (1 - union)``,
   the later class wins where masks overlap). Every voxel outside the union equals the input ROI bit for bit.
 - ``C = 1`` is the binary model and behaves as before the multi-class generalisation: its single class is the
@@ -307,7 +322,8 @@ def synthesize_batch(
     known = torch.from_numpy(known_np).to(device)
     where = torch.from_numpy(np.ascontiguousarray(union))[:, None].to(device).expand_as(known)
     cond = torch.from_numpy(hist).to(device)
-    # 2. RePaint with the jump schedule and the final hard paste (§2.6)
+    # 2. RePaint with the jump schedule and the final hard paste ([RePaint] Algorithm 1 + Sec. 4.2 jumps, as the
+    #    authors' ``p_sample_loop_repaint``)
     out = repaint_sample(
         make_eps_fn(model.eval(), cond=cond),
         known,
@@ -319,7 +335,8 @@ def synthesize_batch(
         clip_denoised=settings.value_range,  # x0_hat clamped to the histogram support (z-scored units)
     )
     generated = out.float().cpu().numpy().reshape(b, n_classes, c_img, *size)
-    # 3. merge the class blocks per image channel (§2.7): block k inside class mask k, block 0 elsewhere
+    # 3. merge the class blocks per image channel ([LeFusion] multi-channel decomposition): block k inside class
+    #    mask k, block 0 elsewhere
     merged = np.stack(
         [np.stack([merge_class_channels(generated[i, :, ch], m[i]) for ch in range(c_img)]) for i in range(b)]
     )

@@ -1,4 +1,15 @@
-"""PIE in 3D: disease progression by progressive image editing (generative.md §5, §9.5).
+"""PIE in 3D: disease progression by progressive image editing.
+
+References:
+
+- [PIE] K. Liang, X. Cao, K.-D. Liao, T. Gao, W. Ye, Z. Chen, J. Cao, T. Nama, J. Sun, "PIE: Simulating Disease
+  Progression via Progressive Image Editing", 2023, https://arxiv.org/abs/2309.11745 -- the progressive editing
+  procedure (Algorithm 1); authors' code https://github.com/IrohXu/PIE (``run_pie.py``,
+  ``pipeline_stable_diffusion_pie.py``).
+- [CFG] J. Ho, T. Salimans, "Classifier-Free Diffusion Guidance", 2022, https://arxiv.org/abs/2207.12598 --
+  Algorithm 1 (training with the condition dropped), Algorithm 2 and Eq. 6 (guided sampling).
+- [DDIM] J. Song, C. Meng, S. Ermon, ICLR 2021, https://arxiv.org/abs/2010.02502 -- Eq. 12 with η = 0, the
+  denoising step of each round.
 
 The original (IrohXu/PIE) edits 2D Stable-Diffusion latents under a clinical-report prompt. Ours works in image
 space on ROI crops of the store's normalised volumes, with our conditional 3D UNet whose vector condition is a
@@ -8,19 +19,22 @@ scalar **severity** in [0, 1] derived from the training data (0 = healthy tissue
   1 = the largest one seen);
 - ``class``: the rank of the lesion's highest label class among the plan's lesion classes (k / C).
 
-The model is trained with classifier-free guidance (the condition is dropped with probability ``cond_dropout``
-and replaced by the learned null embedding), so sampling can push towards a severity with a guidance scale w.
+The model is trained with classifier-free guidance ([CFG] Algorithm 1: the condition is dropped with probability
+``cond_dropout`` and replaced by the learned null embedding), so sampling can push towards a severity with a
+guidance scale w.
 
 Conventions: images ``(c, x, y, z)`` float (normalised units); the ROI mask ``M`` is ``(x, y, z)`` bool with
 **True = may change**; a trajectory is ``(N + 1, c, x, y, z)`` with frame 0 the starting volume bit for bit.
 
-The progressive editing loop (§5.1), for n = 1..N, over DDIM timesteps ``τ_S > ... > τ_1`` (S = ``ddim_steps``)
-of which the last ``K = int(S · γ)`` are kept (γ = ``strength``, the paper's "roll back ratio"):
+The progressive editing loop ([PIE] Algorithm 1 as the authors' ``run_pie.py`` runs it, here in image space
+instead of latents), for n = 1..N, over DDIM timesteps ``τ_S > ... > τ_1`` (S = ``ddim_steps``) of which the last
+``K = int(S · γ)`` are kept (γ = ``strength``, the paper's "roll back ratio"):
 
 1. ``x ← sqrt(ᾱ_{τ_K}) x_{n-1} + sqrt(1 - ᾱ_{τ_K}) z``: noise the previous frame to the start level;
 2. for each kept step ``τ_k`` (k = K..1): unless it is the first, re-inject the *initial* volume noised to the same
-   level outside M, ``x ← M ⊙ x + (1 - M) ⊙ q(x_0, τ_k)``; then one deterministic DDIM step (η = 0) with the
-   guided noise ``ε = ε_∅ + w (ε_s - ε_∅)`` under the target severity s;
+   level outside M, ``x ← M ⊙ x + (1 - M) ⊙ q(x_0, τ_k)``; then one deterministic DDIM step (η = 0, [DDIM]
+   Eq. 12) with the guided noise ``ε = ε_∅ + w (ε_s - ε_∅)`` under the target severity s ([CFG] Eq. 6, whose
+   ``(1 + w) ε_s - w ε_∅`` is this with its w = our w - 1; our w is Stable Diffusion's guidance scale, as in PIE);
 3. blend toward the initial volume: ``x_n = x_0 + β ⊙ (x - x_0)``, β = β2 inside M and β1 outside;
 4. with ``β1 = 0``: hard paste ``x_n ← M ⊙ x_n + (1 - M) ⊙ x_0``, so the background is the input bit for bit.
 
@@ -66,7 +80,8 @@ SeveritySource = Literal["volume", "class"]
 @dataclass(frozen=True)
 class PieSettings:
     """Loop settings (toy defaults except the paper's N = 10, γ = 0.5, w = 7.5, β1 = 0.01, β2 = 0.75; the paper
-    runs 50 DDIM steps, i.e. 25 per iteration). ``clip_range`` clamps x0_hat in the data's z-scored units."""
+    runs 50 DDIM steps, i.e. 25 per iteration; defaults of https://github.com/IrohXu/PIE ``run_pie.py``).
+    ``clip_range`` clamps x0_hat in the data's z-scored units."""
 
     timesteps: int = 50
     ddim_steps: int = 10
@@ -228,7 +243,8 @@ def make_pie_model(
     channel_mults: tuple[int, ...] = (1, 2),
     attention_levels: tuple[bool, ...] | None = None,
 ) -> ConditionalUNet3D:
-    """The severity-conditioned UNet: ``image_channels`` in and out, a 1-value condition with CFG dropout."""
+    """The severity-conditioned UNet: ``image_channels`` in and out, a 1-value condition with CFG dropout
+    (Ho & Salimans, https://arxiv.org/abs/2207.12598, Algorithm 1)."""
     config = UNetConfig(
         in_channels=image_channels,
         out_channels=image_channels,
@@ -353,18 +369,20 @@ def progress(
     frames = [start.astype(dtype, copy=True)]
     previous = x0
     for n in range(1, settings.iterations + 1):
-        # 1. x = q(x_{n-1}, τ_K): roll the previous frame back to the start level
+        # 1. x = q(x_{n-1}, τ_K): roll the previous frame back to the start level ([PIE] Algorithm 1, strength γ)
         x = noise_known(schedule, previous, taus[0], generator)
         for k, (t, t_prev) in enumerate(zip(taus, [*taus[1:], -1], strict=True)):
-            # 2a. background re-injection: outside M, the initial volume noised to the current level
+            # 2a. background re-injection: outside M, the initial volume noised to the current level ([PIE] ROI mask;
+            #     q(x_0, τ_k) is Ho et al. 2020 Eq. 4, https://arxiv.org/abs/2006.11239)
             if k > 0:
                 x = torch.where(inside, x, noise_known(schedule, x0, t, generator))
-            # 2b. one DDIM step (η = 0) with classifier-free guidance toward the target severity
+            # 2b. one DDIM step (η = 0, [DDIM] Eq. 12) with classifier-free guidance ([CFG] Eq. 6 / Algorithm 2)
+            #     toward the target severity
             eps = eps_fn(x, t_batch.fill_(t))
             x = ddim_step(schedule, eps, x, t, t_prev, 0.0, generator, clip_denoised=settings.clip_range)
-        # 3. x_n = x_0 + β ⊙ (x - x_0), β2 inside M, β1 outside
+        # 3. x_n = x_0 + β ⊙ (x - x_0), β2 inside M, β1 outside ([PIE] Algorithm 1, the β1/β2 blend)
         blended = (x0 + beta * (x - x0))[0].cpu().numpy().astype(dtype)
-        # 4. β1 = 0: the background is the start array itself (no float round trip)
+        # 4. β1 = 0: the background is the start array itself (no float round trip; ours, not a step of [PIE])
         frame = np.where(mask, blended, start) if settings.exact_background else blended
         frames.append(frame.astype(dtype, copy=False))
         previous = torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32))[None].to(device)
