@@ -67,8 +67,9 @@ def test_docs_name_params_keys_that_exist() -> None:
         (INFRA / name).read_text() for name in ("README.md", "gpu.md", "dask/kubernetes.yaml", "dask/slurm.yaml")
     )
     fields = Params.model_fields
-    for section, key in set(
-        re.findall(r"\b(preprocess|synth|train|evaluate|registry|ingest)\.([a-z_]+)\b(?![.\w])", text)
-    ):
+    named = set(re.findall(r"\b(preprocess|synth|train|evaluate|registry|ingest)\.([a-z_]+)\b(?![.\w])", text))
+    # Without this the loop below checks nothing when the docs stop naming params keys (or the pattern rots).
+    assert named, "infra docs name no section.key params (e.g. train.device); the pattern or the docs changed"
+    for section, key in named:
         assert key in type(getattr(Params(), section)).model_fields, f"{section}.{key}"
         assert section in fields

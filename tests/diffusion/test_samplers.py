@@ -203,7 +203,8 @@ def test_repaint_full_mask_is_unconditional_generation() -> None:
 
 
 def test_repaint_known_noised_to_the_level_of_the_next_model_call() -> None:
-    """Trap §3.2: with everything known (x0 = 0) the model input at index t must have variance 1 - abar_t."""
+    """With everything known (x0 = 0) the model input at index t must have variance 1 - abar_t (the known part is
+    diffused to the level of the next model call, RePaint Algorithm 1 line 5, https://arxiv.org/abs/2201.09865)."""
     s = cosine_schedule(50)
     shape = (2, 1, 16, 16, 16)
     zeros = torch.zeros(shape, dtype=torch.float64)
@@ -217,6 +218,9 @@ def test_repaint_known_noised_to_the_level_of_the_next_model_call() -> None:
         jump_n_sample=2,
         generator=torch_generator(12),
     )
+    # Without this the loop below checks nothing when the sampler never calls the model (or calls it once).
+    assert len(calls) > 1, f"repaint_sample called the model {len(calls)} time(s); the variance check needs >= 2 calls"
+    assert len(calls) == count_network_evaluations(50, 2, 2)
     for t, x in calls[1:]:  # the first call sees x_T ~ N(0, I)
         assert x.var().item() / (1 - s.alphas_cumprod[t].item()) == pytest.approx(1.0, abs=0.15), t
 
