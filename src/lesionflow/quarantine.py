@@ -12,6 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lesionflow.files import write_json
 from lesionflow.io.sources import safe_case_id
 from lesionflow.stages.base import Finding
 
@@ -57,9 +58,7 @@ def record(quarantine_root: Path, rejection: Rejection, *, move_from: Path | Non
             target = folder / f"files.{n}"
         shutil.move(str(move_from), str(target))
     payload = {**entry, "history": history} if history else entry
-    tmp = reason_file.with_name(".reason.json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(reason_file)
+    write_json(reason_file, payload)
     return folder
 
 

@@ -18,12 +18,12 @@ case counts or splits) are removed so the folders hold exactly what dataset.json
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 from lesionflow.demo.fields import CaseVolumes
+from lesionflow.files import write_json
 from lesionflow.io.volumes import write_nifti
 
 Split = Literal["train", "test"]
@@ -90,7 +90,5 @@ def write_dataset_json(
         }
     )
     path = out / DATASET_JSON
-    tmp = out / f".{DATASET_JSON}.tmp"
-    tmp.write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, doc)
     return path

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from lesionflow.errors import SourceError
+from lesionflow.files import atomic_path
 
 REMOTE_SCHEMES = frozenset({"s3", "s3a"})
 INDEX_NAME = ".lesionflow-mirror.json"
@@ -241,15 +242,10 @@ def _download(fs: Any, bucket: str, obj: tuple[str, int, str], dest: Path) -> No
     match the listing on the next run and is fetched again.
     """
     key, size, _ = obj
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}")
-    try:
+    with atomic_path(dest, tmp_name=f"{_TMP_PREFIX}{uuid.uuid4().hex}") as tmp:
         fs.get_file(f"{bucket}/{key}", str(tmp))  # ranged, concurrent parts for big volumes
         if tmp.stat().st_size != size:
             raise SourceError(f"object {redact_uri(key)!r} changed while being mirrored; run again")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _prune(root: Path, keep: set[str]) -> None:
@@ -275,9 +271,9 @@ def _load_index(root: Path) -> dict[str, list[Any]]:
 
 
 def _save_index(root: Path, objects: dict[str, list[Any]], shown: str) -> None:
-    tmp = root / f"{_TMP_PREFIX}index"
-    tmp.write_text(json.dumps({"format": 1, "source": shown, "objects": objects}, indent=1, sort_keys=True))
-    os.replace(tmp, root / INDEX_NAME)
+    text = json.dumps({"format": 1, "source": shown, "objects": objects}, indent=1, sort_keys=True)
+    with atomic_path(root / INDEX_NAME, tmp_name=f"{_TMP_PREFIX}index") as tmp:
+        tmp.write_text(text)
 
 
 def _as_source_error(exc: Exception, shown: str, root: Path) -> SourceError:

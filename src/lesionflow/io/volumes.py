@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from lesionflow.errors import CaseRejected
+from lesionflow.files import write_bytes_atomic
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -192,10 +193,6 @@ def write_nifti(volume: Volume, path: str | Path) -> str:
     """Write ``volume`` as .nii.gz atomically (temp file + rename); return the sha256 of the bytes."""
     import hashlib
 
-    path = Path(path)
     data = nifti_bytes(volume)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_bytes_atomic(Path(path), data)
     return hashlib.sha256(data).hexdigest()

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lesionflow.errors import LesionflowError
+from lesionflow.files import atomic_path, write_json
 from lesionflow.seg.networks import NetworkConfig, build_network
 
 WEIGHTS = "model.safetensors"
@@ -73,14 +74,10 @@ def state_dict_cpu(network: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_segmenter(folder: Path, network: torch.nn.Module, config: SegmenterConfig, metadata: dict[str, Any]) -> None:
     """Write weights, config and metadata into ``folder`` (created); files are replaced atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{WEIGHTS}.tmp"
-    save_file(state_dict_cpu(network), str(tmp))
-    tmp.replace(folder / WEIGHTS)
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(state_dict_cpu(network), str(tmp))
     for name, payload in ((CONFIG, config.to_dict()), (METADATA, metadata)):
-        tmp_json = folder / f".{name}.tmp"
-        tmp_json.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        tmp_json.replace(folder / name)
+        write_json(folder / name, payload)
 
 
 def load_segmenter(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, SegmenterConfig]:
