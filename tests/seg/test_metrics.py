@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
+from lesionflow.seg.dice import dice, mean_foreground_dice
 from lesionflow.seg.metrics import ClassMetrics, case_means, case_metrics, metrics_table, summarize
 
 SPACING = (0.7, 1.3, 2.1)
@@ -81,6 +84,40 @@ def test_empty_conventions_and_label_order() -> None:
     [hallucinated] = case_metrics(truth, pred, SPACING, [2], NAMES)  # prediction only
     assert (hallucinated.dice, hallucinated.nsd, hallucinated.hd95_mm) == (0.0, 0.0, pytest.approx(diagonal))
     assert all(math.isfinite(v) for m in [*metrics, hallucinated] for v in (m.dice, m.hd95_mm, m.nsd))
+
+
+def test_the_one_dice_empty_mask_rule_by_value() -> None:
+    empty, two = np.zeros(SHAPE, dtype=bool), _cube((4, 4, 3), edge=2) > 0
+    assert dice(empty, empty) == 1.0  # both empty: nothing to find, nothing found
+    assert dice(two, empty) == 0.0  # missed
+    assert dice(empty, two) == 0.0  # hallucinated
+    assert dice(two, two) == 1.0
+    shifted = _cube((5, 4, 3), edge=2) > 0  # 4 of 8 voxels shared
+    assert dice(two, shifted) == 2 * 4 / 16
+    with pytest.raises(ValueError, match="same grid"):
+        dice(two, two[:-1])
+
+
+def test_the_one_dice_imports_neither_torch_nor_monai() -> None:
+    """synth/ and the validation loop import it at module level: it must stay pure numpy."""
+    code = "import sys, lesionflow.seg.dice; print(sorted({'torch', 'monai'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_validation_and_test_dice_agree() -> None:
+    """Validation (mean_foreground_dice) scores a case exactly as the test metrics' per-case mean Dice,
+    classes absent from truth and prediction included (1.0 each)."""
+    truth = _cube((2, 2, 2), edge=5, value=2)
+    pred = _cube((3, 2, 2), edge=5, value=2)  # class 5 absent from both
+    tumour, cyst = case_metrics(pred, truth, SPACING, [0, 2, 5], NAMES)
+    assert (tumour.dice, cyst.dice) == (pytest.approx(4 / 5), 1.0)
+    assert mean_foreground_dice(pred, truth, (0, 2, 5)) == pytest.approx((4 / 5 + 1.0) / 2)
+    assert mean_foreground_dice(pred, truth, (0, 2, 5)) == pytest.approx((tumour.dice + cyst.dice) / 2)
+    empty = np.zeros(SHAPE, dtype=np.uint8)
+    assert mean_foreground_dice(empty, empty, (0, 2, 5)) == 1.0
+    assert mean_foreground_dice(empty, truth, (0, 2)) == 0.0
+    assert mean_foreground_dice(empty, empty, (0,)) == 1.0  # no foreground class at all
 
 
 def test_mixed_classes_in_one_call() -> None:

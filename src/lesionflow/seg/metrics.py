@@ -3,14 +3,14 @@
 Arrays are label maps ``(x, y, z)`` of integer label values on one grid with voxel ``spacing`` (mm per
 axis, same order). For every non-zero label value the class is the binary mask ``array == value``:
 
-* ``dice`` in [0, 1]: ``monai.metrics.compute_dice``.
+* ``dice`` in [0, 1]: :func:`lesionflow.seg.dice.dice`, the one Dice (validation uses it too).
 * ``hd95_mm`` in mm, >= 0: symmetric percentile Hausdorff distance between the mask surfaces
   (``compute_hausdorff_distance(percentile=hd_percentile, spacing=spacing)``; surfaces are the voxels
   removed by one binary erosion, distances are Euclidean between voxel centres).
 * ``nsd`` in [0, 1]: normalized surface dice at ``nsd_tolerance_mm`` (``compute_surface_dice``): the
   fraction of both surfaces lying within the tolerance of the other surface.
 
-Empty-mask conventions (metrics are never NaN or infinite):
+Empty-mask conventions (metrics are never NaN or infinite; the Dice rule is defined in :mod:`lesionflow.seg.dice`):
 
 * truth and prediction both empty: dice 1, nsd 1, hd 0 (nothing to find, nothing found);
 * exactly one empty: dice 0, nsd 0, hd = the diagonal of the volume in mm,
@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 import torch
+
+from lesionflow.seg.dice import dice
 
 COLUMNS = ("case_id", "label", "name", "dice", "hd95_mm", "nsd", "truth_voxels", "pred_voxels")
 METRICS = ("dice", "hd95_mm", "nsd")
@@ -84,7 +86,7 @@ def case_metrics(
     ``label_names`` gives each value's name (missing values are named ``label_<value>``). Empty masks follow
     the module docstring's conventions. Shape mismatches and invalid parameters raise a one-line ValueError.
     """
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
     if pred.shape != truth.shape:
         raise ValueError(f"prediction shape {pred.shape} != truth shape {truth.shape}: expected the same grid")
@@ -103,11 +105,10 @@ def case_metrics(
     n_truth = [int(m.sum()) for m in truth_masks]
     both = [i for i in range(len(values)) if n_pred[i] and n_truth[i]]
 
-    scores: dict[int, tuple[float, float, float]] = {}
+    scores: dict[int, tuple[float, float]] = {}
     if both:
         y_pred = torch.from_numpy(np.stack([pred_masks[i] for i in both])[None].astype(np.float32))
         y = torch.from_numpy(np.stack([truth_masks[i] for i in both])[None].astype(np.float32))
-        dice = compute_dice(y_pred, y, include_background=True)[0]
         with warnings.catch_warnings():  # MONAI 1.6 passes its own deprecated argument internally
             warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
             hd = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=hd_percentile, spacing=sp)
@@ -115,17 +116,18 @@ def case_metrics(
                 y_pred, y, [float(nsd_tolerance_mm)] * len(both), include_background=True, spacing=sp
             )
         for j, i in enumerate(both):
-            scores[i] = (float(dice[j]), float(hd[0, j]), float(nsd[0, j]))
+            scores[i] = (float(hd[0, j]), float(nsd[0, j]))
 
     worst = volume_diagonal_mm(pred.shape, sp)
     out = []
     for i, value in enumerate(values):
+        d = dice(pred_masks[i], truth_masks[i])
         if i in scores:
-            d, h, n = scores[i]
+            h, n = scores[i]
         elif n_pred[i] == 0 and n_truth[i] == 0:
-            d, h, n = 1.0, 0.0, 1.0
+            h, n = 0.0, 1.0
         else:
-            d, h, n = 0.0, worst, 0.0
+            h, n = worst, 0.0
         name = str(label_names.get(value, f"label_{value}"))
         out.append(ClassMetrics(value, name, d, h, n, truth_voxels=n_truth[i], pred_voxels=n_pred[i]))
     return out

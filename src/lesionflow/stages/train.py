@@ -125,14 +125,10 @@ def read_summary(ws: Workspace) -> dict[str, Any]:
 
 
 def _mean_foreground_dice(pred: np.ndarray, truth: np.ndarray, values: tuple[int, ...]) -> float:
-    """Mean Dice over the non-zero label values present in truth or prediction (1.0 if none is)."""
-    scores = []
-    for v in values[1:]:
-        p, t = pred == v, truth == v
-        denom = int(p.sum()) + int(t.sum())
-        if denom:
-            scores.append(2.0 * int((p & t).sum()) / denom)
-    return float(np.mean(scores)) if scores else 1.0
+    """Mean Dice over the non-zero label values, the test metrics' rule (lesionflow.seg.dice)."""
+    from lesionflow.seg.dice import mean_foreground_dice
+
+    return mean_foreground_dice(pred, truth, values)
 
 
 def train_in_process(ws: Workspace, params: Params) -> StageResult:

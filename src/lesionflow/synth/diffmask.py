@@ -44,6 +44,7 @@ from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule
 from lesionflow.diffusion.trainer import GeneratorTrainConfig, GeneratorTrainOutcome, eps_loss, train_generator
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
 from lesionflow.seeding import derive_seed, rng_for
+from lesionflow.seg.dice import dice
 from lesionflow.synth.placement import Sphere, sphere_channel, sphere_mask
 from lesionflow.synth.rois import Roi
 
@@ -297,17 +298,13 @@ def postprocess_mask(
 @dataclass(frozen=True, eq=False)
 class MaskSample:
     """One generated mask: ``mask`` bool (x, y, z), the ``sphere`` that steered it, its voxel count and
-    ``sphere_dice`` = Dice(mask, voxels of the sphere) (0 for an empty mask), a realism statistic (§9.7 item 9)."""
+    ``sphere_dice`` = :func:`lesionflow.seg.dice.dice` (mask, voxels of the sphere) (0 for an empty mask, the
+    sphere being non-empty), a realism statistic (§9.7 item 9)."""
 
     mask: np.ndarray
     sphere: Sphere
     voxels: int
     sphere_dice: float
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 0.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def generate_masks(
@@ -326,7 +323,7 @@ def generate_masks(
     out = []
     for r in raw:
         mask = postprocess_mask(r, organ, settings, centre=sphere.centre)
-        out.append(MaskSample(mask=mask, sphere=sphere, voxels=int(mask.sum()), sphere_dice=_dice(mask, ball)))
+        out.append(MaskSample(mask=mask, sphere=sphere, voxels=int(mask.sum()), sphere_dice=dice(mask, ball)))
     return out
 
 
