@@ -1,19 +1,22 @@
 """Quarantine: rejected inputs are kept with a reason, never silently dropped or overwritten.
 
 Layout: ``data/quarantine/<case_id>/reason.json`` (+ the case's files when a gate moved them out of
-data/raw). reason.json holds the latest rejection and the earlier ones under ``history``; it is written
+data/raw). A case rejected because its id breaks the case-id rule (:mod:`lesionflow.case_id`) gets the folder
+``_<sanitised id>-<8 hex of the id>`` instead: a leading ``_`` is never a valid case id, so it cannot collide
+with one. reason.json holds the latest rejection and the earlier ones under ``history``; it is written
 with sorted keys and no time stamps, so the same rejection twice gives the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lesionflow.case_id import case_id_problem, safe_case_id
 from lesionflow.files import write_json
-from lesionflow.io.sources import safe_case_id
 from lesionflow.stages.base import Finding
 
 
@@ -34,7 +37,11 @@ class Rejection:
 
 
 def case_dir(quarantine_root: Path, case_id: str) -> Path:
-    return quarantine_root / safe_case_id(case_id)
+    """``<root>/<case_id>`` for a valid id; an invalid one (``""``, ``..``, ``labels``) gets its own safe folder."""
+    if case_id_problem(case_id) is None:
+        return quarantine_root / case_id
+    digest = hashlib.sha256(case_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return quarantine_root / f"_{safe_case_id(case_id)[:64]}-{digest}"
 
 
 def record(quarantine_root: Path, rejection: Rejection, *, move_from: Path | None = None) -> Path:
@@ -63,10 +70,11 @@ def record(quarantine_root: Path, rejection: Rejection, *, move_from: Path | Non
 
 
 def read_all(quarantine_root: Path) -> dict[str, dict[str, object]]:
-    """case id -> latest reason, for every quarantined case."""
+    """case id (as recorded in reason.json, whatever its folder) -> latest reason, for every quarantined case."""
     out: dict[str, dict[str, object]] = {}
     if not quarantine_root.is_dir():
         return out
     for reason_file in sorted(quarantine_root.glob("*/reason.json")):
-        out[reason_file.parent.name] = json.loads(reason_file.read_text())
+        reason = json.loads(reason_file.read_text())
+        out[str(reason.get("case_id", reason_file.parent.name))] = reason
     return out

@@ -1,7 +1,8 @@
 """Find the cases of a source: an MSD or nnU-Net ``dataset.json``, a loose folder of volumes, DICOM series.
 
 Discovery only lists files and checks that they are safe to read (inside the source root, no symlink
-escaping it, one case id per case); it reads no voxels. Problems with one case become a
+escaping it, one case id per case, every id valid by :mod:`lesionflow.case_id`, the rule the stores apply);
+it reads no voxels. Problems with one case become a
 :class:`CaseRejected` in ``Discovery.rejected`` and the rest goes on; problems with the dataset as a
 whole (malformed dataset.json, nothing found) raise :class:`SourceError`.
 """
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lesionflow.case_id import INVALID_CODE, case_id_problem, safe_case_id
 from lesionflow.errors import CaseRejected, SourceError
 from lesionflow.io.volumes import strip_volume_suffix, volume_suffix
 
-_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "-seg", "-label", "_gt")
 _LABEL_DIRS = {"labels", "labelstr", "labelsts", "segmentations", "masks", "seg"}
@@ -59,12 +60,6 @@ class Discovery:
     info: DatasetInfo
     cases: list[CaseSource] = field(default_factory=list)
     rejected: list[CaseRejected] = field(default_factory=list)
-
-
-def safe_case_id(name: str) -> str:
-    """A case id usable as a folder name: letters, digits, ``._-``; never ``.``/``..`` or empty."""
-    cid = _SAFE_ID.sub("_", name).strip("._") or "case"
-    return cid
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -194,7 +189,7 @@ def _msd(data: dict[str, Any], path: Path, root: Path) -> Discovery:
                     relative=entry["image"].removeprefix("./"),
                 )
             )
-    return _dedupe(found)
+    return _finish(found)
 
 
 def _nnunet(data: dict[str, Any], path: Path, root: Path) -> Discovery:
@@ -236,7 +231,7 @@ def _nnunet(data: dict[str, Any], path: Path, root: Path) -> Discovery:
             found.cases.append(
                 CaseSource(case_id, split, images, label if label.exists() else None, relative=f"{images_dir}/{case}")
             )
-    return _dedupe(found)
+    return _finish(found)
 
 
 # -- loose folders and DICOM -----------------------------------------------------------------------------
@@ -299,7 +294,28 @@ def _from_folder(root: Path, *, modality: str, labels: dict[int, str]) -> Discov
         for series in dicom.find_series(root):
             # Case id and source path are set by ingest from a pseudonym: folder names may hold patient names.
             found.cases.append(CaseSource("", "train", dicom_series=series))
-    return _dedupe(found)
+    return _finish(found)
+
+
+def _finish(found: Discovery) -> Discovery:
+    """Every discovery ends here: invalid case ids, then duplicate ones, become rejections."""
+    return _dedupe(_reject_invalid_ids(found))
+
+
+def _reject_invalid_ids(found: Discovery) -> Discovery:
+    """A case whose id the stores would refuse is rejected now (quarantined by ingest), not in a worker later.
+
+    DICOM series have no id yet (ingest gives them a pseudonym, valid by construction)."""
+    kept = []
+    for case in found.cases:
+        problem = case_id_problem(case.case_id) if case.case_id or case.dicom_series is None else None
+        if problem is None:
+            kept.append(case)
+        else:
+            where = f" (source: {case.relative})" if case.relative else ""
+            found.rejected.append(CaseRejected(case.case_id, INVALID_CODE, problem + where))
+    found.cases = kept
+    return found
 
 
 def _dedupe(found: Discovery) -> Discovery:

@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from lesionflow.case_id import check_case_id
 from lesionflow.hashing import combine_digests, sha256_file, sha256_tree
 
 # Plain Zstandard level 3: on smooth float32 volumes it compressed better (3.6x vs 1.9x) and wrote faster than
@@ -60,12 +61,6 @@ class CaseArrays:
     label: np.ndarray | None
     organ: np.ndarray | None = None
     generated: np.ndarray | None = None
-
-
-def _check_case_id(case_id: str) -> None:
-    # A case id is one path component that cannot be mistaken for a temp folder or a NGFF sub-group.
-    if not case_id or case_id[0] in "._-" or "/" in case_id or "\\" in case_id or case_id == "labels":
-        raise ValueError(f"invalid case id {case_id!r}")
 
 
 def jsonable(obj: Any) -> Any:
@@ -238,7 +233,7 @@ def write_case(
     :func:`clean_temp` leaves either the old or the new complete case. On an exception the temp folder is removed.
     """
     root = Path(root)
-    _check_case_id(case_id)
+    check_case_id(case_id)  # the rule ingest applies (lesionflow.case_id); InvalidCaseId is a ValueError
     data = _prepare(arrays, image_dtype)
     if "ome" in attrs:
         raise ValueError("'ome' is reserved for the NGFF metadata written by this module")
@@ -317,7 +312,7 @@ def list_cases(root: Path) -> list[str]:
 
 
 def _case_dir(root: Path, case_id: str) -> Path:
-    _check_case_id(case_id)
+    check_case_id(case_id)  # the rule ingest applies (lesionflow.case_id); InvalidCaseId is a ValueError
     case_dir = Path(root) / case_id
     if not _is_complete(case_dir):
         raise FileNotFoundError(f"no complete case {case_id!r} in {root}")
