@@ -6,9 +6,10 @@ gate runs, so ``lesionflow --help`` does not pay for them.
 
 from __future__ import annotations
 
-from lesionflow.quality.gate import FailedCheck, GatePolicy, GateResult, run_gate
+from lesionflow.quality.gate import run_gate
 from lesionflow.quality.raw_suite import raw_expectations, run_raw_gate
 from lesionflow.quality.report import print_result, render_console, summary_dict, verdict
+from lesionflow.quality.result import FailedCheck, GatePolicy, GateResult
 
 __all__ = [
     "FailedCheck",

@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lesionflow.quality.gate import GatePolicy, GateResult, run_gate
+from lesionflow.quality.gate import run_gate
+from lesionflow.quality.result import GatePolicy, GateResult
 
 if TYPE_CHECKING:
     import pandas as pd

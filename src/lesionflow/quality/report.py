@@ -1,6 +1,6 @@
 """Rendering of gate outcomes: failure text, summary.json, a self-contained HTML page and a console table.
 
-Failure text: every :class:`~lesionflow.quality.gate.FailedCheck` detail is one line with the observed value,
+Failure text: every :class:`~lesionflow.quality.result.FailedCheck` detail is one line with the observed value,
 what was allowed and (from the expectation's ``meta``) the params.yaml key that sets the bound.
 
 The HTML page has inline CSS only (no scripts, fonts or CDN links) so it opens offline and survives being
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from lesionflow.quality.gate import FailedCheck, GateResult
+from lesionflow.quality.result import FailedCheck, GateResult
 
 DATASET = "(dataset)"  # the "case" column of dataset-level failures in console and HTML tables
 
