@@ -6,13 +6,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REQS := requirements/requirements.txt requirements/constraints.txt requirements/no-deps.txt pyproject.toml
 
-# Telemetry off, nothing fetched at run time (see ../shared/reference/stack.md).
+# Telemetry off, nothing fetched at run time (see ../shared/reference/stack.md): exactly
+# lesionflow.quiet_env.QUIET_ENV (tests/test_quiet_env.py checks it). PYTHONDONTWRITEBYTECODE is not telemetry.
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export DVC_STUDIO_OFFLINE := 1
+export GX_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help setup run test test-quick lint format clean-workspace

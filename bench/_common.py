@@ -28,23 +28,16 @@ from typing import Any
 
 import psutil
 
+from lesionflow.quiet_env import apply_quiet_env
+
 REPO = Path(__file__).resolve().parent.parent
 PROJECT_PYTHON = Path(sys.executable)
 DEFAULT_NNUNET_VENV = Path("/tmp/bench-venv-nnunet")  # .gitignore ignores only `.venv/`, so not in the checkout
 NNUNET_DATASET_ID = 501
 NNUNET_DATASET_NAME = f"Dataset{NNUNET_DATASET_ID:03d}_LesionflowBench"
 
-# Telemetry off, as the CLI does (lesionflow.cli.QUIET_ENV); nothing here needs the network.
-QUIET_ENV = {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "DVC_STUDIO_OFFLINE": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-}
-for _k, _v in QUIET_ENV.items():
-    os.environ.setdefault(_k, _v)
+# Telemetry off, as the CLI does; nothing here needs the network.
+apply_quiet_env()
 
 
 # -- demo data -------------------------------------------------------------------------------------------

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from lesionflow.cli import QUIET_ENV
+from lesionflow.quiet_env import apply_quiet_env
 
 REPO = Path(__file__).resolve().parents[1]
 
-for _key, _value in QUIET_ENV.items():
-    os.environ.setdefault(_key, _value)
+apply_quiet_env()
 
 pytest_plugins = ["tests.helpers.moto_server"]
 

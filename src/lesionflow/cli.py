@@ -6,7 +6,6 @@ Errors a user can fix print one line and exit 2; they never show a traceback.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,17 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lesionflow.errors import LesionflowError
-
-# Telemetry off and nothing fetched at run time (stack.md lists what each variable silences).
-QUIET_ENV = {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "DVC_STUDIO_OFFLINE": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-}
+from lesionflow.quiet_env import apply_quiet_env
 
 app = typer.Typer(
     add_completion=False,
@@ -337,8 +326,7 @@ def evaluate_model(
 
 
 def main() -> None:
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_quiet_env()  # telemetry off, nothing fetched at run time (lesionflow.quiet_env)
     try:
         app()
     except LesionflowError as error:

@@ -29,6 +29,7 @@ import httpx
 import yaml
 
 from lesionflow.errors import LesionflowError
+from lesionflow.quiet_env import QUIET_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT_FILE = REPO_ROOT / "infra" / "prefect.yaml"
@@ -75,8 +76,6 @@ class ServeSettings:
 
     def env(self) -> dict[str, str]:
         """The environment of the server, the deploy step and the worker (and so of every flow run)."""
-        from lesionflow.cli import QUIET_ENV
-
         env = {**QUIET_ENV, **os.environ}  # a value the user exported wins over the quiet defaults
         env.update(
             PREFECT_HOME=str(self.prefect_home),

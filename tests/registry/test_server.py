@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from lesionflow.quiet_env import QUIET_ENV
 from lesionflow.registry.lineage import missing_fields, read_lineage
 from lesionflow.registry.publish import champion_info, register_model
 from lesionflow.registry.tracking import RegistryUnavailable, check_reachable, download_model_files, resolve_model_ref
@@ -44,7 +45,7 @@ def _start(root: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = _free_port()
     url = f"http://{HOST}:{port}"
     log = root / "mlflow-server.log"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "NO_PROXY": HOST, "no_proxy": HOST}
+    env = {**os.environ, **QUIET_ENV, "NO_PROXY": HOST, "no_proxy": HOST}
     # MLflow 3.17 starts a job runner with seven huey consumers that survive SIGTERM to the parent (and cost
     # seconds of CPU on a small machine); the registry does not use jobs.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
