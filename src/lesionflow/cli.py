@@ -36,18 +36,21 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a para
 
 
 PresetOpt = Annotated[
-    str | None, typer.Option("--preset", help="Apply presets/<name>.yaml (e.g. gpu) before --set overrides.")
+    str | None,
+    typer.Option(
+        "--preset", help="Apply <workspace>/presets/<name>.yaml (e.g. gpu) or a preset file before --set overrides."
+    ),
 ]
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _with_preset(workspace: Path, preset: str | None, overrides: list[str] | None) -> list[str]:
+    """``--preset NAME`` is ``<workspace>/presets/NAME.yaml`` (the workspace is the project), or a file path."""
     from lesionflow.params import preset_overrides
 
     given = list(overrides or [])
     if not preset:
         return given
-    return preset_overrides(preset, [Path(workspace).resolve(), REPO_ROOT]) + given
+    return preset_overrides(preset, [Path(workspace).resolve()]) + given
 
 
 def _load(workspace: Path, params_file: Path | None, overrides: list[str] | None) -> tuple[Any, Any]:

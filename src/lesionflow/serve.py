@@ -2,7 +2,7 @@
 
 Everything runs on this machine without Docker: the server binds 127.0.0.1, keeps its state under
 ``<workspace>/.prefect`` (SQLite unless a PostgreSQL URL is given) and the worker runs flow runs as local
-processes from this checkout. Stopping (Ctrl-C or SIGTERM) stops the worker first, so no new run starts, then
+processes from the workspace. Stopping (Ctrl-C or SIGTERM) stops the worker first, so no new run starts, then
 the server; only the processes started here are signalled, by PID. A step that fails stops what was already
 started and raises :class:`ServeError` with one line naming the cause and the fix.
 
@@ -31,8 +31,9 @@ import yaml
 from lesionflow.errors import LesionflowError
 from lesionflow.quiet_env import QUIET_ENV
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PREFECT_FILE = REPO_ROOT / "infra" / "prefect.yaml"
+# The deployments, relative to the workspace: the workspace is the project (params.yaml, dvc.yaml, infra/, flows/),
+# never the folder this package happens to be installed in.
+PREFECT_FILE = Path("infra") / "prefect.yaml"
 HOST = "127.0.0.1"  # loopback only: the server has no authentication
 WORKER_NAME = "lesionflow-serve"
 SERVER_START_TIMEOUT_S = 180.0  # first start creates the database (PostgreSQL migrations take longest)
@@ -59,8 +60,11 @@ class ServeSettings:
     timezone: str
     nightly_cron: str
     database_url: str | None = None  # None = SQLite under <workspace>/.prefect
-    repo_root: Path = REPO_ROOT
-    prefect_file: Path = PREFECT_FILE
+
+    @property
+    def prefect_file(self) -> Path:
+        """``<workspace>/infra/prefect.yaml``; its entrypoints (``flows/...``) are relative to the workspace."""
+        return self.workspace / PREFECT_FILE
 
     @property
     def prefect_home(self) -> Path:
@@ -80,7 +84,7 @@ class ServeSettings:
         env.update(
             PREFECT_HOME=str(self.prefect_home),
             PREFECT_API_URL=self.api_url,
-            LESIONFLOW_REPO=str(self.repo_root),
+            LESIONFLOW_REPO=str(self.workspace),  # prefect.yaml's working directory of every flow run
             LESIONFLOW_WORKSPACE=str(self.workspace),
             LESIONFLOW_WORK_POOL=self.pool,
             LESIONFLOW_TIMEZONE=self.timezone,
@@ -105,6 +109,11 @@ def resolve_settings(
     ws = Workspace.at(workspace)
     if not ws.root.is_dir():
         raise ServeError(f"workspace {ws.root} does not exist; create it or pass --workspace")
+    if not (ws.root / PREFECT_FILE).is_file():
+        raise ServeError(
+            f"workspace {ws.root} has no {PREFECT_FILE}: serve deploys the flows of the project in the workspace; "
+            "pass --workspace <project folder with params.yaml, infra/prefect.yaml and flows/>"
+        )
     orchestration = load_params(params_file or ws.params_file).orchestration
     if not 1 <= port <= 65535:
         raise ServeError(f"--port {port} is out of range; expected 1-65535, e.g. --port 4200")
@@ -228,25 +237,25 @@ class Services:
             raise ServeError(f"creating work pool {name!r} failed: HTTP {created.status_code} {created.text[:200]}")
 
     def deploy(self) -> None:
-        """``prefect deploy`` of every deployment in prefect.yaml whose entrypoint exists in this checkout."""
+        """``prefect deploy`` of every deployment in prefect.yaml whose entrypoint exists in the workspace."""
         names = []
         for spec in _deployment_specs(self.settings.prefect_file):
             script = spec["entrypoint"].partition(":")[0]
-            if (self.settings.repo_root / script).is_file():
+            if (self.settings.workspace / script).is_file():
                 names.append(spec["name"])
             else:
-                self.say(f"warning: deployment {spec['name']!r} skipped: {script} is not in {self.settings.repo_root}")
+                self.say(f"warning: deployment {spec['name']!r} skipped: {script} is not in {self.settings.workspace}")
         if not names:
-            raise ServeError(f"no deployment of {self.settings.prefect_file} has its entrypoint in this checkout")
+            raise ServeError(f"no deployment of {self.settings.prefect_file} has its entrypoint in the workspace")
         cmd = [_prefect(), "--no-prompt", "deploy", "--prefect-file", str(self.settings.prefect_file)]
         cmd += [arg for name in names for arg in ("--name", name)]
         log = self.log_dir / "deploy.log"
         with self._log("deploy") as handle:
             handle.write(f"$ {' '.join(cmd)}\n".encode())
             handle.flush()
-            # cwd: prefect deploy loads each entrypoint (for its parameter schema) relative to the checkout
+            # cwd: prefect deploy loads each entrypoint (for its parameter schema) relative to the workspace
             done = subprocess.run(
-                cmd, cwd=self.settings.repo_root, env=self.settings.env(), stdin=subprocess.DEVNULL,
+                cmd, cwd=self.settings.workspace, env=self.settings.env(), stdin=subprocess.DEVNULL,
                 stdout=handle, stderr=subprocess.STDOUT, timeout=300, check=False,
             )  # fmt: skip
         if done.returncode != 0:
@@ -259,7 +268,7 @@ class Services:
         # stack.md: a worker that inherits SIGINT as ignored never stops on SIGTERM (it turns SIGTERM into SIGINT
         # on itself), so both signals go back to their defaults in the child before exec.
         self.worker = subprocess.Popen(
-            cmd, cwd=self.settings.repo_root, env=self.settings.env(), stdin=subprocess.DEVNULL,
+            cmd, cwd=self.settings.workspace, env=self.settings.env(), stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_default_signals,
         )  # fmt: skip
 

@@ -69,6 +69,11 @@ def make_workspace(root: Path, timezone: str) -> Path:
     assert "  timezone: UTC" in params
     (ws / "params.yaml").write_text(params.replace("  timezone: UTC", f"  timezone: {timezone}", 1))
     shutil.copytree(REPO / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # serve deploys the workspace's infra/prefect.yaml, whose entrypoints are the workspace's flows/ (and tasks/)
+    for folder in ("flows", "tasks"):
+        shutil.copytree(REPO / folder, ws / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (ws / "infra").mkdir()
+    shutil.copy(REPO / "infra" / "prefect.yaml", ws / "infra" / "prefect.yaml")
     subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True)
     # Not at params.yaml's ingest.source (data/demo): a run only finds it when its parameter points there.
