@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from lesionflow.diffusion.samplers import count_network_evaluations
+from lesionflow.params_synth import LeFusionParams
 from lesionflow.seeding import torch_generator
-from lesionflow.synth.lefusion import LeFusionSettings, make_model, synthesize_batch
+from lesionflow.synth.lefusion import make_model, synthesize_batch
 from lesionflow.synth.placement import sphere_mask
 
 PRESETS = {
@@ -43,12 +44,14 @@ def main() -> None:
     args = ap.parse_args()
 
     size, base, mults, attention, timesteps, jump, resample = PRESETS[args.preset]
-    settings = LeFusionSettings(
-        timesteps=timesteps, jump_length=jump, jump_n_sample=resample, class_values=tuple(range(1, args.classes + 1))
-    )
+    settings = LeFusionParams(
+        timesteps=timesteps, jump_length=jump, jump_n_sample=resample,
+        base_channels=base, channel_mults=mults, attention_levels=attention,
+    )  # fmt: skip
+    classes = tuple(range(1, args.classes + 1))
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = make_model(1, settings, base, mults, attention).to(device).eval()
+    model = make_model(1, settings, classes).to(device).eval()
     calls = 0
     forward = model.forward
 
@@ -65,7 +68,7 @@ def main() -> None:
     balls = [sphere_mask(size, [s / 2 for s in size], radius * (1 - k / args.classes)) for k in range(args.classes)]
     shells = np.stack([balls[k] & ~balls[k + 1] if k + 1 < args.classes else balls[k] for k in range(args.classes)])
     masks = np.broadcast_to(shells, (args.batch, *shells.shape))
-    hists = np.full((args.batch, settings.cond_dim), 1.0 / settings.bins, dtype=np.float32)
+    hists = np.full((args.batch, len(classes) * settings.bins), 1.0 / settings.bins, dtype=np.float32)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if args.amp == "bf16" and device.type == "cuda" else nullcontext()
     )
@@ -73,7 +76,7 @@ def main() -> None:
     def one(round_index: int) -> None:
         gen = torch_generator(0, "bench-sampling", round_index, device=device)
         with autocast:
-            synthesize_batch(model, settings, images, masks, hists, gen)
+            synthesize_batch(model, settings, classes, images, masks, hists, gen)
 
     one(0)
     calls = 0

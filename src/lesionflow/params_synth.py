@@ -1,8 +1,12 @@
 """Typed parameters of lesion synthesis: the ``synth`` section and the synthetic gate's ``quality.synthetic``.
 
 Kept apart from :mod:`lesionflow.params` only for size; the same rules apply (frozen models, unknown keys
-rejected, one-line errors). Defaults are the CPU ``toy`` preset (16³ ROIs, base width 8, T = 50, seconds per
-sample); ``presets/lefusion-lidc.yaml`` and ``presets/repaint.yaml`` hold the papers' sizes for a GPU.
+rejected, one-line errors). Each method's section is the one settings model of that method: its trainer and
+sampler in :mod:`lesionflow.synth` (and the loop in :mod:`lesionflow.diffusion.trainer`) take it as is, so this
+module imports nothing but pydantic (docs/decisions.md, "One settings model per synthesis method").
+
+Defaults are the CPU ``toy`` preset (16³ ROIs, base width 8, T = 50, seconds per sample);
+``presets/lefusion-lidc.yaml`` and ``presets/repaint.yaml`` hold the papers' sizes for a GPU.
 """
 
 from __future__ import annotations
@@ -80,6 +84,12 @@ class DiffMaskParams(GeneratorNetParams):
     ddim_steps: int = Field(0, ge=0, description="0 = ancestral DDPM over all T steps; >0 = DDIM (eta 0).")
     batch_size: int = Field(8, ge=1, le=512, description="Masks per micro-batch.")
 
+    @model_validator(mode="after")
+    def _ddim(self) -> DiffMaskParams:
+        if self.ddim_steps > self.timesteps:
+            raise ValueError(f"ddim_steps must lie in [0, timesteps={self.timesteps}], got {self.ddim_steps}")
+        return self
+
 
 class DdpmParams(GeneratorNetParams):
     """Unconditional DDPM for RePaint inpainting: lesion removal and the insertion baseline (§3, §9.3)."""
@@ -93,7 +103,8 @@ class DdpmParams(GeneratorNetParams):
 class PieParams(GeneratorNetParams):
     """PIE: a severity-conditioned DDPM edited progressively into a trajectory (generative.md §5, §9.5).
 
-    Loop defaults are the paper's (N = 10, γ = 0.5, w = 7.5, β1 = 0.01, β2 = 0.75); the paper runs 50 DDIM steps.
+    Loop defaults are the paper's (N = 10, γ = 0.5, w = 7.5, β1 = 0.01, β2 = 0.75; https://github.com/IrohXu/PIE
+    ``run_pie.py``); the paper runs 50 DDIM steps, i.e. 25 per iteration.
     """
 
     steps: int = Field(300, ge=1, description="Optimizer steps.")
@@ -103,8 +114,9 @@ class PieParams(GeneratorNetParams):
     cond_dropout: float = Field(0.1, ge=0, lt=1, description="Condition dropout for classifier-free guidance.")
     batch_size: int = Field(4, ge=1, le=512, description="ROIs per micro-batch.")
     ddim_steps: int = Field(10, ge=1, description="DDIM steps of a full denoising (paper 50); γ·steps run per frame.")
-    iterations: int = Field(10, ge=1, le=1000, description="Editing iterations N: the trajectory has N + 1 frames.")
-    strength: float = Field(0.5, gt=0, le=1, description="Strength γ in (0, 1]: how far each frame is noised back.")
+    # iterations >= 1 and strength in (0, 1] are checked by the validators below (their messages name N and γ)
+    iterations: int = Field(10, le=1000, description="Editing iterations N: the trajectory has N + 1 frames.")
+    strength: float = Field(0.5, description="Strength γ in (0, 1]: how far each frame is noised back.")
     guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale w toward the target severity.")
     beta_outside: float = Field(0.01, ge=0, le=1, description="Blend β1 outside the ROI; 0 = exact background (paste).")
     beta_inside: float = Field(0.75, ge=0, le=1, description="Blend β2 inside the ROI.")
@@ -112,16 +124,40 @@ class PieParams(GeneratorNetParams):
     cases: int = Field(1, ge=0, le=10_000, description="Training cases that get a trajectory in `synthesize`.")
     margin: int = Field(3, ge=0, le=64, description="Voxels the editable ROI extends around the starting lesion.")
 
+    @field_validator("iterations")
+    @classmethod
+    def _iterations(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"PIE needs at least one iteration, got N = {v}; set iterations >= 1")
+        return v
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"strength γ must lie in (0, 1], got {v}")
+        return v
+
     @model_validator(mode="after")
     def _kept(self) -> PieParams:
-        if int(self.ddim_steps * self.strength) < 1:
+        if self.kept_steps < 1:
             raise ValueError(
-                f"strength {self.strength} keeps int({self.ddim_steps} * {self.strength}) = 0 DDIM steps per frame; "
-                "raise strength or ddim_steps"
+                f"strength γ = {self.strength} keeps int({self.ddim_steps} · {self.strength}) = 0 of the "
+                f"{self.ddim_steps} DDIM steps; raise strength or ddim_steps"
             )
         if self.ddim_steps > self.timesteps:
             raise ValueError(f"ddim_steps {self.ddim_steps} exceeds timesteps {self.timesteps}")
         return self
+
+    @property
+    def kept_steps(self) -> int:
+        """K = int(S · γ): the DDIM steps each iteration runs (the paper: int(50 · 0.5) = 25)."""
+        return int(self.ddim_steps * self.strength)
+
+    @property
+    def exact_background(self) -> bool:
+        """β1 = 0 mode: the final hard paste keeps every voxel outside M bit for bit."""
+        return self.beta_outside == 0
 
 
 class SynthParams(_Section):

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from lesionflow.diffusion.schedules import cosine_schedule
 from lesionflow.diffusion.trainer import (
-    GeneratorTrainConfig,
     GeneratorTrainOutcome,
     eps_loss,
     load_generator,
@@ -22,6 +21,7 @@ from lesionflow.diffusion.trainer import (
     train_generator,
 )
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig
+from lesionflow.params_synth import GeneratorNetParams
 
 SCHEDULE = cosine_schedule(50)
 
@@ -50,10 +50,10 @@ def _batches(index: int, *, batch_size: int = 2, cond_dim: int = 0) -> dict[str,
 
 def _train(root: Path, steps: int, **kwargs: float) -> tuple[GeneratorTrainOutcome, list[str]]:
     warnings: list[str] = []
-    config = GeneratorTrainConfig(
+    config = GeneratorNetParams(
         steps=steps,
         batch_size=2,
-        lr=float(kwargs.get("lr", 1e-3)),
+        learning_rate=float(kwargs.get("lr", 1e-3)),
         ema_decay=float(kwargs.get("ema_decay", 0.9)),
         checkpoint_every=int(kwargs.get("checkpoint_every", 2)),
         keep_checkpoints=3,
@@ -149,16 +149,16 @@ def test_grad_accum_reads_consecutive_micro_batches(tmp_path: Path) -> None:
         seen.append(index)
         return _batches(index)
 
-    config = GeneratorTrainConfig(steps=2, batch_size=2, grad_accum=3, checkpoint_every=5, amp="off")
+    config = GeneratorNetParams(steps=2, batch_size=2, grad_accum=3, checkpoint_every=5, amp="off")
     train_generator(_model(), batches, None, SCHEDULE, config, tmp_path, "cpu", 0, print)
     assert seen == [0, 1, 2, 3, 4, 5]
-    wrong = GeneratorTrainConfig(steps=1, batch_size=3, amp="off")
+    wrong = GeneratorNetParams(steps=1, batch_size=3, amp="off")
     with pytest.raises(ValueError, match="batch dim 2, expected 3"):
         train_generator(_model(), _batches, None, SCHEDULE, wrong, tmp_path / "w", "cpu", 0, print)
 
 
 def test_conditional_training_with_cfg_dropout_runs(tmp_path: Path) -> None:
-    config = GeneratorTrainConfig(steps=2, batch_size=2, checkpoint_every=5, amp="off")
+    config = GeneratorNetParams(steps=2, batch_size=2, checkpoint_every=5, amp="off")
     outcome = train_generator(
         _model(cond_dim=3, cond_dropout=0.5), partial(_batches, cond_dim=3), None, SCHEDULE, config, tmp_path, "cpu", 0,
         print,

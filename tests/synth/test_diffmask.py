@@ -10,14 +10,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from lesionflow.diffusion.trainer import GeneratorTrainConfig
+from lesionflow.params_synth import DiffMaskParams
 from lesionflow.seeding import torch_generator
 from lesionflow.synth.diffmask import (
-    DiffMaskSettings,
     check_sphere_in_organ,
     generate_masks,
     make_diffmask_model,
     mask_training_batches,
+    noise_schedule,
     postprocess_mask,
     sample_mask_raw,
     train_diffmask,
@@ -68,9 +68,9 @@ def rois() -> list[Roi]:
     ],
 )
 def test_settings_validate(bad: dict[str, float], match: str) -> None:
-    assert DiffMaskSettings().schedule().num_timesteps == 50
+    assert noise_schedule(DiffMaskParams()).num_timesteps == 50
     with pytest.raises(ValueError, match=match):
-        DiffMaskSettings(**bad)  # type: ignore[arg-type]
+        DiffMaskParams(**bad)  # type: ignore[arg-type]
 
 
 def test_training_batches_are_deterministic_and_binary(rois: list[Roi]) -> None:
@@ -127,7 +127,7 @@ def test_postprocess_keeps_one_filled_component() -> None:
     raw[5, 5, 8] = -1.0  # a hole in the big blob
     raw[0, 15, 0] = raw[15, 0, 15] = 1.0  # isolated noise voxels
     raw += np.random.default_rng(0).normal(0, 0.2, raw.shape).astype(np.float32) * (raw < 0)
-    out = postprocess_mask(raw, None, DiffMaskSettings())
+    out = postprocess_mask(raw, None, DiffMaskParams())
     assert out.dtype == bool
     assert out.shape == raw.shape
     assert _components(out) == 1
@@ -143,13 +143,13 @@ def test_postprocess_keeps_one_filled_component() -> None:
 def test_threshold_is_strict_on_the_unit_mapping() -> None:
     raw = _raw(((8, 8, 8), 3.5))
     raw[raw > 0] = 0.0  # (0 + 1) / 2 = 0.5: not above 0.5
-    assert not postprocess_mask(raw, None, DiffMaskSettings()).any()
-    assert postprocess_mask(raw, None, DiffMaskSettings(threshold=0.4)).any()
+    assert not postprocess_mask(raw, None, DiffMaskParams()).any()
+    assert postprocess_mask(raw, None, DiffMaskParams(threshold=0.4)).any()
 
 
 def test_postprocess_tiny_mask_survives_smoothing() -> None:
     raw = _raw(((8, 8, 8), 1.0))  # 7 voxels: sigma 0.5, threshold 0.01
-    out = postprocess_mask(raw, None, DiffMaskSettings())
+    out = postprocess_mask(raw, None, DiffMaskParams())
     assert out[raw > 0].all()
     assert _components(out) == 1
     assert 7 <= out.sum() <= 40
@@ -157,8 +157,8 @@ def test_postprocess_tiny_mask_survives_smoothing() -> None:
 
 def test_equal_components_tie_break() -> None:
     raw = _raw(((4, 4, 8), 2.5), ((11, 11, 8), 2.5))
-    first = postprocess_mask(raw, None, DiffMaskSettings())
-    near_second = postprocess_mask(raw, None, DiffMaskSettings(), centre=(12, 12, 8))
+    first = postprocess_mask(raw, None, DiffMaskParams())
+    near_second = postprocess_mask(raw, None, DiffMaskParams(), centre=(12, 12, 8))
     assert first.sum() == near_second.sum()  # a real tie
     assert first[4, 4, 8]  # lowest label (raster order)
     assert not first[11, 11, 8]
@@ -168,18 +168,18 @@ def test_equal_components_tie_break() -> None:
 
 def test_zoom_keeps_shape_and_centre() -> None:
     raw = _raw(((8, 8, 8), 3.5))
-    plain = postprocess_mask(raw, None, DiffMaskSettings(zoom=1.0))
-    assert np.array_equal(plain, postprocess_mask(raw, None, DiffMaskSettings()))
-    zoomed = postprocess_mask(raw, None, DiffMaskSettings(zoom=1.5))
+    plain = postprocess_mask(raw, None, DiffMaskParams(zoom=1.0))
+    assert np.array_equal(plain, postprocess_mask(raw, None, DiffMaskParams()))
+    zoomed = postprocess_mask(raw, None, DiffMaskParams(zoom=1.5))
     assert zoomed.shape == plain.shape == SIZE
     assert _components(zoomed) == 1
     assert zoomed[plain].all()
     assert 2.5 < zoomed.sum() / plain.sum() < 4.5  # ~1.5³
     np.testing.assert_allclose(np.argwhere(zoomed).mean(0), np.argwhere(plain).mean(0), atol=0.5)
     # an explicit centre anchors the scaling: the far side grows, the near side stays put
-    anchored = postprocess_mask(raw, None, DiffMaskSettings(zoom=1.5), centre=(5.0, 8.0, 8.0))
+    anchored = postprocess_mask(raw, None, DiffMaskParams(zoom=1.5), centre=(5.0, 8.0, 8.0))
     assert np.argwhere(anchored)[:, 0].mean() > np.argwhere(plain)[:, 0].mean() + 1.0
-    shrunk = postprocess_mask(raw, None, DiffMaskSettings(zoom=0.5))
+    shrunk = postprocess_mask(raw, None, DiffMaskParams(zoom=0.5))
     assert 0 < shrunk.sum() < plain.sum() / 4
 
 
@@ -188,8 +188,8 @@ def test_organ_intersection_stays_inside_and_connected() -> None:
     organ = np.zeros(SIZE, np.uint8)
     organ[:7] = 1  # cuts the ball at x = 7
     organ[9] = 2  # a thin slab: a second, smaller piece once intersected
-    out = postprocess_mask(raw, organ, DiffMaskSettings())
-    free = postprocess_mask(raw, None, DiffMaskSettings())
+    out = postprocess_mask(raw, organ, DiffMaskParams())
+    free = postprocess_mask(raw, None, DiffMaskParams())
     assert out.shape == SIZE
     assert out.any()
     assert not out[organ == 0].any()
@@ -199,7 +199,7 @@ def test_organ_intersection_stays_inside_and_connected() -> None:
 
 
 def test_all_background_gives_an_empty_mask() -> None:
-    out = postprocess_mask(-np.ones(SIZE, np.float32), np.ones(SIZE, np.uint8), DiffMaskSettings(zoom=1.5))
+    out = postprocess_mask(-np.ones(SIZE, np.float32), np.ones(SIZE, np.uint8), DiffMaskParams(zoom=1.5))
     assert out.dtype == bool
     assert out.shape == SIZE
     assert not out.any()
@@ -209,9 +209,8 @@ def test_all_background_gives_an_empty_mask() -> None:
 
 
 def test_train_then_generate(rois: list[Roi], tmp_path: Path) -> None:
-    settings = DiffMaskSettings(timesteps=8)
-    config = GeneratorTrainConfig(steps=4, batch_size=2, lr=1e-3, ema_decay=0.5, checkpoint_every=2)
-    outcome = train_diffmask(rois, settings, config, tmp_path / "ckpt", seed=0, warn=lambda _: None)
+    settings = DiffMaskParams(timesteps=8, steps=4, batch_size=2, learning_rate=1e-3, ema_decay=0.5, checkpoint_every=2)
+    outcome = train_diffmask(rois, settings, tmp_path / "ckpt", seed=0, warn=lambda _: None)
     assert outcome.steps_done == 4
     assert len(outcome.history) == 4
     assert all(np.isfinite(outcome.history))
@@ -249,7 +248,7 @@ def test_train_then_generate(rois: list[Roi], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("ddim_steps", "evaluations"), [(0, 8), (3, 3)])
 def test_sampler_choice_sets_network_evaluations(ddim_steps: int, evaluations: int) -> None:
-    settings = DiffMaskSettings(timesteps=8, ddim_steps=ddim_steps)
+    settings = DiffMaskParams(timesteps=8, ddim_steps=ddim_steps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = make_diffmask_model(settings)

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from lesionflow.diffusion.trainer import GeneratorTrainConfig
 from lesionflow.diffusion.unet import ConditionalUNet3D
+from lesionflow.params_synth import DdpmParams
 from lesionflow.seeding import torch_generator
 from lesionflow.seg.checkpoint import latest_valid
 from lesionflow.synth.inpaint import (
-    InpaintSettings,
     inpaint,
     inpaint_batch,
     insert_lesion,
     make_ddpm_model,
+    noise_schedule,
     patch_batches,
     removal_mask,
     remove_lesion,
@@ -28,7 +28,10 @@ from lesionflow.synth.placement import sphere_mask
 from lesionflow.synth.rois import Roi, candidate_rois, lesion_rois
 
 SIZE = (16, 16, 16)
-SETTINGS = InpaintSettings(timesteps=10, jump_length=2, jump_n_sample=2, removal_dilation=1)
+SETTINGS = DdpmParams(
+    timesteps=10, jump_length=2, jump_n_sample=2, removal_dilation=1,
+    steps=4, batch_size=2, learning_rate=1e-3, ema_decay=0.5, checkpoint_every=2,
+)  # fmt: skip
 
 
 def _volume(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,8 +59,7 @@ def rois() -> list[Roi]:
 @pytest.fixture(scope="module")
 def trained(rois: list[Roi], tmp_path_factory: pytest.TempPathFactory) -> tuple[ConditionalUNet3D, Path, list[float]]:
     root = tmp_path_factory.mktemp("ddpm")
-    config = GeneratorTrainConfig(steps=4, batch_size=2, lr=1e-3, ema_decay=0.5, checkpoint_every=2)
-    outcome = train_ddpm(rois, SETTINGS, config, root, seed=0)
+    outcome = train_ddpm(rois, SETTINGS, root, seed=0)
     assert outcome.steps_done == 4
     model = outcome.ema
     assert isinstance(model, ConditionalUNet3D)
@@ -69,13 +71,13 @@ def _lesion(rois: list[Roi]) -> Roi:
 
 
 def test_settings_and_model() -> None:
-    assert SETTINGS.noise_schedule().num_timesteps == 10
-    assert InpaintSettings(timesteps=100, schedule="linear").noise_schedule().num_timesteps == 100
+    assert noise_schedule(SETTINGS).num_timesteps == 10
+    assert noise_schedule(DdpmParams(timesteps=100, schedule="linear")).num_timesteps == 100
     with pytest.raises(ValueError, match="removal_dilation"):
-        InpaintSettings(removal_dilation=-1)
+        DdpmParams(removal_dilation=-1)
     with pytest.raises(ValueError, match="schedule"):
-        InpaintSettings(schedule="quadratic")  # type: ignore[arg-type]
-    model = make_ddpm_model(2)
+        DdpmParams(schedule="quadratic")  # type: ignore[arg-type]
+    model = make_ddpm_model(2, DdpmParams())
     assert (model.config.in_channels, model.config.out_channels, model.config.cond_dim) == (2, 2, 0)
 
 
@@ -123,7 +125,7 @@ def test_inpaint_is_exact_outside_and_seeded(
 
 
 def test_empty_mask_returns_the_input_without_the_network(rois: list[Roi]) -> None:
-    model = make_ddpm_model(1)
+    model = make_ddpm_model(1, DdpmParams())
     calls: list[int] = []
     forward = model.forward
 
@@ -189,7 +191,7 @@ def test_batch_path_shapes_and_exactness(rois: list[Roi], trained: tuple[Conditi
     with pytest.raises(ValueError, match="masks shape"):
         inpaint_batch(model, SETTINGS, images, masks[:2], torch_generator(0))
     with pytest.raises(ValueError, match="unconditional model"):
-        inpaint_batch(make_ddpm_model(2), SETTINGS, images, masks, torch_generator(0))
+        inpaint_batch(make_ddpm_model(2, DdpmParams()), SETTINGS, images, masks, torch_generator(0))
 
 
 def test_non_float32_input_keeps_the_background_exact(trained: tuple[ConditionalUNet3D, Path, list[float]]) -> None:

@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from lesionflow.diffusion.samplers import count_network_evaluations
-from lesionflow.diffusion.trainer import GeneratorTrainConfig, eps_loss
+from lesionflow.diffusion.trainer import eps_loss
 from lesionflow.diffusion.unet import ConditionalUNet3D
+from lesionflow.params_synth import LeFusionParams
 from lesionflow.seeding import torch_generator
 from lesionflow.synth.lefusion import (
-    LeFusionSettings,
+    checked_classes,
     class_masks,
     classes_without_lesions,
     lesion_conditions,
     make_model,
+    noise_schedule,
     rois_with_classes,
     synthesize_batch,
     synthesize_in_roi,
@@ -53,8 +55,7 @@ def rois() -> list[Roi]:
 
 
 def test_conditions_and_batches_are_deterministic(rois: list[Roi]) -> None:
-    settings = LeFusionSettings()
-    conds = lesion_conditions(rois, settings)
+    conds = lesion_conditions(rois, LeFusionParams(), (1,))
     assert conds.shape == (6, 16)
     np.testing.assert_allclose(conds.sum(axis=1), 1.0)
     batches = training_batches(rois, conds, 4, seed=3)
@@ -67,9 +68,11 @@ def test_conditions_and_batches_are_deterministic(rois: list[Roi]) -> None:
 
 
 def test_train_then_generate_keeps_the_background_exact(rois: list[Roi], tmp_path: Path) -> None:
-    settings = LeFusionSettings(timesteps=10, jump_length=2, jump_n_sample=2, bank_k=2)
-    config = GeneratorTrainConfig(steps=6, batch_size=2, lr=1e-3, ema_decay=0.5, checkpoint_every=3)
-    outcome, bank = train_lefusion(rois, settings, config, tmp_path / "ckpt", seed=0)
+    settings = LeFusionParams(
+        timesteps=10, jump_length=2, jump_n_sample=2, bank_k=2,
+        steps=6, batch_size=2, learning_rate=1e-3, ema_decay=0.5, checkpoint_every=3,
+    )  # fmt: skip
+    outcome, bank = train_lefusion(rois, settings, (1,), tmp_path / "ckpt", seed=0)
     assert outcome.steps_done == 6
     assert len(outcome.history) == 6
     assert bank.k == 2
@@ -85,23 +88,27 @@ def test_train_then_generate_keeps_the_background_exact(rois: list[Roi], tmp_pat
         return original_forward(*args, **kwargs)
 
     model.forward = counting_forward  # type: ignore[method-assign]
-    out = synthesize_in_roi(model, settings, target, mask, hist, torch_generator(0, "sample", 1))
+    out = synthesize_in_roi(model, settings, (1,), target, mask, hist, torch_generator(0, "sample", 1))
     assert len(calls) == count_network_evaluations(10, 2, 2)
     assert out.shape == target.shape
     assert np.array_equal(out[0][~mask], target[0][~mask])  # bitwise, outside the lesion
     assert not np.array_equal(out[0][mask], target[0][mask])
     assert np.isfinite(out).all()
-    again = synthesize_in_roi(model, settings, target, mask, hist, torch_generator(0, "sample", 1))
+    again = synthesize_in_roi(model, settings, (1,), target, mask, hist, torch_generator(0, "sample", 1))
     assert np.array_equal(out, again)
-    other = synthesize_in_roi(model, settings, target, mask, hist, torch_generator(0, "sample", 2))
+    other = synthesize_in_roi(model, settings, (1,), target, mask, hist, torch_generator(0, "sample", 2))
     assert not np.array_equal(out, other)
     with pytest.raises(ValueError, match="empty"):
-        synthesize_in_roi(model, settings, target, np.zeros(SIZE, bool), hist, torch_generator(0))
+        synthesize_in_roi(model, settings, (1,), target, np.zeros(SIZE, bool), hist, torch_generator(0))
 
 
 # --------------------------------------------------------------------------- multi-class (§2.7)
 
-TWO = LeFusionSettings(timesteps=6, jump_length=2, jump_n_sample=2, bank_k=2, class_values=(3, 4))
+TWO = LeFusionParams(
+    timesteps=6, jump_length=2, jump_n_sample=2, bank_k=2,
+    steps=3, batch_size=2, learning_rate=1e-3, ema_decay=0.5, checkpoint_every=3,
+)  # fmt: skip
+CLASSES = (3, 4)
 
 
 def _two_class_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,8 +138,7 @@ def two_class_rois() -> list[Roi]:
 
 @pytest.fixture(scope="module")
 def two_class_model(two_class_rois: list[Roi], tmp_path_factory: pytest.TempPathFactory) -> ConditionalUNet3D:
-    config = GeneratorTrainConfig(steps=3, batch_size=2, lr=1e-3, ema_decay=0.5, checkpoint_every=3)
-    outcome, bank = train_lefusion(two_class_rois, TWO, config, tmp_path_factory.mktemp("ckpt2"), seed=0)
+    outcome, bank = train_lefusion(two_class_rois, TWO, CLASSES, tmp_path_factory.mktemp("ckpt2"), seed=0)
     assert bank.n_classes == 2
     assert outcome.steps_done == 3
     assert all(np.isfinite(outcome.history))
@@ -164,7 +170,7 @@ def test_class_masks_and_absent_classes(two_class_rois: list[Roi]) -> None:
 
 
 def test_two_class_conditions_and_batches(two_class_rois: list[Roi]) -> None:
-    conds = lesion_conditions(two_class_rois, TWO)
+    conds = lesion_conditions(two_class_rois, TWO, CLASSES)
     assert conds.shape == (4, 32)
     has_core = np.array([4 in r.classes for r in two_class_rois])
     np.testing.assert_allclose(conds[:, :16].sum(axis=1), 1.0)
@@ -175,8 +181,10 @@ def test_two_class_conditions_and_batches(two_class_rois: list[Roi]) -> None:
     assert (conds[:, :16] @ centres > 0.5).all()
     assert (conds[has_core, 16:] @ centres < -0.5).all()
     with pytest.raises(ValueError, match="no voxel of classes"):
-        lesion_conditions(two_class_rois, LeFusionSettings(class_values=(5, 6)))
-    batches = training_batches(two_class_rois, conds, 3, seed=1, settings=TWO)
+        lesion_conditions(two_class_rois, TWO, (5, 6))
+    with pytest.raises(ValueError, match=r"distinct label values in 1\.\.255"):
+        checked_classes((3, 3))
+    batches = training_batches(two_class_rois, conds, 3, seed=1, params=TWO, class_values=CLASSES)
     a = batches(2)
     assert all(torch.equal(a[k], batches(2)[k]) for k in a)
     assert a["image"].shape == (3, 2, *SIZE)
@@ -185,12 +193,12 @@ def test_two_class_conditions_and_batches(two_class_rois: list[Roi]) -> None:
     assert torch.equal(a["image"][:, 0], a["image"][:, 1])  # the image tiled once per class
     assert not (a["mask"][:, 0] * a["mask"][:, 1]).any()  # class 3 and class 4 voxels are disjoint
     with pytest.raises(ValueError, match="conditions shape"):
-        training_batches(two_class_rois, conds[:, :16], 3, seed=1, settings=TWO)
+        training_batches(two_class_rois, conds[:, :16], 3, seed=1, params=TWO, class_values=CLASSES)
 
 
 def test_masked_loss_gradient_is_zero_on_each_blocks_background(two_class_rois: list[Roi]) -> None:
-    conds = lesion_conditions(two_class_rois, TWO)
-    batch = training_batches(two_class_rois, conds, 4, seed=2, settings=TWO)(0)
+    conds = lesion_conditions(two_class_rois, TWO, CLASSES)
+    batch = training_batches(two_class_rois, conds, 4, seed=2, params=TWO, class_values=CLASSES)(0)
 
     class Fixed(torch.nn.Module):
         """A 'network' whose prediction is a free tensor: its gradient is d loss / d prediction."""
@@ -204,7 +212,9 @@ def test_masked_loss_gradient_is_zero_on_each_blocks_background(two_class_rois: 
 
     for normalize in ("all", "mask"):
         fixed = Fixed()
-        loss = eps_loss(fixed, batch, torch.Generator().manual_seed(0), schedule=TWO.schedule(), normalize=normalize)
+        loss = eps_loss(
+            fixed, batch, torch.Generator().manual_seed(0), schedule=noise_schedule(TWO), normalize=normalize
+        )
         loss.backward()
         grad = fixed.pred.grad
         assert grad is not None
@@ -228,9 +238,9 @@ def test_merge_rule_inside_and_outside_the_class_masks(monkeypatch: pytest.Monke
     masks = np.zeros((2, *SIZE), bool)
     masks[0, 4:10, 4:10, 4:10] = True
     masks[1, 6:12, 6:12, 6:12] = True  # overlaps class 0: the later class wins
-    model = make_model(1, TWO)
+    model = make_model(1, TWO, CLASSES)
     hist = np.full(32, 1 / 16)
-    out = synthesize_in_roi(model, TWO, image, masks, hist, torch.Generator().manual_seed(0))
+    out = synthesize_in_roi(model, TWO, CLASSES, image, masks, hist, torch.Generator().manual_seed(0))
     union = masks.any(axis=0)
     assert np.array_equal(out[0][~union], image[0][~union])
     assert (out[0][masks[1]] == 11).all()
@@ -242,25 +252,25 @@ def test_two_class_generation_keeps_the_background_exact(
     two_class_model: ConditionalUNet3D,
 ) -> None:
     roi = next(r for r in two_class_rois if 4 in r.classes)
-    masks = class_masks(roi.label, roi.mask, TWO.class_values)
+    masks = class_masks(roi.label, roi.mask, CLASSES)
     union = masks.any(axis=0)
-    hist = lesion_conditions([roi], TWO)[0]
-    out = synthesize_in_roi(two_class_model, TWO, roi.image, masks, hist, torch_generator(0, "mc", 1))
+    hist = lesion_conditions([roi], TWO, CLASSES)[0]
+    out = synthesize_in_roi(two_class_model, TWO, CLASSES, roi.image, masks, hist, torch_generator(0, "mc", 1))
     assert out.shape == roi.image.shape
     assert out.dtype == np.float32
     assert np.array_equal(out[:, ~union], roi.image[:, ~union])
     assert not np.array_equal(out[:, union], roi.image[:, union])
     assert np.isfinite(out).all()
-    again = synthesize_in_roi(two_class_model, TWO, roi.image, masks, hist, torch_generator(0, "mc", 1))
+    again = synthesize_in_roi(two_class_model, TWO, CLASSES, roi.image, masks, hist, torch_generator(0, "mc", 1))
     assert np.array_equal(out, again)
     with pytest.raises(ValueError, match="expected 32"):
-        synthesize_in_roi(two_class_model, TWO, roi.image, masks, hist[:16], torch_generator(0))
+        synthesize_in_roi(two_class_model, TWO, CLASSES, roi.image, masks, hist[:16], torch_generator(0))
     with pytest.raises(ValueError, match="mask shape"):
-        synthesize_in_roi(two_class_model, TWO, roi.image, masks[:1], hist, torch_generator(0))
+        synthesize_in_roi(two_class_model, TWO, CLASSES, roi.image, masks[:1], hist, torch_generator(0))
     with pytest.raises(ValueError, match="class masks"):
-        synthesize_in_roi(two_class_model, TWO, roi.image, union, hist, torch_generator(0))
+        synthesize_in_roi(two_class_model, TWO, CLASSES, roi.image, union, hist, torch_generator(0))
     with pytest.raises(ValueError, match="empty"):
-        synthesize_in_roi(two_class_model, TWO, roi.image, np.zeros_like(masks), hist, torch_generator(0))
+        synthesize_in_roi(two_class_model, TWO, CLASSES, roi.image, np.zeros_like(masks), hist, torch_generator(0))
 
 
 def test_batch_matches_single_item_semantics(
@@ -268,10 +278,10 @@ def test_batch_matches_single_item_semantics(
     two_class_model: ConditionalUNet3D,
 ) -> None:
     images = np.stack([r.image for r in two_class_rois[:3]])
-    masks = np.stack([class_masks(r.label, r.mask, TWO.class_values) for r in two_class_rois[:3]])
-    hists = lesion_conditions(two_class_rois[:3], TWO)
-    out = synthesize_batch(two_class_model, TWO, images, masks, hists, torch_generator(0, "batch"))
-    single = synthesize_in_roi(two_class_model, TWO, images[0], masks[0], hists[0], torch_generator(0, "one"))
+    masks = np.stack([class_masks(r.label, r.mask, CLASSES) for r in two_class_rois[:3]])
+    hists = lesion_conditions(two_class_rois[:3], TWO, CLASSES)
+    out = synthesize_batch(two_class_model, TWO, CLASSES, images, masks, hists, torch_generator(0, "batch"))
+    single = synthesize_in_roi(two_class_model, TWO, CLASSES, images[0], masks[0], hists[0], torch_generator(0, "one"))
     assert out.shape == images.shape
     assert out[0].shape == single.shape
     for i in range(3):
@@ -279,13 +289,13 @@ def test_batch_matches_single_item_semantics(
         assert np.array_equal(out[i][:, ~union], images[i][:, ~union])
         assert not np.array_equal(out[i][:, union], images[i][:, union])
     assert np.array_equal(
-        out, synthesize_batch(two_class_model, TWO, images, masks, hists, torch_generator(0, "batch"))
+        out, synthesize_batch(two_class_model, TWO, CLASSES, images, masks, hists, torch_generator(0, "batch"))
     )
     bad = masks.copy()
     bad[1] = False
     with pytest.raises(ValueError, match=r"empty for item\(s\) \[1\]"):
-        synthesize_batch(two_class_model, TWO, images, bad, hists, torch_generator(0))
+        synthesize_batch(two_class_model, TWO, CLASSES, images, bad, hists, torch_generator(0))
     with pytest.raises(ValueError, match="histograms"):
-        synthesize_batch(two_class_model, TWO, images, masks, hists[:2], torch_generator(0))
+        synthesize_batch(two_class_model, TWO, CLASSES, images, masks, hists[:2], torch_generator(0))
     with pytest.raises(ValueError, match="masks shape"):
-        synthesize_batch(two_class_model, TWO, images, masks[:, :1], hists, torch_generator(0))
+        synthesize_batch(two_class_model, TWO, CLASSES, images, masks[:, :1], hists, torch_generator(0))

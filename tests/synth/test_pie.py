@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from lesionflow.diffusion.trainer import GeneratorTrainConfig
+from lesionflow.params_synth import PieParams
 from lesionflow.quality.progression_checks import frame_lesion_masks, outside_change, progression_stats
 from lesionflow.quality.progression_suite import run_progression_gate
 from lesionflow.seeding import rng_for, torch_generator
 from lesionflow.synth.pie import (
-    PieSettings,
+    CLIP_RANGE,
     SeverityScale,
     edit_mask,
     fit_severity_scale,
@@ -53,28 +53,28 @@ def toy_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module
     lesions = [r for r in rois if r.kind == "lesion"]
     scale = fit_severity_scale(lesions, [r for r in rois if r.kind == "candidate"], "volume", (1,))
     threshold, polarity = lesion_intensity_split(lesions)
-    config = GeneratorTrainConfig(steps=300, batch_size=8, lr=2e-3, ema_decay=0.99, checkpoint_every=1000)
-    outcome = train_pie(rois, scale, PieSettings(), config, tmp_path_factory.mktemp("pie"), seed=1, warn=print)
+    params = PieParams(steps=300, batch_size=8, learning_rate=2e-3, ema_decay=0.99, checkpoint_every=1000)
+    outcome = train_pie(rois, scale, params, tmp_path_factory.mktemp("pie"), seed=1, warn=print)
     return outcome.ema, scale, threshold, polarity
 
 
 @pytest.fixture
 def untrained() -> torch.nn.Module:
     torch.manual_seed(0)
-    return make_pie_model(1, 0.1).eval()
+    return make_pie_model(1, PieParams(cond_dropout=0.1)).eval()
 
 
 def test_settings_reject_bad_loop_parameters() -> None:
     with pytest.raises(ValueError, match=r"at least one iteration, got N = 0"):
-        PieSettings(iterations=0)
+        PieParams(iterations=0)
     with pytest.raises(ValueError, match=r"strength γ must lie in \(0, 1\], got 0"):
-        PieSettings(strength=0.0)
+        PieParams(strength=0.0)
     with pytest.raises(ValueError, match=r"got 1.5"):
-        PieSettings(strength=1.5)
+        PieParams(strength=1.5)
     with pytest.raises(ValueError, match=r"keeps int\(10 · 0.05\) = 0"):
-        PieSettings(strength=0.05)
-    assert PieSettings().kept_steps == 5
-    assert PieSettings(ddim_steps=50).kept_steps == 25
+        PieParams(strength=0.05)
+    assert PieParams().kept_steps == 5
+    assert PieParams(ddim_steps=50).kept_steps == 25
 
 
 def test_severity_scale_volume_quantiles_and_class_ranks() -> None:
@@ -96,12 +96,12 @@ def test_severity_scale_volume_quantiles_and_class_ranks() -> None:
 def test_loop_invariants_frame_count_start_frame_and_outside_bound(untrained: torch.nn.Module) -> None:
     start = ball_roi(7, 1.0)
     mask = edit_mask(start.mask, 2)
-    settings = PieSettings(iterations=4)
+    settings = PieParams(iterations=4)
     out = progress(untrained, settings, start.image, mask, 1.0, torch_generator(0, "t"))
     assert out.frames.shape == (5, 1, S, S, S)
     assert out.frames.dtype == np.float32
     assert np.array_equal(out.frames[0], start.image)  # frame 0 is the start bit for bit
-    changed, excess = outside_change(out.frames, mask, settings.beta_outside, settings.clip_range)
+    changed, excess = outside_change(out.frames, mask, settings.beta_outside, CLIP_RANGE)
     assert changed > 0
     assert excess <= 1e-5
     assert np.abs(out.frames[1:, :, mask] - start.image[:, mask]).max() > 10 * changed  # M is where it edits
@@ -110,7 +110,7 @@ def test_loop_invariants_frame_count_start_frame_and_outside_bound(untrained: to
 def test_exact_mode_keeps_the_background_bitwise(untrained: torch.nn.Module) -> None:
     start = ball_roi(8, 1.5)
     mask = edit_mask(start.mask, 1)
-    out = progress(untrained, PieSettings(iterations=3, beta_outside=0.0), start.image, mask, 1.0, torch_generator(1))
+    out = progress(untrained, PieParams(iterations=3, beta_outside=0.0), start.image, mask, 1.0, torch_generator(1))
     assert out.exact_background
     assert np.array_equal(
         out.frames[:, :, ~mask].view(np.uint32), np.repeat(start.image[None][:, :, ~mask].view(np.uint32), 4, 0)
@@ -120,7 +120,7 @@ def test_exact_mode_keeps_the_background_bitwise(untrained: torch.nn.Module) -> 
 def test_same_seed_same_bytes_other_seed_differs(untrained: torch.nn.Module) -> None:
     start = ball_roi(9, 1.0)
     mask = edit_mask(start.mask, 2)
-    settings = PieSettings(iterations=2)
+    settings = PieParams(iterations=2)
     a = progress(untrained, settings, start.image, mask, 1.0, torch_generator(5, "x"))
     b = progress(untrained, settings, start.image, mask, 1.0, torch_generator(5, "x"))
     c = progress(untrained, settings, start.image, mask, 1.0, torch_generator(6, "x"))
@@ -130,7 +130,7 @@ def test_same_seed_same_bytes_other_seed_differs(untrained: torch.nn.Module) -> 
 
 def test_bad_masks_and_volumes_are_clear_errors(untrained: torch.nn.Module) -> None:
     start = ball_roi(10, 1.0)
-    settings = PieSettings(iterations=1)
+    settings = PieParams(iterations=1)
     gen = torch_generator(0)
     with pytest.raises(ValueError, match=r"no ROI mask: .* whole_volume=True"):
         progress(untrained, settings, start.image, None, 1.0, gen)
@@ -195,7 +195,7 @@ def test_known_progression_grows_and_shrinks_and_passes_the_gate(
     for seed, (radius, target) in enumerate([(1.0, 1.0)] * 3 + [(3.0, 0.0)] * 2):
         start = ball_roi(100 + seed, radius)
         mask = edit_mask(start.mask, 2)
-        out = progress(model, PieSettings(), start.image, mask, target, torch_generator(seed, "known"))
+        out = progress(model, PieParams(), start.image, mask, target, torch_generator(seed, "known"))
         masks = frame_lesion_masks(out.frames, start.label, mask, threshold, polarity)
         direction = target - scale.of_roi(start)
         rows.append(_measure(out.frames, masks, mask, direction, f"t{seed}"))

@@ -22,7 +22,7 @@ import copy
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -36,12 +36,12 @@ from lesionflow.diffusion.schedules import NoiseSchedule, q_sample
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig
 from lesionflow.files import atomic_path, write_json
 from lesionflow.hashing import sha256_file
+from lesionflow.params_synth import GeneratorNetParams
 from lesionflow.seeding import torch_generator
 from lesionflow.seg.checkpoint import latest_valid, load_checkpoint, save_checkpoint
 from lesionflow.seg.model_files import state_dict_cpu
 
 __all__ = [
-    "GeneratorTrainConfig",
     "GeneratorTrainOutcome",
     "LossFn",
     "count_parameters",
@@ -56,36 +56,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 LossFn = Callable[[nn.Module, dict[str, Tensor], torch.Generator], Tensor]
-
-
-@dataclass
-class GeneratorTrainConfig:
-    """Optimisation settings. ``steps`` counts optimizer steps, each over ``grad_accum`` micro-batches of
-    ``batch_size`` samples. ``ema_decay`` in [0, 1): ``ema = decay * ema + (1 - decay) * weights`` after every
-    step (0 = EMA equals the weights). ``amp``: "auto" = bf16 autocast on CUDA when supported, "bf16" = bf16 on
-    CUDA, "off"; never on CPU. ``max_grad_norm`` 0 = no clipping.
-    """
-
-    steps: int
-    batch_size: int = 2
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.995
-    grad_accum: int = 1
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    amp: Literal["auto", "bf16", "off"] = "auto"
-    max_grad_norm: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("need steps >= 0, batch_size >= 1 and grad_accum >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("checkpoint_every and keep_checkpoints must be >= 1")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
 
 
 @dataclass
@@ -191,31 +161,57 @@ def _check_batch(batch: dict[str, Tensor], batch_size: int, index: int) -> None:
             raise ValueError(f"micro-batch {index}: {key!r} has batch dim {value.shape[0]}, expected {batch_size}")
 
 
+def _loop_record(params: GeneratorNetParams, weight_decay: float, max_grad_norm: float) -> dict[str, Any]:
+    """The optimisation settings a checkpoint records, under the names (and in the order) checkpoints have always
+    used, so a checkpoint's ``trainer.json`` is the same bytes as before the params section drove the loop."""
+    return {
+        "steps": params.steps,
+        "batch_size": params.batch_size,
+        "lr": params.learning_rate,
+        "weight_decay": weight_decay,
+        "ema_decay": params.ema_decay,
+        "grad_accum": params.grad_accum,
+        "checkpoint_every": params.checkpoint_every,
+        "keep_checkpoints": params.keep_checkpoints,
+        "amp": params.amp,
+        "max_grad_norm": max_grad_norm,
+    }
+
+
 def train_generator(
     model: nn.Module,
     batches: Callable[[int], dict[str, Tensor]],
     loss_fn: LossFn | None,
     schedule: NoiseSchedule,
-    config: GeneratorTrainConfig,
+    params: GeneratorNetParams,
     checkpoint_root: Path,
     device: torch.device | str,
     seed: int,
     warn: Callable[[str], None],
+    *,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 0.0,
 ) -> GeneratorTrainOutcome:
-    """Train ``model`` (moved to ``device``) for ``config.steps`` optimizer steps, resuming when possible.
+    """Train ``model`` (moved to ``device``) for ``params.steps`` optimizer steps, resuming when possible.
+
+    ``params`` is the method's params section (any :class:`~lesionflow.params_synth.GeneratorNetParams`): its
+    ``steps`` count optimizer steps, each over ``grad_accum`` micro-batches of ``batch_size`` samples; after every
+    step ``ema = ema_decay * ema + (1 - ema_decay) * weights`` (0 = EMA equals the weights); ``amp`` "auto" = bf16
+    autocast on CUDA when supported, "bf16" = bf16 on CUDA, "off"; never on CPU. ``weight_decay`` is AdamW's,
+    ``max_grad_norm`` 0 = no clipping (no method sets either).
 
     ``batches(i)`` returns micro-batch ``i`` (tensors on any device; moved to ``device``); ``loss_fn(model,
     batch, generator)`` returns a 0-d loss (None = :func:`eps_loss` with ``schedule``). Checkpoints
     ``checkpoint_root/step-<N>`` hold the raw and EMA weights (keys ``model.*``, ``ema.*``), the AdamW state and
     the loss history; the final step is always checkpointed. A run whose newest valid checkpoint is at or past
-    ``config.steps`` trains nothing and returns the restored state.
+    ``params.steps`` trains nothing and returns the restored state.
     """
     device = torch.device(device)
     loss_fn = loss_fn or partial(eps_loss, schedule=schedule)
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     both = nn.ModuleDict({"model": model, "ema": ema})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=weight_decay)
     history: list[float] = []
     resumed_from: int | None = None
     checkpoint = latest_valid(checkpoint_root, warn)
@@ -231,37 +227,37 @@ def train_generator(
         resumed_from = checkpoint.step
     start = resumed_from or 0
     model.train()
-    for step in range(start, config.steps):
+    for step in range(start, params.steps):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for k in range(config.grad_accum):
-            index = step * config.grad_accum + k
+        for k in range(params.grad_accum):
+            index = step * params.grad_accum + k
             batch = {name: v.to(device) for name, v in batches(index).items()}
-            _check_batch(batch, config.batch_size, index)
+            _check_batch(batch, params.batch_size, index)
             generator = torch_generator(seed, "generator-train", index, device=device)
-            with _autocast(config.amp, device):
+            with _autocast(params.amp, device):
                 loss = loss_fn(model, batch, generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} (micro-batch {index})")
-            (loss / config.grad_accum).backward()
+            (loss / params.grad_accum).backward()
             total += float(loss.detach())
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
-        _update_ema(ema, model, config.ema_decay)
-        history.append(total / config.grad_accum)
+        _update_ema(ema, model, params.ema_decay)
+        history.append(total / params.grad_accum)
         done = step + 1
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        if done % params.checkpoint_every == 0 or done == params.steps:
             loop_state = {
                 "history": history,
                 "seed": seed,
                 "timesteps": schedule.num_timesteps,
-                "config": asdict(config),
+                "config": _loop_record(params, weight_decay, max_grad_norm),
             }
-            save_checkpoint(checkpoint_root, done, both, optimizer, loop_state, keep=config.keep_checkpoints)
+            save_checkpoint(checkpoint_root, done, both, optimizer, loop_state, keep=params.keep_checkpoints)
     model.eval()
     return GeneratorTrainOutcome(
-        model=model, ema=ema, history=history, steps_done=max(start, config.steps), resumed_from=resumed_from
+        model=model, ema=ema, history=history, steps_done=max(start, params.steps), resumed_from=resumed_from
     )
 
 

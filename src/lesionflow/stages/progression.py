@@ -132,9 +132,15 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
     from lesionflow.quality.progression_checks import frame_lesion_masks, progression_stats
     from lesionflow.seeding import rng_for, torch_generator
     from lesionflow.stages.segdata import resolve_device
-    from lesionflow.stages.train_generator import pie_settings
     from lesionflow.store.zarr_store import read_case, read_case_attrs
-    from lesionflow.synth.pie import SeverityScale, progress, progression_start, start_from_mask
+    from lesionflow.synth.pie import (
+        CLIP_RANGE,
+        SeverityScale,
+        loop_settings,
+        progress,
+        progression_start,
+        start_from_mask,
+    )
     from lesionflow.synth.trajectory_store import crop_affine, write_trajectory
     from lesionflow.synth.trajectory_view import trajectory_gif, trajectory_strip_png
 
@@ -145,7 +151,6 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
     model, extra = _pie_generator(root, digest)
     model.to(device)
     scale = SeverityScale.from_dict(extra["severity"])
-    settings = pie_settings(params)
     attrs = read_case_attrs(store_root(ws), case_id)
     spacing = [float(s) for s in attrs["spacing"]]
     if not np.allclose(spacing, extra["spacing"], rtol=0, atol=1e-6):
@@ -165,7 +170,7 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
                 min_voxels=params.synth.min_lesion_voxels, margin=pp.margin, rng=rng, whole=task["whole_volume"],
             )  # fmt: skip
         generator = torch_generator(params.project.seed, "pie", case_id, f"{target:.6f}", device=device)
-        trajectory = progress(model, settings, start.image, start.roi_mask, target, generator)
+        trajectory = progress(model, pp, start.image, start.roi_mask, target, generator)
     except ValueError as err:
         return _failure("progression_input", str(err))
     masks = frame_lesion_masks(
@@ -174,7 +179,7 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
     start_severity = scale.of_lesion(start.lesion_voxels, start.classes)
     stats = progression_stats(
         trajectory.frames, masks, trajectory.roi_mask, direction=target - start_severity,
-        beta_outside=settings.beta_outside, clip_range=settings.clip_range,
+        beta_outside=pp.beta_outside, clip_range=CLIP_RANGE,
     )  # fmt: skip
     seed = [params.project.seed, "pie", case_id, f"{target:.6f}"]
     tid = task["trajectory_id"]
@@ -187,7 +192,7 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
         "start_severity": start_severity,
         "frames": len(trajectory.frames),
         "roi_voxels": int(trajectory.roi_mask.sum()),
-        "settings": {**settings.__dict__, "clip_range": list(settings.clip_range)},
+        "settings": loop_settings(pp),
         "exact_background": trajectory.exact_background,
         "seed": seed,
         "key": task["key"],

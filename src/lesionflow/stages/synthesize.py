@@ -114,7 +114,6 @@ def _generators(root: str, params_json: str, digests: str) -> Any:
     import numpy as np
 
     from lesionflow.diffusion.trainer import load_generator
-    from lesionflow.stages.train_generator import diffmask_settings, inpaint_settings, lefusion_settings
     from lesionflow.synth.compose import Generators
     from lesionflow.synth.histograms import HistogramBank
     from lesionflow.synth.roi_store import read_roi_set
@@ -124,14 +123,14 @@ def _generators(root: str, params_json: str, digests: str) -> Any:
     texture, _, extra = load_generator(generator_dir(ws, sp.method))
     if sp.method == "lefusion":
         classes = tuple(int(v) for v in extra["class_values"])
-        settings: Any = lefusion_settings(params, classes)
+        settings: Any = sp.lefusion
         bank: HistogramBank | None = HistogramBank.from_dict(extra["bank"])
     else:
-        classes, settings, bank = (1,), inpaint_settings(params), None
+        classes, settings, bank = (1,), sp.ddpm, None
     mask_model, mask_settings = None, None
     if "diffmask" in _texture_methods(params):
         mask_model, _, mask_extra = load_generator(generator_dir(ws, "diffmask"))
-        mask_settings = diffmask_settings(params)
+        mask_settings = sp.diffmask
         radii = np.asarray(mask_extra["radii"], dtype=np.float64)
     rois = read_roi_set(rois_path(ws))
     if mask_model is None:
@@ -139,7 +138,7 @@ def _generators(root: str, params_json: str, digests: str) -> Any:
     remover, remover_settings = None, None
     if sp.remove_per_case:
         remover = texture if sp.method == "ddpm" else load_generator(generator_dir(ws, "ddpm"))[0]
-        remover_settings = inpaint_settings(params)
+        remover_settings = sp.ddpm
     return Generators(
         method=sp.method,
         texture=texture,

@@ -43,72 +43,6 @@ def inputs(ws: Workspace, params: Params) -> dict[str, str]:
     }
 
 
-def _train_config(net: Any) -> Any:
-    from lesionflow.diffusion.trainer import GeneratorTrainConfig
-
-    return GeneratorTrainConfig(
-        steps=net.steps,
-        batch_size=net.batch_size,
-        lr=net.learning_rate,
-        ema_decay=net.ema_decay,
-        grad_accum=net.grad_accum,
-        checkpoint_every=net.checkpoint_every,
-        keep_checkpoints=net.keep_checkpoints,
-        amp=net.amp,
-    )
-
-
-def lefusion_settings(params: Params, class_values: tuple[int, ...]) -> Any:
-    from lesionflow.synth.lefusion import LeFusionSettings
-
-    lp = params.synth.lefusion
-    return LeFusionSettings(
-        timesteps=lp.timesteps,
-        bins=lp.bins,
-        value_range=lp.value_range,
-        loss_normalize=lp.loss_normalize,
-        jump_length=lp.jump_length,
-        jump_n_sample=lp.jump_n_sample,
-        bank_k=lp.bank_k,
-        class_values=class_values,
-    )
-
-
-def diffmask_settings(params: Params) -> Any:
-    from lesionflow.synth.diffmask import DiffMaskSettings
-
-    dp = params.synth.diffmask
-    return DiffMaskSettings(timesteps=dp.timesteps, threshold=dp.threshold, zoom=dp.zoom, ddim_steps=dp.ddim_steps)
-
-
-def inpaint_settings(params: Params) -> Any:
-    from lesionflow.synth.inpaint import InpaintSettings
-
-    ip = params.synth.ddpm
-    return InpaintSettings(
-        timesteps=ip.timesteps,
-        schedule=ip.schedule,
-        jump_length=ip.jump_length,
-        jump_n_sample=ip.jump_n_sample,
-        removal_dilation=ip.removal_dilation,
-    )
-
-
-def pie_settings(params: Params) -> Any:
-    from lesionflow.synth.pie import PieSettings
-
-    pp = params.synth.pie
-    return PieSettings(
-        timesteps=pp.timesteps,
-        ddim_steps=pp.ddim_steps,
-        iterations=pp.iterations,
-        strength=pp.strength,
-        guidance=pp.guidance,
-        beta_outside=pp.beta_outside,
-        beta_inside=pp.beta_inside,
-    )
-
-
 def _train_one(
     ws: Workspace, params: Params, method: str, rois: Any, device: Any
 ) -> tuple[Any, dict[str, Any], list[Finding]]:
@@ -128,18 +62,12 @@ def _train_one(
         }
     )
     checkpoints = generator_checkpoints(ws, method) / key[:16]
-    arch = {
-        "base_channels": net.base_channels,
-        "channel_mults": net.channel_mults,
-        "attention_levels": net.attention_levels,
-    }
 
     def warn(line: str) -> None:
         print(f"train-generator ({method}): {line}", file=sys.stderr)
 
     findings: list[Finding] = []
     extra: dict[str, Any] = {"fingerprint": fingerprint, "seed": seed, "run_key": key}
-    config = _train_config(net)
     if method == "lefusion":
         from lesionflow.synth.lefusion import classes_without_lesions, train_lefusion
 
@@ -159,8 +87,7 @@ def _train_one(
                     "synth.lefusion.multi_class=false",
                 )
             )
-        settings = lefusion_settings(params, classes)
-        outcome, bank = train_lefusion(rois, settings, config, checkpoints, seed=seed, device=device, warn=warn, **arch)
+        outcome, bank = train_lefusion(rois, net, classes, checkpoints, seed=seed, device=device, warn=warn)
         if bank.k < params.synth.lefusion.bank_k:
             findings.append(
                 Finding(
@@ -176,9 +103,7 @@ def _train_one(
         from lesionflow.synth.diffmask import train_diffmask
 
         usable = [r for r in rois.lesions if r.sphere is not None and r.mask.any()]
-        outcome = train_diffmask(
-            usable, diffmask_settings(params), config, checkpoints, seed=seed, device=device, warn=warn, **arch
-        )
+        outcome = train_diffmask(usable, net, checkpoints, seed=seed, device=device, warn=warn)
         extra["radii"] = sorted(float(r.sphere.radius) for r in usable)
     elif method == "pie":
         from lesionflow.synth.pie import fit_severity_scale, lesion_intensity_split, train_pie
@@ -188,10 +113,7 @@ def _train_one(
         scale = fit_severity_scale(rois.lesions, rois.candidates, pp.severity, lesion_classes(plan.label_values, True))
         threshold, polarity = lesion_intensity_split(rois.lesions)
         patches = [*rois.lesions, *rois.candidates]
-        outcome = train_pie(
-            patches, scale, pie_settings(params), config, checkpoints,
-            seed=seed, cond_dropout=pp.cond_dropout, device=device, warn=warn, **arch,
-        )  # fmt: skip
+        outcome = train_pie(patches, scale, net, checkpoints, seed=seed, device=device, warn=warn)
         extra.update(
             severity=scale.to_dict(),
             lesion_threshold=threshold,
@@ -203,9 +125,7 @@ def _train_one(
         from lesionflow.synth.inpaint import train_ddpm
 
         patches = [*rois.lesions, *rois.candidates]
-        outcome = train_ddpm(
-            patches, inpaint_settings(params), config, checkpoints, seed=seed, device=device, warn=warn, **arch
-        )
+        outcome = train_ddpm(patches, net, checkpoints, seed=seed, device=device, warn=warn)
         extra["image_channels"] = int(patches[0].image.shape[0])
     return outcome, extra, findings
 

@@ -39,7 +39,7 @@ class Generators:
 
     method: str
     texture: Any
-    texture_settings: Any
+    texture_settings: Any  # the method's params section: synth.lefusion or synth.ddpm
     class_values: tuple[int, ...]
     bank: HistogramBank | None
     histogram_mode: str
@@ -120,7 +120,9 @@ def _texture(
 
         conds = [_histogram(gens, rng) for _ in rois]
         hist = np.stack([c[0] for c in conds]).astype(np.float32)
-        out = synthesize_batch(gens.texture, gens.texture_settings, np.stack(rois), np.stack(masks), hist, torch_gen)
+        out = synthesize_batch(
+            gens.texture, gens.texture_settings, gens.class_values, np.stack(rois), np.stack(masks), hist, torch_gen
+        )
         return out, conds
     from lesionflow.synth.inpaint import inpaint_batch
 

@@ -41,8 +41,9 @@ from scipy import ndimage
 
 from lesionflow.diffusion.samplers import ddim_sample, ddpm_sample
 from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule
-from lesionflow.diffusion.trainer import GeneratorTrainConfig, GeneratorTrainOutcome, eps_loss, train_generator
+from lesionflow.diffusion.trainer import GeneratorTrainOutcome, eps_loss, train_generator
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
+from lesionflow.params_synth import DiffMaskParams
 from lesionflow.seeding import derive_seed, rng_for
 from lesionflow.seg.dice import dice
 from lesionflow.synth.placement import Sphere, sphere_channel, sphere_mask
@@ -50,12 +51,12 @@ from lesionflow.synth.rois import Roi
 
 __all__ = [
     "SMOOTHING_TABLE",
-    "DiffMaskSettings",
     "MaskSample",
     "check_sphere_in_organ",
     "generate_masks",
     "make_diffmask_model",
     "mask_training_batches",
+    "noise_schedule",
     "postprocess_mask",
     "sample_mask_raw",
     "train_diffmask",
@@ -77,51 +78,21 @@ SMOOTHING_TABLE: tuple[tuple[float, float, float], ...] = (
 _FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 
 
-@dataclass(frozen=True)
-class DiffMaskSettings:
-    """Diffusion and post-processing settings (toy defaults; the authors' code: T = 300, cosine schedule of
-    Nichol & Dhariwal https://arxiv.org/abs/2102.09672 Eq. 17, zoom 1.5).
-
-    ``threshold`` applies to the [0, 1] mapping ``(raw + 1) / 2``; ``zoom`` is the post-processing scale factor
-    (1.0 = none); ``ddim_steps`` 0 = ancestral DDPM over all T steps (as the authors), > 0 = DDIM with eta 0.
-    """
-
-    timesteps: int = 50
-    threshold: float = 0.5
-    zoom: float = 1.0
-    ddim_steps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.timesteps < 1:
-            raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold must lie in [0, 1), got {self.threshold}")
-        if not (math.isfinite(self.zoom) and self.zoom > 0):
-            raise ValueError(f"zoom must be a finite factor > 0, got {self.zoom}")
-        if not 0 <= self.ddim_steps <= self.timesteps:
-            raise ValueError(f"ddim_steps must lie in [0, timesteps={self.timesteps}], got {self.ddim_steps}")
-
-    def schedule(self) -> NoiseSchedule:
-        return cosine_schedule(self.timesteps, s=0.008)
+def noise_schedule(params: DiffMaskParams) -> NoiseSchedule:
+    """The cosine schedule of ``params.timesteps`` steps (Nichol & Dhariwal https://arxiv.org/abs/2102.09672
+    Eq. 17, s = 0.008; the authors' code: T = 300), for training and sampling alike."""
+    return cosine_schedule(params.timesteps, s=0.008)
 
 
-def make_diffmask_model(
-    settings: DiffMaskSettings,
-    base_channels: int = 8,
-    channel_mults: tuple[int, ...] = (1, 2),
-    attention_levels: tuple[bool, ...] | None = None,
-) -> ConditionalUNet3D:
-    """The eps network: in = (noised mask, sphere channel), out = eps of the mask, no vector condition.
-
-    ``settings`` is taken for symmetry with the other generators (the architecture does not depend on it).
-    """
-    del settings
+def make_diffmask_model(params: DiffMaskParams) -> ConditionalUNet3D:
+    """The eps network: in = (noised mask, sphere channel), out = eps of the mask, no vector condition; the
+    architecture (width, levels, attention) of ``params``."""
     config = UNetConfig(
         in_channels=2,
         out_channels=1,
-        base_channels=base_channels,
-        channel_mults=tuple(channel_mults),
-        attention_levels=(False,) * len(channel_mults) if attention_levels is None else tuple(attention_levels),
+        base_channels=params.base_channels,
+        channel_mults=tuple(params.channel_mults),
+        attention_levels=tuple(params.attention_levels),
         cond_dim=0,
     )
     return ConditionalUNet3D(config)
@@ -171,31 +142,28 @@ def mask_training_batches(rois: Sequence[Roi], batch_size: int, seed: int) -> Ca
 
 def train_diffmask(
     rois: Sequence[Roi],
-    settings: DiffMaskSettings,
-    config: GeneratorTrainConfig,
+    params: DiffMaskParams,
     checkpoint_root: Path,
     *,
     seed: int,
     device: torch.device | str = "cpu",
     warn: Callable[[str], None] = print,
-    base_channels: int = 8,
-    channel_mults: tuple[int, ...] = (1, 2),
-    attention_levels: tuple[bool, ...] | None = None,
 ) -> GeneratorTrainOutcome:
-    """Train DiffMask on lesion ROIs (L1 eps loss over the whole volume); use ``outcome.ema`` for sampling."""
-    batches = mask_training_batches(rois, config.batch_size, seed)
+    """Train DiffMask on lesion ROIs (L1 eps loss over the whole volume; network, schedule and optimisation from
+    ``params``); use ``outcome.ema`` for sampling."""
+    batches = mask_training_batches(rois, params.batch_size, seed)
     # Weight init is the only draw from torch's global RNG; fork it so callers' global state is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "diffmask-init"))
-        model = make_diffmask_model(settings, base_channels, channel_mults, attention_levels)
-    schedule = settings.schedule()
+        model = make_diffmask_model(params)
+    schedule = noise_schedule(params)
     loss = partial(eps_loss, schedule=schedule, kind="l1")  # no "mask" key: mean over every voxel
-    return train_generator(model, batches, loss, schedule, config, checkpoint_root, device, seed, warn)
+    return train_generator(model, batches, loss, schedule, params, checkpoint_root, device, seed, warn)
 
 
 def sample_mask_raw(
     model: ConditionalUNet3D,
-    settings: DiffMaskSettings,
+    params: DiffMaskParams,
     shape: tuple[int, int, int],
     sphere: Sphere,
     generator: torch.Generator,
@@ -216,14 +184,14 @@ def sample_mask_raw(
     out_shape = (batch, 1, *shape)
     # x0 is clipped to [-1, 1] at every step: the data are {-1, 1} masks, and clipping keeps an undertrained
     # model's chain from drifting (the default of the DDPM code the authors build on).
-    if settings.ddim_steps > 0:
+    if params.ddim_steps > 0:
         # DDIM, eta = 0 ([DDIM] Eq. 12, https://arxiv.org/abs/2010.02502)
         out = ddim_sample(
-            eps_fn, out_shape, settings.schedule(), steps=settings.ddim_steps, generator=generator, clip_denoised=True
+            eps_fn, out_shape, noise_schedule(params), steps=params.ddim_steps, generator=generator, clip_denoised=True
         )
     else:
         # ancestral DDPM over all T steps, as the authors ([DDPM] Algorithm 2, https://arxiv.org/abs/2006.11239)
-        out = ddpm_sample(eps_fn, out_shape, settings.schedule(), generator=generator, clip_denoised=True)
+        out = ddpm_sample(eps_fn, out_shape, noise_schedule(params), generator=generator, clip_denoised=True)
     return np.asarray(out[:, 0].float().cpu().numpy(), dtype=np.float32)
 
 
@@ -265,15 +233,15 @@ def _zoom(mask: np.ndarray, factor: float, centre: Sequence[float]) -> np.ndarra
 def postprocess_mask(
     raw: np.ndarray,
     organ: np.ndarray | None,
-    settings: DiffMaskSettings,
+    params: DiffMaskParams,
     *,
     centre: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Bool (x, y, z) mask of ``raw``'s shape: empty or one 26-connected component inside ``organ > 0``.
 
-    Steps: threshold ``(raw + 1) / 2 > settings.threshold``; fill holes; smooth with the
+    Steps: threshold ``(raw + 1) / 2 > params.threshold``; fill holes; smooth with the
     :data:`SMOOTHING_TABLE` row of the mask's volume and re-threshold; keep the largest component (ties: nearest
-    ``centre``); zoom by ``settings.zoom`` about ``centre`` (default: the mask centroid) keeping the grid (1.0
+    ``centre``); zoom by ``params.zoom`` about ``centre`` (default: the mask centroid) keeping the grid (1.0
     leaves the mask untouched); intersect with the organ; keep the largest component again (a zoom below 1 or
     the organ can split it).
     """
@@ -282,14 +250,14 @@ def postprocess_mask(
         raise ValueError(f"raw must be a 3D (x, y, z) array, got shape {raw.shape}")
     if organ is not None and np.shape(organ) != raw.shape:
         raise ValueError(f"organ shape {np.shape(organ)} != raw shape {raw.shape}")
-    mask = (raw.astype(np.float64) + 1.0) / 2.0 > settings.threshold
+    mask = (raw.astype(np.float64) + 1.0) / 2.0 > params.threshold
     mask = np.asarray(ndimage.binary_fill_holes(mask))
     if not mask.any():
         return mask
     mask = _largest_component(_smooth(mask), centre)
-    if settings.zoom != 1.0 and mask.any():
+    if params.zoom != 1.0 and mask.any():
         about = centre if centre is not None else tuple(float(v) for v in np.argwhere(mask).mean(axis=0))
-        mask = _zoom(mask, settings.zoom, about)
+        mask = _zoom(mask, params.zoom, about)
     if organ is not None:
         mask &= np.asarray(organ) > 0
     return _largest_component(mask, centre)
@@ -309,7 +277,7 @@ class MaskSample:
 
 def generate_masks(
     model: ConditionalUNet3D,
-    settings: DiffMaskSettings,
+    params: DiffMaskParams,
     shape: tuple[int, int, int],
     sphere: Sphere,
     organ: np.ndarray | None,
@@ -318,11 +286,11 @@ def generate_masks(
 ) -> list[MaskSample]:
     """``count`` masks for ``sphere`` from one batched chain, each post-processed about the sphere centre.
     Masks may be empty (``voxels == 0``); the caller decides what to report or redraw."""
-    raw = sample_mask_raw(model, settings, shape, sphere, generator, batch=count)
+    raw = sample_mask_raw(model, params, shape, sphere, generator, batch=count)
     ball = sphere_mask(shape, sphere.centre, sphere.radius)
     out = []
     for r in raw:
-        mask = postprocess_mask(r, organ, settings, centre=sphere.centre)
+        mask = postprocess_mask(r, organ, params, centre=sphere.centre)
         out.append(MaskSample(mask=mask, sphere=sphere, voxels=int(mask.sum()), sphere_dice=dice(mask, ball)))
     return out
 

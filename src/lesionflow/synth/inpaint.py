@@ -30,10 +30,8 @@ Conventions
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -41,17 +39,19 @@ from scipy import ndimage
 
 from lesionflow.diffusion.samplers import repaint_sample
 from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule, linear_schedule
-from lesionflow.diffusion.trainer import GeneratorTrainConfig, GeneratorTrainOutcome, eps_loss, train_generator
+from lesionflow.diffusion.trainer import GeneratorTrainOutcome, eps_loss, train_generator
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
+from lesionflow.params_synth import DdpmParams
 from lesionflow.seeding import rng_for
 from lesionflow.synth.rois import Roi
 
 __all__ = [
-    "InpaintSettings",
+    "CLIP_RANGE",
     "inpaint",
     "inpaint_batch",
     "insert_lesion",
     "make_ddpm_model",
+    "noise_schedule",
     "patch_batches",
     "removal_mask",
     "remove_lesion",
@@ -59,36 +59,14 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class InpaintSettings:
-    """Diffusion and sampling settings (toy defaults; RePaint's configs in https://github.com/andreas128/RePaint:
-    T = 1000 respaced to 250, j = r = 10).
+CLIP_RANGE: tuple[float, float] = (-5.0, 5.0)  # x0_hat clamp while sampling, in the data's (z-scored) units
 
-    ``removal_dilation`` is how many voxels (26-neighbourhood steps) the lesion mask grows by before removal, so
-    the lesion's partial-volume rim is regenerated too. The linear schedule needs ``timesteps > 20`` (its betas
-    are scaled by ``1000 / T``).
-    """
 
-    timesteps: int = 50
-    schedule: Literal["cosine", "linear"] = "cosine"
-    jump_length: int = 2
-    jump_n_sample: int = 2
-    removal_dilation: int = 1
-    clip_range: tuple[float, float] = (-5.0, 5.0)  # x0_hat clamp while sampling, in the data's (z-scored) units
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
-        if self.timesteps < 1 or self.jump_length < 1 or self.jump_n_sample < 1:
-            raise ValueError(
-                f"need timesteps, jump_length, jump_n_sample >= 1, got "
-                f"{self.timesteps}, {self.jump_length}, {self.jump_n_sample}"
-            )
-        if self.removal_dilation < 0:
-            raise ValueError(f"removal_dilation must be >= 0, got {self.removal_dilation}")
-
-    def noise_schedule(self) -> NoiseSchedule:
-        return cosine_schedule(self.timesteps) if self.schedule == "cosine" else linear_schedule(self.timesteps)
+def noise_schedule(params: DdpmParams) -> NoiseSchedule:
+    """The ``params.schedule`` of ``params.timesteps`` steps, for training and sampling alike (RePaint's configs
+    in https://github.com/andreas128/RePaint: T = 1000 respaced to 250, j = r = 10). The linear schedule needs
+    ``timesteps > 20`` (its betas are scaled by ``1000 / T``)."""
+    return cosine_schedule(params.timesteps) if params.schedule == "cosine" else linear_schedule(params.timesteps)
 
 
 # --------------------------------------------------------------------------- training
@@ -118,20 +96,15 @@ def patch_batches(rois: Sequence[Roi], batch_size: int, seed: int) -> Callable[[
     return batches
 
 
-def make_ddpm_model(
-    image_channels: int,
-    base_channels: int = 8,
-    channel_mults: tuple[int, ...] = (1, 2),
-    attention_levels: tuple[bool, ...] | None = None,
-) -> ConditionalUNet3D:
-    """The unconditional UNet: ``image_channels`` in and out, no vector condition (``cond_dim = 0``), no attention
-    by default (``attention_levels`` None = none)."""
+def make_ddpm_model(image_channels: int, params: DdpmParams) -> ConditionalUNet3D:
+    """The unconditional UNet: ``image_channels`` in and out, no vector condition (``cond_dim = 0``), the
+    architecture (width, levels, attention) of ``params``."""
     config = UNetConfig(
         in_channels=image_channels,
         out_channels=image_channels,
-        base_channels=base_channels,
-        channel_mults=tuple(channel_mults),
-        attention_levels=tuple(attention_levels) if attention_levels is not None else (False,) * len(channel_mults),
+        base_channels=params.base_channels,
+        channel_mults=tuple(params.channel_mults),
+        attention_levels=tuple(params.attention_levels),
         cond_dim=0,
     )
     return ConditionalUNet3D(config)
@@ -139,26 +112,23 @@ def make_ddpm_model(
 
 def train_ddpm(
     rois: Sequence[Roi],
-    settings: InpaintSettings,
-    config: GeneratorTrainConfig,
+    params: DdpmParams,
     checkpoint_root: Path,
     *,
     seed: int,
     device: torch.device | str = "cpu",
     warn: Callable[[str], None] = print,
-    base_channels: int = 8,
-    channel_mults: tuple[int, ...] = (1, 2),
-    attention_levels: tuple[bool, ...] | None = None,
 ) -> GeneratorTrainOutcome:
-    """Train the unconditional DDPM (eps MSE over the whole patch) on ``rois``; resumes from ``checkpoint_root``
-    like every generator. Use ``outcome.ema`` for sampling."""
-    batches = patch_batches(rois, config.batch_size, seed)
+    """Train the unconditional DDPM (eps MSE over the whole patch; network, schedule and optimisation from
+    ``params``) on ``rois``; resumes from ``checkpoint_root`` like every generator. Use ``outcome.ema`` for
+    sampling."""
+    batches = patch_batches(rois, params.batch_size, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # weight init only; every draw of the loop takes its own generator
-        model = make_ddpm_model(rois[0].image.shape[0], base_channels, channel_mults, attention_levels)
-    schedule = settings.noise_schedule()
+        model = make_ddpm_model(rois[0].image.shape[0], params)
+    schedule = noise_schedule(params)
     loss = partial(eps_loss, schedule=schedule, kind="l2")
-    return train_generator(model, batches, loss, schedule, config, checkpoint_root, device, seed, warn)
+    return train_generator(model, batches, loss, schedule, params, checkpoint_root, device, seed, warn)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -175,7 +145,7 @@ def _check_model(model: ConditionalUNet3D, channels: int) -> None:
 
 def inpaint_batch(
     model: ConditionalUNet3D,
-    settings: InpaintSettings,
+    params: DdpmParams,
     image_rois: np.ndarray,
     masks: np.ndarray,
     generator: torch.Generator,
@@ -205,11 +175,11 @@ def inpaint_batch(
         make_eps_fn(model.eval()),
         known,
         where,
-        settings.noise_schedule(),
-        jump_length=settings.jump_length,
-        jump_n_sample=settings.jump_n_sample,
+        noise_schedule(params),
+        jump_length=params.jump_length,
+        jump_n_sample=params.jump_n_sample,
         generator=generator,
-        clip_denoised=settings.clip_range,
+        clip_denoised=CLIP_RANGE,
     )
     # The background comes from the input array itself: exact whatever the input dtype.
     inside = m[todo][:, None]
@@ -219,7 +189,7 @@ def inpaint_batch(
 
 def inpaint(
     model: ConditionalUNet3D,
-    settings: InpaintSettings,
+    params: DdpmParams,
     image_roi: np.ndarray,
     mask: np.ndarray,
     generator: torch.Generator,
@@ -232,7 +202,7 @@ def inpaint(
     m = np.asarray(mask)
     if m.shape != image.shape[1:]:
         raise ValueError(f"mask shape {m.shape} does not match the ROI {image.shape[1:]}")
-    return inpaint_batch(model, settings, image[None], m[None], generator)[0]
+    return inpaint_batch(model, params, image[None], m[None], generator)[0]
 
 
 def removal_mask(lesion_mask: np.ndarray, dilation: int) -> np.ndarray:
@@ -252,25 +222,25 @@ def removal_mask(lesion_mask: np.ndarray, dilation: int) -> np.ndarray:
 
 def remove_lesion(
     model: ConditionalUNet3D,
-    settings: InpaintSettings,
+    params: DdpmParams,
     image_roi: np.ndarray,
     lesion_mask: np.ndarray,
     generator: torch.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Replace the lesion (grown by ``settings.removal_dilation``) with tissue sampled by the DDPM. Returns
+    """Replace the lesion (grown by ``params.removal_dilation``) with tissue sampled by the DDPM. Returns
     (image, the mask actually regenerated); outside that mask the image is the input bit for bit."""
     lesion = np.asarray(lesion_mask)
     if lesion.shape != np.shape(image_roi)[1:]:
         raise ValueError(f"lesion_mask shape {lesion.shape} does not match the ROI {np.shape(image_roi)[1:]}")
     if not lesion.any():
         raise ValueError("the lesion mask is empty: there is no lesion to remove")
-    region = removal_mask(lesion, settings.removal_dilation)
-    return inpaint(model, settings, image_roi, region, generator), region
+    region = removal_mask(lesion, params.removal_dilation)
+    return inpaint(model, params, image_roi, region, generator), region
 
 
 def insert_lesion(
     model: ConditionalUNet3D,
-    settings: InpaintSettings,
+    params: DdpmParams,
     image_roi: np.ndarray,
     mask: np.ndarray,
     generator: torch.Generator,
@@ -279,4 +249,4 @@ def insert_lesion(
     sample inside ``mask`` exactly as given (no dilation). An unconditional model fills the mask with whatever its
     training patches make likely there, which is why LeFusion adds the lesion-focused loss and histogram control.
     Empty mask: the input unchanged."""
-    return inpaint(model, settings, image_roi, mask, generator)
+    return inpaint(model, params, image_roi, mask, generator)

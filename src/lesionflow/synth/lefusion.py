@@ -14,7 +14,7 @@ References:
   (Algorithm 1) that the lesion-focused loss masks.
 
 Conventions: ROI images are (c, x, y, z) float32 in the store's normalized units; masks (x, y, z) bool, True =
-lesion (= generate). ``C = len(settings.class_values)`` lesion classes give the network ``C * c`` image channels:
+lesion (= generate). ``C = len(class_values)`` lesion classes give the network ``C * c`` image channels:
 block ``k`` (channels ``k*c .. (k+1)*c - 1``) is a copy of the image that is trained and generated for class
 ``class_values[k]`` only. The condition is the concatenation of the C per-class intensity histograms (``bins``
 values each, zeros for a class absent from the lesion; [LeFusion] histogram-based texture control), added to the
@@ -39,10 +39,8 @@ time embedding.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -50,19 +48,21 @@ from torch import Tensor, nn
 
 from lesionflow.diffusion.samplers import repaint_sample
 from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule
-from lesionflow.diffusion.trainer import GeneratorTrainConfig, GeneratorTrainOutcome, eps_loss, train_generator
+from lesionflow.diffusion.trainer import GeneratorTrainOutcome, eps_loss, train_generator
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
+from lesionflow.params_synth import LeFusionParams
 from lesionflow.seeding import rng_for
 from lesionflow.synth.histograms import HistogramBank, lesion_histogram
 from lesionflow.synth.placement import merge_class_channels
 from lesionflow.synth.rois import Roi
 
 __all__ = [
-    "LeFusionSettings",
+    "checked_classes",
     "class_masks",
     "classes_without_lesions",
     "lesion_conditions",
     "make_model",
+    "noise_schedule",
     "rois_with_classes",
     "synthesize_batch",
     "synthesize_in_roi",
@@ -71,39 +71,19 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class LeFusionSettings:
-    """Diffusion and conditioning settings (toy defaults; the authors': T=300 cosine, j=r=5, 16 bins).
+def checked_classes(class_values: Sequence[int]) -> tuple[int, ...]:
+    """The lesion classes as ints, in order: one channel block and one histogram block per class (EMIDEC:
+    ``(3, 4)`` = MI, PMO). They come from the plan's label values, not from params, so every function that needs
+    them takes them as an argument; they must be distinct label values in 1..255."""
+    values = tuple(int(v) for v in class_values)
+    if not values or len(set(values)) != len(values) or any(not 0 < v <= 255 for v in values):
+        raise ValueError(f"class_values must be distinct label values in 1..255, got {class_values!r}")
+    return values
 
-    ``class_values`` are the label values of the lesion classes, one channel block and one histogram block per
-    class, in this order (EMIDEC: ``(3, 4)`` = MI, PMO).
-    """
 
-    timesteps: int = 50
-    bins: int = 16
-    value_range: tuple[float, float] = (-3.0, 3.0)  # z-scored units: the histogram's support
-    loss_normalize: Literal["all", "mask"] = "all"
-    jump_length: int = 2
-    jump_n_sample: int = 2
-    bank_k: int = 3
-    class_values: tuple[int, ...] = (1,)
-
-    def __post_init__(self) -> None:
-        values = tuple(int(v) for v in self.class_values)
-        if not values or len(set(values)) != len(values) or any(not 0 < v <= 255 for v in values):
-            raise ValueError(f"class_values must be distinct label values in 1..255, got {self.class_values!r}")
-        object.__setattr__(self, "class_values", values)
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_values)
-
-    @property
-    def cond_dim(self) -> int:
-        return self.n_classes * self.bins
-
-    def schedule(self) -> NoiseSchedule:
-        return cosine_schedule(self.timesteps)
+def noise_schedule(params: LeFusionParams) -> NoiseSchedule:
+    """The cosine schedule of ``params.timesteps`` steps (s = 0.008), for training and sampling alike."""
+    return cosine_schedule(params.timesteps)
 
 
 # --------------------------------------------------------------------------- classes and conditions
@@ -138,21 +118,22 @@ def rois_with_classes(rois: Sequence[Roi], class_values: Sequence[int]) -> list[
     return [r for r in rois if class_masks(r.label, r.mask, class_values).any()]
 
 
-def lesion_conditions(rois: Sequence[Roi], settings: LeFusionSettings) -> np.ndarray:
+def lesion_conditions(rois: Sequence[Roi], params: LeFusionParams, class_values: Sequence[int]) -> np.ndarray:
     """(n, C * bins) training conditions: per class, the histogram of the ROI's first channel inside the class
     mask (a block of zeros for a class absent from the lesion), concatenated in ``class_values`` order."""
     if not rois:
         raise ValueError("no lesion ROIs: the training cases have no labelled lesion")
+    classes = checked_classes(class_values)
     rows = []
     for roi in rois:
-        masks = class_masks(roi.label, roi.mask, settings.class_values)
+        masks = class_masks(roi.label, roi.mask, classes)
         if not masks.any():
             raise ValueError(
-                f"ROI {roi.case_id}/lesion {roi.index} has no voxel of classes {list(settings.class_values)} "
+                f"ROI {roi.case_id}/lesion {roi.index} has no voxel of classes {list(classes)} "
                 "(filter the ROIs with rois_with_classes)"
             )
         blocks = [
-            lesion_histogram(roi.image, m, settings.bins, settings.value_range) if m.any() else np.zeros(settings.bins)
+            lesion_histogram(roi.image, m, params.bins, params.value_range) if m.any() else np.zeros(params.bins)
             for m in masks
         ]
         rows.append(np.concatenate(blocks))
@@ -167,24 +148,25 @@ def training_batches(
     conditions: np.ndarray,
     batch_size: int,
     seed: int,
-    settings: LeFusionSettings | None = None,
+    params: LeFusionParams | None = None,
+    class_values: Sequence[int] = (1,),
 ) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batches(i)``: micro-batch ``i`` as a pure function of (seed, i): ROIs drawn uniformly, each flipped
     along x with probability 1/2 (the authors' one in-plane flip). Keys: image (B, C*c, *size) float32 (the ROI
     image tiled C times, block k for class k), mask (B, C*c, *size) float32 (block k = class mask k), cond
-    (B, C*bins) float32. ``settings`` None = the defaults (one class)."""
-    settings = settings or LeFusionSettings()
-    if len(conditions) != len(rois) or np.shape(conditions)[1:] != (settings.cond_dim,):
-        raise ValueError(
-            f"conditions shape {np.shape(conditions)} does not match {len(rois)} ROIs x {settings.cond_dim} values"
-        )
+    (B, C*bins) float32. ``params`` None = the defaults (``bins``); one class unless ``class_values`` say more."""
+    bins = (params or LeFusionParams()).bins
+    classes = checked_classes(class_values)
+    cond_dim = len(classes) * bins
+    if len(conditions) != len(rois) or np.shape(conditions)[1:] != (cond_dim,):
+        raise ValueError(f"conditions shape {np.shape(conditions)} does not match {len(rois)} ROIs x {cond_dim} values")
     images = np.stack([r.image.astype(np.float32) for r in rois])
     c_img = images.shape[1]
     # Class masks repeated per image channel: (n, C*c, *size), block k = class k (uint8 keeps it 4x smaller).
-    masks = np.stack([np.repeat(class_masks(r.label, r.mask, settings.class_values), c_img, axis=0) for r in rois])
+    masks = np.stack([np.repeat(class_masks(r.label, r.mask, classes), c_img, axis=0) for r in rois])
     masks = masks.astype(np.uint8)
     conds = conditions.astype(np.float32)
-    tiles = settings.n_classes
+    tiles = len(classes)
 
     def batches(i: int) -> dict[str, torch.Tensor]:
         # Same draws, in the same order, as the single-class version: the batches do not depend on C.
@@ -205,22 +187,17 @@ def training_batches(
     return batches
 
 
-def make_model(
-    image_channels: int,
-    settings: LeFusionSettings,
-    base_channels: int = 8,
-    channel_mults: tuple[int, ...] = (1, 2),
-    attention_levels: tuple[bool, ...] | None = None,
-) -> ConditionalUNet3D:
-    """The LeFusion UNet: ``C * image_channels`` in and out, condition of ``C * bins`` values, no attention by
-    default (``attention_levels`` None = none)."""
+def make_model(image_channels: int, params: LeFusionParams, class_values: Sequence[int]) -> ConditionalUNet3D:
+    """The LeFusion UNet: ``C * image_channels`` in and out, condition of ``C * bins`` values, the architecture
+    (width, levels, attention) of ``params``."""
+    n_classes = len(checked_classes(class_values))
     config = UNetConfig(
-        in_channels=settings.n_classes * image_channels,
-        out_channels=settings.n_classes * image_channels,
-        base_channels=base_channels,
-        channel_mults=tuple(channel_mults),
-        attention_levels=tuple(attention_levels) if attention_levels is not None else (False,) * len(channel_mults),
-        cond_dim=settings.cond_dim,
+        in_channels=n_classes * image_channels,
+        out_channels=n_classes * image_channels,
+        base_channels=params.base_channels,
+        channel_mults=tuple(params.channel_mults),
+        attention_levels=tuple(params.attention_levels),
+        cond_dim=n_classes * params.bins,
     )
     return ConditionalUNet3D(config)
 
@@ -235,34 +212,31 @@ def _blockwise_loss(
 
 def train_lefusion(
     rois: Sequence[Roi],
-    settings: LeFusionSettings,
-    config: GeneratorTrainConfig,
+    params: LeFusionParams,
+    class_values: Sequence[int],
     checkpoint_root: Path,
     *,
     seed: int,
     device: torch.device | str = "cpu",
     warn: Callable[[str], None] = print,
-    base_channels: int = 8,
-    channel_mults: tuple[int, ...] = (1, 2),
-    attention_levels: tuple[bool, ...] | None = None,
 ) -> tuple[GeneratorTrainOutcome, HistogramBank]:
-    """Train LeFusion on lesion ROIs; return the outcome (EMA weights for sampling) and the histogram bank fitted
-    on the (n, C * bins) training conditions."""
-    conditions = lesion_conditions(rois, settings)
+    """Train LeFusion on lesion ROIs (network, schedule and optimisation from ``params``, one channel block per
+    class of ``class_values``); return the outcome (EMA weights for sampling) and the histogram bank fitted on the
+    (n, C * bins) training conditions."""
+    classes = checked_classes(class_values)
+    conditions = lesion_conditions(rois, params, classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # weight init only; every draw of the loop takes its own generator
-        model = make_model(rois[0].image.shape[0], settings, base_channels, channel_mults, attention_levels)
-    schedule = settings.schedule()
+        model = make_model(rois[0].image.shape[0], params, classes)
+    schedule = noise_schedule(params)
     loss: Callable[[nn.Module, dict[str, Tensor], torch.Generator], Tensor]
-    if settings.loss_normalize == "all" and settings.n_classes > 1:
-        loss = partial(_blockwise_loss, schedule=schedule, blocks=settings.n_classes)
+    if params.loss_normalize == "all" and len(classes) > 1:
+        loss = partial(_blockwise_loss, schedule=schedule, blocks=len(classes))
     else:
-        loss = partial(eps_loss, schedule=schedule, kind="l1", normalize=settings.loss_normalize)
-    batches = training_batches(rois, conditions, config.batch_size, seed, settings)
-    outcome = train_generator(model, batches, loss, schedule, config, checkpoint_root, device, seed, warn)
-    bank = HistogramBank.fit(
-        conditions, settings.bank_k, seed=seed, bins=settings.bins, value_range=settings.value_range
-    )
+        loss = partial(eps_loss, schedule=schedule, kind="l1", normalize=params.loss_normalize)
+    batches = training_batches(rois, conditions, params.batch_size, seed, params, classes)
+    outcome = train_generator(model, batches, loss, schedule, params, checkpoint_root, device, seed, warn)
+    bank = HistogramBank.fit(conditions, params.bank_k, seed=seed, bins=params.bins, value_range=params.value_range)
     return outcome, bank
 
 
@@ -275,7 +249,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def synthesize_batch(
     model: ConditionalUNet3D,
-    settings: LeFusionSettings,
+    params: LeFusionParams,
+    class_values: Sequence[int],
     image_rois: np.ndarray,
     masks: np.ndarray,
     histograms: np.ndarray,
@@ -290,7 +265,7 @@ def synthesize_batch(
     single-item call with the same generator.
     """
     images = np.asarray(image_rois)
-    n_classes, bins = settings.n_classes, settings.bins
+    n_classes, bins = len(checked_classes(class_values)), params.bins
     if images.ndim != 5:
         raise ValueError(f"image_rois must be (B, c, x, y, z), got shape {images.shape}")
     b, c_img, *size = images.shape
@@ -328,11 +303,11 @@ def synthesize_batch(
         make_eps_fn(model.eval(), cond=cond),
         known,
         where,
-        settings.schedule(),
-        jump_length=settings.jump_length,
-        jump_n_sample=settings.jump_n_sample,
+        noise_schedule(params),
+        jump_length=params.jump_length,
+        jump_n_sample=params.jump_n_sample,
         generator=generator,
-        clip_denoised=settings.value_range,  # x0_hat clamped to the histogram support (z-scored units)
+        clip_denoised=params.value_range,  # x0_hat clamped to the histogram support (z-scored units)
     )
     generated = out.float().cpu().numpy().reshape(b, n_classes, c_img, *size)
     # 3. merge the class blocks per image channel ([LeFusion] multi-channel decomposition): block k inside class
@@ -347,7 +322,8 @@ def synthesize_batch(
 
 def synthesize_in_roi(
     model: ConditionalUNet3D,
-    settings: LeFusionSettings,
+    params: LeFusionParams,
+    class_values: Sequence[int],
     image_roi: np.ndarray,
     masks: np.ndarray,
     histogram: np.ndarray,
@@ -359,17 +335,17 @@ def synthesize_in_roi(
     image = np.asarray(image_roi)
     if image.ndim != 4:
         raise ValueError(f"image_roi must be (c, x, y, z), got shape {image.shape}")
+    n_classes = len(checked_classes(class_values))
+    cond_dim = n_classes * params.bins
     m = np.asarray(masks)
-    if m.shape != image.shape[1:] and m.shape != (settings.n_classes, *image.shape[1:]):
+    if m.shape != image.shape[1:] and m.shape != (n_classes, *image.shape[1:]):
         raise ValueError(
-            f"mask shape {m.shape} does not match the ROI: expected {(settings.n_classes, *image.shape[1:])}"
-            + (f" or {image.shape[1:]}" if settings.n_classes == 1 else "")
+            f"mask shape {m.shape} does not match the ROI: expected {(n_classes, *image.shape[1:])}"
+            + (f" or {image.shape[1:]}" if n_classes == 1 else "")
         )
-    if m.ndim == 3 and settings.n_classes != 1:
-        raise ValueError(f"{settings.n_classes} classes need (C, x, y, z) class masks, got one mask {m.shape}")
+    if m.ndim == 3 and n_classes != 1:
+        raise ValueError(f"{n_classes} classes need (C, x, y, z) class masks, got one mask {m.shape}")
     hist = np.asarray(histogram)
-    if hist.shape != (settings.cond_dim,):
-        raise ValueError(
-            f"histogram must have {settings.cond_dim} values (C*bins): expected {settings.cond_dim}, got {hist.shape}"
-        )
-    return synthesize_batch(model, settings, image[None], m[None], hist[None], generator)[0]
+    if hist.shape != (cond_dim,):
+        raise ValueError(f"histogram must have {cond_dim} values (C*bins): expected {cond_dim}, got {hist.shape}")
+    return synthesize_batch(model, params, class_values, image[None], m[None], hist[None], generator)[0]

@@ -38,7 +38,7 @@ instead of latents), for n = 1..N, over DDIM timesteps ``τ_S > ... > τ_1`` (S 
 3. blend toward the initial volume: ``x_n = x_0 + β ⊙ (x - x_0)``, β = β2 inside M and β1 outside;
 4. with ``β1 = 0``: hard paste ``x_n ← M ⊙ x_n + (1 - M) ⊙ x_0``, so the background is the input bit for bit.
 
-Because step 2's DDIM output is clamped to ``clip_range`` (lo, hi), every voxel outside M obeys
+Because step 2's DDIM output is clamped to ``CLIP_RANGE`` (lo, hi), every voxel outside M obeys
 ``|x_n - x_0| <= β1 · max(hi - x_0, x_0 - lo)``: the bound the progression gate checks.
 """
 
@@ -56,19 +56,23 @@ from scipy import ndimage
 
 from lesionflow.diffusion.samplers import ddim_step, ddim_timesteps, noise_known
 from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule
-from lesionflow.diffusion.trainer import GeneratorTrainConfig, GeneratorTrainOutcome, eps_loss, train_generator
+from lesionflow.diffusion.trainer import GeneratorTrainOutcome, eps_loss, train_generator
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
+from lesionflow.params_synth import PieParams
 from lesionflow.seeding import rng_for
 from lesionflow.synth.rois import Roi
 
 __all__ = [
-    "PieSettings",
+    "CLIP_RANGE",
     "SeverityScale",
     "Trajectory",
     "edit_mask",
+    "edit_timesteps",
     "fit_severity_scale",
     "lesion_intensity_split",
+    "loop_settings",
     "make_pie_model",
+    "noise_schedule",
     "progress",
     "severity_batches",
     "train_pie",
@@ -77,57 +81,32 @@ __all__ = [
 SeveritySource = Literal["volume", "class"]
 
 
-@dataclass(frozen=True)
-class PieSettings:
-    """Loop settings (toy defaults except the paper's N = 10, γ = 0.5, w = 7.5, β1 = 0.01, β2 = 0.75; the paper
-    runs 50 DDIM steps, i.e. 25 per iteration; defaults of https://github.com/IrohXu/PIE ``run_pie.py``).
-    ``clip_range`` clamps x0_hat in the data's z-scored units."""
+CLIP_RANGE: tuple[float, float] = (-5.0, 5.0)  # x0_hat clamp of every DDIM step, in the data's z-scored units
 
-    timesteps: int = 50
-    ddim_steps: int = 10
-    iterations: int = 10
-    strength: float = 0.5
-    guidance: float = 7.5
-    beta_outside: float = 0.01
-    beta_inside: float = 0.75
-    clip_range: tuple[float, float] = (-5.0, 5.0)
 
-    def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"PIE needs at least one iteration, got N = {self.iterations}; set iterations >= 1")
-        if not 0 < self.strength <= 1:
-            raise ValueError(f"strength γ must lie in (0, 1], got {self.strength}")
-        if not 1 <= self.ddim_steps <= self.timesteps:
-            raise ValueError(f"ddim_steps must lie in [1, timesteps = {self.timesteps}], got {self.ddim_steps}")
-        if self.kept_steps < 1:
-            raise ValueError(
-                f"strength γ = {self.strength} keeps int({self.ddim_steps} · {self.strength}) = 0 of the "
-                f"{self.ddim_steps} DDIM steps; raise strength or ddim_steps"
-            )
-        for name in ("beta_outside", "beta_inside"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.guidance < 0:
-            raise ValueError(f"guidance w must be >= 0, got {self.guidance}")
-        if not self.clip_range[0] < self.clip_range[1]:
-            raise ValueError(f"clip_range must be (low, high) with low < high, got {self.clip_range}")
+def noise_schedule(params: PieParams) -> NoiseSchedule:
+    """The cosine schedule of ``params.timesteps`` steps, for training and editing alike."""
+    return cosine_schedule(params.timesteps)
 
-    @property
-    def kept_steps(self) -> int:
-        """K = int(S · γ): the DDIM steps each iteration runs (the paper: int(50 · 0.5) = 25)."""
-        return int(self.ddim_steps * self.strength)
 
-    @property
-    def exact_background(self) -> bool:
-        """β1 = 0 mode: the final hard paste keeps every voxel outside M bit for bit."""
-        return self.beta_outside == 0
+def edit_timesteps(params: PieParams) -> list[int]:
+    """The kept DDIM indices, highest noise first (τ_K .. τ_1; K = ``params.kept_steps``)."""
+    return ddim_timesteps(params.timesteps, params.ddim_steps)[-params.kept_steps :]
 
-    def noise_schedule(self) -> NoiseSchedule:
-        return cosine_schedule(self.timesteps)
 
-    def edit_timesteps(self) -> list[int]:
-        """The kept DDIM indices, highest noise first (τ_K .. τ_1)."""
-        return ddim_timesteps(self.timesteps, self.ddim_steps)[-self.kept_steps :]
+def loop_settings(params: PieParams) -> dict[str, Any]:
+    """What a trajectory records of the loop (its ``settings``, read back by the progression gate): the loop's
+    fields of ``params`` and the clamp, under the names and in the order trajectories have always carried."""
+    return {
+        "timesteps": params.timesteps,
+        "ddim_steps": params.ddim_steps,
+        "iterations": params.iterations,
+        "strength": params.strength,
+        "guidance": params.guidance,
+        "beta_outside": params.beta_outside,
+        "beta_inside": params.beta_inside,
+        "clip_range": list(CLIP_RANGE),
+    }
 
 
 # --------------------------------------------------------------------------- severity
@@ -236,23 +215,18 @@ def severity_batches(
     return batches
 
 
-def make_pie_model(
-    image_channels: int,
-    cond_dropout: float,
-    base_channels: int = 8,
-    channel_mults: tuple[int, ...] = (1, 2),
-    attention_levels: tuple[bool, ...] | None = None,
-) -> ConditionalUNet3D:
+def make_pie_model(image_channels: int, params: PieParams) -> ConditionalUNet3D:
     """The severity-conditioned UNet: ``image_channels`` in and out, a 1-value condition with CFG dropout
-    (Ho & Salimans, https://arxiv.org/abs/2207.12598, Algorithm 1)."""
+    ``params.cond_dropout`` (Ho & Salimans, https://arxiv.org/abs/2207.12598, Algorithm 1), the architecture
+    (width, levels, attention) of ``params``."""
     config = UNetConfig(
         in_channels=image_channels,
         out_channels=image_channels,
-        base_channels=base_channels,
-        channel_mults=tuple(channel_mults),
-        attention_levels=tuple(attention_levels) if attention_levels is not None else (False,) * len(channel_mults),
+        base_channels=params.base_channels,
+        channel_mults=tuple(params.channel_mults),
+        attention_levels=tuple(params.attention_levels),
         cond_dim=1,
-        cond_dropout=cond_dropout,
+        cond_dropout=params.cond_dropout,
     )
     return ConditionalUNet3D(config)
 
@@ -260,28 +234,24 @@ def make_pie_model(
 def train_pie(
     rois: Sequence[Roi],
     scale: SeverityScale,
-    settings: PieSettings,
-    config: GeneratorTrainConfig,
+    params: PieParams,
     checkpoint_root: Path,
     *,
     seed: int,
-    cond_dropout: float = 0.1,
     device: torch.device | str = "cpu",
     warn: Callable[[str], None] = print,
-    base_channels: int = 8,
-    channel_mults: tuple[int, ...] = (1, 2),
-    attention_levels: tuple[bool, ...] | None = None,
 ) -> GeneratorTrainOutcome:
-    """Train the severity-conditioned DDPM (eps MSE over the whole ROI, condition dropped with ``cond_dropout``)
-    on lesion and candidate ROIs; resumes from ``checkpoint_root`` like every generator."""
+    """Train the severity-conditioned DDPM (eps MSE over the whole ROI, condition dropped with
+    ``params.cond_dropout``; network, schedule and optimisation from ``params``) on lesion and candidate ROIs
+    scored by ``scale``; resumes from ``checkpoint_root`` like every generator."""
     severities = np.array([scale.of_roi(r) for r in rois], dtype=np.float32)
-    batches = severity_batches(rois, severities, config.batch_size, seed)
+    batches = severity_batches(rois, severities, params.batch_size, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # weight init only; every draw of the loop takes its own generator
-        model = make_pie_model(rois[0].image.shape[0], cond_dropout, base_channels, channel_mults, attention_levels)
-    schedule = settings.noise_schedule()
+        model = make_pie_model(rois[0].image.shape[0], params)
+    schedule = noise_schedule(params)
     loss = partial(eps_loss, schedule=schedule, kind="l2")
-    return train_generator(model, batches, loss, schedule, config, checkpoint_root, device, seed, warn)
+    return train_generator(model, batches, loss, schedule, params, checkpoint_root, device, seed, warn)
 
 
 # --------------------------------------------------------------------------- the editing loop
@@ -339,7 +309,7 @@ def _check_inputs(
 
 def progress(
     model: ConditionalUNet3D,
-    settings: PieSettings,
+    params: PieParams,
     start: np.ndarray,
     roi_mask: np.ndarray | None,
     target_severity: float,
@@ -358,17 +328,17 @@ def progress(
     mask = _check_inputs(model, start, roi_mask, whole_volume)
     dtype = np.result_type(np.float32, start.dtype)
     device = next(model.parameters()).device
-    schedule = settings.noise_schedule()
-    taus = settings.edit_timesteps()
+    schedule = noise_schedule(params)
+    taus = edit_timesteps(params)
     x0 = torch.from_numpy(np.ascontiguousarray(start, dtype=np.float32))[None].to(device)
     inside = torch.from_numpy(mask)[None, None].to(device)
     cond = torch.full((1, 1), float(target_severity), dtype=torch.float32, device=device)
-    eps_fn = make_eps_fn(model.eval(), cond, None, settings.guidance)
-    beta = torch.where(inside, settings.beta_inside, settings.beta_outside).to(torch.float32)
+    eps_fn = make_eps_fn(model.eval(), cond, None, params.guidance)
+    beta = torch.where(inside, params.beta_inside, params.beta_outside).to(torch.float32)
     t_batch = torch.zeros(1, dtype=torch.long, device=device)
     frames = [start.astype(dtype, copy=True)]
     previous = x0
-    for n in range(1, settings.iterations + 1):
+    for n in range(1, params.iterations + 1):
         # 1. x = q(x_{n-1}, τ_K): roll the previous frame back to the start level ([PIE] Algorithm 1, strength γ)
         x = noise_known(schedule, previous, taus[0], generator)
         for k, (t, t_prev) in enumerate(zip(taus, [*taus[1:], -1], strict=True)):
@@ -379,16 +349,16 @@ def progress(
             # 2b. one DDIM step (η = 0, [DDIM] Eq. 12) with classifier-free guidance ([CFG] Eq. 6 / Algorithm 2)
             #     toward the target severity
             eps = eps_fn(x, t_batch.fill_(t))
-            x = ddim_step(schedule, eps, x, t, t_prev, 0.0, generator, clip_denoised=settings.clip_range)
+            x = ddim_step(schedule, eps, x, t, t_prev, 0.0, generator, clip_denoised=CLIP_RANGE)
         # 3. x_n = x_0 + β ⊙ (x - x_0), β2 inside M, β1 outside ([PIE] Algorithm 1, the β1/β2 blend)
         blended = (x0 + beta * (x - x0))[0].cpu().numpy().astype(dtype)
         # 4. β1 = 0: the background is the start array itself (no float round trip; ours, not a step of [PIE])
-        frame = np.where(mask, blended, start) if settings.exact_background else blended
+        frame = np.where(mask, blended, start) if params.exact_background else blended
         frames.append(frame.astype(dtype, copy=False))
         previous = torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32))[None].to(device)
         if on_frame is not None:
             on_frame(n)
-    return Trajectory(np.stack(frames), mask, float(target_severity), settings.exact_background)
+    return Trajectory(np.stack(frames), mask, float(target_severity), params.exact_background)
 
 
 # --------------------------------------------------------------------------- where a trajectory starts
