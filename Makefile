@@ -43,10 +43,12 @@ test: setup  ## run the test suite
 test-quick: setup  ## the suite without the tests marked slow (servers, browser, cluster, full pipelines)
 	$(BIN)/pytest -q -m "not slow"
 
-lint: setup  ## ruff (lint + format check) and mypy
+lint: setup  ## ruff (lint + format check), mypy, the import layers (import-linter) and dvc.yaml = the declarations
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/lesionflow dvc-yaml --check
 
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

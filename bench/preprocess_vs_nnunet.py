@@ -38,6 +38,8 @@ from pathlib import Path
 
 import _common as c
 
+from lesionflow.catalog.artifacts import RAW_CASES, RAW_MANIFEST
+
 OUR_WORKER_IMPORTS = (
     "import psutil, distributed, nibabel, zarr, scipy.ndimage\n"
     "import lesionflow.stages.preprocess, lesionflow.preprocess.ops, lesionflow.store.zarr_store"
@@ -120,14 +122,16 @@ def profile_case(ws_root: Path, scratch: Path, with_cprofile: bool) -> dict:
     import tracemalloc
     from dataclasses import asdict
 
+    from lesionflow.catalog.readers import load_plan
     from lesionflow.manifest import read_manifest
-    from lesionflow.stages.plan import load_plan
     from lesionflow.stages.preprocess import process_case
     from lesionflow.workspace import Workspace
 
     ws = Workspace.at(ws_root)
-    rec = max(read_manifest(ws.raw_manifest), key=lambda r: (ws.raw_cases / r.case_id / "image.nii.gz").stat().st_size)
-    call = (str(ws.raw_cases / rec.case_id), asdict(rec), load_plan(ws).to_dict(), str(scratch), "profile")
+    rec = max(
+        read_manifest(RAW_MANIFEST.at(ws)), key=lambda r: (RAW_CASES.at(ws) / r.case_id / "image.nii.gz").stat().st_size
+    )
+    call = (str(RAW_CASES.at(ws) / rec.case_id), asdict(rec), load_plan(ws).to_dict(), str(scratch), "profile")
     process_case(*call, "float32", "onehot_linear")  # warm: imports, first-call caches
     tracemalloc.start()
     t0 = time.perf_counter()

@@ -33,9 +33,8 @@ def _prepare(tmp: Path, args: argparse.Namespace) -> tuple[Path, list[str], Any]
     root = c.make_workspace(tmp / "ws")
     c.build_demo(args.kind, args.cases, args.size, root / "data" / "demo")
     c.run_stages(root, ["ingest", "validate-raw", "plan", "preprocess", "validate-processed"], ["preprocess.workers=2"])
+    from lesionflow.catalog.readers import load_plan, splits
     from lesionflow.params import load_params
-    from lesionflow.stages.plan import load_plan
-    from lesionflow.stages.segdata import splits
     from lesionflow.workspace import Workspace
 
     ws = Workspace.at(root)

@@ -126,7 +126,6 @@ def run_stages(
     from tasks.stages import dvc_commit, run_stage
     from tasks.storage import dvc_push, publish_stage_stores, result_storage, with_retries
 
-    params_json = params.model_dump(mode="json")
     results = [] if results is None else results
     in_dvc = is_dvc_repo(ws)
     remote = params.storage.remote
@@ -134,7 +133,7 @@ def run_stages(
     stage_task = run_stage.with_options(result_storage=results_on) if results_on is not None else run_stage
     publish = with_retries(publish_stage_stores, params.storage)
     for stage in names:
-        state = stage_task(stage, str(ws.root), params_json, return_state=True)
+        state = stage_task(stage, str(ws.root), params, return_state=True)
         _raise_if_failed(state, stage)
         result: dict[str, Any] = state.result()
         _print_findings(stage, result)

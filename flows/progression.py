@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
 from flows.common import DEFAULT_LOCK_TIMEOUT_S, fail
+from lesionflow.catalog.artifacts import PROGRESSION_PICTURES
 from lesionflow.errors import LesionflowError
 from lesionflow.params import load_params
 from lesionflow.workspace import Workspace
@@ -27,7 +28,7 @@ from lesionflow.workspace_lock import workspace_lock
 def pie_trajectory(
     workspace: str, params_file: str, case_id: str, target_severity: float, roi_mask: str, whole_volume: bool
 ) -> dict[str, Any]:
-    from lesionflow.stages.progression import run_one
+    from lesionflow.stages.synthesize.trajectories import run_one
 
     ws = Workspace.at(workspace)
     params = load_params(ws.path(params_file), [])
@@ -40,7 +41,7 @@ def _number(value: float | None) -> str:
 
 def _markdown(record: dict[str, Any], workspace: Workspace) -> str:
     tid = record["trajectory_id"]
-    pictures = workspace.root / "reports" / "synthesize" / "progression"
+    pictures = PROGRESSION_PICTURES.at(workspace)
     severities = ", ".join(str(v) for v in record["frame_severity_voxels"])
     return "\n".join(
         [

@@ -25,23 +25,18 @@ retries API calls with backoff (PREFECT_CLIENT_MAX_RETRIES), so there is no retr
 from __future__ import annotations
 
 import base64
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
+from lesionflow.catalog.artifacts import METRICS, Artifact, Dvc, Kind
+from lesionflow.catalog.readers import read_json, stage_summary
 from lesionflow.params import Params
+from lesionflow.stages import STAGES
 from lesionflow.workspace import Workspace
 
 MAX_INLINE_IMAGE_BYTES = 512 * 1024
-GATE_REPORTS = {
-    "validate-raw": "raw",
-    "validate-processed": "processed",
-    "validate-synthetic": "synthetic",
-    "validate-metrics": "metrics",
-}
 ArtifactKind = Literal["table", "link", "markdown", "image"]
 
 
@@ -59,16 +54,24 @@ class ArtifactSpec:
     image_url: str = ""
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def gate_reports(stage: str) -> tuple[Artifact, ...]:
+    """The gate report folders a stage writes (from its declaration)."""
+    return tuple(a for a in STAGES[stage].writes if a.kind is Kind.GATE_REPORT)
 
 
-def _image(ws: Workspace, stage: str, rel: str, key: str, what: str) -> list[ArtifactSpec]:
-    path = ws.path(rel)
+def pictures(stage: str) -> tuple[Artifact, ...]:
+    """The PNG reports a stage writes (from its declaration)."""
+    return tuple(a for a in STAGES[stage].writes if a.dvc is Dvc.REPORT and a.path.endswith(".png"))
+
+
+def _key(artifact: Artifact) -> str:
+    """A stable Prefect artifact key from the catalog name (``train.curves`` -> ``train-curves``)."""
+    return artifact.name.removesuffix(".report").replace(".", "-")
+
+
+def _image(ws: Workspace, stage: str, artifact: Artifact) -> list[ArtifactSpec]:
+    rel, key, what = artifact.path, _key(artifact), artifact.description
+    path = artifact.at(ws)
     if not path.is_file():
         return []
     data = path.read_bytes()
@@ -100,10 +103,10 @@ def _number_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def gate_artifacts(ws: Workspace, stage: str) -> list[ArtifactSpec]:
-    """The failed-expectations table and the HTML report link of gate ``stage`` (empty when it wrote nothing)."""
-    folder = ws.reports / "quality" / GATE_REPORTS[stage]
-    summary = _read_json(folder / "summary.json")
+def gate_artifacts(ws: Workspace, stage: str, gate: Artifact) -> list[ArtifactSpec]:
+    """The failed-expectations table and the HTML report link of one gate report (empty when it wrote nothing)."""
+    folder = gate.at(ws)
+    summary = read_json(folder / "summary.json")
     if summary is None:
         return []
     rows: dict[str, list[Any]] = {"case": [], "check": [], "detail": []}
@@ -125,14 +128,16 @@ def gate_artifacts(ws: Workspace, stage: str) -> list[ArtifactSpec]:
         f"{summary.get('n_rejected', 0)} rejected, {len(summary.get('dataset_failures', []))} dataset-level failure(s)"
     )
     specs = [
-        ArtifactSpec("table", f"{stage}-failed-checks", f"{line}. Failed expectations (none when empty).", table=rows)
+        ArtifactSpec(
+            "table", f"{_key(gate)}-failed-checks", f"{line}. Failed expectations (none when empty).", table=rows
+        )
     ]
     report = folder / "index.html"
     if report.is_file():
         specs.append(
             ArtifactSpec(
                 "link",
-                f"{stage}-report",
+                f"{_key(gate)}-report",
                 f"{line}. HTML report (GX Data Docs linked inside).",
                 link=report.as_uri(),
                 link_text=f"{stage} report",
@@ -142,7 +147,7 @@ def gate_artifacts(ws: Workspace, stage: str) -> list[ArtifactSpec]:
 
 
 def _train(ws: Workspace, result: dict[str, Any] | None, params: Params) -> list[ArtifactSpec]:
-    summary = _read_json(ws.stage_report_dir("train") / "summary.json") or {}
+    summary = stage_summary(ws, "train")
     specs = (
         [
             ArtifactSpec(
@@ -155,31 +160,25 @@ def _train(ws: Workspace, result: dict[str, Any] | None, params: Params) -> list
         if summary
         else []
     )
-    return specs + _image(ws, "train", "reports/train/curves.png", "train-curves", "loss and validation Dice per step")
-
-
-def _train_generator(ws: Workspace, result: dict[str, Any] | None, params: Params) -> list[ArtifactSpec]:
-    return _image(
-        ws, "train-generator", "reports/train-generator/curves.png", "train-generator-curves", "generator loss curves"
-    )
+    return specs
 
 
 def _evaluate(ws: Workspace, result: dict[str, Any] | None, params: Params) -> list[ArtifactSpec]:
-    metrics = _read_json(ws.reports / "metrics.json")
+    metrics = read_json(METRICS.at(ws))
     if not metrics:
         return []
     return [
         ArtifactSpec(
             "table",
             "evaluate-metrics",
-            "evaluate: test-split metrics (reports/metrics.json)",
+            f"evaluate: test-split metrics ({METRICS.path})",
             table=_number_rows(metrics),
         )
     ]
 
 
 def _synthesize(ws: Workspace, result: dict[str, Any] | None, params: Params) -> list[ArtifactSpec]:
-    summary = _read_json(ws.stage_report_dir("synthesize") / "summary.json")
+    summary = stage_summary(ws, "synthesize")
     if not summary:
         return []
     by_kind = summary.get("by_kind", {})
@@ -192,21 +191,11 @@ def _synthesize(ws: Workspace, result: dict[str, Any] | None, params: Params) ->
     return [ArtifactSpec("table", "synthesize-samples", what, table=rows)]
 
 
-def _validate_synthetic(ws: Workspace, result: dict[str, Any] | None, params: Params) -> list[ArtifactSpec]:
-    return _image(
-        ws,
-        "validate-synthetic",
-        "reports/validate-synthetic/montage.png",
-        "validate-synthetic-montage",
-        "real vs synthetic lesions per class",
-    )
-
-
 def _register(ws: Workspace, result: dict[str, Any] | None, params: Params) -> list[ArtifactSpec]:
     from lesionflow.io.remote import redact_uri
     from lesionflow.registry.tracking import is_http, resolve_tracking_uri
 
-    summary = _read_json(ws.stage_report_dir("register") / "summary.json")
+    summary = stage_summary(ws, "register")
     if not summary:
         return []
     name, version = summary.get("model_name", "?"), summary.get("version", "?")
@@ -238,10 +227,8 @@ def _register(ws: Workspace, result: dict[str, Any] | None, params: Params) -> l
 
 _PUBLISHERS: dict[str, Callable[[Workspace, dict[str, Any] | None, Params], list[ArtifactSpec]]] = {
     "train": _train,
-    "train-generator": _train_generator,
     "evaluate": _evaluate,
     "synthesize": _synthesize,
-    "validate-synthetic": _validate_synthetic,
     "register": _register,
 }
 
@@ -255,13 +242,14 @@ def stage_artifacts(
     after writing its report and pictures, so they describe this run; after any other failure the files on disk
     may be an earlier run's, and nothing is published.
     """
-    if result is None and not (gate_failed and stage in GATE_REPORTS):
+    gates = gate_reports(stage)
+    if result is None and not (gate_failed and gates):
         return []
-    specs = gate_artifacts(ws, stage) if stage in GATE_REPORTS else []
+    specs = [spec for gate in gates for spec in gate_artifacts(ws, stage, gate)]
     publisher = _PUBLISHERS.get(stage)
     if publisher is not None:
         specs += publisher(ws, result, params)
-    return specs
+    return specs + [spec for picture in pictures(stage) for spec in _image(ws, stage, picture)]
 
 
 def create(spec: ArtifactSpec) -> None:

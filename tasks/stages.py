@@ -18,9 +18,7 @@ Failures and retries:
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -33,7 +31,7 @@ from prefect.states import Failed, State
 from lesionflow.caching import read_record, run_cached, stage_state
 from lesionflow.errors import GateFailed, LesionflowError
 from lesionflow.hashing import sha256_json
-from lesionflow.params import validate_params
+from lesionflow.params import Params
 from lesionflow.stages import STAGES
 from lesionflow.workspace import Workspace
 from tasks.artifacts import publish, stage_artifacts
@@ -51,7 +49,7 @@ def cache_key(context: TaskRunContext, arguments: dict[str, Any]) -> str | None:
     recreated at the same path, and a key computed then would let Prefect skip work whose outputs are gone.
     """
     ws = Workspace.at(arguments["workspace"])
-    state = stage_state(arguments["stage"], ws, validate_params(arguments["params"]))
+    state = stage_state(arguments["stage"], ws, arguments["params"])
     if state is None:
         return None
     key = sha256_json(state)
@@ -90,45 +88,31 @@ def dvc_lock_busy(task: Task[..., Any], task_run: TaskRun, state: State[Any]) ->
     retry_delay_seconds=REGISTRY_RETRY_DELAYS_S,
     retry_condition_fn=registry_unreachable,
 )
-def run_stage(stage: str, workspace: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Run registered stage ``stage`` in ``workspace`` with the validated ``params``; publish its artifacts."""
+def run_stage(stage: str, workspace: str, params: Params) -> dict[str, Any]:
+    """Run registered stage ``stage`` in ``workspace`` with ``params``; publish its artifacts.
+
+    ``params`` is the run's model, validated once by the flow and handed down as is (no JSON round trip).
+    """
     ws = Workspace.at(workspace)
-    validated = validate_params(params)
     try:
-        with _flow_run_env():
-            result = run_cached(stage, ws, validated, STAGES[stage].run).to_json()
+        run = functools.partial(STAGES[stage].run, flow_run_id=_flow_run_id())
+        result = run_cached(stage, ws, params, run).to_json()
     except LesionflowError as error:
         # A failed gate wrote its report before failing: attach it to this run, then fail with the one line.
-        publish(stage_artifacts(stage, ws, validated, None, gate_failed=isinstance(error, GateFailed)))
+        publish(stage_artifacts(stage, ws, params, None, gate_failed=isinstance(error, GateFailed)))
         get_run_logger().error("%s failed: %s", stage, error)
         # A returned Failed state: Prefect logs no traceback for it, and the caller gets ``error`` back.
         failed: Any = Failed(message=f"{stage}: {error}", data=error)
         return failed
-    publish(stage_artifacts(stage, ws, validated, result))
+    publish(stage_artifacts(stage, ws, params, result))
     return result
 
 
-@contextmanager
-def _flow_run_env() -> Iterator[None]:
-    """Expose the Prefect flow-run id to the stage (register records it as lineage); restored afterwards.
-
-    Stages never import Prefect, so the adapter hands the id over through the environment.
-    """
+def _flow_run_id() -> str:
+    """The Prefect flow run this task belongs to ("none" outside a flow run): register records it as lineage."""
     from prefect.runtime import flow_run
 
-    from lesionflow.stages.register import FLOW_RUN_ENV
-
-    before = os.environ.get(FLOW_RUN_ENV)
-    run_id = flow_run.id
-    if run_id:
-        os.environ[FLOW_RUN_ENV] = str(run_id)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(FLOW_RUN_ENV, None)
-        else:
-            os.environ[FLOW_RUN_ENV] = before
+    return str(flow_run.id or "none")
 
 
 @task(

@@ -7,57 +7,47 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from lesionflow.params import Params
+from lesionflow.dvc import render_dvc_yaml
 from lesionflow.stages import STAGES
+from tests.helpers.declarations import opened_for_reading, undeclared_reads
 from tests.helpers.volumes import use_tiny_training, write_msd
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _entries(items: list[Any]) -> tuple[list[str], list[str], list[str]]:
-    """Split a dvc.yaml outs/metrics list into (cached, uncached, persisted) paths."""
-    cached, uncached, persisted = [], [], []
-    for item in items:
-        if isinstance(item, str):
-            cached.append(item)
-        else:
-            ((path, opts),) = item.items()
-            if opts.get("persist"):
-                persisted.append(path)
-            else:
-                (uncached if opts.get("cache") is False else cached).append(path)
-    return cached, uncached, persisted
-
-
-def test_dvc_yaml_matches_stage_registry() -> None:
+def test_dvc_yaml_is_what_the_stage_declarations_derive() -> None:
+    """dvc.yaml is generated (`lesionflow dvc-yaml`); any hand edit or registry change without it fails here."""
+    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml()
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(STAGES)
-    fields = Params.model_json_schema()
     for name, stage in stages.items():
         spec = STAGES[name]
         assert stage["cmd"] == f"lesionflow stage {name}"
         assert tuple(stage["params"]) == spec.params
-        for key in spec.params:  # every params key exists in the typed model
-            node: Any = Params()
-            for part in key.split("."):
-                node = getattr(node, part)
-        assert tuple(stage["deps"]) == spec.deps
-        outs_cached, outs_uncached, outs_persisted = _entries(stage.get("outs", []))
-        metrics_cached, metrics_uncached, _ = _entries(stage.get("metrics", []))
-        assert tuple(outs_cached) == spec.outs
-        assert tuple(outs_uncached) == spec.uncached_outs
-        assert tuple(outs_persisted) == spec.persist_outs
-        assert metrics_cached == []
-        assert tuple(metrics_uncached) == spec.metrics
-        plots_cached, plots_uncached, _ = _entries(stage.get("plots", []))
-        assert plots_cached == []
-        assert tuple(plots_uncached) == spec.plots
-    assert fields["title"] == "Params"
+        assert spec.module_path in stage["deps"]  # the stage's own code
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
+        assert set(outs) >= set(spec.zarr_stores)
+
+
+def test_a_changed_declaration_changes_the_derived_dvc_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The derivation follows the declaration: drop a read and its dep leaves dvc.yaml, so the test above fails."""
+    import dataclasses
+
+    from lesionflow.catalog.artifacts import PLANS
+
+    before = render_dvc_yaml()
+    forgetful = dataclasses.replace(
+        STAGES["preprocess"], reads=tuple(a for a in STAGES["preprocess"].reads if a != PLANS)
+    )
+    monkeypatch.setitem(STAGES, "preprocess", forgetful)
+    after = render_dvc_yaml()
+    assert after != before
+    preprocess = yaml.safe_load(after)["stages"]["preprocess"]
+    assert "data/processed/plans.json" not in preprocess["deps"]
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -119,8 +109,10 @@ def test_dvc_repro_twice_does_nothing_the_second_time_and_matches_direct_stage_c
     write_msd(other / "data" / "demo", n_train=3, n_test=1)
     direct = Workspace.at(other)
     params = load_params(direct.params_file)
-    for name in STAGES:
-        run_cached(name, direct, params, STAGES[name].run)
+    for name in STAGES:  # each stage reads only what it declares (files this process opened)
+        with opened_for_reading() as seen:
+            run_cached(name, direct, params, STAGES[name].run)
+        assert undeclared_reads(STAGES[name], seen, direct, params) == {}, name
     for rel in (
         "data/processed/plans.json",
         "data/processed/metadata.csv",

@@ -17,18 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lesionflow.hashing import sha256_file, sha256_json, sha256_tree
+from lesionflow.catalog.artifacts import Kind, stage_report_dir
+from lesionflow.catalog.digests import digest
+from lesionflow.errors import Finding
+from lesionflow.files import write_json
+from lesionflow.hashing import sha256_json
 from lesionflow.params import Params
-from lesionflow.stages.base import CODE_VERSION, Finding, StageResult, write_json
+from lesionflow.stages.base import CODE_VERSION, StageResult
 from lesionflow.workspace import Workspace
-
-
-def _file_or_tree(path: Path) -> str:
-    if path.is_file():
-        return sha256_file(path)
-    if path.is_dir():
-        return sha256_tree(path)
-    return "absent"
 
 
 def param_values(params: Params, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -43,26 +39,31 @@ def param_values(params: Params, keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def stage_state(name: str, ws: Workspace, params: Params) -> dict[str, Any] | None:
-    """The parts of a stage's key; None when an input cannot be digested cheaply (an s3:// source)."""
+    """The parts of a stage's key, derived from its declaration (params keys, reads, writes).
+
+    None when the stage has no key: it writes remote state, or one of its inputs cannot be digested cheaply
+    (an s3:// source, the model registry).
+    """
     from lesionflow.stages import STAGES
 
     spec = STAGES[name]
-    inputs = spec.inputs(ws, params)
-    if inputs is None:
+    if spec.writes_remote:
         return None
-    outputs = {rel: _file_or_tree(ws.path(rel)) for rel in spec.state_outputs}
+    inputs = {a.name: digest(a, ws, params) for a in spec.reads}
+    if any(value is None for value in inputs.values()):
+        return None
     return {
         "stage": name,
         "code": CODE_VERSION,
         "workspace": str(ws.root),
         "params": param_values(params, spec.params),
         "inputs": inputs,
-        "outputs": outputs,
+        "outputs": {a.name: digest(a, ws, params) for a in spec.state_outputs},
     }
 
 
 def record_path(ws: Workspace, name: str) -> Path:
-    return ws.stage_report_dir(name) / "stage.json"
+    return stage_report_dir(ws, name) / "stage.json"
 
 
 def read_record(ws: Workspace, name: str) -> dict[str, Any] | None:
@@ -128,6 +129,19 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(changed) or "state changed"
 
 
+def _keyless_reason(name: str, ws: Workspace, params: Params) -> str:
+    """Why a stage has no key, from its declaration: the remote state it writes or the inputs it cannot digest."""
+    from lesionflow.stages import STAGES
+
+    spec = STAGES[name]
+    if spec.writes_remote:
+        written = ", ".join(a.description.split(":")[0] for a in spec.writes if a.kind is Kind.REMOTE)
+        return f"writes remote state ({written}): runs every time"
+    unknown = [a for a in spec.reads if digest(a, ws, params) is None]
+    what = ", ".join(f"{a.name} ({a.param_key or a.path})" for a in unknown)
+    return f"reads remote state ({what}): rechecked on every run"
+
+
 def status(ws: Workspace, params: Params) -> list[StageStatus]:
     """For each registered stage in pipeline order: up to date, or stale with the reason."""
     from lesionflow.stages import STAGES
@@ -140,9 +154,7 @@ def status(ws: Workspace, params: Params) -> list[StageStatus]:
         if record is None:
             out.append(StageStatus(name, False, "never run"))
         elif state is None or record["key"] is None:
-            out.append(
-                StageStatus(name, False, "reads remote state (s3:// source or model registry): rechecked on every run")
-            )
+            out.append(StageStatus(name, False, _keyless_reason(name, ws, params)))
         elif record["key"] != sha256_json(state):
             out.append(StageStatus(name, False, _diff(record["state"], state)))
         elif stale_before:

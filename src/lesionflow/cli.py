@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lesionflow.catalog.artifacts import EVALUATIONS, RAW_MANIFEST
 from lesionflow.errors import LesionflowError
 from lesionflow.quiet_env import apply_quiet_env
 
@@ -162,6 +163,29 @@ def stages() -> None:
     out.print(table)
 
 
+@app.command("dvc-yaml")
+def dvc_yaml(
+    workspace: WorkspaceOpt = Path("."),
+    check: Annotated[bool, typer.Option("--check", help="Only compare; exit 1 when dvc.yaml differs.")] = False,
+) -> None:
+    """Write dvc.yaml as derived from the stage registry and the artifact catalog (or check that it is)."""
+    from lesionflow.dvc import render_dvc_yaml
+    from lesionflow.workspace import Workspace
+
+    path = Workspace.at(workspace).dvc_yaml
+    text = render_dvc_yaml()
+    if check:
+        if not path.exists() or path.read_text() != text:
+            err.print(f"{path} differs from the stage declarations; run `lesionflow dvc-yaml` to regenerate it")
+            raise typer.Exit(1)
+        out.print(f"{path} matches the stage declarations")
+        return
+    from lesionflow.files import write_text_if_changed
+
+    changed = write_text_if_changed(path, text)
+    out.print(f"{path} {'written' if changed else 'unchanged'}")
+
+
 @app.command("status")
 def status(workspace: WorkspaceOpt = Path("."), params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
     """Each stage: up to date, or stale with the reason (which input, output or param changed)."""
@@ -293,11 +317,11 @@ def evaluate_model(
     import tempfile
 
     from lesionflow.errors import ParamsError, SourceError
+    from lesionflow.files import write_json
     from lesionflow.manifest import read_manifest
     from lesionflow.params import Params
     from lesionflow.registry.tracking import download_model_files, resolve_model_ref
-    from lesionflow.stages.base import write_json
-    from lesionflow.stages.evaluate import evaluate_cases
+    from lesionflow.seg.evaluation import evaluate_cases
     from lesionflow.workspace import Workspace
 
     if split not in ("all", "train", "test"):
@@ -305,16 +329,16 @@ def evaluate_model(
     uri = _tracking_uri(workspace, params_file, tracking_uri)
     resolved = resolve_model_ref(model, uri)
     target = Workspace.at(data)
-    if not target.raw_manifest.exists():
+    if not RAW_MANIFEST.at(target).exists():
         raise SourceError(
             f"{target.root} has no data/raw/manifest.csv; ingest the dataset first: "
             f"lesionflow stage ingest -w {target.root} --set ingest.source=<folder>"
         )
     ws = Workspace.at(workspace)
     settings = (_load(workspace, params_file, [])[1] if ws.params_file.exists() else Params()).evaluate
-    records = [r for r in read_manifest(target.raw_manifest) if split == "all" or r.split == split]
+    records = [r for r in read_manifest(RAW_MANIFEST.at(target)) if split == "all" or r.split == split]
     name = f"{resolved.name}-v{resolved.version}"
-    report_dir = out_dir or target.reports / "evaluations" / name
+    report_dir = out_dir or EVALUATIONS.at(target) / name
     with tempfile.TemporaryDirectory(prefix="lesionflow-model-") as tmp:
         folder = download_model_files(model, uri, Path(tmp) / "model")
         report = evaluate_cases(folder, target, records, settings, report_dir, report_dir / "predictions")

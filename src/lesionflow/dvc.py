@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from typing import Any
 
 from lesionflow.errors import LesionflowError
 from lesionflow.workspace import Workspace
@@ -67,3 +68,45 @@ def push(ws: Workspace, url: str) -> int:
         raise kind(f"dvc push to {redact_uri(url)} failed: {message}; check AWS_ENDPOINT_URL, the bucket, credentials")
     pushed = re.search(r"(\d+) files? pushed", proc.stdout)  # "Everything is up to date." when none
     return int(pushed.group(1)) if pushed else 0
+
+
+DVC_YAML_HEADER = """\
+# Generated from the stage registry (lesionflow.stages) and the artifact catalog (lesionflow.catalog.artifacts)
+# by `lesionflow dvc-yaml`; tests/test_dvc_consistency.py fails on any difference. Do not edit by hand.
+# Every cmd is the same function the Prefect flow runs.
+"""
+
+
+def dvc_stages() -> dict[str, dict[str, Any]]:
+    """The ``stages:`` mapping of dvc.yaml, derived from each stage's declaration."""
+    from lesionflow.catalog.artifacts import Dvc
+    from lesionflow.stages import STAGES
+    from lesionflow.stages.spec import dvc_deps
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in STAGES.items():
+        entry: dict[str, Any] = {"cmd": f"lesionflow stage {name}", "params": list(spec.params)}
+        entry["deps"] = list(dvc_deps(spec, STAGES))
+        outs: list[Any] = [
+            *spec.outs(Dvc.OUT),
+            *({path: {"persist": True}} for path in spec.outs(Dvc.PERSIST)),
+            *({path: {"cache": False}} for path in spec.outs(Dvc.REPORT)),
+        ]
+        if outs:
+            entry["outs"] = outs
+        metrics = [{a.path: {"cache": False}} for a in spec.writes if a.dvc is Dvc.METRIC]
+        plots = [{a.path: {"cache": False, **_axes(a.plot_axes)}} for a in spec.writes if a.dvc is Dvc.PLOT]
+        entry.update({k: v for k, v in (("metrics", metrics), ("plots", plots)) if v})
+        out[name] = entry
+    return out
+
+
+def _axes(axes: tuple[str, str] | None) -> dict[str, str]:
+    return {} if axes is None else {"x": axes[0], "y": axes[1]}
+
+
+def render_dvc_yaml() -> str:
+    """dvc.yaml's exact text: the header, then the derived stages."""
+    import yaml
+
+    return DVC_YAML_HEADER + yaml.safe_dump({"stages": dvc_stages()}, sort_keys=False, default_flow_style=False)

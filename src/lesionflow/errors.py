@@ -7,6 +7,20 @@ traceback; anything else escaping a stage is a bug in lesionflow, not in the use
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rejected case or dataset-level failure: what, a stable code, and the one-line detail."""
+
+    subject: str  # case id, or "dataset"
+    code: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.subject}: {self.detail} [{self.code}]"
+
 
 class LesionflowError(Exception):
     """Base class: a problem the user can fix; printed as one line, never with a traceback."""

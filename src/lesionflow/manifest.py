@@ -167,7 +167,7 @@ def write_manifest(records: list[CaseRecord], path: Path) -> None:
     for record in sorted(records, key=lambda r: r.case_id):
         row = asdict(record)
         writer.writerow({k: (repr(float(v)) if k in _FLOAT else v) for k, v in row.items()})
-    from lesionflow.stages.base import write_text_if_changed
+    from lesionflow.files import write_text_if_changed
 
     write_text_if_changed(path, buffer.getvalue())
 

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from lesionflow.errors import LesionflowError
-from lesionflow.params import PreprocessParams
 
 # How long the client keeps trying to reach a running scheduler (distributed retries with backoff inside it) before
 # the stage stops with one line naming the address. Workers restarting after a node failure need tens of seconds.
@@ -79,9 +78,11 @@ def run_cluster(workers: int, memory_limit: str, say: Callable[[str], None] = pr
 
 
 @contextmanager
-def dask_client(params: PreprocessParams, say: Callable[[str], None] = print) -> Iterator[Any]:
-    """A ``distributed.Client`` on ``params.scheduler_address``, else on the flow run's cluster, else on a new local
-    cluster (processes, 1 thread each, memory limit) that is closed on exit.
+def dask_client(
+    workers: int, memory_limit: str, scheduler_address: str = "", say: Callable[[str], None] = print
+) -> Iterator[Any]:
+    """A ``distributed.Client`` on ``scheduler_address``, else on the flow run's cluster, else on a new local
+    cluster (``workers`` processes, 1 thread each, ``memory_limit`` each) that is closed on exit.
 
     The dashboard address is printed when a cluster starts (bokeh is installed; port chosen free).
     """
@@ -89,7 +90,7 @@ def dask_client(params: PreprocessParams, say: Callable[[str], None] = print) ->
 
     _quiet_distributed()
 
-    address = params.scheduler_address or os.environ.get(RUN_SCHEDULER_ENV, "")
+    address = scheduler_address or os.environ.get(RUN_SCHEDULER_ENV, "")
     if address:
         try:
             client = Client(address, timeout=f"{CONNECT_TIMEOUT_S}s")
@@ -105,7 +106,7 @@ def dask_client(params: PreprocessParams, say: Callable[[str], None] = print) ->
             client.close()
         return
     with _restored_environ():
-        cluster = _local_cluster(params.workers, params.memory_limit, "local cluster", say)
+        cluster = _local_cluster(workers, memory_limit, "local cluster", say)
         client = Client(cluster)
         try:
             yield client

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lesionflow.catalog.artifacts import SYNTHETIC_STORE
 from lesionflow.errors import ParamsError
 from lesionflow.params_synth import SyntheticQualityParams, SynthParams
 
@@ -216,7 +217,7 @@ class TrainParams(_Section):
     )
     augmentation: AugmentParams = Field(default_factory=AugmentParams)
     synthetic_store: str = Field(
-        "data/synthetic/store.zarr", description="Second Zarr store of synthetic cases (empty = none)."
+        SYNTHETIC_STORE.path, description="Second Zarr store of synthetic cases (empty = none)."
     )
     synthetic_ratio: float = Field(0.25, ge=0, le=1, description="Share of patches drawn from the synthetic store.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of training cases held out for validation.")

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lesionflow.case_id import case_id_problem, safe_case_id
+from lesionflow.errors import Finding
 from lesionflow.files import write_json
-from lesionflow.stages.base import Finding
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""The workspace layout (what DVC tracks), resolved from one explicit root; no path globals."""
+"""A lesionflow workspace, resolved from one explicit root; no path globals.
+
+The artifacts inside it (what DVC tracks) are declared in ``lesionflow.catalog.artifacts``; this type only
+knows the root, the project files at the root and the scratch folder.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Workspace:
-    """Folders of one lesionflow workspace; ``root`` is where params.yaml and dvc.yaml live."""
+    """One lesionflow workspace; ``root`` is where params.yaml and dvc.yaml live."""
 
     root: Path
 
@@ -26,38 +30,14 @@ class Workspace:
         return self.root / "params.yaml"
 
     @property
-    def raw(self) -> Path:
-        """Immutable ingested scans + manifest, tracked by the top-level data.dvc."""
-        return self.root / "data" / "raw"
+    def dvc_yaml(self) -> Path:
+        return self.root / "dvc.yaml"
 
     @property
-    def raw_cases(self) -> Path:
-        return self.raw / "cases"
-
-    @property
-    def raw_manifest(self) -> Path:
-        return self.raw / "manifest.csv"
-
-    @property
-    def raw_dataset(self) -> Path:
-        return self.raw / "dataset.json"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "data" / "quarantine"
+    def dvc_lock(self) -> Path:
+        return self.root / "dvc.lock"
 
     @property
     def cache(self) -> Path:
-        """Scratch that may be deleted at any time (mirrors of remote sources, staging)."""
+        """Scratch that may be deleted at any time (mirrors of remote sources, staging, downloaded models)."""
         return self.root / "data" / "cache"
-
-    @property
-    def processed(self) -> Path:
-        return self.root / "data" / "processed"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
-
-    def stage_report_dir(self, stage: str) -> Path:
-        return self.reports / stage

@@ -219,7 +219,7 @@ def test_flow_refuses_a_workspace_another_run_holds(workspace: Path) -> None:
 def test_stage_artifacts_for_train_register_synthesis(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """train: metric table + curves image; register: markdown with version and lineage; montage and samples."""
     ws = Workspace.at(workspace)
-    reports = ws.reports
+    reports = ws.root / "reports"
     (reports / "train").mkdir(parents=True)
     (reports / "train" / "summary.json").write_text(json.dumps({"steps_done": 6, "final_loss": 0.5, "device": "cpu"}))
     (reports / "train" / "curves.png").write_bytes(PNG)

@@ -64,7 +64,7 @@ def test_pipeline_flow_runs_stages_and_records_them_in_dvc(dvc_workspace: Path) 
 
 def test_stage_task_cache_hits_on_same_content(workspace: Path, tmp_path: Path) -> None:
     write_msd(workspace / "data" / "demo", n_train=2, n_test=0)
-    params = load_params(workspace / "params.yaml").model_dump(mode="json")
+    params = load_params(workspace / "params.yaml")
 
     @flow
     def twice() -> list[str]:
@@ -90,7 +90,7 @@ def test_stage_task_cache_hits_on_same_content(workspace: Path, tmp_path: Path) 
 
 def test_recreated_workspace_at_the_same_path_is_not_served_from_the_cache(workspace: Path) -> None:
     """Delete a workspace and build it again at the same path: the stage must run, not come from Prefect's cache."""
-    params = load_params(workspace / "params.yaml").model_dump(mode="json")
+    params = load_params(workspace / "params.yaml")
 
     @flow
     def ingest_three_times() -> list[str]:
@@ -126,7 +126,7 @@ def test_one_dask_cluster_serves_every_dask_stage_of_a_run(workspace: Path) -> N
     with shared_dask_cluster(ws, params, ["preprocess", "synthesize"]):
         address = os.environ[RUN_SCHEDULER_ENV]
         for _ in range(2):  # as preprocess, then synthesize, would
-            with dask_client(params.preprocess) as client:
+            with dask_client(params.preprocess.workers, params.preprocess.memory_limit) as client:
                 assert client.scheduler.address == address
                 assert len(client.scheduler_info()["workers"]) == 1
     assert dict(os.environ) == environ  # the workers' thread settings did not leak into this process

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from lesionflow.catalog.artifacts import QUARANTINE, RAW_CASES, RAW_MANIFEST
 from lesionflow.hashing import sha256_file
 from lesionflow.manifest import read_manifest
 from lesionflow.params import load_params
@@ -27,7 +28,7 @@ def _quiet(items, description, total):
 
 
 def _reasons(ws: Workspace) -> dict[str, str]:
-    return {p.parent.name: json.loads(p.read_text())["code"] for p in ws.quarantine.glob("*/reason.json")}
+    return {p.parent.name: json.loads(p.read_text())["code"] for p in QUARANTINE.at(ws).glob("*/reason.json")}
 
 
 def _msd_corpus(root: Path, outside: Path) -> dict[str, str]:
@@ -89,7 +90,7 @@ def test_msd_bad_input_corpus(workspace: Path, tmp_path: Path) -> None:
     # a valid dataset is ingested first: nothing stored may be lost or overwritten by the bad one
     first = write_msd(tmp_path / "first", n_train=2, n_test=0)
     ingest.run(ws, load_params(ws.params_file, [f"ingest.source={first}"]), progress=_quiet)
-    stored_before = {p.name: sha256_file(p / "image.nii.gz") for p in ws.raw_cases.iterdir()}
+    stored_before = {p.name: sha256_file(p / "image.nii.gz") for p in RAW_CASES.at(ws).iterdir()}
     (tmp_path / "first" / "imagesTr" / "case_000.nii.gz").unlink()  # the bad source reuses ids 000/001
     source = tmp_path / "bad"
     expected = _msd_corpus(source, tmp_path / "outside_source.nii.gz")
@@ -103,12 +104,12 @@ def test_msd_bad_input_corpus(workspace: Path, tmp_path: Path) -> None:
     reasons = _reasons(ws)
     for case_id, code in expected.items():
         assert reasons.get(case_id, "").startswith(code), (case_id, reasons.get(case_id))
-    accepted = {r.case_id for r in read_manifest(ws.raw_manifest)}
+    accepted = {r.case_id for r in read_manifest(RAW_MANIFEST.at(ws))}
     assert accepted == {"case_000", "case_001", "case_002", "case_003"}
     for name, digest in stored_before.items():
-        assert sha256_file(ws.raw_cases / name / "image.nii.gz") == digest
-    assert (ws.quarantine / "nan_inf" / "files" / "image.nii.gz").exists()  # moved out of raw by the gate
-    assert not (ws.raw_cases / "nan_inf").exists()
+        assert sha256_file(RAW_CASES.at(ws) / name / "image.nii.gz") == digest
+    assert (QUARANTINE.at(ws) / "nan_inf" / "files" / "image.nii.gz").exists()  # moved out of raw by the gate
+    assert not (RAW_CASES.at(ws) / "nan_inf").exists()
     assert set(gate.summary["quarantined"]) == {"nan_inf", "shape_mismatch", "undeclared_label", "float_label"}
 
 
@@ -120,7 +121,7 @@ def test_integral_float_labels_are_accepted_as_integers(workspace: Path, tmp_pat
     params = load_params(ws.params_file, [f"ingest.source={source}"])
     ingest.run(ws, params, progress=_quiet)
     validate_raw.run(ws, params)
-    stored = nib.load(ws.raw_cases / "float_ok" / "label.nii.gz")
+    stored = nib.load(RAW_CASES.at(ws) / "float_ok" / "label.nii.gz")
     assert stored.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asanyarray(stored.dataobj), label.array)
 
@@ -138,7 +139,7 @@ def test_dicom_corpus_and_no_identifying_value_survives(workspace: Path, tmp_pat
     assert result.summary["n_added"] == 2  # two series mixed in one folder become two cases
     assert sorted(_reasons(ws).values()) == ["missing_slice", "uneven_slice_spacing"]
     validate_raw.run(ws, params)
-    records = read_manifest(ws.raw_manifest)
+    records = read_manifest(RAW_MANIFEST.at(ws))
     assert {r.modality_kind for r in records} == {"CT"}
     assert {r.source_format for r in records} == {"dicom"}
     assert all(r.case_id.startswith("dcm_") for r in records)
@@ -146,7 +147,7 @@ def test_dicom_corpus_and_no_identifying_value_survives(workspace: Path, tmp_pat
     # no original identifying value anywhere under data/ (decompressing .gz), nor in reports/
     secrets = [v for k, v in PHI.items() if k != "StudyDate"] + ["DOE^JANE", "20240115"]
     secrets += [s.series_uid for s in (a, b, gap, uneven)] + [a.study_uid, *a.sop_uids, a.frame_of_reference_uid]
-    for root in (ws.root / "data", ws.reports):
+    for root in (ws.root / "data", (ws.root / "reports")):
         for path in (p for p in root.rglob("*") if p.is_file()):
             blob = path.read_bytes()
             if path.suffix == ".gz":
@@ -211,9 +212,9 @@ def test_failed_gate_moves_nothing_and_says_why(workspace: Path, tmp_path: Path)
     assert "nan_0" in gate.stderr  # the table of failed checks names the cases
     assert "Traceback" not in gate.stderr
     ws = Workspace.at(workspace)
-    assert {r.case_id for r in read_manifest(ws.raw_manifest)} == {"case_000", "case_001", "nan_0", "nan_1"}
-    assert not ws.quarantine.exists()
-    summary = json.loads((ws.reports / "validate-raw" / "summary.json").read_text())
+    assert {r.case_id for r in read_manifest(RAW_MANIFEST.at(ws))} == {"case_000", "case_001", "nan_0", "nan_1"}
+    assert not QUARANTINE.at(ws).exists()
+    summary = json.loads(((ws.root / "reports") / "validate-raw" / "summary.json").read_text())
     assert summary["success"] is False
     assert summary["reject_fraction"] == 0.5
-    assert (ws.reports / "quality" / "raw" / "index.html").exists()
+    assert ((ws.root / "reports") / "quality" / "raw" / "index.html").exists()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from lesionflow.catalog.artifacts import QUARANTINE, RAW, RAW_CASES, RAW_DATASET, RAW_MANIFEST
 from lesionflow.errors import SourceError
 from lesionflow.hashing import sha256_file
 from lesionflow.manifest import read_manifest
@@ -40,15 +41,15 @@ def _tree_state(root: Path) -> dict[str, tuple[str, int]]:
 def test_msd_ingest_writes_cases_manifest_and_exact_geometry(workspace: Path, tmp_path: Path) -> None:
     source = write_msd(tmp_path / "msd", n_train=3, n_test=1)
     ws, result = _ingest(workspace, source)
-    records = {r.case_id: r for r in read_manifest(ws.raw_manifest)}
+    records = {r.case_id: r for r in read_manifest(RAW_MANIFEST.at(ws))}
     assert sorted(records) == ["case_000", "case_001", "case_002", "case_003"]
     assert [records[c].split for c in sorted(records)] == ["train", "train", "train", "test"]
     assert result.summary["n_added"] == 4
     assert result.summary["n_rejected"] == 0
     for i in range(4):
         image, label = sphere_case(i)
-        stored_img = nib.load(ws.raw_cases / f"case_{i:03d}" / "image.nii.gz")
-        stored_lab = nib.load(ws.raw_cases / f"case_{i:03d}" / "label.nii.gz")
+        stored_img = nib.load(RAW_CASES.at(ws) / f"case_{i:03d}" / "image.nii.gz")
+        stored_lab = nib.load(RAW_CASES.at(ws) / f"case_{i:03d}" / "label.nii.gz")
         split_dir = "imagesTr" if i < 3 else "imagesTs"
         source_img = nib.load(source / split_dir / f"case_{i:03d}.nii.gz")  # NIfTI keeps the affine in float32
         np.testing.assert_array_equal(stored_img.affine, source_img.affine)
@@ -61,35 +62,35 @@ def test_msd_ingest_writes_cases_manifest_and_exact_geometry(workspace: Path, tm
         assert rec.label_values == "[0, 1, 2]"
         assert rec.n_undeclared_labels == 0
         assert rec.shape_match
-        assert rec.image_sha256 == sha256_file(ws.raw_cases / f"case_{i:03d}" / "image.nii.gz")
+        assert rec.image_sha256 == sha256_file(RAW_CASES.at(ws) / f"case_{i:03d}" / "image.nii.gz")
         assert rec.modality_kind == "MR"
         assert rec.orientation == "RAS"
-    dataset = json.loads(ws.raw_dataset.read_text())
+    dataset = json.loads(RAW_DATASET.at(ws).read_text())
     assert dataset["labels"] == {"0": "background", "1": "lesion", "2": "core"}
-    assert json.loads((ws.reports / "ingest" / "summary.json").read_text())["n_stored"] == 4
-    assert (ws.reports / "ingest" / "montage.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(((ws.root / "reports") / "ingest" / "summary.json").read_text())["n_stored"] == 4
+    assert ((ws.root / "reports") / "ingest" / "montage.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_reingest_same_source_changes_nothing(workspace: Path, tmp_path: Path) -> None:
     source = write_msd(tmp_path / "msd", n_train=3, n_test=0)
     ws, _ = _ingest(workspace, source)
-    before = _tree_state(ws.raw)
+    before = _tree_state(RAW.at(ws))
     _, again = _ingest(workspace, source)
     assert again.summary["n_added"] == 0
     assert again.summary["n_unchanged"] == 3
-    assert _tree_state(ws.raw) == before  # same bytes and untouched mtimes: nothing rewritten
+    assert _tree_state(RAW.at(ws)) == before  # same bytes and untouched mtimes: nothing rewritten
 
 
 def test_changed_bytes_under_stored_id_are_quarantined_not_overwritten(workspace: Path, tmp_path: Path) -> None:
     source = write_msd(tmp_path / "msd", n_train=3, n_test=0)
     ws, _ = _ingest(workspace, source)
-    stored = sha256_file(ws.raw_cases / "case_001" / "image.nii.gz")
+    stored = sha256_file(RAW_CASES.at(ws) / "case_001" / "image.nii.gz")
     image, _ = sphere_case(99)
     nib.save(nib.Nifti1Image(image.array, image.affine), source / "imagesTr" / "case_001.nii.gz")
     _, again = _ingest(workspace, source)
     assert again.summary["rejected"] == {"case_001": "conflicts_with_stored_case"}
-    assert sha256_file(ws.raw_cases / "case_001" / "image.nii.gz") == stored
-    reason = json.loads((ws.quarantine / "case_001" / "reason.json").read_text())
+    assert sha256_file(RAW_CASES.at(ws) / "case_001" / "image.nii.gz") == stored
+    reason = json.loads((QUARANTINE.at(ws) / "case_001" / "reason.json").read_text())
     assert reason["code"] == "conflicts_with_stored_case"
     assert reason["stage"] == "ingest"
 
@@ -97,14 +98,14 @@ def test_changed_bytes_under_stored_id_are_quarantined_not_overwritten(workspace
 def test_interrupted_write_leaves_no_half_case(workspace: Path, tmp_path: Path) -> None:
     source = write_msd(tmp_path / "msd", n_train=2, n_test=0)
     ws = Workspace.at(workspace)
-    (ws.raw / ".staging" / "case_000").mkdir(parents=True)
-    (ws.raw / ".staging" / "case_000" / "image.nii.gz").write_bytes(b"half")
-    (ws.raw_cases / "case_001").mkdir(parents=True)  # folder without a manifest row: never committed
-    (ws.raw_cases / "case_001" / "image.nii.gz").write_bytes(b"partial")
+    (RAW.at(ws) / ".staging" / "case_000").mkdir(parents=True)
+    (RAW.at(ws) / ".staging" / "case_000" / "image.nii.gz").write_bytes(b"half")
+    (RAW_CASES.at(ws) / "case_001").mkdir(parents=True)  # folder without a manifest row: never committed
+    (RAW_CASES.at(ws) / "case_001" / "image.nii.gz").write_bytes(b"partial")
     _, result = _ingest(workspace, source)
     assert result.summary["n_added"] == 2
-    assert not (ws.raw / ".staging").exists()
-    assert nib.load(ws.raw_cases / "case_001" / "image.nii.gz").shape == (20, 18, 16)
+    assert not (RAW.at(ws) / ".staging").exists()
+    assert nib.load(RAW_CASES.at(ws) / "case_001" / "image.nii.gz").shape == (20, 18, 16)
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
@@ -123,14 +124,14 @@ def test_itk_formats_keep_world_geometry(workspace: Path, tmp_path: Path, suffix
         sitk.WriteImage(itk, str(path))
     ws, result = _ingest(workspace, source, "ingest.modality=MR")
     assert result.summary["n_added"] == 1
-    stored = nib.load(ws.raw_cases / "scan" / "image.nii.gz")
+    stored = nib.load(RAW_CASES.at(ws) / "scan" / "image.nii.gz")
     np.testing.assert_array_equal(np.asanyarray(stored.dataobj), image.array)
     itk = sitk.ReadImage(str(source / f"scan{suffix}"))
     for ijk in [(0, 0, 0), (19, 0, 0), (0, 17, 15), (7, 5, 3)]:
         lps = np.array(itk.TransformIndexToPhysicalPoint(ijk))
         ras = stored.affine @ np.array([*ijk, 1.0])
         np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-5)
-    rec = read_manifest(ws.raw_manifest)[0]
+    rec = read_manifest(RAW_MANIFEST.at(ws))[0]
     assert rec.has_label
     assert rec.shape_match
     assert rec.affine_max_diff_mm < 1e-9
@@ -160,15 +161,15 @@ def test_nnunet_multichannel_layout(workspace: Path, tmp_path: Path) -> None:
     )
     ws, result = _ingest(workspace, root)
     assert result.summary["n_added"] == 2
-    stored = nib.load(ws.raw_cases / "sph_001" / "image.nii.gz")
+    stored = nib.load(RAW_CASES.at(ws) / "sph_001" / "image.nii.gz")
     assert stored.shape == (20, 18, 16, 2)
     np.testing.assert_allclose(
         np.asanyarray(stored.dataobj)[..., 1] - np.asanyarray(stored.dataobj)[..., 0], 10, atol=1e-4
     )
-    rec = {r.case_id: r for r in read_manifest(ws.raw_manifest)}["sph_001"]
+    rec = {r.case_id: r for r in read_manifest(RAW_MANIFEST.at(ws))}["sph_001"]
     assert rec.n_channels == 2
     assert rec.modality == "T1"
-    assert json.loads(ws.raw_dataset.read_text())["modalities"] == ["T1", "T2"]
+    assert json.loads(RAW_DATASET.at(ws).read_text())["modalities"] == ["T1", "T2"]
 
 
 def test_second_source_with_other_labels_is_refused(workspace: Path, tmp_path: Path) -> None:

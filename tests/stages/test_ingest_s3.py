@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lesionflow.catalog.artifacts import RAW_MANIFEST
 from lesionflow.manifest import read_manifest
 from lesionflow.params import load_params
 from lesionflow.stages import ingest, validate_raw
@@ -38,13 +39,13 @@ def test_ingest_from_s3_prefix(moto_s3: MotoS3, workspace: Path, tmp_path: Path)
     result = ingest.run(ws, params, progress=_quiet)
     assert result.summary["n_added"] == 4
     validate_raw.run(ws, params)
-    records = read_manifest(ws.raw_manifest)
+    records = read_manifest(RAW_MANIFEST.at(ws))
     assert len(records) == 4
     assert all(r.source_uri.startswith("s3://scans/lung/") for r in records)
     again = ingest.run(ws, params, progress=_quiet)  # re-ingest: nothing downloaded again, nothing added
     assert again.summary["n_added"] == 0
     assert again.summary["n_unchanged"] == 4
-    for root in (ws.root / "data", ws.reports):
+    for root in (ws.root / "data", (ws.root / "reports")):
         for path in (p for p in root.rglob("*") if p.is_file()):
             blob = path.read_bytes()
             text = (gzip.decompress(blob) if path.suffix == ".gz" else blob).decode("latin-1")

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from lesionflow.caching import run_cached, status
+from lesionflow.catalog.artifacts import METADATA, QUARANTINE, RAW_CASES, RAW_MANIFEST, STORE
+from lesionflow.catalog.readers import read_metadata
 from lesionflow.manifest import read_manifest
 from lesionflow.params import load_params
 from lesionflow.preprocess.geometry import invert_to_raw, spacing_of
 from lesionflow.stages import STAGES
-from lesionflow.stages.preprocess import read_metadata, store_root
 from lesionflow.store.zarr_store import list_cases, read_case, read_case_attrs
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import add_msd_entry, sphere_case, write_msd
@@ -42,21 +43,23 @@ def test_pipeline_to_store_and_no_work_on_rerun(msd_workspace: Workspace) -> Non
     ws = msd_workspace
     first = _run_all(ws, "preprocess.workers=1")
     assert first["preprocess"].summary["n_processed"] == 4
-    plan = json.loads((ws.processed / "plans.json").read_text())
+    plan = json.loads(((ws.root / "data" / "processed") / "plans.json").read_text())
     assert plan["target_spacing"] == pytest.approx([1.0, 1.2, 2.0])  # median of identical spacings
-    assert list_cases(store_root(ws)) == ["case_000", "case_001", "case_002", "case_003"]
-    arrays = read_case(store_root(ws), "case_001")
-    attrs = read_case_attrs(store_root(ws), "case_001")
+    assert list_cases(STORE.at(ws)) == ["case_000", "case_001", "case_002", "case_003"]
+    arrays = read_case(STORE.at(ws), "case_001")
+    attrs = read_case_attrs(STORE.at(ws), "case_001")
     assert arrays.image.dtype == np.float32
     assert arrays.image.ndim == 4
     assert spacing_of(np.asarray(attrs["affine"])) == pytest.approx(tuple(plan["target_spacing"]))
     assert attrs["plan_hash"] == first["preprocess"].summary["preprocessing_hash"]
-    assert json.loads((ws.processed / "accepted.json").read_text())["cases"] == list_cases(store_root(ws))
+    assert json.loads(((ws.root / "data" / "processed") / "accepted.json").read_text())["cases"] == list_cases(
+        STORE.at(ws)
+    )
     # the stored label maps back to the raw grid exactly (same spacing: crop + reorientation only)
     from lesionflow.preprocess.geometry import PreprocessRecord
 
     record = PreprocessRecord.from_dict(attrs["preprocess_record"])
-    raw_label = np.asanyarray(nib.load(ws.raw_cases / "case_001" / "label.nii.gz").dataobj)
+    raw_label = np.asanyarray(nib.load(RAW_CASES.at(ws) / "case_001" / "label.nii.gz").dataobj)
     np.testing.assert_array_equal(invert_to_raw(arrays.label, record), raw_label)
     again = _run_all(ws, "preprocess.workers=1")
     assert all(result.cached for result in again.values())  # no stage did any work
@@ -70,7 +73,7 @@ def test_one_new_case_is_the_only_work(msd_workspace: Workspace) -> None:
     digests = {cid: row["digest"] for cid, row in read_metadata(ws).items()}
     image, label = sphere_case(11)
     add_msd_entry(ws.root / "data" / "demo", "case_new", image.array, label.array, affine=image.affine)
-    before = json.loads((ws.processed / "plans.json").read_text())
+    before = json.loads(((ws.root / "data" / "processed") / "plans.json").read_text())
     after = _run_all(ws, "preprocess.workers=1")
     # the new case moves the fingerprint (a new plan hash) but not spacing or normalization,
     # so exactly the new case is processed
@@ -89,7 +92,7 @@ def test_param_change_reruns_and_status_says_why(msd_workspace: Workspace) -> No
     assert reasons["validate-processed"] == "runs after stale stage preprocess"
     result = run_cached("preprocess", ws, params, STAGES["preprocess"].run)
     assert result.summary["n_processed"] == 4
-    assert read_case(store_root(ws), "case_000").image.dtype == np.float16
+    assert read_case(STORE.at(ws), "case_000").image.dtype == np.float16
 
 
 def test_same_inputs_same_bytes_in_two_workspaces(tmp_path: Path, workspace: Path) -> None:
@@ -101,7 +104,7 @@ def test_same_inputs_same_bytes_in_two_workspaces(tmp_path: Path, workspace: Pat
         write_msd(root / "data" / "demo", n_train=3, n_test=1)
         ws = Workspace.at(root)
         _run_all(ws, f"preprocess.workers={1 if name == 'a' else 2}")
-        digests.append((ws.processed / "metadata.csv").read_bytes())
+        digests.append(((ws.root / "data" / "processed") / "metadata.csv").read_bytes())
     assert digests[0] == digests[1]
 
 
@@ -117,11 +120,11 @@ def test_constant_image_is_quarantined_and_others_go_on(msd_workspace: Workspace
     )
     results = _run_all(ws, "preprocess.workers=1", "quality.max_reject_fraction=0.5")
     assert results["preprocess"].summary["n_failed"] == 1
-    reason = json.loads((ws.quarantine / "flat" / "reason.json").read_text())
+    reason = json.loads((QUARANTINE.at(ws) / "flat" / "reason.json").read_text())
     assert reason["code"] == "preprocess_failed"
     assert "std is 0" in reason["message"]
-    assert "flat" not in list_cases(store_root(ws))
-    assert len(list_cases(store_root(ws))) == 4
+    assert "flat" not in list_cases(STORE.at(ws))
+    assert len(list_cases(STORE.at(ws))) == 4
 
 
 def test_killed_run_leaves_no_half_case_and_rerun_matches_clean_run(tmp_path: Path, workspace: Path) -> None:
@@ -147,7 +150,7 @@ def test_killed_run_leaves_no_half_case_and_rerun_matches_clean_run(tmp_path: Pa
         start_new_session=True,
     )
     deadline = time.monotonic() + 120
-    store = store_root(ws)
+    store = STORE.at(ws)
     while time.monotonic() < deadline and proc.poll() is None:
         if store.exists() and (any(p.name.startswith(".tmp-") for p in store.iterdir()) or list_cases(store)):
             break
@@ -157,10 +160,8 @@ def test_killed_run_leaves_no_half_case_and_rerun_matches_clean_run(tmp_path: Pa
     assert len(list_cases(store)) < 6, "the run finished before it could be killed"
     for name, w in runs.items():
         run_cached("preprocess", w, load_params(w.params_file, ["preprocess.workers=1"]), STAGES["preprocess"].run)
-        assert len(read_manifest(w.raw_manifest)) == 6, name
-    assert (runs["killed"].processed / "metadata.csv").read_bytes() == (
-        runs["clean"].processed / "metadata.csv"
-    ).read_bytes()
+        assert len(read_manifest(RAW_MANIFEST.at(w))) == 6, name
+    assert METADATA.at(runs["killed"]).read_bytes() == (METADATA.at(runs["clean"])).read_bytes()
     assert not [p for p in store.iterdir() if p.name.startswith((".tmp-", ".old-"))]
 
 
@@ -180,11 +181,11 @@ def test_volume_too_big_for_its_worker_is_quarantined(msd_workspace: Workspace) 
         "plan.target_spacing=[1.0, 1.2, 2.0]",
     ]
     results = _run_all(ws, *params)
-    reason = json.loads((ws.quarantine / "huge" / "reason.json").read_text())
+    reason = json.loads((QUARANTINE.at(ws) / "huge" / "reason.json").read_text())
     assert reason["code"] == "worker_died"
     assert "memory_limit" in reason["message"]
     assert results["preprocess"].summary["n_failed"] == 1
-    assert list_cases(store_root(ws)) == ["case_000", "case_001", "case_002", "case_003"]
+    assert list_cases(STORE.at(ws)) == ["case_000", "case_001", "case_002", "case_003"]
 
 
 def test_unreachable_scheduler_is_one_line_naming_the_address(
@@ -203,4 +204,4 @@ def test_unreachable_scheduler_is_one_line_naming_the_address(
         run_cached("preprocess", msd_workspace, params, STAGES["preprocess"].run)
     assert address in str(err.value)
     assert "\n" not in str(err.value)
-    assert not list_cases(store_root(msd_workspace))  # nothing half-written
+    assert not list_cases(STORE.at(msd_workspace))  # nothing half-written

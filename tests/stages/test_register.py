@@ -15,15 +15,14 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from lesionflow.caching import run_cached
+from lesionflow.catalog.artifacts import SEGMENTER, STORE
+from lesionflow.catalog.digests import raw_digest
 from lesionflow.errors import LesionflowError
 from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.params import load_params
 from lesionflow.registry.lineage import missing_fields, read_lineage
 from lesionflow.registry.tracking import resolve_tracking_uri
 from lesionflow.stages import STAGES
-from lesionflow.stages.ingest import raw_digest
-from lesionflow.stages.preprocess import store_root
-from lesionflow.stages.segdata import segmenter_dir
 from lesionflow.store.zarr_store import store_digest
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import add_msd_entry, sphere_case, use_tiny_training, write_msd
@@ -70,18 +69,18 @@ def test_register_records_complete_lineage_matching_the_actual_digests(evaluated
     assert reg["version"] == 1
     assert reg["aliases"] == ["candidate", "champion"]
     uri = resolve_tracking_uri("", ws.root)
-    metrics = json.loads((ws.reports / "metrics.json").read_text())
+    metrics = json.loads(((ws.root / "reports") / "metrics.json").read_text())
     params = load_params(ws.params_file)
-    model_sha = sha256_file(segmenter_dir(ws) / "model.safetensors")
+    model_sha = sha256_file(SEGMENTER.at(ws) / "model.safetensors")
     expected = {
         "raw": raw_digest(ws),
-        "processed": store_digest(store_root(ws)),
-        "plans": sha256_file(ws.processed / "plans.json"),
+        "processed": store_digest(STORE.at(ws)),
+        "plans": sha256_file((ws.root / "data" / "processed") / "plans.json"),
         "test-split": metrics["test_split_digest"],
     }
     expected_tags = {
         "lesionflow.params_sha256": sha256_json(params.model_dump(mode="json")),
-        "lesionflow.plans_hash": json.loads((ws.processed / "plans.json").read_text())["plan_hash"],
+        "lesionflow.plans_hash": json.loads(((ws.root / "data" / "processed") / "plans.json").read_text())["plan_hash"],
         "lesionflow.git_commit": "none",  # the workspace is not a git repository
         "lesionflow.dvc_lock_sha256": "none",
         "lesionflow.generator_model": "none",
@@ -133,9 +132,9 @@ def test_register_records_complete_lineage_matching_the_actual_digests(evaluated
 def test_champion_moves_only_when_the_candidate_is_not_worse(evaluated: Path, tmp_path: Path) -> None:
     ws = _copy(evaluated, tmp_path)
     _gate_and_register(ws)  # v1: champion
-    first_dice = json.loads((ws.reports / "metrics.json").read_text())["mean_dice"]
+    first_dice = json.loads(((ws.root / "reports") / "metrics.json").read_text())["mean_dice"]
     assert first_dice > 0.05, "the toy model must beat an all-background model for this test to mean anything"
-    weights = segmenter_dir(ws) / "model.safetensors"
+    weights = SEGMENTER.at(ws) / "model.safetensors"
     save_file({k: v * 0 for k, v in load_file(str(weights)).items()}, str(weights))  # predicts background only
     params = load_params(ws.params_file)
     STAGES["evaluate"].run(ws, params)
@@ -168,7 +167,7 @@ def _closed_port() -> int:
 
 def test_unreachable_server_keeps_outputs_and_retry_needs_no_retraining(evaluated: Path, tmp_path: Path) -> None:
     ws = _copy(evaluated, tmp_path)
-    model_bytes = (segmenter_dir(ws) / "model.safetensors").read_bytes()
+    model_bytes = (SEGMENTER.at(ws) / "model.safetensors").read_bytes()
     url = f"http://127.0.0.1:{_closed_port()}"
     down = _cli(ws, "stage", "validate-metrics", "--set", f"registry.tracking_uri={url}")
     assert down.returncode == 2
@@ -176,13 +175,13 @@ def test_unreachable_server_keeps_outputs_and_retry_needs_no_retraining(evaluate
     lines = [line for line in down.stderr.splitlines() if line.strip() and "━" not in line]
     assert len(lines) == 1, down.stderr
     assert url in lines[0]
-    assert (segmenter_dir(ws) / "model.safetensors").read_bytes() == model_bytes
+    assert (SEGMENTER.at(ws) / "model.safetensors").read_bytes() == model_bytes
     params = load_params(ws.params_file)
     # Rerunning train (this copy is another workspace, so its stage cache misses) trains nothing: the final
     # checkpoint is already there. Then registration succeeds against the embedded store.
     again = run_cached("train", ws, params, STAGES["train"].run).summary
     assert again["resumed_from"] == again["steps_done"] == 12
-    assert (segmenter_dir(ws) / "model.safetensors").read_bytes() == model_bytes
+    assert (SEGMENTER.at(ws) / "model.safetensors").read_bytes() == model_bytes
     _, reg = _gate_and_register(ws)
     assert reg["version"] == 1
 
@@ -234,7 +233,7 @@ def test_metrics_gate_floor_stops_before_registration(evaluated: Path, tmp_path:
     params = load_params(ws.params_file, ["quality.metrics.min_mean_dice=0.99"])
     with pytest.raises(LesionflowError, match=r"metrics quality gate failed: .*dice.*quality.metrics.min_mean_dice"):
         STAGES["validate-metrics"].run(ws, params)
-    assert (ws.reports / "quality" / "metrics" / "index.html").exists()
+    assert ((ws.root / "reports") / "quality" / "metrics" / "index.html").exists()
     assert not (ws.root / "mlruns").exists() or not list((ws.root / "mlruns").glob("artifacts/*/*"))
 
 
@@ -242,7 +241,7 @@ def test_synthetic_store_is_mixed_in_and_recorded_in_the_lineage(evaluated: Path
     """A second (here: real) store as the synthetic pool: used by train, recorded by register with its digest."""
     ws = _copy(evaluated, tmp_path)
     synthetic = ws.root / "data" / "synthetic" / "store.zarr"
-    shutil.copytree(store_root(ws), synthetic)
+    shutil.copytree(STORE.at(ws), synthetic)
     overrides = ["train.synthetic_store=data/synthetic/store.zarr", "train.synthetic_ratio=0.5"]
     params = load_params(ws.params_file, overrides)
     summary = STAGES["train"].run(ws, params).summary

@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from lesionflow.caching import run_cached
+from lesionflow.catalog.artifacts import SYNTHETIC_MANIFEST, SYNTHETIC_STORE, accepted_beside
 from lesionflow.errors import GateFailed, SourceError
 from lesionflow.hashing import sha256_file
 from lesionflow.io.volumes import Volume, write_nifti
 from lesionflow.params import load_params
 from lesionflow.stages import STAGES
-from lesionflow.stages.synthdata import accepted_synthetic_path, manifest_path, synthetic_store
 from lesionflow.store.zarr_store import case_digest, list_cases, read_case, read_case_attrs, write_case
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import use_tiny_training
@@ -129,13 +129,13 @@ def test_extract_rois_reports_border_lesion_and_missing_organ(synthesized: Path)
 
 def test_synthetic_cases_keep_the_background_and_geometry_exactly(synthesized: Path) -> None:
     ws = Workspace.at(synthesized)
-    manifest = json.loads(manifest_path(ws).read_text())
+    manifest = json.loads(SYNTHETIC_MANIFEST.at(ws).read_text())
     kinds = {s["kind"] for s in manifest["samples"]}
     assert kinds == {"relesion", "new", "remove"}
     assert all(s["source_case"] != "case_test" for s in manifest["samples"])  # test cases never synthesized from
-    processed = ws.processed / "store.zarr"
+    processed = (ws.root / "data" / "processed") / "store.zarr"
     for sample in manifest["samples"]:
-        synth = read_case(synthetic_store(ws), sample["sample_id"])
+        synth = read_case(SYNTHETIC_STORE.at(ws), sample["sample_id"])
         source = read_case(processed, sample["source_case"])
         outside = synth.generated == 0
         assert synth.generated.any()
@@ -143,7 +143,7 @@ def test_synthetic_cases_keep_the_background_and_geometry_exactly(synthesized: P
         assert np.array_equal(synth.label[outside], source.label[outside])
         assert np.array_equal(synth.organ, source.organ)
         attrs, src_attrs = (
-            read_case_attrs(synthetic_store(ws), sample["sample_id"]),
+            read_case_attrs(SYNTHETIC_STORE.at(ws), sample["sample_id"]),
             read_case_attrs(processed, sample["source_case"]),
         )
         assert attrs["affine"] == src_attrs["affine"]
@@ -165,29 +165,29 @@ def test_synthetic_cases_keep_the_background_and_geometry_exactly(synthesized: P
 
 def test_validate_synthetic_accepts_and_reports(synthesized: Path) -> None:
     ws = Workspace.at(synthesized)
-    summary = json.loads((ws.reports / "validate-synthetic" / "summary.json").read_text())
-    accepted = json.loads(accepted_synthetic_path(synthetic_store(ws)).read_text())
+    summary = json.loads(((ws.root / "reports") / "validate-synthetic" / "summary.json").read_text())
+    accepted = json.loads(accepted_beside(SYNTHETIC_STORE.at(ws)).read_text())
     assert summary["max_background_diff"] == 0.0
     assert summary["segmenter"] == "off"  # quality.synthetic.acceptance_model is empty in the tiny params
-    assert set(accepted["accepted"]) == set(list_cases(synthetic_store(ws)))
-    assert (ws.reports / "validate-synthetic" / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (ws.reports / "quality" / "synthetic" / "index.html").exists()
+    assert set(accepted["accepted"]) == set(list_cases(SYNTHETIC_STORE.at(ws)))
+    assert ((ws.root / "reports") / "validate-synthetic" / "montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ((ws.root / "reports") / "quality" / "synthetic" / "index.html").exists()
 
 
 def test_same_inputs_same_bytes_and_per_sample_cache(synthesized: Path, tmp_path: Path) -> None:
     ws = _copy(synthesized, tmp_path, "again")
-    before = {c: case_digest(synthetic_store(ws), c) for c in list_cases(synthetic_store(ws))}
+    before = {c: case_digest(SYNTHETIC_STORE.at(ws), c) for c in list_cases(SYNTHETIC_STORE.at(ws))}
     victim = sorted(before)[0]
-    shutil.rmtree(synthetic_store(ws) / victim)
+    shutil.rmtree(SYNTHETIC_STORE.at(ws) / victim)
     result = STAGES["synthesize"].run(ws, load_params(ws.params_file))
     assert result.summary["n_generated_now"] == 1  # only the deleted sample is recomputed, in a new Dask worker
-    after = {c: case_digest(synthetic_store(ws), c) for c in list_cases(synthetic_store(ws))}
+    after = {c: case_digest(SYNTHETIC_STORE.at(ws), c) for c in list_cases(SYNTHETIC_STORE.at(ws))}
     assert after == before
 
 
 def test_corrupted_sample_is_rejected_by_the_gate_and_left_out_of_training(synthesized: Path, tmp_path: Path) -> None:
     ws = _copy(synthesized, tmp_path, "corrupt")
-    store = synthetic_store(ws)
+    store = SYNTHETIC_STORE.at(ws)
     victim = sorted(list_cases(store))[0]
     arrays = read_case(store, victim)
     image = arrays.image.copy()
@@ -203,7 +203,7 @@ def test_corrupted_sample_is_rejected_by_the_gate_and_left_out_of_training(synth
     )
     params = load_params(ws.params_file, ["quality.synthetic.max_reject_fraction=0.9"])
     result = STAGES["validate-synthetic"].run(ws, params)
-    accepted = json.loads(accepted_synthetic_path(store).read_text())
+    accepted = json.loads(accepted_beside(store).read_text())
     assert victim in accepted["rejected"]
     assert victim not in accepted["accepted"]
     assert any(f.subject.startswith(victim) and "background_max_abs_diff" in f.code for f in result.findings)
@@ -250,7 +250,7 @@ def test_acceptance_filter_runs_the_segmenter_on_every_lesion(synthesized: Path,
     strict = ["quality.synthetic.acceptance_model=models/segmenter", "quality.synthetic.min_detected_fraction=1.0"]
     loose = ["quality.synthetic.acceptance_model=models/segmenter", "quality.synthetic.min_detected_fraction=0.0"]
     result = STAGES["validate-synthetic"].run(ws, load_params(ws.params_file, loose))
-    table = (ws.reports / "validate-synthetic" / "lesions.csv").read_text().splitlines()
+    table = ((ws.root / "reports") / "validate-synthetic" / "lesions.csv").read_text().splitlines()
     fractions = [float(line.rsplit(",", 1)[1]) for line in table[1:]]
     assert all(0.0 <= f <= 1.0 for f in fractions)  # measured for every lesion, not NaN
     assert result.summary["acceptance_rate"] == 1.0
@@ -264,16 +264,16 @@ def test_acceptance_filter_runs_the_segmenter_on_every_lesion(synthesized: Path,
 
 def test_ddpm_insertion_baseline_fills_the_same_masks(synthesized: Path, tmp_path: Path) -> None:
     ws = _copy(synthesized, tmp_path, "baseline")
-    shutil.rmtree(synthetic_store(ws))
+    shutil.rmtree(SYNTHETIC_STORE.at(ws))
     params = load_params(ws.params_file, ["synth.method=ddpm", "synth.new_per_case=0", "synth.remove_per_case=0"])
     result = STAGES["synthesize"].run(ws, params)
-    manifest = json.loads(manifest_path(ws).read_text())
+    manifest = json.loads(SYNTHETIC_MANIFEST.at(ws).read_text())
     assert result.summary["by_kind"]["relesion"] == len(manifest["samples"]) >= 2
     for sample in manifest["samples"]:
         assert sample["method"] == "ddpm"
         assert all(lesion["histogram"] == [] for lesion in sample["lesions"])  # unconditional: no texture condition
-        synth = read_case(synthetic_store(ws), sample["sample_id"])
-        source = read_case(ws.processed / "store.zarr", sample["source_case"])
+        synth = read_case(SYNTHETIC_STORE.at(ws), sample["sample_id"])
+        source = read_case((ws.root / "data" / "processed") / "store.zarr", sample["source_case"])
         outside = synth.generated == 0
         assert np.array_equal(synth.image[:, outside], source.image[:, outside])
         assert not np.array_equal(synth.image[:, ~outside], source.image[:, ~outside])

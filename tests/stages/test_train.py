@@ -17,10 +17,10 @@ import pytest
 from safetensors.torch import load_file
 
 from lesionflow.caching import run_cached
+from lesionflow.catalog.artifacts import RAW_CASES, SEGMENTER, SEGMENTER_CHECKPOINTS
 from lesionflow.errors import ParamsError
 from lesionflow.params import load_params
 from lesionflow.stages import STAGES
-from lesionflow.stages.segdata import checkpoints_dir, segmenter_dir
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import use_tiny_training, write_msd
 
@@ -50,7 +50,7 @@ def _copy(prepared: Path, tmp_path: Path, name: str = "ws") -> Workspace:
 
 
 def _weights(ws: Workspace) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in load_file(str(segmenter_dir(ws) / "model.safetensors")).items()}
+    return {k: v.numpy() for k, v in load_file(str(SEGMENTER.at(ws) / "model.safetensors")).items()}
 
 
 def test_train_writes_model_curves_and_same_seed_same_bytes(prepared: Path, tmp_path: Path) -> None:
@@ -63,28 +63,26 @@ def test_train_writes_model_curves_and_same_seed_same_bytes(prepared: Path, tmp_
     assert summary["n_val"] == 1
     assert summary["best_val_dice"] is not None
     assert 0.0 <= summary["best_val_dice"] <= 1.0
-    assert (segmenter_dir(a) / "model.safetensors").read_bytes() == (
-        segmenter_dir(b) / "model.safetensors"
-    ).read_bytes()
-    config = json.loads((segmenter_dir(a) / "config.json").read_text())
+    assert (SEGMENTER.at(a) / "model.safetensors").read_bytes() == (SEGMENTER.at(b) / "model.safetensors").read_bytes()
+    config = json.loads((SEGMENTER.at(a) / "config.json").read_text())
     assert config["label_values"] == [0, 1, 2]
     assert config["label_names"]["1"] == "lesion"
-    meta = json.loads((segmenter_dir(a) / "metadata.json").read_text())
+    meta = json.loads((SEGMENTER.at(a) / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
-    curves = (a.reports / "train" / "curves.csv").read_text().splitlines()
+    curves = ((a.root / "reports") / "train" / "curves.csv").read_text().splitlines()
     assert curves[0] == "step,loss,lr,val_dice"
     assert len(curves) == 7
     assert [line.split(",")[3] != "" for line in curves[1:]] == [False, False, True, False, False, True]
-    assert (a.reports / "train" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ((a.root / "reports") / "train" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     other = _copy(prepared, tmp_path, "c")
     STAGES["train"].run(other, load_params(other.params_file, ["project.seed=1"]))
-    assert (segmenter_dir(other) / "model.safetensors").read_bytes() != (
-        segmenter_dir(a) / "model.safetensors"
+    assert (SEGMENTER.at(other) / "model.safetensors").read_bytes() != (
+        SEGMENTER.at(a) / "model.safetensors"
     ).read_bytes()
 
 
 def _latest_checkpoint(ws: Workspace) -> list[Path]:
-    return sorted(checkpoints_dir(ws).glob("*/step-*"))
+    return sorted(SEGMENTER_CHECKPOINTS.at(ws).glob("*/step-*"))
 
 
 @pytest.mark.slow
@@ -107,7 +105,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrup
     saved = [int(p.name.split("-")[1]) for p in _latest_checkpoint(killed)]
     assert saved, "no checkpoint was written"
     assert max(saved) < 24, f"the run finished before it could be killed: {saved}"
-    assert not (segmenter_dir(killed) / "model.safetensors").exists()
+    assert not (SEGMENTER.at(killed) / "model.safetensors").exists()
     resumed = STAGES["train"].run(killed, load_params(killed.params_file, overrides)).summary
     assert resumed["resumed_from"] == max(saved)
     assert resumed["steps_done"] == 24
@@ -116,8 +114,8 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrup
     assert got.keys() == want.keys()
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    history = (killed.reports / "train" / "curves.csv").read_text()
-    assert history == (clean.reports / "train" / "curves.csv").read_text()
+    history = ((killed.root / "reports") / "train" / "curves.csv").read_text()
+    assert history == ((clean.root / "reports") / "train" / "curves.csv").read_text()
 
 
 def test_corrupted_checkpoint_falls_back_to_the_previous_good_one(
@@ -144,7 +142,7 @@ def test_other_params_start_fresh_instead_of_resuming(prepared: Path, tmp_path: 
     STAGES["train"].run(ws, load_params(ws.params_file))
     other = STAGES["train"].run(ws, load_params(ws.params_file, ["train.learning_rate=0.01"])).summary
     assert other["resumed_from"] is None
-    assert len(list(checkpoints_dir(ws).iterdir())) == 2  # the first run's checkpoints are kept
+    assert len(list(SEGMENTER_CHECKPOINTS.at(ws).iterdir())) == 2  # the first run's checkpoints are kept
 
 
 @pytest.mark.parametrize(
@@ -174,7 +172,7 @@ def test_evaluate_predictions_keep_the_raw_geometry(prepared: Path, tmp_path: Pa
     params = load_params(ws.params_file)
     STAGES["train"].run(ws, params)
     result = STAGES["evaluate"].run(ws, params)
-    metrics = json.loads((ws.reports / "metrics.json").read_text())
+    metrics = json.loads(((ws.root / "reports") / "metrics.json").read_text())
     assert metrics["n_cases"] == 2
     assert metrics["cases"] == ["case_005", "case_006"]
     for key in ("mean_dice", "mean_hd95_mm", "mean_nsd", "dice_lesion", "dice_core", "nsd_core"):
@@ -182,16 +180,16 @@ def test_evaluate_predictions_keep_the_raw_geometry(prepared: Path, tmp_path: Pa
     assert 0 <= metrics["mean_dice"] <= 1
     assert result.outputs["metrics"] == "reports/metrics.json"
     for case in metrics["cases"]:
-        raw = nib.load(ws.raw_cases / case / "image.nii.gz")
+        raw = nib.load(RAW_CASES.at(ws) / case / "image.nii.gz")
         pred = nib.load(ws.root / "data" / "predictions" / f"{case}.nii.gz")
         assert pred.shape == raw.shape
         np.testing.assert_array_equal(pred.affine, raw.affine)
         assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
-    table = (ws.reports / "evaluate" / "cases.csv").read_text().splitlines()
+    table = ((ws.root / "reports") / "evaluate" / "cases.csv").read_text().splitlines()
     assert table[0].startswith("case_id,label,name,dice,hd95_mm,nsd")
     assert len(table) == 1 + 2 * 2
     for png in ("boxplot.png", "montage.png"):
-        assert (ws.reports / "evaluate" / png).stat().st_size > 1000
+        assert ((ws.root / "reports") / "evaluate" / png).stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -202,7 +200,7 @@ def test_ddp_with_two_processes_on_cpu(prepared: Path, tmp_path: Path) -> None:
     summary = STAGES["train"].run(ws, load_params(ws.params_file, overrides)).summary
     assert summary["world_size"] == 2
     assert summary["steps_done"] == 4
-    assert (segmenter_dir(ws) / "model.safetensors").exists()
+    assert (SEGMENTER.at(ws) / "model.safetensors").exists()
     single = _copy(prepared, tmp_path, "single")
     STAGES["train"].run(single, load_params(single.params_file, ["train.steps=4", "train.cpu_threads=1"]))
     # two ranks saw twice the patches (different items), so the averaged gradients differ from one process's

@@ -10,15 +10,25 @@ influences preprocessing (crop or normalization mask): inference sees what a dep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from lesionflow.catalog.artifacts import RAW, RAW_CASES, raw_case_file
+from lesionflow.devices import resolve_device
+from lesionflow.errors import SourceError
+from lesionflow.hashing import sha256_file, sha256_json
+from lesionflow.manifest import CaseRecord
+from lesionflow.params import EvaluateParams
 from lesionflow.preprocess.geometry import spacing_of
 from lesionflow.preprocess.ops import preprocess_arrays
+from lesionflow.progress import rich_progress
 from lesionflow.seg.inference import predict_case
 from lesionflow.seg.metrics import ClassMetrics, case_metrics
 from lesionflow.seg.model_files import SegmenterConfig
+from lesionflow.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -80,3 +90,84 @@ def evaluate_case(
             hd_percentile=settings.hd_percentile,
         )
     return CaseEvaluation(case_id, prediction.raw, metrics)
+
+
+def split_digest(records: list[CaseRecord]) -> str:
+    """Digest of a set of cases by content: (case id, image sha256, label sha256), sorted."""
+    return sha256_json(sorted([r.case_id, r.image_sha256, r.label_sha256] for r in records))
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    summary: dict[str, Any]  # means and per-class means, n_cases, digests
+    table: Any  # pandas DataFrame, one row per (case, label)
+    outputs: dict[str, str]
+
+
+def evaluate_cases(
+    model_dir: Path,
+    raw_ws: Workspace,
+    records: list[CaseRecord],
+    settings: EvaluateParams,
+    report_dir: Path,
+    pred_dir: Path,
+) -> EvaluationReport:
+    """Predict and score ``records`` (cases of ``raw_ws``'s data/raw) with the model in ``model_dir``."""
+    from lesionflow.io.volumes import Volume, read_volume, write_nifti
+    from lesionflow.seg.metrics import case_means, metrics_table, summarize
+    from lesionflow.seg.model_files import load_segmenter
+    from lesionflow.seg.plots import CaseTile, case_montage_png, metrics_boxplot_png, pick_slice
+
+    labelled = [r for r in records if r.has_label]
+    if not labelled:
+        raise SourceError(
+            f"no labelled cases to evaluate among {len(records)} in {RAW.at(raw_ws)}; "
+            "give the test split labels (MSD labelsTs) or set ingest.test_fraction"
+        )
+    device = resolve_device(settings.device)
+    network, config = load_segmenter(model_dir, device)
+    knobs = EvaluationSettings(
+        settings.sw_overlap, settings.sw_batch_size, settings.nsd_tolerance_mm, settings.hd_percentile
+    )
+    rows: list[Any] = []
+    tiles_src: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for rec in rich_progress(labelled, "evaluate", len(labelled)):
+        folder = RAW_CASES.at(raw_ws) / rec.case_id
+        image = read_volume(raw_case_file(folder, "image"), rec.case_id)
+        truth = read_volume(raw_case_file(folder, "label"), rec.case_id)
+        result = evaluate_case(network, config, rec.case_id, image.array, image.affine, truth.array, knobs, device)
+        write_nifti(Volume(result.prediction, image.affine), pred_dir / f"{rec.case_id}.nii.gz")
+        rows.extend((rec.case_id, m) for m in result.metrics)
+        first = image.array if image.array.ndim == 3 else image.array[..., 0]
+        tiles_src[rec.case_id] = (first, np.asarray(truth.array), result.prediction)
+    table = metrics_table(rows)
+    summary: dict[str, Any] = dict(summarize(table))
+    summary.update(
+        {
+            "test_split_digest": split_digest(labelled),
+            "model_sha256": sha256_file(model_dir / "model.safetensors"),
+            "cases": sorted(r.case_id for r in labelled),
+        }
+    )
+    report_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(report_dir / "cases.csv", index=False, float_format="%.6f", lineterminator="\n")
+    metrics_boxplot_png(table, report_dir / "boxplot.png")
+    ranked = case_means(table).sort_values(["dice", "case_id"], ascending=[False, True])["case_id"].tolist()
+    n = settings.montage_cases
+    picked = list(dict.fromkeys(ranked[:n] + ranked[::-1][:n]))  # best first, then worst; no repeats
+    tiles = []
+    for case_id in picked:
+        shown, truth_arr, pred_arr = tiles_src[case_id]
+        z = pick_slice(truth_arr, pred_arr)
+        rank = "best" if ranked.index(case_id) < min(n, max(1, len(ranked) // 2)) else "worst"
+        dice = float(case_means(table).set_index("case_id").loc[case_id, "dice"])
+        title = f"{case_id} ({rank}, Dice {dice:.3f})"
+        tiles.append(CaseTile(title, shown[:, :, z], truth_arr[:, :, z], pred_arr[:, :, z]))
+    case_montage_png(tiles, report_dir / "montage.png")
+    outputs = {
+        "cases": str(report_dir / "cases.csv"),
+        "boxplot": str(report_dir / "boxplot.png"),
+        "montage": str(report_dir / "montage.png"),
+        "predictions": str(pred_dir),
+    }
+    return EvaluationReport(summary, table, outputs)

@@ -14,34 +14,26 @@ from typing import Any
 
 import numpy as np
 
-from lesionflow.errors import SourceError
-from lesionflow.hashing import sha256_file, sha256_tree
+from lesionflow.catalog.artifacts import (
+    ROIS_STORE,
+    ROIS_TABLE,
+    STORE,
+    summary_artifact,
+)
+from lesionflow.catalog.readers import load_plan, splits, write_stage_summary
+from lesionflow.errors import Finding, SourceError
+from lesionflow.files import write_text_if_changed
+from lesionflow.hashing import sha256_tree
 from lesionflow.params import Params
-from lesionflow.stages.base import Finding, StageResult, write_json, write_text_if_changed
-from lesionflow.stages.plan import load_plan, plans_digest
-from lesionflow.stages.preprocess import metadata_path, store_root
-from lesionflow.stages.segdata import splits
-from lesionflow.stages.synthdata import rois_path, rois_table_path
-from lesionflow.stages.validate_processed import accepted_path
+from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "extract-rois"
 
 
-def inputs(ws: Workspace, params: Params) -> dict[str, str]:
-    def digest(path: Any) -> str:
-        return sha256_file(path) if path.exists() else "absent"
-
-    return {
-        "plans": plans_digest(ws),
-        "metadata": digest(metadata_path(ws)),
-        "accepted": digest(accepted_path(ws)),
-    }
-
-
 def run(ws: Workspace, params: Params) -> StageResult:
+    from lesionflow.progress import rich_progress
     from lesionflow.seeding import rng_for
-    from lesionflow.stages.base import rich_progress
     from lesionflow.store.zarr_store import read_case
     from lesionflow.synth.roi_store import write_roi_set
     from lesionflow.synth.rois import RoiSet, candidate_rois, lesion_roi_problem, lesion_rois
@@ -49,7 +41,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     sp = params.synth
     plan = load_plan(ws)
     cases = splits(ws, params).train
-    store = store_root(ws)
+    store = STORE.at(ws)
     lesions: list[Any] = []
     candidates: list[Any] = []
     findings: list[Finding] = []
@@ -88,7 +80,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
             "check synth.roi_size and synth.min_lesion_voxels"
         )
     roi_set = RoiSet(size=sp.roi_size, lesions=tuple(lesions), candidates=tuple(candidates))
-    write_roi_set(rois_path(ws), roi_set, plan.n_channels)
+    write_roi_set(ROIS_STORE.at(ws), roi_set, plan.n_channels)
     _write_table(ws, roi_set)
     summary = {
         "n_cases": len(cases),
@@ -97,10 +89,10 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "n_skipped": len(findings),
         "roi_size": list(sp.roi_size),
         "lesion_voxels_median": float(np.median([r.voxels for r in lesions])),
-        "rois_digest": sha256_tree(rois_path(ws)),
+        "rois_digest": sha256_tree(ROIS_STORE.at(ws)),
     }
-    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
-    outputs = {"rois": "data/rois/rois.zarr", "table": "data/rois/rois.csv", "summary": f"reports/{STAGE}/summary.json"}
+    write_stage_summary(ws, STAGE, summary)
+    outputs = {"rois": ROIS_STORE.path, "table": ROIS_TABLE.path, "summary": summary_artifact(STAGE).path}
     return StageResult(STAGE, True, summary, outputs, tuple(findings))
 
 
@@ -113,4 +105,4 @@ def _write_table(ws: Workspace, roi_set: Any) -> None:
         writer.writerow(
             [roi.kind, roi.case_id, roi.index, *roi.origin, radius, " ".join(map(str, roi.classes)), roi.voxels]
         )
-    write_text_if_changed(rois_table_path(ws), buf.getvalue())
+    write_text_if_changed(ROIS_TABLE.at(ws), buf.getvalue())

@@ -19,8 +19,20 @@ from typing import Any
 
 import numpy as np
 
+from lesionflow.catalog.artifacts import (
+    INGEST_MONTAGE,
+    QUARANTINE,
+    RAW,
+    RAW_CASES,
+    RAW_DATASET,
+    RAW_MANIFEST,
+    raw_case_file,
+)
+from lesionflow.catalog.digests import raw_digest
+from lesionflow.catalog.readers import write_stage_summary
 from lesionflow.errors import CaseRejected, SourceError
-from lesionflow.hashing import combine_digests, sha256_bytes, sha256_file
+from lesionflow.files import write_json
+from lesionflow.hashing import combine_digests, sha256_file
 from lesionflow.io.case_reader import LoadedCase, read_case
 from lesionflow.io.sources import CaseSource, DatasetInfo, Discovery, discover
 from lesionflow.io.volumes import write_nifti
@@ -34,8 +46,9 @@ from lesionflow.manifest import (
     write_manifest,
 )
 from lesionflow.params import Params
+from lesionflow.progress import ProgressFactory, rich_progress
 from lesionflow.quarantine import Rejection, read_all, record
-from lesionflow.stages.base import ProgressFactory, StageResult, rich_progress, write_json
+from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "ingest"
@@ -126,18 +139,18 @@ def _record(
 
 def _store_case(ws: Workspace, case_id: str, loaded: LoadedCase) -> dict[str, str]:
     """Write the case into staging, then rename into data/raw/cases/<id> (all or nothing)."""
-    staging = ws.raw / ".staging" / case_id
+    staging = RAW.at(ws) / ".staging" / case_id
     shutil.rmtree(staging, ignore_errors=True)
-    shas = {"image": write_nifti(loaded.image, staging / "image.nii.gz")}
+    shas = {"image": write_nifti(loaded.image, raw_case_file(staging, "image"))}
     if loaded.label is not None:
-        shas["label"] = write_nifti(loaded.label, staging / "label.nii.gz")
+        shas["label"] = write_nifti(loaded.label, raw_case_file(staging, "label"))
     if loaded.organ is not None:
-        shas["organ"] = write_nifti(loaded.organ, staging / "organ.nii.gz")
+        shas["organ"] = write_nifti(loaded.organ, raw_case_file(staging, "organ"))
     if loaded.dicom_header_json:
         (staging / "dicom_header.json").write_text(loaded.dicom_header_json)
         (staging / "deid_report.json").write_text(loaded.deid_report_json)
-    ws.raw_cases.mkdir(parents=True, exist_ok=True)
-    staging.rename(ws.raw_cases / case_id)
+    RAW_CASES.at(ws).mkdir(parents=True, exist_ok=True)
+    staging.rename(RAW_CASES.at(ws) / case_id)
     return shas
 
 
@@ -150,8 +163,8 @@ def _dataset_json(ws: Workspace, info: DatasetInfo, uri: str) -> dict[str, Any]:
         "organ_mask": info.organ_mask,
         "sources": [uri],
     }
-    if ws.raw_dataset.exists():
-        old = json.loads(ws.raw_dataset.read_text())
+    if RAW_DATASET.at(ws).exists():
+        old = json.loads(RAW_DATASET.at(ws).read_text())
         for key in ("modalities", "labels"):
             if old[key] != new[key]:
                 raise SourceError(
@@ -174,8 +187,8 @@ def run(ws: Workspace, params: Params, *, progress: ProgressFactory[Any] = rich_
         )
     dataset = _dataset_json(ws, found.info, resolved.display_uri)
     cases = _assign_ids(found, params, params.ingest.test_fraction)
-    stored = {r.case_id: r for r in read_manifest(ws.raw_manifest)}
-    quarantined = read_all(ws.quarantine)
+    stored = {r.case_id: r for r in read_manifest(RAW_MANIFEST.at(ws))}
+    quarantined = read_all(QUARANTINE.at(ws))
     _drop_orphans(ws, stored)
     rejections = list(resolved.remote_rejections)
     rejections += [Rejection(r.case_id, STAGE, r.code, r.message, resolved.display_uri) for r in found.rejected]
@@ -222,53 +235,47 @@ def run(ws: Workspace, params: Params, *, progress: ProgressFactory[Any] = rich_
             rejections.append(Rejection(case.case_id, STAGE, rej.code, rej.message, uri, src_sha))
             continue
         stored[case.case_id] = _record(case, loaded, shas, found.info, uri, src_sha)
-        write_manifest(list(stored.values()), ws.raw_manifest)  # commit point of this case
+        write_manifest(list(stored.values()), RAW_MANIFEST.at(ws))  # commit point of this case
         added += 1
-    shutil.rmtree(ws.raw / ".staging", ignore_errors=True)
+    shutil.rmtree(RAW.at(ws) / ".staging", ignore_errors=True)
     for rejection in rejections:
-        record(ws.quarantine, rejection)
-    write_json(ws.raw_dataset, dataset)
-    write_manifest(list(stored.values()), ws.raw_manifest)
+        record(QUARANTINE.at(ws), rejection)
+    write_json(RAW_DATASET.at(ws), dataset)
+    write_manifest(list(stored.values()), RAW_MANIFEST.at(ws))
     return _finish(ws, stored, added, unchanged, rejections, resolved.display_uri)
 
 
 def _drop_orphans(ws: Workspace, stored: dict[str, CaseRecord]) -> None:
     """A case folder without a manifest row is a write interrupted before its commit point: remove it."""
-    shutil.rmtree(ws.raw / ".staging", ignore_errors=True)
-    if ws.raw_cases.is_dir():
-        for folder in ws.raw_cases.iterdir():
+    shutil.rmtree(RAW.at(ws) / ".staging", ignore_errors=True)
+    if RAW_CASES.at(ws).is_dir():
+        for folder in RAW_CASES.at(ws).iterdir():
             if folder.name not in stored:
                 shutil.rmtree(folder)
 
 
-def raw_digest(ws: Workspace) -> str:
-    """Digest of data/raw from its manifest and dataset.json (the manifest holds every file's sha256)."""
-    parts = [(p.name, sha256_file(p)) for p in (ws.raw_manifest, ws.raw_dataset) if p.exists()]
-    return combine_digests(parts) if parts else sha256_bytes(b"")
-
-
 def write_montage(ws: Workspace, records: list[CaseRecord], path: Path, *, max_cases: int = 16) -> None:
-    """reports/ingest/montage.png: per case, the axial slice with the most lesion (else the middle one)."""
+    """The ingest montage: per case, the axial slice with the most lesion (else the middle one)."""
     import nibabel as nib
 
     from lesionflow.viz import Tile, lesion_slice_index, montage_png
 
     tiles = []
     for rec in sorted(records, key=lambda r: r.case_id)[:max_cases]:
-        folder = ws.raw_cases / rec.case_id
-        image = nib.as_closest_canonical(nib.load(folder / "image.nii.gz"))  # RAS, so axis 2 is axial
+        folder = RAW_CASES.at(ws) / rec.case_id
+        image = nib.as_closest_canonical(nib.load(raw_case_file(folder, "image")))  # RAS, so axis 2 is axial
         volume = np.asanyarray(image.dataobj)
         volume = volume[..., 0] if volume.ndim == 4 else volume
         label = None
         if rec.has_label and rec.shape_match:
-            label = np.asanyarray(nib.as_closest_canonical(nib.load(folder / "label.nii.gz")).dataobj)
+            label = np.asanyarray(nib.as_closest_canonical(nib.load(raw_case_file(folder, "label"))).dataobj)
         z = lesion_slice_index(label)
         z = volume.shape[2] // 2 if z is None else z
         tiles.append(Tile(f"{rec.case_id} ({rec.split})", volume[:, :, z], None if label is None else label[:, :, z]))
     if tiles:
         is_ct = all(r.modality_kind == "CT" for r in records)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(montage_png(tiles, is_ct=is_ct, title=f"data/raw: {len(records)} cases"))
+        path.write_bytes(montage_png(tiles, is_ct=is_ct, title=f"{RAW.path}: {len(records)} cases"))
 
 
 def _finish(
@@ -283,9 +290,8 @@ def _finish(
         "rejected": {r.case_id: r.code for r in rejections},
         "raw_digest": raw_digest(ws),
     }
-    out = ws.stage_report_dir(STAGE) / "summary.json"
-    write_json(out, summary)
-    montage = ws.stage_report_dir(STAGE) / "montage.png"
+    out = write_stage_summary(ws, STAGE, summary)
+    montage = INGEST_MONTAGE.at(ws)
     if added or not montage.exists():  # re-ingesting an unchanged source stays cheap
         write_montage(ws, list(stored.values()), montage)
     if not stored:
@@ -297,23 +303,10 @@ def _finish(
         True,
         summary,
         {
-            "raw": "data/raw",
-            "manifest": "data/raw/manifest.csv",
-            "summary": str(out.relative_to(ws.root)),
-            "montage": str(montage.relative_to(ws.root)),
+            "raw": RAW.path,
+            "manifest": RAW_MANIFEST.path,
+            "summary": out,
+            "montage": INGEST_MONTAGE.path,
         },
         tuple(r.finding() for r in rejections),
     )
-
-
-def inputs(ws: Workspace, params: Params) -> dict[str, str] | None:
-    """Digests ingest depends on: the source's bytes (None for s3://: known only after mirroring) and data/raw."""
-    from lesionflow.hashing import sha256_tree
-    from lesionflow.io.remote import is_remote
-
-    if is_remote(params.ingest.source):
-        return None
-    source = ws.path(params.ingest.source)
-    if not source.exists():
-        return {"source": "absent", "raw": raw_digest(ws)}
-    return {"source": sha256_tree(source if source.is_dir() else source.parent), "raw": raw_digest(ws)}

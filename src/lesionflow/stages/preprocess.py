@@ -10,8 +10,6 @@ completely or not at all (lesionflow.store writes under a temporary name and ren
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shutil
 from pathlib import Path
@@ -19,57 +17,18 @@ from typing import Any
 
 import numpy as np
 
+from lesionflow.catalog.artifacts import METADATA, QUARANTINE, RAW_CASES, RAW_MANIFEST, STORE, raw_case_file
+from lesionflow.catalog.readers import load_plan, read_metadata, write_metadata, write_stage_summary
+from lesionflow.errors import Finding
 from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.manifest import CaseRecord, read_manifest
 from lesionflow.params import Params
 from lesionflow.planning.plan import Plan
 from lesionflow.quarantine import Rejection, record
-from lesionflow.stages.base import CODE_VERSION, Finding, StageResult, write_json, write_text_if_changed
-from lesionflow.stages.ingest import raw_digest
-from lesionflow.stages.plan import load_plan, plans_digest
+from lesionflow.stages.base import CODE_VERSION, StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "preprocess"
-METADATA_COLUMNS = (
-    "case_id",
-    "split",
-    "cache_key",
-    "digest",
-    "shape_x",
-    "shape_y",
-    "shape_z",
-    "shape_min",
-    "shape_max",
-    "spacing_x",
-    "spacing_y",
-    "spacing_z",
-    "spacing_dev_mm",
-    "n_nonfinite",
-    "zscore_mean_abs",
-    "zscore_std_dev",
-    "label_values_raw",
-    "label_values_processed",
-    "label_set_unchanged",
-    "fg_volume_raw_mm3",
-    "fg_volume_processed_mm3",
-    "fg_kept_ratio",
-)
-
-
-def store_root(ws: Workspace) -> Path:
-    return ws.processed / "store.zarr"
-
-
-def metadata_path(ws: Workspace) -> Path:
-    return ws.processed / "metadata.csv"
-
-
-def inputs(ws: Workspace, params: Params) -> dict[str, str]:
-    from lesionflow.store.zarr_store import list_cases
-
-    root = store_root(ws)
-    cases = list_cases(root) if root.exists() else []
-    return {"raw": raw_digest(ws), "plans": plans_digest(ws), "store_cases": sha256_json(cases)}
 
 
 def case_key(rec: CaseRecord, plan: Plan, params: Params) -> str:
@@ -128,16 +87,16 @@ def process_case(
     rec = CaseRecord(**rec_json)
     plan = Plan.from_dict(plan_json)
     folder = Path(case_dir)
-    img = read_volume(folder / "image.nii.gz", rec.case_id)
+    img = read_volume(raw_case_file(folder, "image"), rec.case_id)
     image = img.array  # stored dtype (int16 CT stays int16); normalization makes the one float32 copy
-    label = read_volume(folder / "label.nii.gz", rec.case_id).array if rec.has_label else None
+    label = read_volume(raw_case_file(folder, "label"), rec.case_id).array if rec.has_label else None
     try:
         out_img, out_lab, prec = preprocess_arrays(image, label, img.affine, plan.target_spacing, plan.normalization)
         if label is not None and label_resampling == "nearest":
             out_lab = _resample_mask(label, img.affine, prec, plan.target_spacing)
         organ = None
         if rec.has_organ:
-            organ_raw = read_volume(folder / "organ.nii.gz", rec.case_id).array
+            organ_raw = read_volume(raw_case_file(folder, "organ"), rec.case_id).array
             organ = _resample_mask((organ_raw > 0).astype(np.uint8), img.affine, prec, plan.target_spacing)
     except ValueError as err:
         return {"case_id": rec.case_id, "ok": False, "code": "preprocess_failed", "message": str(err).splitlines()[0]}
@@ -200,59 +159,6 @@ def process_case(
     return {"case_id": rec.case_id, "ok": True, "row": row}
 
 
-# Column types of metadata.csv (everything else is text), so readers need not know them.
-_FLOAT_COLUMNS = frozenset(
-    {
-        "spacing_x",
-        "spacing_y",
-        "spacing_z",
-        "spacing_dev_mm",
-        "zscore_mean_abs",
-        "zscore_std_dev",
-        "fg_volume_raw_mm3",
-        "fg_volume_processed_mm3",
-        "fg_kept_ratio",
-    }
-)
-_INT_COLUMNS = frozenset({"shape_x", "shape_y", "shape_z", "shape_min", "shape_max", "n_nonfinite"})
-_BOOL_COLUMNS = frozenset({"label_set_unchanged"})
-
-
-def _typed(column: str, text: str) -> Any:
-    if column in _FLOAT_COLUMNS:
-        return float(text)
-    if column in _INT_COLUMNS:
-        return int(text)
-    if column in _BOOL_COLUMNS:
-        return text == "True"
-    return text
-
-
-def metadata_frame(ws: Workspace) -> Any:
-    """metadata.csv as a typed pandas DataFrame (one row per case, METADATA_COLUMNS order)."""
-    import pandas as pd
-
-    rows = [{k: _typed(k, v) for k, v in row.items()} for _, row in sorted(read_metadata(ws).items())]
-    return pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
-
-
-def read_metadata(ws: Workspace) -> dict[str, dict[str, Any]]:
-    path = metadata_path(ws)
-    if not path.exists():
-        return {}
-    with path.open(newline="") as fh:
-        return {row["case_id"]: row for row in csv.DictReader(fh)}
-
-
-def write_metadata(ws: Workspace, rows: dict[str, dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(METADATA_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    for case_id in sorted(rows):
-        writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in rows[case_id].items()})
-    write_text_if_changed(metadata_path(ws), buffer.getvalue())
-
-
 Work = tuple[list[tuple[CaseRecord, str]], dict[str, dict[str, Any]], list[str]]
 
 
@@ -260,13 +166,13 @@ def _plan_work(ws: Workspace, params: Params, plan: Plan) -> Work:
     """(cases to process with their keys, metadata rows to keep, store groups to delete)."""
     from lesionflow.store.zarr_store import clean_temp, list_cases, read_case_attrs
 
-    root = store_root(ws)
+    root = STORE.at(ws)
     if root.exists():
         clean_temp(root)  # leftovers of a killed run
     stored = {cid: read_case_attrs(root, cid).get("cache_key") for cid in list_cases(root)} if root.exists() else {}
     rows = read_metadata(ws)
     todo, keep = [], {}
-    records = {r.case_id: r for r in read_manifest(ws.raw_manifest)}
+    records = {r.case_id: r for r in read_manifest(RAW_MANIFEST.at(ws))}
     for case_id, rec in sorted(records.items()):
         key = case_key(rec, plan, params)
         if stored.get(case_id) == key and rows.get(case_id, {}).get("cache_key") == key:
@@ -281,7 +187,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.store.zarr_store import open_store
 
     plan = load_plan(ws)
-    root = store_root(ws)
+    root = STORE.at(ws)
     open_store(root)
     todo, rows, stale = _plan_work(ws, params, plan)
     for case_id in stale:
@@ -299,10 +205,9 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "n_removed": len(stale),
         "plan_hash": plan.plan_hash,
         "preprocessing_hash": plan.preprocessing_hash,
-        "metadata_digest": sha256_file(metadata_path(ws)),
+        "metadata_digest": sha256_file(METADATA.at(ws)),
     }
-    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
-    outputs = {"store": "data/processed/store.zarr", "metadata": "data/processed/metadata.csv"}
+    outputs = {"store": STORE.path, "metadata": METADATA.path, "summary": write_stage_summary(ws, STAGE, summary)}
     return StageResult(STAGE, True, summary, outputs, tuple(findings))
 
 
@@ -319,15 +224,15 @@ def _fan_out(
     from distributed import as_completed
 
     from lesionflow.parallel import dask_client
-    from lesionflow.stages.base import rich_progress
+    from lesionflow.progress import rich_progress
 
     findings: list[Finding] = []
-    root = store_root(ws)
+    root = STORE.at(ws)
 
     def submit(client: Any, rec: CaseRecord, key: str, attempt: str = "") -> Any:
         return client.submit(
             process_case,
-            str(ws.raw_cases / rec.case_id),
+            str(RAW_CASES.at(ws) / rec.case_id),
             _rec_json(rec),
             plan.to_dict(),
             str(root),
@@ -346,11 +251,15 @@ def _fan_out(
         rejection = Rejection(
             rec.case_id, STAGE, outcome["code"], outcome["message"], rec.source_uri, rec.source_sha256
         )
-        record(ws.quarantine, rejection)
+        record(QUARANTINE.at(ws), rejection)
         findings.append(rejection.finding())
 
     # one retry after a worker death: enough to tell a culprit from a bystander, quick to give up
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), dask_client(params.preprocess) as client:
+    pp = params.preprocess
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 1}),
+        dask_client(pp.workers, pp.memory_limit, pp.scheduler_address) as client,
+    ):
         futures = {submit(client, rec, key): (rec, key) for rec, key in todo}
         suspects = []
         for future in rich_progress(as_completed(futures), "preprocess", len(futures)):

@@ -12,27 +12,36 @@ is reused, so retrying after an unreachable server (outputs are kept on disk) ne
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from lesionflow.catalog.artifacts import (
+    EVALUATE_CASES,
+    EVALUATE_REPORT,
+    METRICS,
+    PLANS,
+    RAW,
+    RAW_DATASET,
+    RAW_MANIFEST,
+    SEGMENTER,
+    STORE,
+    TRAIN_CURVES,
+    TRAIN_CURVES_PNG,
+    TRAIN_SUMMARY,
+    VALIDATE_METRICS_SUMMARY,
+    summary_artifact,
+)
+from lesionflow.catalog.digests import raw_digest
+from lesionflow.catalog.readers import load_plan, read_metadata, splits, write_stage_summary
 from lesionflow.errors import SourceError
 from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.manifest import read_manifest
 from lesionflow.params import Params
-from lesionflow.stages.base import CODE_VERSION, StageResult, write_json
-from lesionflow.stages.evaluate import cases_csv_path, metrics_path
-from lesionflow.stages.segdata import segmenter_dir
-from lesionflow.stages.validate_metrics import summary_path as gate_summary_path
+from lesionflow.stages.base import CODE_VERSION, StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "register"
-FLOW_RUN_ENV = "LESIONFLOW_FLOW_RUN_ID"  # set by the Prefect task adapter (stages never import Prefect)
-
-
-def inputs(ws: Workspace, params: Params) -> None:
-    return None  # the registry is remote state: always checked when the stage runs (registration is idempotent)
 
 
 def git_commit(root: Path) -> str:
@@ -62,14 +71,10 @@ def lineage_datasets(ws: Workspace, params: Params, metrics: dict[str, Any]) -> 
     """The data versions behind the model, as registry dataset inputs (digests from bytes, URIs redacted)."""
     from lesionflow.io.remote import redact_uri
     from lesionflow.registry.publish import DatasetRef
-    from lesionflow.stages.ingest import raw_digest
-    from lesionflow.stages.plan import load_plan, plans_path
-    from lesionflow.stages.preprocess import read_metadata, store_root
-    from lesionflow.stages.segdata import splits
     from lesionflow.store.zarr_store import store_digest
 
-    records = read_manifest(ws.raw_manifest)
-    dataset = json.loads(ws.raw_dataset.read_text()) if ws.raw_dataset.exists() else {}
+    records = read_manifest(RAW_MANIFEST.at(ws))
+    dataset = json.loads(RAW_DATASET.at(ws).read_text()) if RAW_DATASET.at(ws).exists() else {}
     sources = sorted({redact_uri(s) for s in dataset.get("sources", [])})
     raw_rows = [
         {
@@ -91,26 +96,26 @@ def lineage_datasets(ws: Workspace, params: Params, metrics: dict[str, Any]) -> 
         DatasetRef(
             "raw",
             raw_digest(ws),
-            ";".join(sources) or str(ws.raw),
+            ";".join(sources) or str(RAW.at(ws)),
             "training",
             raw_rows,
             {"n_cases": str(len(records)), "source_uris": ";".join(sources)},
         ),
         DatasetRef(
             "processed",
-            store_digest(store_root(ws)),
-            str(store_root(ws)),
+            store_digest(STORE.at(ws)),
+            str(STORE.at(ws)),
             "training",
             processed_rows,
             {"n_cases": str(len(used)), "n_train": str(len(split.train)), "n_val": str(len(split.val))},
         ),
         DatasetRef(
-            "plans", sha256_file(plans_path(ws)), str(plans_path(ws)), "planning", [], {"plan_hash": plan.plan_hash}
+            "plans", sha256_file(PLANS.at(ws)), str(PLANS.at(ws)), "planning", [], {"plan_hash": plan.plan_hash}
         ),
         DatasetRef(
             "test-split",
             metrics["test_split_digest"],
-            str(ws.raw),
+            str(RAW.at(ws)),
             "evaluation",
             [row for row in raw_rows if row["case_id"] in test],
             {"n_cases": str(len(test))},
@@ -175,7 +180,8 @@ def _existing_version(request: Any) -> Any:
         )
 
 
-def run(ws: Workspace, params: Params) -> StageResult:
+def run(ws: Workspace, params: Params, *, flow_run_id: str = "none") -> StageResult:
+    """Register the segmenter; ``flow_run_id`` is the Prefect flow run that made it (lineage), when there is one."""
     import monai
     import numpy as np
     import safetensors
@@ -184,29 +190,29 @@ def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.registry.publish import RegistrationRequest, register_model
     from lesionflow.registry.tracking import resolve_tracking_uri
 
-    gate_path = gate_summary_path(ws)
+    gate_path = VALIDATE_METRICS_SUMMARY.at(ws)
     if not gate_path.exists():
         raise SourceError("the metrics gate has not passed yet; run `lesionflow stage validate-metrics` first")
     gate = json.loads(gate_path.read_text())
-    metrics = json.loads(metrics_path(ws).read_text())
-    model = segmenter_dir(ws)
+    metrics = json.loads(METRICS.at(ws).read_text())
+    model = SEGMENTER.at(ws)
     if gate.get("model_sha256") != sha256_file(model / "model.safetensors"):
-        raise SourceError("models/segmenter changed after the metrics gate ran; rerun evaluate and validate-metrics")
+        raise SourceError(f"{SEGMENTER.path} changed after the metrics gate ran; rerun evaluate and validate-metrics")
     datasets = lineage_datasets(ws, params, metrics)
     synthetic = [d for d in datasets if d.name == "synthetic"]
     tags = {
         "lesionflow.git_commit": git_commit(ws.root),
-        "lesionflow.dvc_lock_sha256": _file_digest(ws.root / "dvc.lock"),
+        "lesionflow.dvc_lock_sha256": _file_digest(ws.dvc_lock),
         "lesionflow.params_sha256": sha256_json(params.model_dump(mode="json")),
         "lesionflow.plans_hash": next(d.tags["plan_hash"] for d in datasets if d.name == "plans"),
-        "lesionflow.prefect_flow_run_id": os.environ.get(FLOW_RUN_ENV, "none"),
+        "lesionflow.prefect_flow_run_id": flow_run_id,
         "lesionflow.code_version": CODE_VERSION,
         "lesionflow.generator_model": synthetic[0].tags["generator_model"] if synthetic else "none",
         "lesionflow.workspace": str(ws.root),
         "lesionflow.model_sha256": metrics["model_sha256"],
         "lesionflow.test_split_sha256": metrics["test_split_digest"],
     }
-    train_summary = ws.stage_report_dir("train") / "summary.json"
+    train_summary = TRAIN_SUMMARY.at(ws)
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if train_summary.exists():
         t = json.loads(train_summary.read_text())
@@ -214,12 +220,12 @@ def run(ws: Workspace, params: Params) -> StageResult:
     artifacts = [
         p
         for p in (
-            metrics_path(ws),
-            cases_csv_path(ws),
-            ws.stage_report_dir("evaluate") / "boxplot.png",
-            ws.stage_report_dir("evaluate") / "montage.png",
-            ws.stage_report_dir("train") / "curves.png",
-            ws.stage_report_dir("train") / "curves.csv",
+            METRICS.at(ws),
+            EVALUATE_CASES.at(ws),
+            EVALUATE_REPORT.at(ws) / "boxplot.png",
+            EVALUATE_REPORT.at(ws) / "montage.png",
+            TRAIN_CURVES_PNG.at(ws),
+            TRAIN_CURVES.at(ws),
             gate_path,
         )
         if p.exists()
@@ -257,5 +263,5 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "champion_status": gate["champion"]["status"],
         "lineage": f"lesionflow lineage {result.model_name}/{result.version}",
     }
-    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
-    return StageResult(STAGE, True, summary, {"summary": f"reports/{STAGE}/summary.json"})
+    write_stage_summary(ws, STAGE, summary)
+    return StageResult(STAGE, True, summary, {"summary": summary_artifact(STAGE).path})

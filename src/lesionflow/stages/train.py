@@ -20,22 +20,36 @@ from typing import Any
 
 import numpy as np
 
+from lesionflow.catalog.artifacts import (
+    ACCEPTED,
+    METADATA,
+    PLANS,
+    SEGMENTER,
+    SEGMENTER_CHECKPOINTS,
+    STORE,
+    SYNTHETIC_STORE,
+    TRAIN_CURVES,
+    TRAIN_CURVES_PNG,
+    TRAINING_SYNTHETIC,
+    accepted_beside,
+    summary_artifact,
+)
+from lesionflow.catalog.digests import digest
+from lesionflow.catalog.readers import (
+    Splits,
+    label_names,
+    load_plan,
+    read_metadata,
+    splits,
+    stage_summary,
+    write_stage_summary,
+)
+from lesionflow.devices import cpu_threads, resolve_device
 from lesionflow.errors import ParamsError, SourceError
+from lesionflow.files import write_text_if_changed
 from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.params import Params
-from lesionflow.stages.base import CODE_VERSION, StageResult, write_json, write_text_if_changed
-from lesionflow.stages.plan import load_plan, plans_digest
-from lesionflow.stages.preprocess import metadata_path, read_metadata, store_root
-from lesionflow.stages.segdata import (
-    Splits,
-    checkpoints_dir,
-    cpu_threads,
-    label_names,
-    resolve_device,
-    segmenter_dir,
-    splits,
-)
-from lesionflow.stages.validate_processed import accepted_path
+from lesionflow.stages.base import CODE_VERSION, StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "train"
@@ -43,34 +57,22 @@ STAGE = "train"
 _RUN_KEY_EXCLUDE = {"device", "num_workers", "compile", "keep_checkpoints", "cache_mb"}
 
 
-def _digest(path: Path) -> str:
-    return sha256_file(path) if path.exists() else "absent"
-
-
-def _synthetic_digest(ws: Workspace, params: Params) -> str:
-    if not params.train.synthetic_store:
-        return "none"
-    from lesionflow.stages.synthdata import accepted_synthetic_path
-    from lesionflow.store.zarr_store import store_digest
-
-    root = ws.path(params.train.synthetic_store)
-    accepted = accepted_synthetic_path(root)
-    store = store_digest(root) if root.is_dir() else "absent"
-    return f"{store}:{sha256_file(accepted) if accepted.exists() else 'all'}"
-
-
-def inputs(ws: Workspace, params: Params) -> dict[str, str]:
+def _run_inputs(ws: Workspace, params: Params) -> dict[str, str | None]:
+    """What shapes the weights besides params, by the catalog's digest rules (part of the run key)."""
     return {
-        "plans": plans_digest(ws),
-        "metadata": _digest(metadata_path(ws)),
-        "accepted": _digest(accepted_path(ws)),
-        "synthetic": _synthetic_digest(ws, params),
+        name: digest(artifact, ws, params)
+        for name, artifact in (
+            ("plans", PLANS),
+            ("metadata", METADATA),
+            ("accepted", ACCEPTED),
+            ("synthetic", TRAINING_SYNTHETIC),
+        )
     }
 
 
 def run_key(ws: Workspace, params: Params, world_size: int) -> str:
     train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in _RUN_KEY_EXCLUDE}
-    parts = {"seed": params.project.seed, "train": train, "inputs": inputs(ws, params), "code": CODE_VERSION}
+    parts = {"seed": params.project.seed, "train": train, "inputs": _run_inputs(ws, params), "code": CODE_VERSION}
     return sha256_json({**parts, "world_size": world_size})
 
 
@@ -119,9 +121,7 @@ def _launch_ddp(ws: Workspace, params: Params, world: int) -> StageResult:
 
 
 def read_summary(ws: Workspace) -> dict[str, Any]:
-    import json
-
-    return dict(json.loads((ws.stage_report_dir(STAGE) / "summary.json").read_text()))
+    return stage_summary(ws, STAGE)
 
 
 def _mean_foreground_dice(pred: np.ndarray, truth: np.ndarray, values: tuple[int, ...]) -> float:
@@ -151,7 +151,7 @@ def train_in_process(ws: Workspace, params: Params) -> StageResult:
     check_patch(patch, rows, split.train)
     rank, world = _init_distributed(tp.device)
     device = resolve_device(tp.device)
-    store = store_root(ws)
+    store = STORE.at(ws)
     seed = params.project.seed
     real = index_cases(store, split.train, seed=seed)
     synthetic = _synthetic_cases(ws, params)
@@ -186,7 +186,7 @@ def train_in_process(ws: Workspace, params: Params) -> StageResult:
             dataset,
             params=tp,
             label_lut=lut,
-            checkpoint_root=checkpoints_dir(ws) / key[:16],
+            checkpoint_root=SEGMENTER_CHECKPOINTS.at(ws) / key[:16],
             device=device,
             validate=validate,
             warn=lambda line: print(f"train: {line}", file=sys.stderr),
@@ -201,7 +201,7 @@ def train_in_process(ws: Workspace, params: Params) -> StageResult:
         ) from None
     if rank != 0:
         return StageResult(STAGE, True, {"rank": rank})
-    folder = segmenter_dir(ws)
+    folder = SEGMENTER.at(ws)
     seg_config = SegmenterConfig(
         network=config,
         label_values=values,
@@ -236,16 +236,16 @@ def train_in_process(ws: Workspace, params: Params) -> StageResult:
         "model_sha256": sha256_file(folder / "model.safetensors"),
     }
     _write_curves(ws, outcome.history)
-    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
+    write_stage_summary(ws, STAGE, summary)
     return _result(ws, summary)
 
 
 def _result(ws: Workspace, summary: dict[str, Any]) -> StageResult:
     outputs = {
-        "model": "models/segmenter",
-        "curves": f"reports/{STAGE}/curves.png",
-        "curves_data": f"reports/{STAGE}/curves.csv",
-        "summary": f"reports/{STAGE}/summary.json",
+        "model": SEGMENTER.path,
+        "curves": TRAIN_CURVES_PNG.path,
+        "curves_data": TRAIN_CURVES.path,
+        "summary": summary_artifact(STAGE).path,
     }
     return StageResult(STAGE, True, summary, outputs)
 
@@ -287,14 +287,13 @@ def _synthetic_cases(ws: Workspace, params: Params) -> list[Any]:
         if params.train.synthetic_ratio > 0:
             raise ParamsError(
                 f"train.synthetic_ratio = {params.train.synthetic_ratio} but train.synthetic_store is empty; "
-                "set the store (e.g. data/synthetic/store.zarr) or the ratio to 0"
+                f"set the store (e.g. {SYNTHETIC_STORE.path}) or the ratio to 0"
             )
         return []
-    from lesionflow.stages.synthdata import accepted_synthetic_path
 
     root = ws.path(params.train.synthetic_store)
     ids = list_cases(root)
-    accepted = accepted_synthetic_path(root)
+    accepted = accepted_beside(root)
     if accepted.exists():  # the synthetic gate's verdict: rejected samples never reach the segmenter
         keep = set(json.loads(accepted.read_text())["accepted"])
         ids = [c for c in ids if c in keep]
@@ -331,9 +330,8 @@ def _write_curves(ws: Workspace, history: list[dict[str, float]]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: row.get(k, "") for k in ("step", "loss", "lr", "val_dice")})
-    report = ws.stage_report_dir(STAGE)
-    write_text_if_changed(report / "curves.csv", buffer.getvalue())
-    training_curves_png(history, report / "curves.png")
+    write_text_if_changed(TRAIN_CURVES.at(ws), buffer.getvalue())
+    training_curves_png(history, TRAIN_CURVES_PNG.at(ws))
 
 
 def bundle_metadata(config: Any, params: Params, split: Splits) -> dict[str, Any]:

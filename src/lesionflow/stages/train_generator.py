@@ -16,31 +16,31 @@ from typing import Any
 
 import numpy as np
 
-from lesionflow.errors import SourceError
-from lesionflow.hashing import sha256_file, sha256_json, sha256_tree
-from lesionflow.params import Params
-from lesionflow.stages.base import CODE_VERSION, Finding, StageResult, write_json, write_text_if_changed
-from lesionflow.stages.plan import load_plan
-from lesionflow.stages.segdata import cpu_threads, resolve_device
-from lesionflow.stages.synthdata import (
+from lesionflow.catalog.artifacts import (
+    GENERATORS,
+    PLANS,
+    ROIS_STORE,
+    TRAIN_GENERATOR_CURVES,
+    TRAIN_GENERATOR_CURVES_PNG,
+)
+from lesionflow.catalog.digests import digest
+from lesionflow.catalog.readers import (
     generator_checkpoints,
     generator_dir,
     lesion_classes,
+    load_plan,
     net_fingerprint,
-    rois_path,
+    write_stage_summary,
 )
+from lesionflow.devices import cpu_threads, resolve_device
+from lesionflow.errors import Finding, SourceError
+from lesionflow.files import write_json, write_text_if_changed
+from lesionflow.hashing import sha256_file, sha256_json
+from lesionflow.params import Params
+from lesionflow.stages.base import CODE_VERSION, StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "train-generator"
-
-
-def inputs(ws: Workspace, params: Params) -> dict[str, str]:
-    root = rois_path(ws)
-    plans = ws.processed / "plans.json"
-    return {
-        "rois": sha256_tree(root) if root.is_dir() else "absent",
-        "plans": sha256_file(plans) if plans.exists() else "absent",
-    }
 
 
 def _train_one(
@@ -57,7 +57,7 @@ def _train_one(
             "fp": fingerprint,
             "net": net.model_dump(mode="json"),
             "seed": seed,
-            "rois": inputs(ws, params),
+            "rois": {"rois": digest(ROIS_STORE, ws, params), "plans": digest(PLANS, ws, params)},
             "code": CODE_VERSION,
         }
     )
@@ -144,7 +144,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
 
     if not params.synth.generators:
         raise SourceError("synth.generators is empty: nothing to train; list lefusion, diffmask, ddpm and/or pie")
-    rois = read_roi_set(rois_path(ws))
+    rois = read_roi_set(ROIS_STORE.at(ws))
     device = resolve_device(params.synth.device)
     findings: list[Finding] = []
     methods: dict[str, Any] = {}
@@ -163,20 +163,18 @@ def run(ws: Workspace, params: Params) -> StageResult:
                 "final_loss": outcome.history[-1] if outcome.history else None,
                 "model_sha256": sha256_file(folder / "model.safetensors"),
             }
-    report = ws.stage_report_dir(STAGE)
-    loss_curves_png(histories, report / "curves.png")
+    loss_curves_png(histories, TRAIN_GENERATOR_CURVES_PNG.at(ws))
     rows = ["method,step,loss"] + [f"{m},{i + 1},{v:.6g}" for m, h in histories.items() for i, v in enumerate(h)]
-    write_text_if_changed(report / "curves.csv", "\n".join(rows) + "\n")
+    write_text_if_changed(TRAIN_GENERATOR_CURVES.at(ws), "\n".join(rows) + "\n")
     summary = {
         "generators": methods,
         "n_lesion_rois": len(rois.lesions),
         "n_candidate_rois": len(rois.candidates),
         "device": str(device),
     }
-    write_json(report / "summary.json", summary)
     outputs = {
-        "generators": "models/generators",
-        "curves": f"reports/{STAGE}/curves.png",
-        "summary": f"reports/{STAGE}/summary.json",
+        "generators": GENERATORS.path,
+        "curves": TRAIN_GENERATOR_CURVES_PNG.path,
+        "summary": write_stage_summary(ws, STAGE, summary),
     }
     return StageResult(STAGE, True, summary, outputs, tuple(findings))

@@ -12,23 +12,17 @@ import json
 import shutil
 from typing import Any
 
+from lesionflow.catalog.artifacts import EVALUATE_CASES, METRICS, METRICS_GATE_REPORT, RAW_MANIFEST, stage_report_dir
+from lesionflow.catalog.readers import write_stage_summary
 from lesionflow.errors import SourceError
 from lesionflow.hashing import sha256_file
 from lesionflow.params import Params
-from lesionflow.stages.base import StageResult, write_json
-from lesionflow.stages.evaluate import cases_csv_path, evaluate_cases, metrics_path
-from lesionflow.stages.gates import gate_failed, gate_findings
+from lesionflow.quality.findings import gate_failed, gate_findings
+from lesionflow.seg.evaluation import evaluate_cases
+from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "validate-metrics"
-
-
-def inputs(ws: Workspace, params: Params) -> None:
-    return None  # the champion lives in the model registry: always checked when the stage runs
-
-
-def summary_path(ws: Workspace) -> Any:
-    return ws.stage_report_dir(STAGE) / "summary.json"
 
 
 def _case_table(cases_csv: Any) -> Any:
@@ -60,9 +54,9 @@ def _champion(ws: Workspace, params: Params, metrics: dict[str, Any]) -> tuple[d
     if sha256_file(folder / "model.safetensors") == metrics["model_sha256"]:
         return {**facts, "status": "same_model"}, {}
     cases = set(metrics["cases"])
-    records = [r for r in read_manifest(ws.raw_manifest) if r.case_id in cases]
+    records = [r for r in read_manifest(RAW_MANIFEST.at(ws)) if r.case_id in cases]
     report = evaluate_cases(
-        folder, ws, records, params.evaluate, ws.stage_report_dir(STAGE) / "champion", ws.cache / "champion" / "pred"
+        folder, ws, records, params.evaluate, stage_report_dir(ws, STAGE) / "champion", ws.cache / "champion" / "pred"
     )
     table = report.table.groupby("case_id")["dice"].mean()
     facts["mean_dice"] = float(report.summary["mean_dice"])
@@ -72,16 +66,16 @@ def _champion(ws: Workspace, params: Params, metrics: dict[str, Any]) -> tuple[d
 def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.quality.metrics_suite import CHAMPION_COLUMN, run_metrics_gate
 
-    if not metrics_path(ws).exists() or not cases_csv_path(ws).exists():
-        raise SourceError("reports/metrics.json is missing; run `lesionflow stage evaluate` first")
-    metrics = json.loads(metrics_path(ws).read_text())
-    table = _case_table(cases_csv_path(ws))
+    if not METRICS.at(ws).exists() or not EVALUATE_CASES.at(ws).exists():
+        raise SourceError(f"{METRICS.path} is missing; run `lesionflow stage evaluate` first")
+    metrics = json.loads(METRICS.at(ws).read_text())
+    table = _case_table(EVALUATE_CASES.at(ws))
     champion, champion_dice = _champion(ws, params, metrics)
     table[CHAMPION_COLUMN] = [
         float(d) - champion_dice[c] if c in champion_dice else 0.0
         for c, d in zip(table["case_id"], table["dice"], strict=True)
     ]
-    result = run_metrics_gate(table, params.quality.metrics, ws.reports / "quality" / "metrics")
+    result = run_metrics_gate(table, params.quality.metrics, METRICS_GATE_REPORT.at(ws))
     findings = gate_findings(result)
     champion_failures = [f for f in result.dataset_failures if f.column == CHAMPION_COLUMN]
     blocking = [f for f in result.dataset_failures if f.column != CHAMPION_COLUMN]
@@ -104,6 +98,5 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "model_sha256": metrics["model_sha256"],
         "report": report,
     }
-    write_json(summary_path(ws), summary)
-    outputs = {"report": report, "summary": f"reports/{STAGE}/summary.json"}
+    outputs = {"report": report, "summary": write_stage_summary(ws, STAGE, summary)}
     return StageResult(STAGE, True, summary, outputs, tuple(findings))

@@ -8,45 +8,31 @@ failure of the gate as a whole quarantines nothing and stops the stage.
 
 from __future__ import annotations
 
-import json
-
-from lesionflow.errors import SourceError
-from lesionflow.hashing import sha256_file
+from lesionflow.catalog.artifacts import ACCEPTED, METADATA, PROCESSED_GATE_REPORT, QUARANTINE
+from lesionflow.catalog.readers import metadata_frame, require, write_accepted, write_stage_summary
 from lesionflow.params import Params
+from lesionflow.quality.findings import gate_failed, gate_findings, rejection_code, rejection_message
 from lesionflow.quarantine import Rejection, record
-from lesionflow.stages.base import StageResult, write_json
-from lesionflow.stages.gates import gate_failed, gate_findings, rejection_code, rejection_message
-from lesionflow.stages.plan import plans_digest
-from lesionflow.stages.preprocess import metadata_frame, metadata_path
+from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "validate-processed"
 
 
-def accepted_path(ws: Workspace):
-    return ws.processed / "accepted.json"
-
-
-def inputs(ws: Workspace, params: Params) -> dict[str, str]:
-    path = metadata_path(ws)
-    return {"metadata": sha256_file(path) if path.exists() else "absent", "plans": plans_digest(ws)}
-
-
 def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.quality.processed_suite import run_processed_gate
 
-    if not metadata_path(ws).exists():
-        raise SourceError("data/processed/metadata.csv does not exist; run `lesionflow stage preprocess` first")
+    require(ws, METADATA)
     table = metadata_frame(ws)
-    result = run_processed_gate(table, params.quality, ws.reports / "quality" / "processed")
+    result = run_processed_gate(table, params.quality, PROCESSED_GATE_REPORT.at(ws))
     findings = gate_findings(result)
     report = str(result.report_html.relative_to(ws.root))
     if not result.success:
         raise gate_failed("processed", result, report, findings)
     for case_id, checks in sorted(result.rejected.items()):
-        record(ws.quarantine, Rejection(case_id, STAGE, rejection_code(checks), rejection_message(checks)))
+        record(QUARANTINE.at(ws), Rejection(case_id, STAGE, rejection_code(checks), rejection_message(checks)))
     accepted = sorted(set(table["case_id"]) - set(result.rejected))
-    write_json(accepted_path(ws), {"cases": accepted, "metadata_digest": sha256_file(metadata_path(ws))})
+    write_accepted(ws, accepted)
     summary = {
         "success": True,
         "n_cases": result.n_cases,
@@ -55,10 +41,5 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "rejected": sorted(result.rejected),
         "report": report,
     }
-    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
-    outputs = {"accepted": "data/processed/accepted.json", "report": report, "summary": f"reports/{STAGE}/summary.json"}
+    outputs = {"accepted": ACCEPTED.path, "report": report, "summary": write_stage_summary(ws, STAGE, summary)}
     return StageResult(STAGE, True, summary, outputs, tuple(findings))
-
-
-def accepted_cases(ws: Workspace) -> list[str]:
-    return list(json.loads(accepted_path(ws).read_text())["cases"])

@@ -10,32 +10,26 @@ data out would hide that. The stage then raises :class:`GateFailed` naming the r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from lesionflow.errors import SourceError
+from lesionflow.catalog.artifacts import QUARANTINE, RAW_CASES, RAW_GATE_REPORT, RAW_MANIFEST
+from lesionflow.catalog.digests import raw_digest
+from lesionflow.catalog.readers import require, write_stage_summary
 from lesionflow.manifest import CaseRecord, manifest_frame, read_manifest, write_manifest
 from lesionflow.params import Params
+from lesionflow.quality.findings import gate_failed, gate_findings, rejection_code, rejection_message
 from lesionflow.quarantine import Rejection, record
-from lesionflow.stages.base import StageResult, write_json
-from lesionflow.stages.gates import gate_failed, gate_findings, rejection_code, rejection_message
-from lesionflow.stages.ingest import raw_digest
+from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "validate-raw"
 
 
-def report_dir(ws: Workspace) -> Path:
-    return ws.reports / "quality" / "raw"
-
-
 def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.quality.raw_suite import run_raw_gate
 
-    if not ws.raw_manifest.exists():
-        raise SourceError("data/raw/manifest.csv does not exist; run `lesionflow stage ingest` first")
-    records = read_manifest(ws.raw_manifest)
-    result = run_raw_gate(manifest_frame(records), params.quality, report_dir(ws))
+    records = read_manifest(require(ws, RAW_MANIFEST))
+    result = run_raw_gate(manifest_frame(records), params.quality, RAW_GATE_REPORT.at(ws))
     findings = gate_findings(result)
     moved = _quarantine_rejected(ws, records, result.rejected) if result.success else []
     report = result.report_html
@@ -49,10 +43,10 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "raw_digest": raw_digest(ws),
         "report": str(report.relative_to(ws.root)) if report.is_relative_to(ws.root) else str(report),
     }
-    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
+    summary_path = write_stage_summary(ws, STAGE, summary)
     if not result.success:
         raise gate_failed("raw", result, str(report), findings)
-    outputs = {"report": str(summary["report"]), "summary": f"reports/{STAGE}/summary.json"}
+    outputs = {"report": str(summary["report"]), "summary": summary_path}
     return StageResult(STAGE, True, summary, outputs, tuple(findings))
 
 
@@ -70,12 +64,8 @@ def _quarantine_rejected(ws: Workspace, records: list[CaseRecord], rejected: Map
             rec.source_uri if rec else "",
             rec.source_sha256 if rec else "",
         )
-        record(ws.quarantine, rejection, move_from=ws.raw_cases / case_id)
+        record(QUARANTINE.at(ws), rejection, move_from=RAW_CASES.at(ws) / case_id)
         moved.append(case_id)
     if moved:
-        write_manifest([r for r in records if r.case_id not in set(moved)], ws.raw_manifest)
+        write_manifest([r for r in records if r.case_id not in set(moved)], RAW_MANIFEST.at(ws))
     return moved
-
-
-def inputs(ws: Workspace, params: Params) -> dict[str, str]:
-    return {"raw": raw_digest(ws)}

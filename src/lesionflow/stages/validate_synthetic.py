@@ -21,65 +21,35 @@ from typing import Any
 
 import numpy as np
 
-from lesionflow.errors import SourceError
-from lesionflow.hashing import sha256_file, sha256_tree
+from lesionflow.catalog.artifacts import (
+    PROGRESSION_GATE_REPORT,
+    PROGRESSION_STORE,
+    ROIS_STORE,
+    STORE,
+    SYNTHETIC_ACCEPTED,
+    SYNTHETIC_GATE_REPORT,
+    SYNTHETIC_MANIFEST,
+    SYNTHETIC_MONTAGE,
+    SYNTHETIC_STORE,
+    stage_report_dir,
+    summary_artifact,
+)
+from lesionflow.catalog.readers import (
+    acceptance_model,
+    lesion_classes,
+    load_plan,
+    read_progression_manifest,
+    require,
+    write_stage_summary,
+)
+from lesionflow.devices import resolve_device
+from lesionflow.files import write_json
 from lesionflow.params import Params
-from lesionflow.stages.base import StageResult, write_json
-from lesionflow.stages.gates import gate_failed, gate_findings
-from lesionflow.stages.plan import load_plan
-from lesionflow.stages.preprocess import store_root
-from lesionflow.stages.progression import progression_manifest_path, progression_store, read_progression_manifest
-from lesionflow.stages.synthdata import accepted_synthetic_path, manifest_path, rois_path, synthetic_store
+from lesionflow.quality.findings import gate_failed, gate_findings
+from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "validate-synthetic"
-
-
-def _segmenter_ref(ws: Workspace, params: Params) -> tuple[str, Path | None, str]:
-    """(identity for the cache key, local model folder or None, note) of the acceptance segmenter."""
-    setting = params.quality.synthetic.acceptance_model.strip()
-    if not setting:
-        return "off", None, "acceptance filter off (quality.synthetic.acceptance_model is empty)"
-    if setting != "champion":
-        folder = ws.path(setting)
-        if not (folder / "model.safetensors").is_file():
-            raise SourceError(
-                f"quality.synthetic.acceptance_model = {setting!r} is not a model folder (no model.safetensors); "
-                "use champion, a folder such as models/segmenter, or an empty value"
-            )
-        return sha256_file(folder / "model.safetensors"), folder, f"acceptance filter: {setting}"
-    from lesionflow.registry.publish import champion_info
-    from lesionflow.registry.tracking import RegistryUnavailable, download_model_files, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(params.registry.tracking_uri, ws.root)
-    try:
-        champ = champion_info(uri, params.registry.model_name)
-    except RegistryUnavailable as err:
-        return "unreachable", None, f"acceptance filter off: {err}"
-    if champ is None:
-        return "none", None, f"acceptance filter off: no {params.registry.model_name}@champion yet"
-    folder = ws.cache / "acceptance" / f"v{champ.version}"
-    if not (folder / "model.safetensors").is_file():
-        download_model_files(f"{params.registry.model_name}/{champ.version}", uri, folder)
-    return (
-        f"champion:v{champ.version}:{champ.run_id}",
-        folder,
-        f"acceptance filter: {params.registry.model_name}@champion (v{champ.version})",
-    )
-
-
-def inputs(ws: Workspace, params: Params) -> dict[str, str] | None:
-    identity, _, _ = _segmenter_ref(ws, params)
-    if identity == "unreachable":
-        return None
-    manifest = manifest_path(ws)
-    progression = progression_manifest_path(ws)
-    return {
-        "manifest": sha256_file(manifest) if manifest.exists() else "absent",
-        "progression": sha256_file(progression) if progression.exists() else "absent",
-        "rois": sha256_tree(rois_path(ws)) if rois_path(ws).is_dir() else "absent",
-        "segmenter": identity,
-    }
 
 
 def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -178,35 +148,32 @@ def _lesion_rows(
 def run(ws: Workspace, params: Params) -> StageResult:
     import pandas as pd
 
+    from lesionflow.progress import rich_progress
     from lesionflow.quality.synthetic_checks import boundary_gradient, volume_ks
     from lesionflow.quality.synthetic_suite import SyntheticStats, SyntheticThresholds, run_synthetic_gate
-    from lesionflow.stages.base import rich_progress
-    from lesionflow.stages.synthdata import lesion_classes
     from lesionflow.store.zarr_store import read_case
     from lesionflow.synth.roi_store import read_roi_set
 
-    if not manifest_path(ws).exists():
-        raise SourceError("data/synthetic/manifest.json is missing; run `lesionflow stage synthesize` first")
-    manifest = json.loads(manifest_path(ws).read_text())
+    manifest = json.loads(require(ws, SYNTHETIC_MANIFEST).read_text())
     samples = manifest["samples"]
     trajectories = read_progression_manifest(ws)
     progression = _progression_gate(ws, params, trajectories) if trajectories else None
     if not samples and trajectories:  # method pie: trajectories only, no lesion samples to judge
         return _finish(ws, [], [], progression, {"n_samples": 0, "n_lesions": 0})
-    real = read_roi_set(rois_path(ws))
+    real = read_roi_set(ROIS_STORE.at(ws))
     plan = load_plan(ws)
     classes = lesion_classes(plan.label_values, params.synth.lefusion.multi_class)
     gradients = [boundary_gradient(r.image[0], r.mask) for r in real.lesions]
     ctx = {"class_values": classes, "real_gradient": float(np.nanmedian(gradients)) or 1.0}
-    identity, folder, note = _segmenter_ref(ws, params)
+    identity, folder, note = acceptance_model(ws, params)
     print(f"{STAGE}: {note}", file=sys.stderr)
     segment = _segmenter(folder, plan, params) if folder is not None else None
     rows: list[dict[str, Any]] = []
     views: dict[str, list[Any]] = {"real": [], "synthetic": []}
     by_condition: dict[int, list[_LesionCrop]] = defaultdict(list)  # diversity: lesions sharing a cluster
     for sample in rich_progress(iter(samples), STAGE, len(samples)):
-        case = read_case(synthetic_store(ws), sample["sample_id"])
-        source = read_case(store_root(ws), sample["source_case"])
+        case = read_case(SYNTHETIC_STORE.at(ws), sample["sample_id"])
+        source = read_case(STORE.at(ws), sample["source_case"])
         predicted = segment(case.image) if segment is not None else None
         lesions = _lesion_crops(sample, case, params.synth.roi_size)
         rows += _lesion_rows(sample, case, source, lesions, real, params, ctx, predicted)
@@ -231,14 +198,13 @@ def run(ws: Workspace, params: Params) -> StageResult:
         min_detected_fraction=q.min_detected_fraction,
         max_reject_fraction=q.max_reject_fraction,
     )
-    report_dir = ws.reports / "quality" / "synthetic"
-    result = run_synthetic_gate(table, stats, thresholds, report_dir)
+    result = run_synthetic_gate(table, stats, thresholds, SYNTHETIC_GATE_REPORT.at(ws))
     findings = gate_findings(result)
     report = str(result.report_html.relative_to(ws.root))
     rejected_samples = sorted({str(i).split("#")[0] for i in result.rejected})
     views["real"] = [_real_view(r) for r in real.lesions[:8]]
     _montage(ws, views)
-    table.to_csv(ws.stage_report_dir(STAGE) / "lesions.csv", index=False, float_format="%.6g")
+    table.to_csv(stage_report_dir(ws, STAGE) / "lesions.csv", index=False, float_format="%.6g")
     if result.dataset_failures:
         raise gate_failed("synthetic", result, report, findings)
     summary = {
@@ -252,7 +218,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "mean_histogram_w1": float(table["histogram_w1"].mean()) if len(table) else 0.0,
         "report": report,
     }
-    extra = {"montage": f"reports/{STAGE}/montage.png", "report": report}
+    extra = {"montage": SYNTHETIC_MONTAGE.path, "report": report}
     return _finish(ws, samples, rejected_samples, progression, summary, findings, extra)
 
 
@@ -281,10 +247,10 @@ def _finish(
             progression_report=report,
             **numbers,
         )
-    write_json(accepted_synthetic_path(synthetic_store(ws)), payload)
+    write_json(SYNTHETIC_ACCEPTED.at(ws), payload)
     summary = {"success": True, **summary, "n_accepted": len(accepted), "n_rejected": len(rejected_samples)}
-    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
-    out = {"accepted": "data/synthetic/accepted.json", "summary": f"reports/{STAGE}/summary.json", **(outputs or {})}
+    write_stage_summary(ws, STAGE, summary)
+    out = {"accepted": SYNTHETIC_ACCEPTED.path, "summary": summary_artifact(STAGE).path, **(outputs or {})}
     if progression is not None:
         out["progression_report"] = progression[1]
     return StageResult(STAGE, True, summary, out, tuple(findings))
@@ -298,7 +264,7 @@ def _progression_rows(ws: Workspace, trajectories: dict[str, dict[str, Any]]) ->
 
     rows = []
     for tid in sorted(trajectories):
-        stored = read_trajectory(progression_store(ws), tid)
+        stored = read_trajectory(PROGRESSION_STORE.at(ws), tid)
         settings = stored.attrs["settings"]
         beta_outside = float(settings["beta_outside"])
         stats = progression_stats(
@@ -337,11 +303,9 @@ def _progression_gate(
 
     table = pd.DataFrame(_progression_rows(ws, trajectories))
     q = params.quality.synthetic
-    result = run_progression_gate(
-        table, q.min_progression_rho, q.max_step_change_ratio, ws.reports / "quality" / "progression"
-    )
-    ws.stage_report_dir(STAGE).mkdir(parents=True, exist_ok=True)
-    table.to_csv(ws.stage_report_dir(STAGE) / "trajectories.csv", index=False, float_format="%.6g")
+    result = run_progression_gate(table, q.min_progression_rho, q.max_step_change_ratio, PROGRESSION_GATE_REPORT.at(ws))
+    stage_report_dir(ws, STAGE).mkdir(parents=True, exist_ok=True)
+    table.to_csv(stage_report_dir(ws, STAGE) / "trajectories.csv", index=False, float_format="%.6g")
     numbers = {
         "mean_trend_rho": float(table["trend_rho"].mean()),
         "mean_step_change_ratio": float(table["step_change_ratio"].mean()),
@@ -354,7 +318,6 @@ def _segmenter(folder: Path, plan: Any, params: Params) -> Any:
     """``predict(image) -> labels`` with the acceptance segmenter; None when it was trained on another plan."""
     from lesionflow.seg.inference import probabilities_to_labels, sliding_window_predict
     from lesionflow.seg.model_files import load_segmenter
-    from lesionflow.stages.segdata import resolve_device
 
     device = resolve_device(params.evaluate.device)
     network, config = load_segmenter(folder, device)
@@ -400,7 +363,7 @@ def _montage(ws: Workspace, views: dict[str, list[Any]]) -> None:
     from lesionflow.synth.montage import lesion_montage
 
     png = lesion_montage(views["real"], views["synthetic"], title="Real vs synthetic lesions per class")
-    path = ws.stage_report_dir(STAGE) / "montage.png"
+    path = SYNTHETIC_MONTAGE.at(ws)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_bytes() != png:
         path.write_bytes(png)

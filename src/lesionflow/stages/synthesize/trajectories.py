@@ -11,41 +11,34 @@ is already stored is kept as it is.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lesionflow.catalog.artifacts import PROGRESSION_PICTURES, PROGRESSION_STORE, STORE
+from lesionflow.catalog.readers import (
+    check_generator,
+    generator_digest,
+    generator_dir,
+    read_progression_manifest,
+    stored_trajectory_key,
+    write_progression_manifest,
+)
+from lesionflow.devices import resolve_device
 from lesionflow.errors import SourceError
 from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.params import Params
-from lesionflow.stages.base import CODE_VERSION, write_json
-from lesionflow.stages.preprocess import store_root
-from lesionflow.stages.synthdata import generator_digest, generator_dir, synthetic_dir
+from lesionflow.stages.base import CODE_VERSION
 from lesionflow.workspace import Workspace
 
 __all__ = [
     "make_trajectory",
-    "progression_manifest_path",
-    "progression_store",
     "trajectory_id",
     "trajectory_task",
     "wants_trajectories",
     "write_progression_manifest",
 ]
-
-
-def progression_store(ws: Workspace) -> Path:
-    return synthetic_dir(ws) / "progression.zarr"
-
-
-def progression_manifest_path(ws: Workspace) -> Path:
-    return synthetic_dir(ws) / "progression.json"
-
-
-def pictures_dir(ws: Workspace) -> Path:
-    return ws.root / "reports" / "synthesize" / "progression"
 
 
 def wants_trajectories(params: Params) -> bool:
@@ -73,7 +66,7 @@ def trajectory_task(
     mask_digest = sha256_file(Path(roi_mask_file)) if roi_mask_file else ""
     key = sha256_json(
         {
-            "source": case_digest(store_root(ws), case_id),
+            "source": case_digest(STORE.at(ws), case_id),
             "generator": generator_digest(ws, "pie"),
             "pie": params.synth.pie.model_dump(mode="json"),
             "roi_size": list(params.synth.roi_size),
@@ -131,7 +124,6 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
 
     from lesionflow.quality.progression_checks import frame_lesion_masks, progression_stats
     from lesionflow.seeding import rng_for, torch_generator
-    from lesionflow.stages.segdata import resolve_device
     from lesionflow.store.zarr_store import read_case, read_case_attrs
     from lesionflow.synth.pie import (
         CLIP_RANGE,
@@ -151,14 +143,14 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
     model, extra = _pie_generator(root, digest)
     model.to(device)
     scale = SeverityScale.from_dict(extra["severity"])
-    attrs = read_case_attrs(store_root(ws), case_id)
+    attrs = read_case_attrs(STORE.at(ws), case_id)
     spacing = [float(s) for s in attrs["spacing"]]
     if not np.allclose(spacing, extra["spacing"], rtol=0, atol=1e-6):
         return _failure("spacing_mismatch", f"spacing {spacing} mm, but the pie model was trained at "
                         f"{extra['spacing']} mm; preprocess the case with the same plan or retrain pie")  # fmt: skip
     try:
         scale.check_target(target)
-        arrays = read_case(store_root(ws), case_id)
+        arrays = read_case(STORE.at(ws), case_id)
         label = arrays.label if arrays.label is not None else np.zeros(arrays.image.shape[1:], np.uint8)
         if task["roi_mask_file"]:
             mask_full = _read_mask_file(task["roi_mask_file"], arrays.image.shape[1:], np.asarray(attrs["affine"]))
@@ -203,14 +195,14 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
         "outside_max_change": stats.outside_max_change,
     }
     write_trajectory(
-        progression_store(ws),
+        PROGRESSION_STORE.at(ws),
         tid,
         trajectory.frames,
         masks,
         trajectory.roi_mask,
         {**record, "spacing": spacing, "affine": crop_affine(np.asarray(attrs["affine"]), start.origin)},
     )
-    pictures = pictures_dir(ws)
+    pictures = PROGRESSION_PICTURES.at(ws)
     pictures.mkdir(parents=True, exist_ok=True)
     title = f"{case_id}: severity {start_severity:.2f} -> {target:.2f} (Spearman rho {stats.trend_rho:.2f})"
     (pictures / f"{tid}.png").write_bytes(trajectory_strip_png(trajectory.frames, masks, title=title))
@@ -222,47 +214,20 @@ def _failure(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "code": code, "message": message}
 
 
-def read_progression_manifest(ws: Workspace) -> dict[str, dict[str, Any]]:
-    path = progression_manifest_path(ws)
-    if not path.exists():
-        return {}
-    return {r["trajectory_id"]: r for r in json.loads(path.read_text()).get("trajectories", [])}
-
-
-def write_progression_manifest(ws: Workspace, records: dict[str, dict[str, Any]]) -> None:
-    """The manifest of the trajectories that exist in the store (sorted by id)."""
-    from lesionflow.synth.trajectory_store import list_trajectories
-
-    stored = set(list_trajectories(progression_store(ws)))
-    kept = [records[t] for t in sorted(records) if t in stored]
-    write_json(progression_manifest_path(ws), {"generator": generator_digest(ws, "pie"), "trajectories": kept})
-
-
-def stored_key(ws: Workspace, tid: str) -> str:
-    """The key of a stored trajectory ("" when it is not stored)."""
-    import zarr
-
-    path = progression_store(ws) / tid
-    if not (path / "frames" / "zarr.json").is_file():
-        return ""
-    return str(zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get("key", ""))
-
-
 def run_one(
     ws: Workspace, params: Params, case_id: str, target: float, *, roi_mask_file: str = "", whole_volume: bool = False
 ) -> dict[str, Any]:
     """One trajectory in this process (the progression flow): its record; a clear SourceError for bad input."""
-    from lesionflow.stages.synthdata import check_generator
     from lesionflow.store.zarr_store import list_cases
 
     if "pie" not in params.synth.generators:
         raise SourceError("synth.generators has no 'pie': add it and run `lesionflow stage train-generator`")
     check_generator(ws, params, "pie")
-    if case_id not in list_cases(store_root(ws)):
-        raise SourceError(f"case {case_id!r} is not in data/processed/store.zarr; pick a processed case id")
+    if case_id not in list_cases(STORE.at(ws)):
+        raise SourceError(f"case {case_id!r} is not in {STORE.path}; pick a processed case id")
     task = trajectory_task(ws, params, case_id, target, roi_mask_file=roi_mask_file, whole_volume=whole_volume)
     records = read_progression_manifest(ws)
-    if stored_key(ws, task["trajectory_id"]) == task["key"] and task["trajectory_id"] in records:
+    if stored_trajectory_key(ws, task["trajectory_id"]) == task["key"] and task["trajectory_id"] in records:
         return records[task["trajectory_id"]]
     outcome = make_trajectory(str(ws.root), params.model_dump_json(), generator_digest(ws, "pie"), task)
     if not outcome["ok"]:

@@ -16,30 +16,32 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from lesionflow.errors import SourceError
-from lesionflow.hashing import sha256_file, sha256_json, sha256_tree
-from lesionflow.params import Params, PreprocessParams
-from lesionflow.stages.base import CODE_VERSION, Finding, StageResult, write_json
-from lesionflow.stages.preprocess import store_root
-from lesionflow.stages.progression import (
-    make_trajectory,
-    progression_store,
-    read_progression_manifest,
-    stored_key,
-    trajectory_task,
-    wants_trajectories,
-    write_progression_manifest,
+from lesionflow.catalog.artifacts import (
+    PROGRESSION_PICTURES,
+    PROGRESSION_STORE,
+    ROIS_STORE,
+    STORE,
+    SYNTHETIC_MANIFEST,
+    SYNTHETIC_STORE,
 )
-from lesionflow.stages.segdata import splits
-from lesionflow.stages.synthdata import (
+from lesionflow.catalog.readers import (
     check_generator,
     generator_digest,
     generator_dir,
-    manifest_path,
-    rois_path,
-    synthetic_store,
+    load_plan,
+    read_progression_manifest,
+    splits,
+    stored_trajectory_key,
+    write_progression_manifest,
+    write_stage_summary,
 )
-from lesionflow.stages.validate_processed import accepted_path
+from lesionflow.devices import resolve_device
+from lesionflow.errors import Finding, SourceError
+from lesionflow.files import write_json
+from lesionflow.hashing import sha256_file, sha256_json
+from lesionflow.params import Params
+from lesionflow.stages.base import CODE_VERSION, StageResult
+from lesionflow.stages.synthesize.trajectories import make_trajectory, trajectory_task, wants_trajectories
 from lesionflow.workspace import Workspace
 
 STAGE = "synthesize"
@@ -65,15 +67,6 @@ def _methods(params: Params) -> list[str]:
     return _texture_methods(params) + (["pie"] if wants_trajectories(params) else [])
 
 
-def inputs(ws: Workspace, params: Params) -> dict[str, str]:
-    rois = rois_path(ws)
-    return {
-        "accepted": sha256_file(accepted_path(ws)) if accepted_path(ws).exists() else "absent",
-        "rois": sha256_tree(rois) if rois.is_dir() else "absent",
-        **{f"generator:{m}": generator_digest(ws, m) for m in _methods(params)},
-    }
-
-
 def sample_id(case_id: str, kind: str, index: int) -> str:
     return f"{case_id}__{kind}{index}"
 
@@ -89,12 +82,11 @@ def _tasks(ws: Workspace, params: Params) -> list[dict[str, Any]]:
     synth = params.synth.model_dump(mode="json")
     for key in ("workers", "scheduler_address", "device"):
         synth.pop(key)
-    from lesionflow.stages.plan import load_plan
 
     chunk = list(load_plan(ws).chunk_shape)
     tasks = []
     for case_id in splits(ws, params).train:
-        source = case_digest(store_root(ws), case_id)
+        source = case_digest(STORE.at(ws), case_id)
         for kind in KINDS:
             for s in range(counts[kind]):
                 key = sha256_json(
@@ -132,7 +124,7 @@ def _generators(root: str, params_json: str, digests: str) -> Any:
         mask_model, _, mask_extra = load_generator(generator_dir(ws, "diffmask"))
         mask_settings = sp.diffmask
         radii = np.asarray(mask_extra["radii"], dtype=np.float64)
-    rois = read_roi_set(rois_path(ws))
+    rois = read_roi_set(ROIS_STORE.at(ws))
     if mask_model is None:
         radii = np.asarray(sorted(r.sphere.radius for r in rois.lesions if r.sphere is not None), dtype=np.float64)
     remover, remover_settings = None, None
@@ -162,7 +154,6 @@ def synthesize_sample(root: str, params_json: str, digests: str, task: dict[str,
     import torch
 
     from lesionflow.seeding import rng_for, torch_generator
-    from lesionflow.stages.segdata import resolve_device
     from lesionflow.store.zarr_store import CaseArrays, read_case, read_case_attrs, write_case
     from lesionflow.synth import compose
 
@@ -176,7 +167,7 @@ def synthesize_sample(root: str, params_json: str, digests: str, task: dict[str,
         for m in (gens.texture, gens.mask_model, gens.remover):
             if m is not None:
                 m.to(device)
-    arrays = read_case(store_root(ws), case_id)
+    arrays = read_case(STORE.at(ws), case_id)
     rng = rng_for(params.project.seed, "synth", case_id, kind, s)
     tgen = torch_generator(params.project.seed, "synth", case_id, kind, s, device=device)
     label = arrays.label if arrays.label is not None else np.zeros(arrays.image.shape[1:], np.uint8)
@@ -200,7 +191,7 @@ def synthesize_sample(root: str, params_json: str, digests: str, task: dict[str,
     if not out.lesions:
         why = "; ".join(out.notes) or "no usable lesion"
         return {"ok": False, "code": "nothing_generated", "message": f"{kind} sample {s}: {why}"}
-    attrs = read_case_attrs(store_root(ws), case_id)
+    attrs = read_case_attrs(STORE.at(ws), case_id)
     attrs["synthetic"] = {
         "source_case": case_id,
         "kind": kind,
@@ -210,7 +201,7 @@ def synthesize_sample(root: str, params_json: str, digests: str, task: dict[str,
     }
     chunk = tuple(int(c) for c in task["chunk"])
     digest = write_case(
-        synthetic_store(ws),
+        SYNTHETIC_STORE.at(ws),
         task["sample_id"],
         CaseArrays(out.image, out.label, arrays.organ, out.generated),
         attrs,
@@ -238,7 +229,7 @@ def _existing(ws: Workspace) -> dict[str, str]:
     """sample id -> sample key of the complete synthetic cases already in the store."""
     from lesionflow.store.zarr_store import list_cases, read_case_attrs
 
-    root = synthetic_store(ws)
+    root = SYNTHETIC_STORE.at(ws)
     return {c: read_case_attrs(root, c).get("synthetic", {}).get("sample_key", "") for c in list_cases(root)}
 
 
@@ -253,7 +244,7 @@ def _trajectory_tasks(ws: Workspace, params: Params) -> list[dict[str, Any]]:
 
     if not wants_trajectories(params):
         return []
-    rois = read_roi_set(rois_path(ws))
+    rois = read_roi_set(ROIS_STORE.at(ws))
     train = set(splits(ws, params).train)
     smallest_lesion: dict[str, int] = {}
     for r in rois.lesions:
@@ -275,10 +266,10 @@ def run(ws: Workspace, params: Params) -> StageResult:
 
     for method in _methods(params):
         check_generator(ws, params, method)
-    root = synthetic_store(ws)
+    root = SYNTHETIC_STORE.at(ws)
     open_store(root)
     clean_temp(root)
-    repair(progression_store(ws))
+    repair(PROGRESSION_STORE.at(ws))
     tasks = _tasks(ws, params)
     trajectories = _trajectory_tasks(ws, params)
     if not tasks and not trajectories:
@@ -286,7 +277,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
             "synth: no samples asked for (relesion_per_case, new_per_case and remove_per_case are 0, and no "
             "pie trajectory: synth.pie.cases = 0 or pie not in synth.generators)"
         )
-    old = json.loads(manifest_path(ws).read_text()) if manifest_path(ws).exists() else {"samples": []}
+    old = json.loads(SYNTHETIC_MANIFEST.at(ws).read_text()) if SYNTHETIC_MANIFEST.at(ws).exists() else {"samples": []}
     records = {r["sample_id"]: r for r in old.get("samples", [])}
     existing = _existing(ws)
     wanted = {t["sample_id"] for t in tasks}
@@ -298,7 +289,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     traj_todo = [
         t
         for t in trajectories
-        if stored_key(ws, t["trajectory_id"]) != t["key"] or t["trajectory_id"] not in trajectory_records
+        if stored_trajectory_key(ws, t["trajectory_id"]) != t["key"] or t["trajectory_id"] not in trajectory_records
     ]
     jobs: list[Job] = [(t["sample_id"], synthesize_sample, _texture_digests(ws, params), t) for t in todo]
     jobs += [(t["trajectory_id"], make_trajectory, generator_digest(ws, "pie"), t) for t in traj_todo]
@@ -319,7 +310,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         else:
             findings.append(Finding(task["trajectory_id"], outcome["code"], outcome["message"]))
     # Always written (dvc.yaml declares them), empty when no trajectory is asked for.
-    ensure_root(progression_store(ws))
+    ensure_root(PROGRESSION_STORE.at(ws))
     write_progression_manifest(ws, trajectory_records)
     kept = [records[t["sample_id"]] for t in tasks if t["sample_id"] in records and (root / t["sample_id"]).exists()]
     texture = _texture_methods(params)
@@ -330,7 +321,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "generators": {m: generator_digest(ws, m) for m in texture},
         "samples": kept,
     }
-    write_json(manifest_path(ws), manifest)
+    write_json(SYNTHETIC_MANIFEST.at(ws), manifest)
     made = [t for t in trajectories if t["trajectory_id"] in trajectory_records]
     if (tasks and not kept) or (trajectories and not made):
         raise SourceError(
@@ -347,12 +338,12 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "n_trajectories": len(made),
         "trajectory_rho": [_rounded(trajectory_records[t["trajectory_id"]]["trend_rho"]) for t in made],
         "generator_model": generator_model,
-        "manifest_sha256": sha256_file(manifest_path(ws)),
+        "manifest_sha256": sha256_file(SYNTHETIC_MANIFEST.at(ws)),
     }
-    write_json(ws.stage_report_dir(STAGE) / "summary.json", summary)
-    outputs = {"store": "data/synthetic/store.zarr", "manifest": "data/synthetic/manifest.json"}
+    write_stage_summary(ws, STAGE, summary)
+    outputs = {"store": SYNTHETIC_STORE.path, "manifest": SYNTHETIC_MANIFEST.path}
     if trajectories:
-        outputs.update(progression="data/synthetic/progression.zarr", pictures="reports/synthesize/progression")
+        outputs.update(progression=PROGRESSION_STORE.path, pictures=PROGRESSION_PICTURES.path)
     return StageResult(STAGE, True, summary, outputs, tuple(findings))
 
 
@@ -371,16 +362,12 @@ def _fan_out(params: Params, ws: Workspace, jobs: list[Job]) -> dict[str, dict[s
     from distributed import as_completed
 
     from lesionflow.parallel import dask_client
-    from lesionflow.stages.base import rich_progress
+    from lesionflow.progress import rich_progress
 
-    cluster = PreprocessParams(
-        workers=params.synth.workers,
-        memory_limit=params.preprocess.memory_limit,
-        scheduler_address=params.synth.scheduler_address,
-    )
     params_json = params.model_dump_json()
     outcomes: dict[str, dict[str, Any]] = {}
-    with dask_client(cluster) as client:
+    sp = params.synth
+    with dask_client(sp.workers, params.preprocess.memory_limit, sp.scheduler_address) as client:
         futures = {
             client.submit(
                 fn, str(ws.root), params_json, digests, task,

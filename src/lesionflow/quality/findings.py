@@ -1,12 +1,11 @@
-"""What the gate stages share: a GateResult as findings, quarantine codes and the whole-gate failure."""
+"""A gate's outcome in the words every stage uses: findings, quarantine codes and the whole-gate failure."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from lesionflow.errors import GateFailed
-from lesionflow.stages.base import Finding
+from lesionflow.errors import Finding, GateFailed
 
 
 def gate_findings(result: Any) -> list[Finding]:

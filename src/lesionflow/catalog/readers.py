@@ -1,0 +1,319 @@
+"""Readers (and the writers of shared tables) of the artifacts one stage hands to another.
+
+A stage never imports another stage: it reads what an earlier stage wrote through these functions, which
+know the artifact's path from the catalog and its format from here. Missing inputs are one-line
+``SourceError``s naming the stage to run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lesionflow.catalog.artifacts import (
+    ACCEPTED,
+    GENERATOR_CHECKPOINTS,
+    GENERATORS,
+    METADATA,
+    PLANS,
+    PROGRESSION_MANIFEST,
+    PROGRESSION_STORE,
+    RAW_DATASET,
+    Artifact,
+    stage_report_dir,
+)
+from lesionflow.errors import SourceError
+from lesionflow.files import write_json, write_text_if_changed
+from lesionflow.hashing import sha256_file
+from lesionflow.params import Params
+from lesionflow.planning.plan import Plan
+from lesionflow.seeding import rng_for
+from lesionflow.workspace import Workspace
+
+
+def require(ws: Workspace, artifact: Artifact) -> Path:
+    """The artifact's path; a one-line SourceError naming the stage to run when it does not exist."""
+    path = artifact.at(ws)
+    if not path.exists():
+        raise SourceError(f"{artifact.path} does not exist; run `lesionflow stage {artifact.producer}` first")
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON report, or None when it is missing or unreadable (for displays that may show nothing)."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def stage_summary(ws: Workspace, stage: str) -> dict[str, Any]:
+    """``reports/<stage>/summary.json`` ({} when the stage has not run)."""
+    return read_json(stage_report_dir(ws, stage) / "summary.json") or {}
+
+
+def write_stage_summary(ws: Workspace, stage: str, summary: dict[str, Any]) -> str:
+    """Write the stage's summary.json; returns its workspace-relative path (for StageResult.outputs)."""
+    path = stage_report_dir(ws, stage) / "summary.json"
+    write_json(path, summary)
+    return str(path.relative_to(ws.root))
+
+
+# ---- plan -------------------------------------------------------------------------------------------------
+def load_plan(ws: Workspace) -> Plan:
+    return Plan.from_dict(json.loads(require(ws, PLANS).read_text()))
+
+
+# ---- metadata.csv: one row per processed case -------------------------------------------------------------
+METADATA_COLUMNS = (
+    "case_id",
+    "split",
+    "cache_key",
+    "digest",
+    "shape_x",
+    "shape_y",
+    "shape_z",
+    "shape_min",
+    "shape_max",
+    "spacing_x",
+    "spacing_y",
+    "spacing_z",
+    "spacing_dev_mm",
+    "n_nonfinite",
+    "zscore_mean_abs",
+    "zscore_std_dev",
+    "label_values_raw",
+    "label_values_processed",
+    "label_set_unchanged",
+    "fg_volume_raw_mm3",
+    "fg_volume_processed_mm3",
+    "fg_kept_ratio",
+)
+# Column types of metadata.csv (everything else is text), so readers need not know them.
+_FLOAT_COLUMNS = frozenset(
+    {
+        "spacing_x",
+        "spacing_y",
+        "spacing_z",
+        "spacing_dev_mm",
+        "zscore_mean_abs",
+        "zscore_std_dev",
+        "fg_volume_raw_mm3",
+        "fg_volume_processed_mm3",
+        "fg_kept_ratio",
+    }
+)
+_INT_COLUMNS = frozenset({"shape_x", "shape_y", "shape_z", "shape_min", "shape_max", "n_nonfinite"})
+_BOOL_COLUMNS = frozenset({"label_set_unchanged"})
+
+
+def _typed(column: str, text: str) -> Any:
+    if column in _FLOAT_COLUMNS:
+        return float(text)
+    if column in _INT_COLUMNS:
+        return int(text)
+    if column in _BOOL_COLUMNS:
+        return text == "True"
+    return text
+
+
+def read_metadata(ws: Workspace) -> dict[str, dict[str, Any]]:
+    """case id -> row of metadata.csv, as text ({} when preprocess has not run)."""
+    path = METADATA.at(ws)
+    if not path.exists():
+        return {}
+    with path.open(newline="") as fh:
+        return {row["case_id"]: row for row in csv.DictReader(fh)}
+
+
+def metadata_frame(ws: Workspace) -> Any:
+    """metadata.csv as a typed pandas DataFrame (one row per case, METADATA_COLUMNS order)."""
+    import pandas as pd
+
+    rows = [{k: _typed(k, v) for k, v in row.items()} for _, row in sorted(read_metadata(ws).items())]
+    return pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
+
+
+def write_metadata(ws: Workspace, rows: dict[str, dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(METADATA_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for case_id in sorted(rows):
+        writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in rows[case_id].items()})
+    write_text_if_changed(METADATA.at(ws), buffer.getvalue())
+
+
+# ---- the processed gate's verdict and the splits ----------------------------------------------------------
+def accepted_cases(ws: Workspace) -> list[str]:
+    return list(json.loads(require(ws, ACCEPTED).read_text())["cases"])
+
+
+def write_accepted(ws: Workspace, cases: list[str]) -> None:
+    write_json(ACCEPTED.at(ws), {"cases": cases, "metadata_digest": sha256_file(METADATA.at(ws))})
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Accepted case ids by role (sorted). ``val`` is held out of ``train`` by a seeded draw."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+
+def splits(ws: Workspace, params: Params) -> Splits:
+    """Train/val/test from the processed gate's accepted list and each case's ingest split.
+
+    Reads params ``project.seed`` and ``train.val_fraction``: a stage calling this declares both.
+    """
+    accepted = set(accepted_cases(ws))
+    rows = read_metadata(ws)
+    train = sorted(c for c in accepted if rows.get(c, {}).get("split") != "test")
+    test = sorted(c for c in accepted if rows.get(c, {}).get("split") == "test")
+    if not train:
+        raise SourceError("no accepted training cases; check data/quarantine and the processed gate report")
+    n_val = min(len(train) - 1, int(len(train) * params.train.val_fraction))
+    order = rng_for(params.project.seed, "val-split").permutation(len(train))
+    val = sorted(train[i] for i in order[:n_val])
+    return Splits(tuple(c for c in train if c not in set(val)), tuple(val), tuple(test))
+
+
+def label_names(ws: Workspace, label_values: tuple[int, ...]) -> dict[str, str]:
+    """Label value -> name from data/raw/dataset.json (``label_<v>`` where the source names none)."""
+    declared: dict[str, str] = {}
+    dataset = RAW_DATASET.at(ws)
+    if dataset.exists():
+        declared = {str(k): str(v) for k, v in json.loads(dataset.read_text()).get("labels", {}).items()}
+    return {str(v): declared.get(str(v), "background" if v == 0 else f"label_{v}") for v in label_values}
+
+
+# ---- generators: models/generators/<method>/ --------------------------------------------------------------
+GENERATOR_FILES = ("model.safetensors", "config.json")
+
+
+def generator_dir(ws: Workspace, method: str) -> Path:
+    return GENERATORS.at(ws) / method
+
+
+def generator_checkpoints(ws: Workspace, method: str) -> Path:
+    return GENERATOR_CHECKPOINTS.at(ws) / method
+
+
+def generator_digest(ws: Workspace, method: str) -> str:
+    """sha256 of the generator's weights ("absent" when it has not been trained)."""
+    weights = generator_dir(ws, method) / "model.safetensors"
+    return sha256_file(weights) if weights.exists() else "absent"
+
+
+def read_generator_extra(ws: Workspace, method: str) -> dict[str, Any]:
+    """The ``extra`` block of a generator's config.json (method, preset fingerprint, bank, classes...)."""
+    path = generator_dir(ws, method) / "config.json"
+    if not path.exists():
+        raise SourceError(
+            f"no {method} generator in {path.parent}; run `lesionflow stage train-generator` "
+            f"with '{method}' in synth.generators"
+        )
+    return dict(json.loads(path.read_text()).get("extra", {}))
+
+
+def lesion_classes(label_values: tuple[int, ...], multi_class: bool) -> tuple[int, ...]:
+    """The label values LeFusion gives a channel each (§2.7); one merged class (the first) when not multi-class."""
+    values = tuple(v for v in label_values if v != 0)
+    if not values:
+        raise SourceError("the plan lists no lesion label value (only background); nothing to synthesize")
+    return values if multi_class else values[:1]
+
+
+def net_fingerprint(params: Params, method: str) -> dict[str, Any]:
+    """What a trained generator must agree with to be used or resumed: method, ROI size and architecture."""
+    net = getattr(params.synth, method)
+    fingerprint: dict[str, Any] = {
+        "method": method,
+        "roi_size": list(params.synth.roi_size),
+        "base_channels": net.base_channels,
+        "channel_mults": list(net.channel_mults),
+        "attention_levels": list(net.attention_levels),
+        "timesteps": net.timesteps,
+    }
+    if method == "pie":  # the condition's meaning: a volume-quantile model cannot be driven by class ranks
+        fingerprint["severity"] = params.synth.pie.severity
+    return fingerprint
+
+
+def check_generator(ws: Workspace, params: Params, method: str) -> dict[str, Any]:
+    """The generator's extras after checking it was trained by ``method`` with today's preset; else a clear error."""
+    extra = read_generator_extra(ws, method)
+    want = net_fingerprint(params, method)
+    have = extra.get("fingerprint", {})
+    if have != want:
+        diff = ", ".join(f"{k} {have.get(k)!r} (now {v!r})" for k, v in want.items() if have.get(k) != v)
+        raise SourceError(
+            f"the generator in {GENERATORS.path}/{method} was trained with {diff}; it cannot be used with the "
+            f"current params: rerun `lesionflow stage train-generator` or restore the params it was trained with"
+        )
+    return extra
+
+
+# ---- PIE trajectories -------------------------------------------------------------------------------------
+def read_progression_manifest(ws: Workspace) -> dict[str, dict[str, Any]]:
+    """trajectory id -> record ({} when there are none)."""
+    path = PROGRESSION_MANIFEST.at(ws)
+    if not path.exists():
+        return {}
+    return {r["trajectory_id"]: r for r in json.loads(path.read_text()).get("trajectories", [])}
+
+
+def write_progression_manifest(ws: Workspace, records: dict[str, dict[str, Any]]) -> None:
+    """The manifest of the trajectories that exist in the store (sorted by id)."""
+    from lesionflow.synth.trajectory_store import list_trajectories
+
+    stored = set(list_trajectories(PROGRESSION_STORE.at(ws)))
+    kept = [records[t] for t in sorted(records) if t in stored]
+    write_json(PROGRESSION_MANIFEST.at(ws), {"generator": generator_digest(ws, "pie"), "trajectories": kept})
+
+
+def stored_trajectory_key(ws: Workspace, trajectory_id: str) -> str:
+    """The key of a stored trajectory ("" when it is not stored)."""
+    import zarr
+
+    path = PROGRESSION_STORE.at(ws) / trajectory_id
+    if not (path / "frames" / "zarr.json").is_file():
+        return ""
+    return str(zarr.open_group(str(path), mode="r", zarr_format=3).attrs.get("key", ""))
+
+
+# ---- the synthetic gate's acceptance segmenter ------------------------------------------------------------
+def acceptance_model(ws: Workspace, params: Params) -> tuple[str, Path | None, str]:
+    """(identity, local model folder or None, note for the console) of the synthetic gate's segmenter.
+
+    The identity is the cache's (``catalog.digests.acceptance_model_identity``), "unreachable" when the
+    registry did not answer; the champion's files are downloaded into the scratch folder once per version.
+    """
+    from lesionflow.catalog.digests import acceptance_model_identity
+
+    setting = params.quality.synthetic.acceptance_model.strip()
+    identity = acceptance_model_identity(ws, params)
+    if not setting:
+        return "off", None, "acceptance filter off (quality.synthetic.acceptance_model is empty)"
+    if setting != "champion":
+        return str(identity), ws.path(setting), f"acceptance filter: {setting}"
+    name = params.registry.model_name
+    if identity is None:
+        return "unreachable", None, "acceptance filter off: the model registry did not answer"
+    if identity == "none":
+        return "none", None, f"acceptance filter off: no {name}@champion yet"
+    from lesionflow.registry.publish import champion_info
+    from lesionflow.registry.tracking import download_model_files, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(params.registry.tracking_uri, ws.root)
+    champ = champion_info(uri, name)
+    if champ is None:  # demoted between the two questions
+        return "none", None, f"acceptance filter off: no {name}@champion yet"
+    folder = ws.cache / "acceptance" / f"v{champ.version}"
+    if not (folder / "model.safetensors").is_file():
+        download_model_files(f"{name}/{champ.version}", uri, folder)
+    return f"champion:v{champ.version}:{champ.run_id}", folder, f"acceptance filter: {name}@champion (v{champ.version})"
