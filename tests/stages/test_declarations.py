@@ -46,7 +46,8 @@ def test_the_first_stages_read_only_what_they_declare_and_a_missing_read_is_caug
 
 def test_reading_an_undeclared_params_key_fails_and_declared_ones_pass() -> None:
     params = Params()
-    view = declared_view(params, ("project.seed", "train"), "demo")
+    view = declared_view(params, ("project.seed", "train", "registry.model_name"), "demo")
+    assert view.registry.model_name == params.registry.model_name  # a field named model_*, not a method
     assert view.project.seed == params.project.seed
     assert view.train.val_fraction == params.train.val_fraction
     assert view.model_dump_json() == params.model_dump_json()  # the Dask/Prefect boundary: the whole params

@@ -47,9 +47,9 @@ class ParamsView:
 
     def __getattr__(self, name: str) -> Any:
         key = f"{self._prefix}.{name}" if self._prefix else name
-        if name.startswith("model_"):
+        if name not in type(self._node).model_fields:  # a method (model_dump_json...), not a params key
             if not self._prefix:
-                return getattr(self._node, name)  # model_dump_json of the root: the whole params
+                return getattr(self._node, name)  # of the root: the whole params
         elif _covered(key, self._declared):
             return getattr(self._node, name)
         elif any(d.startswith(key + ".") for d in self._declared):
