@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lesionflow.catalog.artifacts import SYNTHETIC_STORE
+from lesionflow.catalog.artifacts import DEMO_DATA, SYNTHETIC_STORE
 from lesionflow.errors import ParamsError
 from lesionflow.params_synth import SyntheticQualityParams, SynthParams
 
@@ -35,7 +35,7 @@ class DemoParams(_Section):
     cases: int = Field(8, ge=2, le=500, description="Number of cases (train + test).")
     size: int = Field(64, ge=16, le=256, description="Longest spatial edge in voxels.")
     seed: int = Field(0, ge=0, description="Seed of the demo generator.")
-    out: str = Field("data/demo", description="Folder (workspace-relative) the demo dataset is written to.")
+    out: str = Field(DEMO_DATA.path, description="Folder (workspace-relative) the demo dataset is written to.")
 
 
 class DeidParams(_Section):
@@ -53,7 +53,7 @@ class IngestParams(_Section):
     """Where raw scans come from and how they are read."""
 
     source: str = Field(
-        "data/demo", description="Local folder, MSD/nnU-Net dataset.json or folder, or s3://bucket/prefix."
+        DEMO_DATA.path, description="Local folder, MSD/nnU-Net dataset.json or folder, or s3://bucket/prefix."
     )
     modality: str = Field("auto", description="Modality when the source does not declare one (CT, MR, ...) or 'auto'.")
     labels: dict[int, str] = Field(

@@ -102,6 +102,15 @@ def stage_report_dir(ws: Workspace, stage: str) -> Path:
 
 
 # ---- ingest and the raw gate ------------------------------------------------------------------------------
+DEMO_DATA = Artifact(
+    "demo-data",
+    "data/demo",
+    Kind.FOLDER,
+    None,
+    Digest.NONE,
+    Dvc.NONE,
+    "the MSD-layout dataset `lesionflow demo-data` writes: the default ingest source",
+)
 SOURCE = Artifact("source", "${ingest.source}", Kind.SOURCE, None, Digest.SOURCE, Dvc.NONE, "the dataset ingest reads")
 RAW = Artifact(
     "raw", "data/raw", Kind.FOLDER, "ingest", Digest.RAW, Dvc.DATA_DVC, "immutable ingested scans + manifest"
