@@ -340,6 +340,49 @@ class OrchestrationParams(_Section):
         return v
 
 
+StudyArm = Literal["real", "copies", "copy-paste", "repaint", "lefusion", "lefusion+diffmask", "pie"]
+DEFAULT_STUDY_ARMS: tuple[StudyArm, ...] = ("real", "copies", "copy-paste", "repaint", "lefusion", "lefusion+diffmask")
+
+
+class StudyParams(_Section):
+    """`lesionflow study`: does synthetic data help? Arms x nested real fractions x segmenter seeds."""
+
+    arms: list[StudyArm] = Field(
+        default_factory=lambda: list(DEFAULT_STUDY_ARMS),
+        description="What fills the synthetic share of the patches; 'real' (real only) is the paired baseline.",
+    )
+    fractions: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 1.0],
+        description="Nested shares of the training split (smaller subsets inside larger ones), each in (0, 1].",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Segmenter seeds per cell (>= 3).")
+    synthetic_ratio: float = Field(
+        0.25, gt=0, lt=1, description="Share of training patches the synthetic arms draw from synthetic data."
+    )
+    min_lesion_cases: int = Field(2, ge=1, description="Fewest training cases with lesions a fraction may keep.")
+    saved_tolerance: float = Field(
+        0.01, ge=0, description="'Real cases saved': within this much mean Dice of real at fraction 1.0."
+    )
+    bootstrap_resamples: int = Field(9999, ge=100, description="Resamples of the 95% bootstrap CI.")
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, v: list[StudyArm]) -> list[StudyArm]:
+        if "real" not in v:
+            raise ValueError("must include 'real': every arm is compared with it at the same fraction")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists an arm twice: {v}")
+        return v
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad or not v:
+            raise ValueError(f"each fraction must lie in (0, 1], got {v}; use e.g. [0.25, 0.5, 1.0]")
+        return sorted(set(v))
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -355,6 +398,7 @@ class Params(_Section):
     registry: RegistryParams = Field(default_factory=RegistryParams)
     orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
     storage: StorageParams = Field(default_factory=StorageParams)
+    study: StudyParams = Field(default_factory=StudyParams)
 
     @model_validator(mode="after")
     def _check(self) -> Params:
@@ -366,7 +410,12 @@ def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in first["loc"])
     value: Any = raw
     for part in first["loc"]:
-        value = value.get(str(part), value.get(part)) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            value = value.get(str(part), value.get(part))
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]  # a list item (e.g. study.arms.1)
+        else:
+            value = None
     if first["type"] == "extra_forbidden":
         return f"params: unknown key '{key}'; remove it or check its spelling (see params.yaml)"
     expected = first["msg"].removeprefix("Value error, ")
