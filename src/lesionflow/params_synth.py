@@ -168,12 +168,15 @@ class SynthParams(_Section):
     candidates_per_case: int = Field(4, ge=0, description="Lesion-free ROIs drawn inside each case's organ mask.")
     generators: tuple[GeneratorMethod, ...] = Field(
         ("lefusion", "diffmask", "pie"),
-        description="Generators `train-generator` trains: lefusion, diffmask, ddpm, pie (progression).",
+        description="Generators `train-generator` trains: lefusion, diffmask, ddpm, pie (progression); "
+        "empty only with method copy-paste.",
     )
-    method: Literal["lefusion", "ddpm", "pie"] = Field(
+    method: Literal["lefusion", "ddpm", "pie", "copy-paste"] = Field(
         "lefusion",
         description="Texture generator `synthesize` uses (ddpm = the RePaint insertion baseline); pie = "
-        "progression trajectories only. Trajectories are also made when 'pie' is in generators.",
+        "progression trajectories only. Trajectories are also made when 'pie' is in generators. copy-paste = the "
+        "non-learned baseline: new_per_case samples of real training lesions (data/rois) pasted exactly at new "
+        "positions inside the organ; no generator (generators may be empty), relesion_per_case must be 0.",
     )
     relesion_per_case: int = Field(1, ge=0, le=64, description="Samples re-texturing the case's real lesions (P').")
     new_per_case: int = Field(1, ge=0, le=64, description="Samples with new lesions placed inside the organ (N').")
@@ -204,7 +207,13 @@ class SynthParams(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> SynthParams:
-        if self.generators and self.method not in self.generators:
+        if self.method == "copy-paste":
+            if self.relesion_per_case:
+                raise ValueError(
+                    "method 'copy-paste' pastes real lesions at new positions (new_per_case) and has no texture "
+                    "model to re-texture them with: set relesion_per_case to 0"
+                )
+        elif self.method not in self.generators:
             raise ValueError(
                 f"method {self.method!r} is not among the trained generators {list(self.generators)}; add it"
             )

@@ -277,3 +277,61 @@ def test_ddpm_insertion_baseline_fills_the_same_masks(synthesized: Path, tmp_pat
         outside = synth.generated == 0
         assert np.array_equal(synth.image[:, outside], source.image[:, outside])
         assert not np.array_equal(synth.image[:, ~outside], source.image[:, ~outside])
+
+
+def test_copy_paste_baseline_needs_no_generator_and_passes_the_gate(prepared: Path, tmp_path: Path) -> None:
+    ws = _copy(prepared, tmp_path, "copy-paste")
+    overrides = ["synth.method=copy-paste", "synth.generators=[]", "synth.relesion_per_case=0",
+                 "synth.remove_per_case=0", "synth.lesions_per_sample=2"]  # fmt: skip
+    params = load_params(ws.params_file, overrides)
+    for name in ("extract-rois", "train-generator"):
+        assert run_cached(name, ws, params, STAGES[name].run).ok
+    assert list((ws.root / "models" / "generators").iterdir()) == []  # nothing trained, nothing needed
+    result = STAGES["synthesize"].run(ws, params)
+    manifest = json.loads(SYNTHETIC_MANIFEST.at(ws).read_text())
+    assert manifest["generators"] == {}
+    assert manifest["generator_model"].startswith("copy-paste:")
+    assert result.summary["by_kind"] == {"relesion": 0, "new": len(manifest["samples"]), "remove": 0}
+    assert {s["source_case"] for s in manifest["samples"]} == {"case_0", "case_1", "case_border"}
+    assert any(f.subject == "case_noorgan__new0" and f.code == "empty_organ_mask" for f in result.findings)
+    from lesionflow.synth.roi_store import read_roi_set
+
+    donors = {f"{r.case_id}#{r.index}": r for r in read_roi_set(ws.root / "data" / "rois" / "rois.zarr").lesions}
+    processed = (ws.root / "data" / "processed") / "store.zarr"
+    for sample in manifest["samples"]:
+        assert (sample["method"], sample["kind"]) == ("copy-paste", "new")
+        synth = read_case(SYNTHETIC_STORE.at(ws), sample["sample_id"])
+        source = read_case(processed, sample["source_case"])
+        assert synth.generated is not None
+        assert synth.label is not None
+        assert source.label is not None
+        assert source.organ is not None
+        outside = synth.generated == 0
+        assert np.array_equal(synth.image[:, outside].view(np.uint32), source.image[:, outside].view(np.uint32))
+        assert np.array_equal(synth.label[outside], source.label[outside])
+        for k, lesion in enumerate(sample["lesions"]):
+            assert (lesion["mask_source"], lesion["histogram"], lesion["cluster"]) == ("paste", [], None)
+            region = synth.generated == k + 1
+            x, y, z = (np.argwhere(region) - np.asarray(lesion["origin"])).T  # donor ROI voxels
+            donor = donors[lesion["donor"]]
+            assert int(region.sum()) == lesion["voxels"] == int(donor.mask.sum())
+            assert donor.mask[x, y, z].all()
+            assert np.array_equal(synth.image[:, region], donor.image[:, x, y, z])  # exact, every channel
+            assert np.array_equal(synth.label[region], donor.label[x, y, z])
+            assert np.all(source.organ[region] > 0)  # inside the organ
+            assert np.all(source.label[region] == 0)  # not on a real lesion
+    gate = STAGES["validate-synthetic"].run(ws, params)
+    assert gate.summary["max_background_diff"] == 0.0
+    assert gate.summary["n_rejected"] == 0
+    assert gate.summary["n_lesions"] == sum(len(s["lesions"]) for s in manifest["samples"])
+    table = ((ws.root / "reports") / "validate-synthetic" / "lesions.csv").read_text().splitlines()
+    header = table[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in table[1:]]
+    assert all(r["mask_source"] == "paste" and r["nn_similarity"] == "" for r in rows)  # not measured: copies
+    assert all(np.isfinite(float(r["boundary_gradient_ratio"])) and float(r["histogram_w1"]) == 0.0 for r in rows)
+    assert np.isfinite(gate.summary["volume_ks_pvalue"])
+    before = {c: case_digest(SYNTHETIC_STORE.at(ws), c) for c in list_cases(SYNTHETIC_STORE.at(ws))}
+    shutil.rmtree(SYNTHETIC_STORE.at(ws) / sorted(before)[0])
+    again = STAGES["synthesize"].run(ws, params)
+    assert again.summary["n_generated_now"] == 1  # per-sample cache; the recomputed one is the same bytes
+    assert {c: case_digest(SYNTHETIC_STORE.at(ws), c) for c in list_cases(SYNTHETIC_STORE.at(ws))} == before

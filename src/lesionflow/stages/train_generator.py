@@ -6,7 +6,8 @@ from a bounding sphere), ``ddpm`` (unconditional DDPM for RePaint removal / the 
 is trained by the shared loop (EMA, resume from ``models/checkpoints/generators/<method>/<run key>``) and saved
 as EMA weights + ``config.json`` whose ``extra`` block records the method and preset fingerprint (a generator
 from another method or preset is refused downstream), the seed and what sampling needs (LeFusion's classes and
-histogram bank, DiffMask's radius pool).
+histogram bank, DiffMask's radius pool). An empty ``synth.generators`` (params allow it only with
+``synth.method: copy-paste``, which pastes real lesions) trains nothing and leaves an empty models/generators.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lesionflow.catalog.readers import (
     write_stage_summary,
 )
 from lesionflow.devices import cpu_threads, resolve_device
-from lesionflow.errors import Finding, SourceError
+from lesionflow.errors import Finding
 from lesionflow.files import write_json, write_text_if_changed
 from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.params import Params
@@ -142,9 +143,8 @@ def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.seg.plots import loss_curves_png
     from lesionflow.synth.roi_store import read_roi_set
 
-    if not params.synth.generators:
-        raise SourceError("synth.generators is empty: nothing to train; list lefusion, diffmask, ddpm and/or pie")
     rois = read_roi_set(ROIS_STORE.at(ws))
+    GENERATORS.at(ws).mkdir(parents=True, exist_ok=True)  # declared output, also when nothing is trained
     device = resolve_device(params.synth.device)
     findings: list[Finding] = []
     methods: dict[str, Any] = {}

@@ -8,6 +8,11 @@ available (``quality.synthetic.acceptance_model``), the FreeTumor acceptance fil
 test of new-lesion volumes vs real ones, diversity of lesions sharing a condition, acceptance rate. A sample
 with a rejected lesion is left out of accepted.json (the segmenter never trains on it); nothing is deleted.
 A montage of real vs synthetic lesions per class is written for people.
+
+Pasted lesions (``mask_source`` "paste", the copy-paste baseline) get the exact checks (background, binary mask
+with the plan's lesion values, one component, inside the organ), the boundary gradient and the volume KS (their
+volumes are the donors'); they have no condition, so no histogram W1 (0.0) and no diversity group, and their
+memorization correlation is not measured (NaN): a copy of a training lesion is what they are by design.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "validate-synthetic"
+#: lesions synthesize placed at a new position (a made mask or a moved real one): mask checks and the volume KS
+MADE_MASKS = ("diffmask", "sphere", "paste")
 
 
 def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -116,7 +123,9 @@ def _lesion_rows(
     background = background_max_abs_diff(source.image, case.image, generated > 0)
     rows = []
     for c in lesions:
-        made = c.lesion["mask_source"] in ("diffmask", "sphere")
+        pasted = c.lesion["mask_source"] == "paste"
+        made = c.lesion["mask_source"] in MADE_MASKS
+        values = set(plan_ctx["lesion_values"]) if pasted else allowed  # a donor keeps its classes, never 0
         w1 = float("nan")
         if c.lesion["histogram"]:
             if len(classes) > 1:
@@ -124,7 +133,9 @@ def _lesion_rows(
             else:
                 hist = lesion_histogram(c.image, c.mask, lp.bins, lp.value_range)
             w1 = histogram_w1(hist, np.asarray(c.lesion["histogram"]), lp.value_range, bins=lp.bins)
-        nn = max((_ncc(c.image[0], r.image[0], c.mask) for r in real.lesions), default=float("nan"))
+        nn = float("nan")
+        if not pasted:
+            nn = max((_ncc(c.image[0], r.image[0], c.mask) for r in real.lesions), default=float("nan"))
         rows.append(
             {
                 "sample_id": f"{sample['sample_id']}#{c.k}",
@@ -133,7 +144,7 @@ def _lesion_rows(
                 "cluster": -1 if c.lesion.get("cluster") is None else int(c.lesion["cluster"]),
                 "voxels": int(c.region.sum()),
                 "background_max_abs_diff": float(background),
-                "mask_binary": int(set(np.unique(c.label[c.mask]).tolist()) <= allowed) if made else 1,
+                "mask_binary": int(set(np.unique(c.label[c.mask]).tolist()) <= values) if made else 1,
                 "components": component_count(c.region) if made else 1,
                 "inside_organ": inside_fraction(c.region, source.organ) if made else 1.0,
                 "histogram_w1": w1 if np.isfinite(w1) else 0.0,
@@ -164,7 +175,11 @@ def run(ws: Workspace, params: Params) -> StageResult:
     plan = load_plan(ws)
     classes = lesion_classes(plan.label_values, params.synth.lefusion.multi_class)
     gradients = [boundary_gradient(r.image[0], r.mask) for r in real.lesions]
-    ctx = {"class_values": classes, "real_gradient": float(np.nanmedian(gradients)) or 1.0}
+    ctx = {
+        "class_values": classes,
+        "lesion_values": tuple(v for v in plan.label_values if v != 0),
+        "real_gradient": float(np.nanmedian(gradients)) or 1.0,
+    }
     identity, folder, note = acceptance_model(ws, params)
     print(f"{STAGE}: {note}", file=sys.stderr)
     segment = _segmenter(folder, plan, params) if folder is not None else None
@@ -182,7 +197,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
             if c.lesion.get("cluster") is not None:
                 by_condition[int(c.lesion["cluster"])].append(c)
     table = pd.DataFrame(rows)
-    new_voxels = [r["voxels"] for r in rows if r["mask_source"] in ("diffmask", "sphere")]
+    new_voxels = [r["voxels"] for r in rows if r["mask_source"] in MADE_MASKS]
     ks = volume_ks([r.voxels for r in real.lesions], new_voxels)
     diversity = _diversity(by_condition)
     detected = table["detected_fraction"].dropna() if len(table) else pd.Series(dtype=float)

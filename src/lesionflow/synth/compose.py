@@ -8,7 +8,9 @@ Three sample kinds, each a pure function of the arrays, the generators and the r
 - ``new`` (N'): spheres drawn from the training radii inside the organ, away from existing lesions; the mask is
   sampled by DiffMask (or is the sphere itself when no DiffMask was trained), its class layout borrowed from a
   real training lesion scaled to the sphere; then textured like a real lesion; label gains the lesion;
-- ``remove``: one real lesion (dilated) refilled with healthy tissue by the unconditional DDPM; label cleared.
+- ``remove``: one real lesion (dilated) refilled with healthy tissue by the unconditional DDPM; label cleared;
+- ``paste`` (``synth.method: copy-paste``, the non-learned baseline; samples of kind ``new``): real training lesions
+  copied voxel for voxel (image and label) to free spheres inside the organ, no generator involved.
 
 Arrays are (c, x, y, z) images / (x, y, z) uint8 labels in the store's normalized units; ROIs are windows of the
 volume ``[origin, origin + size)``. Only the voxels of a generation mask are written back into the volume, so
@@ -59,12 +61,13 @@ class LesionRecord:
     origin: Int3
     classes: tuple[int, ...]
     voxels: int
-    mask_source: str  # real | diffmask | sphere | removal
+    mask_source: str  # real | diffmask | sphere | removal | paste
     sphere: tuple[float, float, float, float] | None = None  # centre x, y, z, radius
     histogram: tuple[float, ...] = ()
     histogram_mode: str = ""
     cluster: int | None = None
     sphere_dice: float | None = None
+    donor: str | None = None  # paste: "<case id>#<lesion index>" of the real training lesion that was copied
 
 
 @dataclass
@@ -315,4 +318,95 @@ def remove_lesion(
     out.lesions.append(
         LesionRecord(origin=roi.origin, classes=roi.classes, voxels=int(region.sum()), mask_source="removal")
     )
+    return out
+
+
+def _donor_geometry(roi: Roi) -> tuple[np.ndarray, float]:
+    """(anchor, radius) of a donor lesion in its ROI: the voxel nearest its centroid, and the largest distance
+    (voxels) from that voxel to one of the lesion's voxels, so a sphere of that radius about the anchor holds it all."""
+    pts = np.argwhere(roi.mask)
+    anchor = np.rint(pts.mean(axis=0)).astype(int)
+    return anchor, float(np.sqrt(((pts - anchor) ** 2).sum(axis=1).max()))
+
+
+def paste_lesions(
+    image: np.ndarray,
+    label: np.ndarray,
+    organ: np.ndarray | None,
+    layouts: Sequence[Roi],
+    roi_size: Int3,
+    *,
+    count: int,
+    rng: np.random.Generator,
+) -> ComposedSample:
+    """``count`` real training lesions copied to new positions inside the organ: the copy-paste baseline.
+
+    Contract. ``image`` is (c, x, y, z) in the store's normalized units, ``label`` / ``organ`` (x, y, z) uint8;
+    ``layouts`` are the real training lesion ROIs of data/rois (each ``roi_size``, image (c, *roi_size) float32,
+    ``mask`` the lesion, ``label`` its class values). A donor is used only when its whole lesion lies in its ROI
+    (``mask.sum() == voxels``). Its bounding radius about the voxel nearest its centroid (the anchor) is its
+    sphere radius, so :func:`~lesionflow.synth.placement.sample_spheres` draws a donor with its radius (uniform
+    over the donors) and a centre in the free organ (organ voxels more than 2 voxels from any lesion of the case;
+    spheres do not intersect); the sphere check covers every voxel within the radius, so the moved lesion lies
+    entirely inside the free organ and the volume, never clipped. Donors too large for the organ are drawn again
+    (up to the sampler's tries; a shortfall is noted, not raised).
+
+    Exactness. The donor's lesion voxels (``mask``) are written with the anchor on the sphere centre, by integer
+    translation only (no resampling, no blending): image values of every channel and label values exactly as in
+    the donor (float32 in the ROI store, so a float16 or float32 case gets the source case's stored value back);
+    every voxel outside the pasted masks equals the source bit for bit. ``generated`` is k + 1 on lesion k.
+    The records have ``mask_source`` "paste", no histogram condition (``histogram_mode`` "none"), the donor's
+    classes and voxel count, the placed sphere and ``donor`` "<case id>#<lesion index>"; ``origin`` is the donor
+    ROI's window in this volume. A donor may come from the same case; the case's own lesions stay where they are.
+    The result depends only on the arrays, the donors and ``rng``.
+    """
+    out = ComposedSample(image.copy(), label.copy(), np.zeros(label.shape, np.uint8))
+    if organ is None or not np.any(organ):
+        out.notes.append("no organ mask: nowhere to paste a lesion")
+        return out
+    donors: list[Roi] = []
+    geometry: list[tuple[np.ndarray, float]] = []
+    for roi in layouts:
+        if roi.mask.shape != tuple(roi_size) or roi.image.shape[0] != image.shape[0]:
+            raise ValueError(
+                f"donor {roi.case_id}#{roi.index} has ROI {list(roi.mask.shape)} with {roi.image.shape[0]} channel(s); "
+                f"expected {list(roi_size)} with {image.shape[0]}: rerun extract-rois with this synth.roi_size"
+            )
+        if roi.mask.any() and int(roi.mask.sum()) == roi.voxels:
+            donors.append(roi)
+            geometry.append(_donor_geometry(roi))
+    if len(donors) < len(layouts):
+        out.notes.append(f"{len(layouts) - len(donors)} of {len(layouts)} real lesions are not whole in their ROI")
+    if not donors:
+        out.notes.append("no real training lesion to paste")
+        return out
+    radii = np.asarray([r for _, r in geometry], dtype=np.float64)
+    free = (organ > 0) & ~ndimage.binary_dilation(label > 0, iterations=2)
+    placement = sample_spheres(free, radii, count, rng, allow_overlap=False)
+    out.notes += list(placement.notes)
+    for sphere in placement.spheres:
+        same = np.flatnonzero(radii == sphere.radius)  # the sampler drew a radius: the donor is one of these
+        d = int(same[int(rng.integers(len(same)))]) if len(same) > 1 else int(same[0])
+        roi, (anchor, radius) = donors[d], geometry[d]
+        o = np.asarray(sphere.centre).astype(int) - anchor  # sphere centres are voxel indices
+        origin = (int(o[0]), int(o[1]), int(o[2]))
+        pos = np.argwhere(roi.mask) + o
+        if not (np.all((pos >= 0) & (pos < np.asarray(label.shape))) and free[tuple(pos.T)].all()):
+            # unreachable with the sampler's exact sphere check; kept so nothing is ever pasted outside
+            out.notes.append(f"donor {roi.case_id}#{roi.index} would leave the free organ at {list(origin)}; skipped")
+            continue
+        _paste(out.image, origin, roi.image, roi.mask)
+        _paste(out.label, origin, roi.label, roi.mask)
+        _paste(out.generated, origin, _marker(out, roi_size), roi.mask)
+        out.lesions.append(
+            LesionRecord(
+                origin=origin,
+                classes=roi.classes,
+                voxels=int(roi.mask.sum()),
+                mask_source="paste",
+                sphere=(*sphere.centre, radius),
+                histogram_mode="none",
+                donor=f"{roi.case_id}#{roi.index}",
+            )
+        )
     return out

@@ -2,12 +2,14 @@
 
 Samples are drawn from the training cases only: ``synth.relesion_per_case`` re-textured real lesions,
 ``synth.new_per_case`` new lesions and ``synth.remove_per_case`` removed lesions per case
-(:mod:`lesionflow.synth.compose`). Sample ``(case, kind, s)`` takes its numpy and torch generators from
-``(project.seed, "synth", case, kind, s)`` and runs single-threaded on CPU, so a Dask worker, a retry or a
-second run writes the same bytes. A sample whose key (source case digest, generator digests, params, seed,
-code) is already in the store is not recomputed; samples no longer asked for are removed. The synthetic case
-keeps the source's attributes (affine, spacing, crop) and adds ``synthetic`` (source case, kind, method) and a
-``generated`` label marking the voxels that were generated.
+(:mod:`lesionflow.synth.compose`); with ``synth.method: copy-paste`` the ``new`` samples are real training
+lesions (data/rois) pasted exactly at new positions inside the organ, with no generator. Sample
+``(case, kind, s)`` takes its numpy and torch generators from ``(project.seed, "synth", case, kind, s)`` and runs
+single-threaded on CPU, so a Dask worker, a retry or a second run writes the same bytes. A sample whose key
+(source case digest, generator digests, the ROI set for copy-paste, params, seed, code) is already in the store
+is not recomputed; samples no longer asked for are removed. The synthetic case keeps the source's attributes
+(affine, spacing, crop) and adds ``synthetic`` (source case, kind, method) and a ``generated`` label marking the
+voxels that were generated.
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ KINDS = ("relesion", "new", "remove")
 
 
 def _texture_methods(params: Params) -> list[str]:
-    """Generators the lesion samples need (none with method pie: it makes trajectories only)."""
+    """Generators the lesion samples need (none with method pie: it makes trajectories only; copy-paste needs
+    none for its lesions, only the ddpm for removal samples)."""
     sp = params.synth
     if sp.method == "pie":
         return []
-    used: list[str] = [sp.method]
-    if "diffmask" in sp.generators and sp.new_per_case:
+    used: list[str] = [] if sp.method == "copy-paste" else [sp.method]
+    if "diffmask" in sp.generators and sp.new_per_case and sp.method != "copy-paste":
         used.append("diffmask")
     if sp.remove_per_case and sp.method != "ddpm":
         used.append("ddpm")
@@ -65,6 +68,13 @@ def _texture_methods(params: Params) -> list[str]:
 
 def _methods(params: Params) -> list[str]:
     return _texture_methods(params) + (["pie"] if wants_trajectories(params) else [])
+
+
+def _donors_digest(ws: Workspace, params: Params) -> str | None:
+    """copy-paste: the digest of the ROI set its lesions are copied from (no generator digest covers it); else None."""
+    from lesionflow.catalog.digests import digest
+
+    return digest(ROIS_STORE, ws, params) if params.synth.method == "copy-paste" else None
 
 
 def sample_id(case_id: str, kind: str, index: int) -> str:
@@ -79,6 +89,7 @@ def _tasks(ws: Workspace, params: Params) -> list[dict[str, Any]]:
         return []
     counts = {"relesion": sp.relesion_per_case, "new": sp.new_per_case, "remove": sp.remove_per_case}
     generators = {m: generator_digest(ws, m) for m in _texture_methods(params)}
+    donors = _donors_digest(ws, params)
     synth = params.synth.model_dump(mode="json")
     for key in ("workers", "scheduler_address", "device"):
         synth.pop(key)
@@ -89,10 +100,11 @@ def _tasks(ws: Workspace, params: Params) -> list[dict[str, Any]]:
         source = case_digest(STORE.at(ws), case_id)
         for kind in KINDS:
             for s in range(counts[kind]):
-                key = sha256_json(
-                    {"source": source, "generators": generators, "synth": synth, "seed": params.project.seed,
-                     "kind": kind, "s": s, "code": CODE_VERSION}
-                )  # fmt: skip
+                fields = {"source": source, "generators": generators, "synth": synth, "seed": params.project.seed,
+                          "kind": kind, "s": s, "code": CODE_VERSION}  # fmt: skip
+                if donors is not None:  # only copy-paste: the other methods' keys stay as they were
+                    fields["donors"] = donors
+                key = sha256_json(fields)
                 tasks.append(
                     {"case_id": case_id, "kind": kind, "index": s, "key": key, "chunk": chunk,
                      "sample_id": sample_id(case_id, kind, s)}
@@ -112,7 +124,10 @@ def _generators(root: str, params_json: str, digests: str) -> Any:
 
     ws, params = Workspace.at(root), Params.model_validate_json(params_json)
     sp = params.synth
-    texture, _, extra = load_generator(generator_dir(ws, sp.method))
+    texture: Any = None
+    extra: dict[str, Any] = {}
+    if sp.method != "copy-paste":  # copy-paste copies real lesions: no texture model
+        texture, _, extra = load_generator(generator_dir(ws, sp.method))
     if sp.method == "lefusion":
         classes = tuple(int(v) for v in extra["class_values"])
         settings: Any = sp.lefusion
@@ -179,10 +194,15 @@ def synthesize_sample(root: str, params_json: str, digests: str, task: dict[str,
     elif kind == "new":
         if arrays.organ is None or not arrays.organ.any():
             return {"ok": False, "code": "empty_organ_mask", "message": "no organ mask: nowhere to place a new lesion"}
-        out = compose.new_lesions(
-            arrays.image, label, arrays.organ, gens, sp.roi_size,
-            count=sp.lesions_per_sample, batch=sp.batch_lesions, rng=rng, torch_gen=tgen,
-        )  # fmt: skip
+        if gens.method == "copy-paste":
+            out = compose.paste_lesions(
+                arrays.image, label, arrays.organ, gens.layouts, sp.roi_size, count=sp.lesions_per_sample, rng=rng
+            )
+        else:
+            out = compose.new_lesions(
+                arrays.image, label, arrays.organ, gens, sp.roi_size,
+                count=sp.lesions_per_sample, batch=sp.batch_lesions, rng=rng, torch_gen=tgen,
+            )  # fmt: skip
     else:
         out = compose.remove_lesion(
             arrays.image, label, arrays.organ, gens, sp.roi_size,
@@ -314,11 +334,16 @@ def run(ws: Workspace, params: Params) -> StageResult:
     write_progression_manifest(ws, trajectory_records)
     kept = [records[t["sample_id"]] for t in tasks if t["sample_id"] in records and (root / t["sample_id"]).exists()]
     texture = _texture_methods(params)
-    generator_model = ", ".join(f"{m}:{generator_digest(ws, m)[:12]}" for m in _methods(params))
+    models = [f"{m}:{generator_digest(ws, m)[:12]}" for m in _methods(params)]
+    donors = _donors_digest(ws, params)
+    if donors is not None:  # copy-paste: the synthetic data is named by the ROI set its lesions come from
+        models.insert(0, f"copy-paste:{donors[:12]}")
+    generator_model = ", ".join(models)
     zarr.open_group(str(root), mode="r+", zarr_format=3).attrs.update({"generator_model": generator_model})
     manifest = {
         "generator_model": generator_model,
         "generators": {m: generator_digest(ws, m) for m in texture},
+        **({} if donors is None else {"donors": donors}),
         "samples": kept,
     }
     write_json(SYNTHETIC_MANIFEST.at(ws), manifest)
@@ -353,7 +378,10 @@ def _rounded(value: float | None) -> float | None:
 
 
 def _texture_digests(ws: Workspace, params: Params) -> str:
-    return sha256_json({m: generator_digest(ws, m) for m in _texture_methods(params)})
+    """What the workers' generator cache is keyed on: the generators' weights, and the donor ROIs for copy-paste."""
+    digests = {m: generator_digest(ws, m) for m in _texture_methods(params)}
+    donors = _donors_digest(ws, params)
+    return sha256_json(digests if donors is None else {**digests, "donors": donors})
 
 
 def _fan_out(params: Params, ws: Workspace, jobs: list[Job]) -> dict[str, dict[str, Any]]:
