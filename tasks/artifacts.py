@@ -69,7 +69,7 @@ def _key(artifact: Artifact) -> str:
     return artifact.name.removesuffix(".report").replace(".", "-")
 
 
-def _image(ws: Workspace, stage: str, artifact: Artifact) -> list[ArtifactSpec]:
+def image_artifact(ws: Workspace, stage: str, artifact: Artifact) -> list[ArtifactSpec]:
     rel, key, what = artifact.path, _key(artifact), artifact.description
     path = artifact.at(ws)
     if not path.is_file():
@@ -249,7 +249,7 @@ def stage_artifacts(
     publisher = _PUBLISHERS.get(stage)
     if publisher is not None:
         specs += publisher(ws, result, params)
-    return specs + [spec for picture in pictures(stage) for spec in _image(ws, stage, picture)]
+    return specs + [spec for picture in pictures(stage) for spec in image_artifact(ws, stage, picture)]
 
 
 def create(spec: ArtifactSpec) -> None:

@@ -239,6 +239,31 @@ def run(
     out.print(table)
 
 
+@app.command("study")
+def study(
+    workspace: WorkspaceOpt = Path("."),
+    params_file: ParamsOpt = None,
+    overrides: SetOpt = None,
+    preset: PresetOpt = None,
+) -> None:
+    """Does synthetic data help? Train every cell of params.study (arms x real fractions x seeds) and compare."""
+    overrides = _with_preset(workspace, preset, overrides)
+    ws, _ = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
+    from flows.study import effects_rows, utility_study
+    from lesionflow.catalog.artifacts import STUDY_SUMMARY
+
+    summary = utility_study(
+        workspace=str(ws.root), params_file=str(params_file or ws.params_file), overrides=list(overrides or [])
+    )
+    rows = effects_rows(summary)
+    table = Table(*(rows[0].keys() if rows else ["effects"]), title="each arm against real, paired by case and seed")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    out.print(table)
+    trained, cached = summary["n_trained"], summary["n_cached"]
+    out.print(f"{trained} cell(s) trained, {cached} from earlier runs; see {STUDY_SUMMARY.path}")
+
+
 @app.command("serve")
 def serve(
     workspace: WorkspaceOpt = Path("."),

@@ -105,8 +105,24 @@ def _axes(axes: tuple[str, str] | None) -> dict[str, str]:
     return {} if axes is None else {"x": axes[0], "y": axes[1]}
 
 
+def dvc_top_level() -> dict[str, list[Any]]:
+    """Metrics and plots no stage writes (the utility study's reports): dvc.yaml's top-level lists."""
+    from lesionflow.catalog.artifacts import ARTIFACTS, Dvc
+
+    loose = [a for a in ARTIFACTS.values() if a.producer is None]
+    out: dict[str, list[Any]] = {}
+    metrics = [a.path for a in loose if a.dvc is Dvc.METRIC]
+    plots = [{a.path: _axes(a.plot_axes)} for a in loose if a.dvc is Dvc.PLOT]
+    if metrics:
+        out["metrics"] = metrics
+    if plots:
+        out["plots"] = plots
+    return out
+
+
 def render_dvc_yaml() -> str:
-    """dvc.yaml's exact text: the header, then the derived stages."""
+    """dvc.yaml's exact text: the header, then the derived stages and top-level metrics and plots."""
     import yaml
 
-    return DVC_YAML_HEADER + yaml.safe_dump({"stages": dvc_stages()}, sort_keys=False, default_flow_style=False)
+    body = {"stages": dvc_stages(), **dvc_top_level()}
+    return DVC_YAML_HEADER + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)

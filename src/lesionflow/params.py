@@ -216,6 +216,11 @@ class TrainParams(_Section):
         0.33, ge=0, le=1, description="Share of each batch centred on a foreground voxel (nnU-Net: 0.33)."
     )
     augmentation: AugmentParams = Field(default_factory=AugmentParams)
+    seed: int | None = Field(
+        None,
+        description="Segmenter seed (initialisation, patch draws); empty = project.seed. The utility study "
+        "varies it with the data fixed.",
+    )
     synthetic_store: str = Field(
         SYNTHETIC_STORE.path, description="Second Zarr store of synthetic cases (empty = none)."
     )
@@ -340,7 +345,7 @@ class OrchestrationParams(_Section):
         return v
 
 
-StudyArm = Literal["real", "copies", "copy-paste", "repaint", "lefusion", "lefusion+diffmask", "pie"]
+StudyArm = Literal["real", "copies", "copy-paste", "repaint", "lefusion", "lefusion+diffmask"]
 DEFAULT_STUDY_ARMS: tuple[StudyArm, ...] = ("real", "copies", "copy-paste", "repaint", "lefusion", "lefusion+diffmask")
 
 

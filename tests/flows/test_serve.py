@@ -97,9 +97,9 @@ def wait_final(client: SyncPrefectClient, run_id: UUID, timeout_s: float = 120.0
     raise AssertionError(f"flow run {run_id} not finished after {timeout_s} s: {run.state}")
 
 
-def test_serve_deploys_the_four_deployments_with_the_params_timezone(served: tuple[Served, Path]) -> None:
+def test_serve_deploys_the_five_deployments_with_the_params_timezone(served: tuple[Served, Path]) -> None:
     service, ws = served
-    assert set(ENTRYPOINTS) == {"nightly-retrain", "ingest", "synthesize", "progression"}
+    assert set(ENTRYPOINTS) == {"nightly-retrain", "ingest", "synthesize", "progression", "utility-study"}
     with service.client() as client:
         found = deployments_by_name(client)
         assert {name: found[name].entrypoint for name in ENTRYPOINTS if name in found} == ENTRYPOINTS, service.text()

@@ -463,6 +463,63 @@ def accepted_beside(store: Path) -> Path:
     return store.parent / SYNTHETIC_ACCEPTED.path.rsplit("/", 1)[1]
 
 
+# ---- the utility study (`lesionflow study`, a flow of its own) ---------------------------------------------
+STUDY_WORK = Artifact(
+    "study.work",
+    "data/study",
+    Kind.FOLDER,
+    None,
+    Digest.NONE,
+    Dvc.NONE,
+    "one workspace per real fraction (generators, synthetic stores per arm) and per cell (segmenter, predictions)",
+)
+STUDY_CELLS = Artifact(
+    "study.cells",
+    "reports/study/cells.csv",
+    Kind.FILE,
+    None,
+    Digest.NONE,
+    Dvc.NONE,
+    "one row per test case and cell (arm, real fraction, seed): Dice, HD95, NSD",
+)
+STUDY_CURVES = Artifact(
+    "study.curves-csv",
+    "reports/study/learning_curves.csv",
+    Kind.FILE,
+    None,
+    Digest.NONE,
+    Dvc.PLOT,
+    "mean test Dice per arm and real fraction with its 95% CI (`dvc plots show`)",
+    plot_axes=("fraction", "mean_dice"),
+)
+STUDY_SUMMARY = Artifact(
+    "study.summary",
+    "reports/study/summary.json",
+    Kind.FILE,
+    None,
+    Digest.NONE,
+    Dvc.METRIC,
+    "each arm against real at each fraction (mean difference, CI, Holm p) and real cases saved",
+)
+STUDY_CURVES_PNG = Artifact(
+    "study.curves",
+    "reports/study/learning_curves.png",
+    Kind.FILE,
+    None,
+    Digest.NONE,
+    Dvc.NONE,
+    "learning curves: mean test Dice against the real fraction, one line per arm, CI bands",
+)
+STUDY_EFFECTS_PNG = Artifact(
+    "study.effects",
+    "reports/study/effects.png",
+    Kind.FILE,
+    None,
+    Digest.NONE,
+    Dvc.NONE,
+    "forest plot: each arm's Dice difference from real with its 95% CI, per fraction",
+)
+
 ARTIFACTS: dict[str, Artifact] = {
     a.name: a for a in list(globals().values()) if isinstance(a, Artifact)
 }  # declaration order: the pipeline's order

@@ -70,9 +70,15 @@ def _run_inputs(ws: Workspace, params: Params) -> dict[str, str | None]:
     }
 
 
+def segmenter_seed(params: Params) -> int:
+    """``train.seed``, else ``project.seed``: what draws the initial weights and the patches."""
+    return params.train.seed if params.train.seed is not None else params.project.seed
+
+
 def run_key(ws: Workspace, params: Params, world_size: int) -> str:
     train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in _RUN_KEY_EXCLUDE}
-    parts = {"seed": params.project.seed, "train": train, "inputs": _run_inputs(ws, params), "code": CODE_VERSION}
+    train = {k: v for k, v in train.items() if not (k == "seed" and v is None)}  # unset: the key of before it existed
+    parts = {"seed": segmenter_seed(params), "train": train, "inputs": _run_inputs(ws, params), "code": CODE_VERSION}
     return sha256_json({**parts, "world_size": world_size})
 
 
@@ -152,7 +158,7 @@ def train_in_process(ws: Workspace, params: Params) -> StageResult:
     rank, world = _init_distributed(tp.device)
     device = resolve_device(tp.device)
     store = STORE.at(ws)
-    seed = params.project.seed
+    seed = segmenter_seed(params)
     real = index_cases(store, split.train, seed=seed)
     synthetic = _synthetic_cases(ws, params)
     dataset = PatchDataset(
@@ -302,7 +308,7 @@ def _synthetic_cases(ws: Workspace, params: Params) -> list[Any]:
             f"train.synthetic_store = {params.train.synthetic_store!r} holds no complete (accepted) cases; run "
             "`lesionflow stage synthesize` and `validate-synthetic`, or set train.synthetic_ratio=0"
         )
-    return index_cases(root, ids, seed=params.project.seed)
+    return index_cases(root, ids, seed=segmenter_seed(params))
 
 
 def _init_distributed(device_setting: str) -> tuple[int, int]:

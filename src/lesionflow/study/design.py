@@ -31,7 +31,6 @@ ARMS: dict[StudyArm, str] = {
     "repaint": "lesions inserted by the RePaint DDPM (synth.method ddpm)",
     "lefusion": "real lesions re-textured by LeFusion",
     "lefusion+diffmask": "re-textured real lesions plus new DiffMask lesions",
-    "pie": "PIE progression frames",
 }
 
 

@@ -1,0 +1,102 @@
+"""The utility-study flow: does synthetic data make the segmenter better? (lesionflow.study.runner)
+
+Runs every cell of ``params.study`` (arms x nested real fractions x segmenter seeds) on a processed workspace,
+holding the workspace lock, then attaches the effects table, the learning curves and the forest plot to the flow
+run. Cells are cached by content: rerunning, adding a seed or an arm trains only the new cells.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.common import DEFAULT_LOCK_TIMEOUT_S, fail, resolve_params
+from lesionflow.catalog.artifacts import STUDY_CURVES_PNG, STUDY_EFFECTS_PNG, STUDY_SUMMARY
+from lesionflow.errors import LesionflowError
+from lesionflow.params import ProjectParams, StudyParams, TrainParams
+from lesionflow.params_synth import SynthParams
+from lesionflow.workspace import Workspace
+from lesionflow.workspace_lock import workspace_lock
+
+FLOW_NAME = "lesionflow-utility-study"
+
+
+def effects_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The effects table people read: one row per (fraction, arm) against real, in Dice points."""
+    saved = summary.get("real_cases_saved", {})
+    rows = []
+    for e in summary.get("effects", []):
+        rows.append(
+            {
+                "fraction": e["fraction"],
+                "arm": e["arm"],
+                "dice_diff_points": round(100 * e["mean"], 2),
+                "ci95_points": f"[{100 * e['ci_low']:.2f}, {100 * e['ci_high']:.2f}]",
+                "p_holm": round(e["p_holm"], 4),
+                "n_cases": e["n_cases"],
+                "real_cases_saved": saved.get(e["arm"]),
+            }
+        )
+    return rows
+
+
+def _publish(ws: Workspace, summary: dict[str, Any]) -> None:
+    from tasks.artifacts import ArtifactSpec, image_artifact, publish
+
+    rows = effects_rows(summary)
+    specs = [ArtifactSpec("table", "study-effects", "Each arm against real (Dice points, 95% CI)", table=rows)]
+    for picture in (STUDY_CURVES_PNG, STUDY_EFFECTS_PNG):
+        specs += image_artifact(ws, "study", picture)
+    publish(specs)
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def utility_study(
+    workspace: str = ".",
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    study: StudyParams | None = None,
+    project: ProjectParams | None = None,
+    synth: SynthParams | None = None,
+    train: TrainParams | None = None,
+    wait_for_lock: bool = True,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Measure whether synthetic lesions help: every arm against real-only, paired by test case and seed.
+
+    Args:
+        workspace: Workspace root (processed through validate-processed); relative to the worker's directory.
+        params_file: params.yaml to read, relative to the workspace unless absolute.
+        overrides: Extra `section.key=value` overrides, applied last (e.g. study.seeds=[0,1,2,3]).
+        study: Overrides of the `study` section (arms, fractions, seeds, synthetic_ratio); only the keys given.
+        project: Overrides of the `project` section (the seed of the subsets and the generators).
+        synth: Overrides of the `synth` section (generator sizes, sample counts) for every arm.
+        train: Overrides of the `train` section (the budget every cell gets: steps, patch size, ...).
+        wait_for_lock: When another run holds the workspace, wait for it (true) or fail at once (false).
+        lock_timeout_s: Longest wait for the workspace lock, in seconds (0: no limit).
+
+    Returns:
+        The study summary (reports/study/summary.json).
+    """
+    from lesionflow.study.runner import check_ready, run_study
+
+    try:
+        ws = Workspace.at(workspace)
+        sections = {"study": study, "project": project, "synth": synth, "train": train}
+        params = resolve_params(ws, params_file, overrides, sections)
+        with workspace_lock(ws.root, wait=wait_for_lock, timeout_s=lock_timeout_s, purpose=f"flow {FLOW_NAME}"):
+            check_ready(ws)
+            report = run_study(ws, params)
+    except LesionflowError as error:
+        print(f"{FLOW_NAME} failed: {error}")
+        failed: Any = fail(error)  # a Failed state: Prefect ends the run with the one line, callers get the error
+        return failed
+    summary = dict(report.summary)
+    print(f"study: {report.n_trained} cell(s) trained, {report.n_cached} from earlier runs; see {STUDY_SUMMARY.path}")
+    _publish(ws, summary)
+    return {**summary, "n_trained": report.n_trained, "n_cached": report.n_cached}
+
+
+if __name__ == "__main__":
+    utility_study()

@@ -1,0 +1,281 @@
+"""Run a utility study with the pipeline's own stages, one small workspace per fraction, arm and cell.
+
+For each real fraction the study builds ``data/study/fNNN/``: the main workspace's raw data, plan, store and
+metadata (symbolic links; nothing is copied) with an ``accepted.json`` that keeps only the fraction's subset of the
+training split plus the whole test split. There the stages run unchanged: extract-rois and train-generator see the
+subset's training cases only (validation is carved from the subset, the test split never reaches a generator).
+Each synthetic arm gets ``arms/<arm>/`` (the fraction's ROIs and generators linked in) where synthesize and the
+synthetic gate run with the arm's settings; each cell (arm, seed) gets ``cells/<arm>/seedN/`` where train and
+evaluate run on the same test cases with the same budget (train.synthetic_ratio of the patches drawn from the arm's
+store, none for ``real``). Every stage goes through ``run_cached``, so a rerun, an added seed or an added arm
+trains only what is new and a killed study resumes where it stopped.
+
+The study runs without the synthetic gate's acceptance segmenter (it would have to be trained per fraction from
+the subset; docs/decisions.md). A synthetic gate that fails as a whole does not stop the study: the arm trains on
+every sample it made and the failure is reported next to its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from lesionflow.caching import run_cached
+from lesionflow.catalog.artifacts import (
+    ACCEPTED,
+    EVALUATE_CASES,
+    GENERATORS,
+    METADATA,
+    PLANS,
+    RAW,
+    ROIS,
+    STORE,
+    STUDY_CELLS,
+    STUDY_CURVES,
+    STUDY_CURVES_PNG,
+    STUDY_EFFECTS_PNG,
+    STUDY_SUMMARY,
+    STUDY_WORK,
+    SYNTHETIC_ACCEPTED,
+    SYNTHETIC_STORE,
+)
+from lesionflow.catalog.readers import read_metadata, require, splits, write_accepted
+from lesionflow.errors import GateFailed, SourceError
+from lesionflow.files import write_json, write_text_if_changed
+from lesionflow.params import Params, StudyArm, validate_params
+from lesionflow.stages import STAGES
+from lesionflow.study.design import Cell, grid, nested_subsets
+from lesionflow.study.report import (
+    CELL_COLUMNS,
+    cases_saved,
+    effects,
+    effects_png,
+    learning_curves,
+    learning_curves_png,
+)
+from lesionflow.workspace import Workspace
+
+# What each synthetic arm changes in the synth section (one setting per arm, not a subclass per arm), and the
+# generators it needs. "real" and "copies" synthesize nothing.
+ARM_SYNTH: dict[StudyArm, dict[str, Any]] = {
+    "lefusion": {"method": "lefusion", "generators": ["lefusion"], "new_per_case": 0, "remove_per_case": 0},
+    "lefusion+diffmask": {"method": "lefusion", "generators": ["lefusion", "diffmask"], "remove_per_case": 0},
+    "repaint": {"method": "ddpm", "generators": ["ddpm"], "relesion_per_case": 0, "remove_per_case": 0},
+    "copy-paste": {"method": "copy-paste", "generators": [], "relesion_per_case": 0, "remove_per_case": 0},
+}
+
+
+@dataclass(frozen=True)
+class CellResult:
+    cell: Cell
+    cases: pd.DataFrame  # evaluate's cases.csv of the cell, means over classes per case
+    trained: bool  # False when train was served from its record (an earlier run of the same cell)
+
+
+def _merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in given.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _sub_params(params: Params, overrides: dict[str, Any]) -> Params:
+    """The study's params with ``overrides`` (nested dict) merged in; the study never publishes or registers."""
+    base = params.model_dump(mode="json")
+    fixed = {"storage": {"remote": ""}, "quality": {"synthetic": {"acceptance_model": ""}}}
+    return validate_params(_merge(_merge(base, fixed), overrides))
+
+
+def _link(target: Path, link: Path) -> None:
+    """``link`` -> ``target`` (absolute), replaced when it points elsewhere."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=target.is_dir())
+
+
+def _workspace(root: Path, links: Iterable[tuple[Path, Path]], params: Params) -> Workspace:
+    """A workspace at ``root`` made of links into other workspaces, with its params.yaml for people to read."""
+    ws = Workspace.at(root)
+    for target, link in links:
+        _link(target, link)
+    write_text_if_changed(ws.params_file, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return ws
+
+
+def _data_links(src: Workspace, dst_root: Path) -> list[tuple[Path, Path]]:
+    dst = Workspace.at(dst_root)
+    return [(a.at(src).resolve(), a.at(dst)) for a in (RAW, STORE, PLANS, METADATA)]
+
+
+def _run(stage: str, ws: Workspace, params: Params) -> bool:
+    """Run ``stage`` in ``ws`` through the cache; True when it did work."""
+    return not run_cached(stage, ws, params, STAGES[stage].run).cached
+
+
+def fraction_workspace(
+    ws: Workspace, params: Params, fraction: float, subset: tuple[str, ...], test: tuple[str, ...]
+) -> Workspace:
+    """``data/study/fNNN``: the main data linked in, the subset (and the test split) as the accepted cases."""
+    root = STUDY_WORK.at(ws) / f"f{round(fraction * 100):03d}"
+    fws = _workspace(root, _data_links(ws, root), params)
+    cases = sorted({*subset, *test})
+    if not ACCEPTED.at(fws).exists() or json.loads(ACCEPTED.at(fws).read_text())["cases"] != cases:
+        write_accepted(fws, cases)
+    return fws
+
+
+def _arm_store(fws: Workspace, fparams: Params, arm: StudyArm, say: Callable[[str], None]) -> tuple[str, str]:
+    """(absolute path of the arm's synthetic store or "" for real, a note on its synthetic gate)."""
+    if arm == "real":
+        return "", ""
+    root = fws.root / "arms" / arm
+    if arm == "copies":  # unmodified real lesion cases of the subset's training split fill the synthetic share
+        aws = _workspace(root, [(STORE.at(fws).resolve(), SYNTHETIC_STORE.at(Workspace.at(root)))], fparams)
+        rows = read_metadata(fws)
+        lesion_cases = [c for c in splits(fws, fparams).train if float(rows[c]["fg_volume_processed_mm3"]) > 0]
+        write_json(SYNTHETIC_ACCEPTED.at(aws), {"accepted": lesion_cases, "rejected": []})
+        return str(SYNTHETIC_STORE.at(aws)), "real lesion cases of the subset, unmodified"
+    aparams = _sub_params(fparams, {"synth": ARM_SYNTH[arm]})
+    links = [*_data_links(fws, root), (ACCEPTED.at(fws).resolve(), ACCEPTED.at(Workspace.at(root)))]
+    links += [(a.at(fws).resolve(), a.at(Workspace.at(root))) for a in (ROIS, GENERATORS)]
+    aws = _workspace(root, links, aparams)
+    _run("synthesize", aws, aparams)
+    note = "synthetic gate passed"
+    try:
+        _run("validate-synthetic", aws, aparams)
+    except GateFailed as failed:  # the arm is still measured, on every sample it made; the failure is reported
+        SYNTHETIC_ACCEPTED.at(aws).unlink(missing_ok=True)
+        note = f"synthetic gate failed, every sample used: {failed}"
+        say(f"study: {arm} @ {fws.root.name}: {note}")
+    return str(SYNTHETIC_STORE.at(aws)), note
+
+
+def _cell(fws: Workspace, fparams: Params, cell: Cell, store: str, ratio: float) -> CellResult:
+    root = fws.root / "cells" / cell.arm / f"seed{cell.seed}"
+    links = [*_data_links(fws, root), (ACCEPTED.at(fws).resolve(), ACCEPTED.at(Workspace.at(root)))]
+    cparams = _sub_params(
+        fparams,
+        {"train": {"seed": cell.seed, "synthetic_store": store, "synthetic_ratio": ratio if store else 0.0}},
+    )
+    cws = _workspace(root, links, cparams)
+    trained = _run("train", cws, cparams)
+    _run("evaluate", cws, cparams)
+    table = pd.read_csv(require(cws, EVALUATE_CASES), dtype={"case_id": str})
+    per_case = table.groupby("case_id", sort=True)[["dice", "hd95_mm", "nsd"]].mean().reset_index()
+    return CellResult(cell, per_case, trained)
+
+
+def _generators(arms: Iterable[StudyArm]) -> list[str]:
+    names: list[str] = []
+    for arm in arms:
+        for name in ARM_SYNTH.get(arm, {}).get("generators", []):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    summary: dict[str, Any]
+    cells: pd.DataFrame
+    n_trained: int
+    n_cached: int
+
+
+def run_study(ws: Workspace, params: Params, *, say: Callable[[str], None] = print) -> StudyReport:
+    """The study of ``params.study`` on the processed workspace ``ws``; writes reports/study and returns it."""
+    sp = params.study
+    split = splits(ws, params)
+    if len(split.test) < 2:
+        raise SourceError(
+            f"the test split holds {len(split.test)} accepted case(s); the study pairs arms on at least 2 test cases: "
+            "ingest more test cases (MSD imagesTs/labelsTs) or raise ingest.test_fraction"
+        )
+    rows = read_metadata(ws)
+    pool = sorted({*split.train, *split.val})
+    has_lesion = {c: float(rows[c]["fg_volume_processed_mm3"]) > 0 for c in pool}
+    subsets = nested_subsets(has_lesion, sp.fractions, params.project.seed, min_cases=sp.min_lesion_cases)
+    arms: list[StudyArm] = list(sp.arms)
+    needs = _generators(arms)
+    fraction_overrides: dict[str, Any] = {"synth": {"generators": needs or ["lefusion"], "method": "lefusion"}}
+    fparams = _sub_params(params, fraction_overrides)
+    cells = grid(arms, sp.fractions, sp.seeds)
+    results: list[CellResult] = []
+    notes: dict[str, str] = {}
+    for fraction in sorted(subsets):
+        fws = fraction_workspace(ws, fparams, fraction, subsets[fraction], split.test)
+        if needs or "copy-paste" in arms:
+            _run("extract-rois", fws, fparams)
+        if needs:
+            _run("train-generator", fws, fparams)
+        stores: dict[str, str] = {}
+        for arm in arms:
+            stores[arm], notes[f"{arm}@{round(fraction * 100)}"] = _arm_store(fws, fparams, arm, say)
+        for cell in [c for c in cells if c.fraction == fraction]:
+            # one line per cell: the stages inside draw their own progress bars (rich allows one at a time)
+            say(f"study: cell {len(results) + 1}/{len(cells)} {cell.cell_id}")
+            results.append(_cell(fws, fparams, cell, stores[cell.arm], sp.synthetic_ratio))
+    return _report(ws, params, results, subsets, notes)
+
+
+def _report(
+    ws: Workspace,
+    params: Params,
+    results: list[CellResult],
+    subsets: dict[float, tuple[str, ...]],
+    notes: dict[str, str],
+) -> StudyReport:
+    sp = params.study
+    frames = [
+        r.cases.assign(arm=r.cell.arm, fraction=r.cell.fraction, seed=r.cell.seed)[list(CELL_COLUMNS)] for r in results
+    ]
+    table = pd.concat(frames, ignore_index=True).sort_values(["fraction", "arm", "seed", "case_id"], kind="stable")
+    metrics = ["dice", "hd95_mm", "nsd"]
+    table[metrics] = table[metrics].round(6)  # the statistics use exactly what cells.csv holds
+    STUDY_CELLS.at(ws).parent.mkdir(parents=True, exist_ok=True)
+    write_text_if_changed(STUDY_CELLS.at(ws), table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+    curves = learning_curves(table, seed=params.project.seed, n_resamples=sp.bootstrap_resamples)
+    write_text_if_changed(STUDY_CURVES.at(ws), curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+    effect_rows = effects(table, sp.arms, seed=params.project.seed, n_resamples=sp.bootstrap_resamples)
+    saved = cases_saved(curves, sp.arms, sp.saved_tolerance)
+    n_trained = sum(r.trained for r in results)
+    summary = {
+        "arms": list(sp.arms),
+        "fractions": {f"{f:g}": {"n_training_cases": len(c), "cases": list(c)} for f, c in sorted(subsets.items())},
+        "seeds": list(sp.seeds),
+        "n_test_cases": int(table["case_id"].nunique()),
+        "synthetic_ratio": sp.synthetic_ratio,
+        "metric": "test Dice per case (mean over lesion classes), paired by case and seed",
+        "effects": effect_rows,
+        "real_cases_saved": saved,
+        "saved_tolerance": sp.saved_tolerance,
+        "curves": curves.to_dict(orient="records"),
+        "arm_notes": notes,
+        "n_cells": len(results),
+    }
+    write_json(STUDY_SUMMARY.at(ws), summary)
+    learning_curves_png(curves, STUDY_CURVES_PNG.at(ws))
+    effects_png(effect_rows, STUDY_EFFECTS_PNG.at(ws))
+    return StudyReport(summary, table, n_trained, len(results) - n_trained)
+
+
+def check_ready(ws: Workspace) -> None:
+    """The study starts from a processed workspace (the pipeline up to validate-processed)."""
+    for artifact in (PLANS, METADATA, ACCEPTED):
+        if not artifact.at(ws).exists():
+            raise SourceError(
+                f"{artifact.path} does not exist: the study starts from a processed workspace; run `lesionflow run` "
+                f"(or the stages up to validate-processed) first"
+            )
+    if not STORE.at(ws).is_dir():
+        raise SourceError(f"{STORE.path} is missing; run `lesionflow stage preprocess` first")
