@@ -27,15 +27,16 @@ def effects_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     saved = summary.get("real_cases_saved", {})
     rows = []
     for e in summary.get("effects", []):
+        share = saved.get(e["arm"])
         rows.append(
             {
-                "fraction": e["fraction"],
+                "real share": f"{e['fraction']:g}",
                 "arm": e["arm"],
-                "dice_diff_points": round(100 * e["mean"], 2),
-                "ci95_points": f"[{100 * e['ci_low']:.2f}, {100 * e['ci_high']:.2f}]",
-                "p_holm": round(e["p_holm"], 4),
-                "n_cases": e["n_cases"],
-                "real_cases_saved": saved.get(e["arm"]),
+                "Δ Dice pts": f"{100 * e['mean']:+.2f}",
+                "95% CI": f"[{100 * e['ci_low']:+.2f}, {100 * e['ci_high']:+.2f}]",
+                "p Holm": f"{e['p_holm']:.3f}",
+                "cases": e["n_cases"],
+                "matches real@max at": "never" if share is None else f"{share:.2f}",
             }
         )
     return rows

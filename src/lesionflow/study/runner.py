@@ -259,6 +259,7 @@ def _report(
         "effects": effect_rows,
         "real_cases_saved": saved,
         "saved_tolerance": sp.saved_tolerance,
+        "real_curve": _real_curve_note(curves, sp.saved_tolerance),
         "curves": curves.to_dict(orient="records"),
         "arm_notes": notes,
         "n_cells": len(results),
@@ -267,6 +268,19 @@ def _report(
     learning_curves_png(curves, STUDY_CURVES_PNG.at(ws))
     effects_png(effect_rows, STUDY_EFFECTS_PNG.at(ws))
     return StudyReport(summary, table, n_trained, len(results) - n_trained)
+
+
+def _real_curve_note(curves: pd.DataFrame, tolerance: float) -> dict[str, Any]:
+    """How much ``real`` gains from its smallest to its largest fraction; a flat curve makes "saved" uninformative."""
+    real = curves[curves["arm"] == "real"].sort_values("fraction")
+    gain = float(real["mean_dice"].iloc[-1] - real["mean_dice"].iloc[0]) if len(real) else 0.0
+    note = (
+        "real already reaches its largest-fraction Dice at the smallest fraction: 'real cases saved' says nothing "
+        "here (the segmenter's budget, not the data, limits it; try more train.steps or a GPU preset)"
+        if gain <= tolerance
+        else "real improves with more real cases: 'real cases saved' reads the learning curve"
+    )
+    return {"gain_smallest_to_largest": gain, "note": note}
 
 
 def check_ready(ws: Workspace) -> None:
