@@ -252,7 +252,8 @@ def _report(
     summary = {
         "arms": list(sp.arms),
         "fractions": {f"{f:g}": {"n_training_cases": len(c), "cases": list(c)} for f, c in sorted(subsets.items())},
-        "seeds": list(sp.seeds),
+        "seeds": list(sp.seeds),  # segmenter seeds (train.seed) of every cell
+        "generator_seed": params.project.seed,  # subsets, generators and synthesis derive from it, fixed per fraction
         "n_test_cases": int(table["case_id"].nunique()),
         "synthetic_ratio": sp.synthetic_ratio,
         "metric": "test Dice per case (mean over lesion classes), paired by case and seed",
