@@ -80,7 +80,7 @@ def _located(artifact: Artifact, ws: Workspace, params: Params) -> Path | None:
 def undeclared_reads(spec: StageSpec, opened: set[Path], ws: Workspace, params: Params) -> dict[str, set[str]]:
     """Files ``spec``'s stage opened that its declaration does not cover, by artifact name ("?" for none)."""
     located = [_located(a, ws, params) for a in (*spec.reads, *spec.writes)]
-    roots = [p if p.is_dir() or p.suffix != ".json" else p.parent for p in located if p is not None]
+    roots = [p for p in located if p is not None]
     own = stage_report_dir(ws, spec.name)
     out: dict[str, set[str]] = {}
     for path in opened:
