@@ -14,7 +14,15 @@ from typing import Any
 from prefect import flow
 
 from flows.common import DEFAULT_LOCK_TIMEOUT_S, require_done, run_flow
-from lesionflow.params import Params, ProjectParams, QualityParams, RegistryParams, TrainParams
+from lesionflow.params import (
+    EvaluateParams,
+    Params,
+    PreprocessParams,
+    ProjectParams,
+    QualityParams,
+    RegistryParams,
+    TrainParams,
+)
 from lesionflow.params_synth import SynthParams
 from lesionflow.workspace import Workspace
 
@@ -36,6 +44,8 @@ def synthesis_flow(
     quality: QualityParams | None = None,
     train: TrainParams | None = None,
     registry: RegistryParams | None = None,
+    preprocess: PreprocessParams | None = None,
+    evaluate: EvaluateParams | None = None,
     wait_for_lock: bool = True,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
@@ -50,6 +60,8 @@ def synthesis_flow(
         quality: Overrides of the `quality` section (the synthetic gate's thresholds); only the keys given.
         train: Overrides of the `train` section (val_fraction picks the cases synthesis uses); only the keys given.
         registry: Overrides of the `registry` section (the acceptance filter's champion); only the keys given.
+        preprocess: Overrides of the `preprocess` section (memory_limit of each worker); only the keys given.
+        evaluate: Overrides of the `evaluate` section (device of the acceptance filter); only the keys given.
         wait_for_lock: When another run holds the workspace, wait for it (true) or fail at once (false).
         lock_timeout_s: Longest wait for the workspace lock, in seconds (0: no limit).
 
@@ -62,7 +74,15 @@ def synthesis_flow(
         workspace=workspace,
         params_file=params_file,
         overrides=overrides,
-        sections={"project": project, "synth": synth, "quality": quality, "train": train, "registry": registry},
+        sections={
+            "project": project,
+            "synth": synth,
+            "quality": quality,
+            "train": train,
+            "registry": registry,
+            "preprocess": preprocess,
+            "evaluate": evaluate,
+        },
         wait_for_lock=wait_for_lock,
         lock_timeout_s=lock_timeout_s,
         before=_prerequisites,

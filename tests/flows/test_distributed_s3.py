@@ -22,6 +22,7 @@ import zarr
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import training_pipeline
+from lesionflow.catalog.artifacts import Dvc
 from lesionflow.hashing import sha256_tree
 from lesionflow.io.publish import StorageError, StorageUnavailable, publish_tree
 from lesionflow.params import StorageParams
@@ -156,8 +157,8 @@ def test_pipeline_runs_on_the_dask_cluster_with_its_storage_on_s3(team_run: Team
 def _locked_md5s(lock: dict[str, Any], stage: str) -> dict[str, str]:
     """path -> md5 of the stage's cached outputs (DVC's digests; reports rebuilt each run are not compared)."""
     spec = STAGES[stage]
-    return {o["path"]: o["md5"] for o in lock["stages"][stage].get("outs", []) if o["path"] in (*spec.outs,
-            *spec.persist_outs)}  # fmt: skip
+    return {o["path"]: o["md5"] for o in lock["stages"][stage].get("outs", []) if o["path"] in (*spec.outs(Dvc.OUT),
+            *spec.outs(Dvc.PERSIST))}  # fmt: skip
 
 
 def test_dvc_repro_force_in_a_clean_clone_reproduces_every_stage_up_to_training(

@@ -54,7 +54,9 @@ def test_pipeline_flow_runs_stages_and_records_them_in_dvc(dvc_workspace: Path) 
     assert lineage.tags["lesionflow.dvc_lock_sha256"] != "none"
     again = training_pipeline(workspace=str(ws))  # a second run does no stage work
     registry_stages = {"validate-metrics", "register"}  # they read the registry on every run
-    assert all(r["cached"] for r in again if r["stage"] not in registry_stages)
+    assert all(r["cached"] for r in again if r["stage"] not in registry_stages), [
+        r["stage"] for r in again if not r["cached"]
+    ]
     assert again[-1]["summary"]["version"] == 1  # nothing new to register
     assert again[-1]["summary"]["reused_existing_version"] is True
     # dvc repro agrees with what the flow recorded: nothing to reproduce

@@ -106,8 +106,8 @@ def test_serve_deploys_the_five_deployments_with_the_params_timezone(served: tup
         for deployment in found.values():
             assert deployment.work_pool_name == "lesionflow-local"
             assert deployment.parameters["workspace"] == str(ws)
-            assert deployment.pull_steps == [
-                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+            assert deployment.pull_steps == [  # flow runs start in the workspace, where the project files are
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(ws)}}
             ]
         (schedule,) = found["nightly-retrain"].schedules
         assert schedule.active
@@ -286,6 +286,8 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (ws / "infra").mkdir()
+    (ws / "infra" / "prefect.yaml").write_text((REPO / "infra" / "prefect.yaml").read_text())  # serve deploys it
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
