@@ -84,7 +84,7 @@ class StageSpec:
         """Run the stage function with the params it declared (an undeclared read raises UndeclaredParam)."""
         view = declared_view(params, self.params, self.name)
         if self.records_flow_run:
-            return cast(Callable[..., StageResult], self.fn)(ws, view, flow_run_id=flow_run_id)
+            return self.fn(ws, view, flow_run_id=flow_run_id)
         return self.fn(ws, view)
 
     @property

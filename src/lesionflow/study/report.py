@@ -8,6 +8,7 @@ drawn like the other reports (matplotlib's Agg canvas, fixed size, no timestamp:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def effects(table: pd.DataFrame, arms: Sequence[str], *, seed: int, n_resamples:
             if arm == "real" or not arm_scores or not real:
                 continue
             effect = paired_effect(arm_scores, real, seed=seed, n_resamples=n_resamples)
-            found.append({"arm": arm, "fraction": float(fraction), **effect.__dict__})
+            found.append({"arm": arm, "fraction": float(fraction), **asdict(effect)})
         for row, adjusted in zip(found, holm([r["p_value"] for r in found]), strict=True):
             row["p_holm"] = adjusted
         out += found
