@@ -1,8 +1,9 @@
-"""Generator training loop: masked loss, loss decrease, EMA, exact resume, generator files."""
+"""Generator training loop: masked loss, loss decrease, EMA warm-up, EMA/raw choice, exact resume, generator files."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from functools import partial
 from pathlib import Path
@@ -13,8 +14,14 @@ from safetensors.torch import load_file
 
 from lesionflow.diffusion.schedules import cosine_schedule
 from lesionflow.diffusion.trainer import (
+    HELDOUT_BASE,
+    SELECTION_BATCHES,
     GeneratorTrainOutcome,
+    WeightChoice,
+    _choose,
+    ema_decay_at,
     eps_loss,
+    heldout_loss,
     load_generator,
     masked_eps_loss,
     save_generator,
@@ -49,6 +56,7 @@ def _batches(index: int, *, batch_size: int = 2, cond_dim: int = 0) -> dict[str,
 
 
 def _train(root: Path, steps: int, **kwargs: float) -> tuple[GeneratorTrainOutcome, list[str]]:
+    """``kwargs``: lr, ema_decay, checkpoint_every, grad_accum, ema_warmup (0 = off)."""
     warnings: list[str] = []
     config = GeneratorNetParams(
         steps=steps,
@@ -60,7 +68,10 @@ def _train(root: Path, steps: int, **kwargs: float) -> tuple[GeneratorTrainOutco
         amp="off",
         grad_accum=int(kwargs.get("grad_accum", 1)),
     )
-    outcome = train_generator(_model(), _batches, None, SCHEDULE, config, root, "cpu", 7, warnings.append)
+    warmup = bool(kwargs.get("ema_warmup", 1))
+    outcome = train_generator(
+        _model(), _batches, None, SCHEDULE, config, root, "cpu", 7, warnings.append, ema_warmup=warmup
+    )
     return outcome, warnings
 
 
@@ -124,6 +135,7 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
     reference = full.ema.state_dict()
     for other in (resumed, rerun):
         assert other.history == full.history
+        assert other.choice == full.choice
         state = other.ema.state_dict()
         assert all(torch.equal(reference[k], state[k]) for k in reference)
 
@@ -151,7 +163,9 @@ def test_grad_accum_reads_consecutive_micro_batches(tmp_path: Path) -> None:
 
     config = GeneratorNetParams(steps=2, batch_size=2, grad_accum=3, checkpoint_every=5, amp="off")
     train_generator(_model(), batches, None, SCHEDULE, config, tmp_path, "cpu", 0, print)
-    assert seen == [0, 1, 2, 3, 4, 5]
+    # the training micro-batches, then (twice: EMA and raw weights) the held-out ones the loop never trains on
+    held_out = [HELDOUT_BASE + j for j in range(SELECTION_BATCHES)]
+    assert seen == [0, 1, 2, 3, 4, 5, *held_out, *held_out]
     wrong = GeneratorNetParams(steps=1, batch_size=3, amp="off")
     with pytest.raises(ValueError, match="batch dim 2, expected 3"):
         train_generator(_model(), _batches, None, SCHEDULE, wrong, tmp_path / "w", "cpu", 0, print)
@@ -164,6 +178,69 @@ def test_conditional_training_with_cfg_dropout_runs(tmp_path: Path) -> None:
         print,
     )  # fmt: skip
     assert len(outcome.history) == 2
+
+
+# --------------------------------------------------------------------------- EMA warm-up and weight choice
+
+
+def test_ema_warmup_decay_values() -> None:
+    # min(ema_decay, (1 + t) / (10 + t)), t = 0-based optimizer step
+    assert ema_decay_at(0, 0.99) == pytest.approx(0.1)
+    assert ema_decay_at(1, 0.99) == pytest.approx(2 / 11)
+    assert ema_decay_at(10, 0.99) == pytest.approx(11 / 20)
+    assert ema_decay_at(90, 0.99) == pytest.approx(0.91)
+    assert ema_decay_at(890, 0.99) == 0.99  # 891/900 = 0.99: the cap takes over from here on
+    assert ema_decay_at(10_000, 0.99) == 0.99
+    assert ema_decay_at(5, 0.0) == 0.0
+    # share of the initialisation left in the EMA after 12 steps: 0.99**12 = 0.89 without warm-up
+    assert math.prod(ema_decay_at(t, 0.99) for t in range(12)) < 1e-5
+
+
+def test_saved_weights_beat_raw_and_unwarmed_ema_on_heldout_loss(tmp_path: Path) -> None:
+    """A tiny DDPM at 12 steps with the default decay 0.99: without warm-up the EMA is ~89% initialisation."""
+    warm, _ = _train(tmp_path / "warm", 12, lr=3e-3, ema_decay=0.99, checkpoint_every=100)
+    cold, _ = _train(tmp_path / "cold", 12, lr=3e-3, ema_decay=0.99, checkpoint_every=100, ema_warmup=0)
+    assert all(torch.equal(a, b) for a, b in zip(warm.model.parameters(), cold.model.parameters(), strict=True))
+    # the trainer's record: both losses on its held-out draws, the lower one kept
+    choice = warm.choice
+    assert choice is not None
+    assert choice.batches == SELECTION_BATCHES
+    assert (warm.best is warm.ema) == (choice.weights == "ema")
+    recorded = {"ema": choice.ema_loss, "raw": choice.raw_loss}
+    assert recorded[choice.weights] == min(recorded.values())
+    loss = partial(eps_loss, schedule=SCHEDULE)
+    cpu = torch.device("cpu")
+    assert choice.raw_loss == heldout_loss(warm.model, _batches, loss, cpu, 7)
+    # an independent held-out set (other noise, timesteps, twice as many batches)
+    scores = {
+        name: heldout_loss(net, _batches, loss, cpu, 12345, n=16)
+        for name, net in (("best", warm.best), ("raw", warm.model), ("ema", warm.ema), ("cold_ema", cold.ema))
+    }
+    assert scores["best"] <= scores["raw"]
+    assert scores["best"] <= scores["cold_ema"]
+    # observed: raw 0.32, warmed EMA 0.33, un-warmed EMA 0.95
+    assert scores["ema"] < 0.5 * scores["cold_ema"]
+    assert cold.choice is not None
+    assert cold.choice.weights == "raw"
+    save_generator(tmp_path / "gen", warm.best, warm.best.config, {}, warm.choice)
+    record = json.loads((tmp_path / "gen" / "config.json").read_text())["weights"]
+    assert record == {"saved": choice.weights, "ema_loss": choice.ema_loss, "raw_loss": choice.raw_loss,
+                      "batches": SELECTION_BATCHES}  # fmt: skip
+
+
+def test_choice_never_keeps_weights_with_a_non_finite_loss() -> None:
+    ema, raw = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+
+    def scored(ema_loss: float, raw_loss: float) -> WeightChoice:
+        return _choose(raw, ema, lambda net: ema_loss if net is ema else raw_loss)
+
+    assert scored(0.2, 0.2).weights == "ema"  # a tie keeps the EMA
+    assert scored(0.3, 0.2).weights == "raw"
+    assert scored(math.nan, 0.2).weights == "raw"
+    assert scored(math.inf, 0.2).weights == "raw"
+    assert scored(0.2, math.nan).weights == "ema"
+    with pytest.raises(FloatingPointError, match="not finite"):
+        scored(math.nan, math.inf)
 
 
 # --------------------------------------------------------------------------- generator files

@@ -1,15 +1,22 @@
 """The training loop shared by every diffusion generator, its default losses and the generator files on disk.
 
-- :func:`train_generator`: AdamW, EMA weights, gradient accumulation, optional bf16 autocast (CUDA only),
-  checkpoints every ``checkpoint_every`` steps (model + EMA + optimizer, via :mod:`lesionflow.seg.checkpoint`)
-  and exact resume from the newest valid checkpoint (generative.md §2.5, §9.1).
+- :func:`train_generator`: AdamW, EMA weights with warm-up (:func:`ema_decay_at`), gradient accumulation, optional
+  bf16 autocast (CUDA only), checkpoints every ``checkpoint_every`` steps (model + EMA + optimizer, via
+  :mod:`lesionflow.seg.checkpoint`) and exact resume from the newest valid checkpoint (generative.md §2.5, §9.1).
+- Weight choice: after the last step the EMA and the raw weights are scored by the training loss on
+  ``SELECTION_BATCHES`` held-out micro-batches (:func:`heldout_loss`: ``batches(HELDOUT_BASE + j)``, indices the
+  loop never reads, i.e. fresh crop/flip draws, with timesteps and noise from ``torch_generator(seed,
+  "generator-select", j)``: the same draws for both weight sets); ``outcome.best`` is the lower (the EMA on a
+  tie), ``outcome.choice`` records which and both losses. Nothing of the choice is checkpointed: it is
+  recomputed from the restored weights, so a resumed or finished run chooses the same.
 - Determinism: micro-batch ``i`` (0-based, ``i = step * grad_accum + k``) is ``batches(i)``, a pure function of
   ``i``, and its random draws (timesteps, noise, CFG dropout) come from ``torch_generator(seed, "generator-train",
   i)``; so a resumed run repeats an uninterrupted one bit for bit on the same device.
 - :func:`eps_loss`: uniform ``t``, ``q_sample``, loss on eps: MSE over all voxels, or with ``batch["mask"]`` the
   LeFusion masked L1 (:func:`masked_eps_loss`, §2.2).
-- :func:`save_generator` / :func:`load_generator`: ``model.safetensors`` (the EMA weights the caller passes) +
-  ``config.json`` (``{"unet": UNetConfig, "extra": ..., "sha256": weights digest}``); no pickle anywhere.
+- :func:`save_generator` / :func:`load_generator`: ``model.safetensors`` (the weights the caller passes:
+  ``outcome.best``) + ``config.json`` (``{"unet": UNetConfig, "extra": ..., "sha256": weights digest}`` and
+  ``"weights"``: the :class:`WeightChoice` record when given); no pickle anywhere.
 
 Batch keys understood by :func:`eps_loss`: ``"image"`` ``(B, C_img, X, Y, Z)`` clean x0 (intensities in [-1, 1]);
 ``"channels"`` ``(B, C_extra, X, Y, Z)`` condition channels concatenated to ``x_t`` (not noised); ``"cond"``
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -42,10 +50,15 @@ from lesionflow.seg.checkpoint import latest_valid, load_checkpoint, save_checkp
 from lesionflow.seg.model_files import state_dict_cpu
 
 __all__ = [
+    "HELDOUT_BASE",
+    "SELECTION_BATCHES",
     "GeneratorTrainOutcome",
     "LossFn",
+    "WeightChoice",
     "count_parameters",
+    "ema_decay_at",
     "eps_loss",
+    "heldout_loss",
     "load_generator",
     "masked_eps_loss",
     "save_generator",
@@ -57,18 +70,42 @@ CONFIG = "config.json"
 
 LossFn = Callable[[nn.Module, dict[str, Tensor], torch.Generator], Tensor]
 
+# Held-out micro-batch j is ``batches(HELDOUT_BASE + j)``: far past any step count, so never a training batch.
+HELDOUT_BASE = 2**40
+SELECTION_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """Which weights a run keeps (``"ema"`` or ``"raw"``) and the mean held-out loss of each (the training loss,
+    on the same ``batches`` micro-batches, timesteps and noise for both)."""
+
+    weights: Literal["ema", "raw"]
+    ema_loss: float
+    raw_loss: float
+    batches: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"saved": self.weights, "ema_loss": self.ema_loss, "raw_loss": self.raw_loss, "batches": self.batches}
+
 
 @dataclass
 class GeneratorTrainOutcome:
     """``history``: mean loss of every step from 1 to ``steps_done`` (restored ones included);
     ``resumed_from``: the checkpoint step the run continued from (None = fresh). ``ema`` holds the EMA
-    weights (use them for sampling), ``model`` the raw ones."""
+    weights, ``model`` the raw ones, ``best`` the one of them ``choice`` says has the lower held-out loss
+    (save and sample that one)."""
 
     model: nn.Module
     ema: nn.Module
     history: list[float] = field(default_factory=list)
     steps_done: int = 0
     resumed_from: int | None = None
+    choice: WeightChoice | None = None
+
+    @property
+    def best(self) -> nn.Module:
+        return self.model if self.choice is not None and self.choice.weights == "raw" else self.ema
 
 
 # --------------------------------------------------------------------------- losses
@@ -147,6 +184,51 @@ def _autocast(setting: str, device: torch.device) -> AbstractContextManager[Any]
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
 
 
+def ema_decay_at(step: int, ema_decay: float) -> float:
+    """EMA decay for the update after optimizer step ``step`` (0-based): ``min(ema_decay, (1 + step) / (10 +
+    step))``, the warm-up of TensorFlow's ExponentialMovingAverage with ``num_updates``
+    (https://www.tensorflow.org/api_docs/python/tf/train/ExponentialMovingAverage) and of diffusers'
+    ``EMAModel.get_decay`` (https://github.com/huggingface/diffusers/blob/main/src/diffusers/training_utils.py).
+    Why: with a fixed decay d the EMA after n steps still holds d**n of the random initialisation (0.99**100 =
+    37%); with the warm-up it holds prod (1 + s) / (10 + s) = 9! n! / (n + 9)! of it (< 1e-5 after 12 steps)."""
+    return min(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: nn.Module,
+    batches: Callable[[int], dict[str, Tensor]],
+    loss_fn: LossFn,
+    device: torch.device,
+    seed: int,
+    amp: str = "off",
+    n: int = SELECTION_BATCHES,
+) -> float:
+    """Mean of ``loss_fn`` over held-out micro-batches ``batches(HELDOUT_BASE + j)``, j < ``n``, with the draws of
+    ``torch_generator(seed, "generator-select", j)``: the same for every model scored with the same arguments, so
+    two weight sets are compared on identical timesteps and noise. ``model`` is scored in eval mode (no CFG
+    dropout) and left in the mode it had."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for j in range(n):
+        batch = {name: v.to(device) for name, v in batches(HELDOUT_BASE + j).items()}
+        generator = torch_generator(seed, "generator-select", j, device=device)
+        with _autocast(amp, device):
+            total += float(loss_fn(model, batch, generator))
+    model.train(was_training)
+    return total / n
+
+
+def _choose(model: nn.Module, ema: nn.Module, score: Callable[[nn.Module], float]) -> WeightChoice:
+    ema_loss, raw_loss = score(ema), score(model)
+    if not math.isfinite(ema_loss) and not math.isfinite(raw_loss):
+        raise FloatingPointError(f"held-out loss is not finite for both the EMA ({ema_loss}) and the raw weights")
+    # NaN compares False: a non-finite EMA loss keeps the raw weights.
+    weights: Literal["ema", "raw"] = "ema" if ema_loss <= raw_loss or not math.isfinite(raw_loss) else "raw"
+    return WeightChoice(weights, ema_loss, raw_loss, SELECTION_BATCHES)
+
+
 @torch.no_grad()
 def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -191,14 +273,17 @@ def train_generator(
     *,
     weight_decay: float = 0.0,
     max_grad_norm: float = 0.0,
+    ema_warmup: bool = True,
 ) -> GeneratorTrainOutcome:
     """Train ``model`` (moved to ``device``) for ``params.steps`` optimizer steps, resuming when possible.
 
     ``params`` is the method's params section (any :class:`~lesionflow.params_synth.GeneratorNetParams`): its
     ``steps`` count optimizer steps, each over ``grad_accum`` micro-batches of ``batch_size`` samples; after every
-    step ``ema = ema_decay * ema + (1 - ema_decay) * weights`` (0 = EMA equals the weights); ``amp`` "auto" = bf16
-    autocast on CUDA when supported, "bf16" = bf16 on CUDA, "off"; never on CPU. ``weight_decay`` is AdamW's,
-    ``max_grad_norm`` 0 = no clipping (no method sets either).
+    step ``ema = d * ema + (1 - d) * weights`` with ``d = ema_decay_at(step, ema_decay)`` (``ema_warmup`` False:
+    ``d = ema_decay``, only for comparisons; 0 = EMA equals the weights); ``amp`` "auto" = bf16 autocast on CUDA
+    when supported, "bf16" = bf16 on CUDA, "off"; never on CPU. ``weight_decay`` is AdamW's, ``max_grad_norm`` 0 =
+    no clipping (no method sets either). At the end the EMA and raw weights are scored by :func:`heldout_loss`
+    and ``outcome.choice`` / ``outcome.best`` name the better.
 
     ``batches(i)`` returns micro-batch ``i`` (tensors on any device; moved to ``device``); ``loss_fn(model,
     batch, generator)`` returns a 0-d loss (None = :func:`eps_loss` with ``schedule``). Checkpoints
@@ -223,6 +308,8 @@ def train_generator(
                 f"resuming {checkpoint.folder.name} written with seed {state.get('seed')}, "
                 f"T {state.get('timesteps')}; now seed {seed}, T {schedule.num_timesteps}"
             )
+        if state.get("ema_warmup", False) != ema_warmup:
+            warn(f"resuming {checkpoint.folder.name} whose EMA warm-up was {state.get('ema_warmup', False)}")
         history = [float(v) for v in state["history"]][: checkpoint.step]
         resumed_from = checkpoint.step
     start = resumed_from or 0
@@ -244,7 +331,7 @@ def train_generator(
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
-        _update_ema(ema, model, params.ema_decay)
+        _update_ema(ema, model, ema_decay_at(step, params.ema_decay) if ema_warmup else params.ema_decay)
         history.append(total / params.grad_accum)
         done = step + 1
         if done % params.checkpoint_every == 0 or done == params.steps:
@@ -253,26 +340,43 @@ def train_generator(
                 "seed": seed,
                 "timesteps": schedule.num_timesteps,
                 "config": _loop_record(params, weight_decay, max_grad_norm),
+                "ema_warmup": ema_warmup,
             }
             save_checkpoint(checkpoint_root, done, both, optimizer, loop_state, keep=params.keep_checkpoints)
     model.eval()
+    choice = _choose(model, ema, lambda net: heldout_loss(net, batches, loss_fn, device, seed, params.amp))
     return GeneratorTrainOutcome(
-        model=model, ema=ema, history=history, steps_done=max(start, params.steps), resumed_from=resumed_from
+        model=model,
+        ema=ema,
+        history=history,
+        steps_done=max(start, params.steps),
+        resumed_from=resumed_from,
+        choice=choice,
     )
 
 
 # --------------------------------------------------------------------------- generator files
 
 
-def save_generator(folder: Path, model: ConditionalUNet3D, config: UNetConfig, extra: dict[str, Any]) -> None:
-    """Write ``model``'s weights (pass the EMA model) and ``config.json`` into ``folder``, each replaced atomically.
+def save_generator(
+    folder: Path,
+    model: ConditionalUNet3D,
+    config: UNetConfig,
+    extra: dict[str, Any],
+    choice: WeightChoice | None = None,
+) -> None:
+    """Write ``model``'s weights (pass ``outcome.best``) and ``config.json`` into ``folder``, each replaced
+    atomically.
 
-    ``extra`` (JSON-able: schedule, intensity window, condition meaning, seed...) is stored verbatim.
+    ``extra`` (JSON-able: schedule, intensity window, condition meaning, seed...) is stored verbatim; ``choice``
+    (``outcome.choice``) as ``"weights"``: which weights these are and the held-out loss of both.
     """
     with atomic_path(folder / WEIGHTS) as tmp:
         save_file(state_dict_cpu(model), str(tmp))
         digest = sha256_file(tmp)
-    payload = {"unet": config.to_dict(), "extra": extra, "sha256": {WEIGHTS: digest}}
+    payload: dict[str, Any] = {"unet": config.to_dict(), "extra": extra, "sha256": {WEIGHTS: digest}}
+    if choice is not None:
+        payload["weights"] = choice.to_dict()
     write_json(folder / CONFIG, payload)
 
 

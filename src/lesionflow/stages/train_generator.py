@@ -4,7 +4,8 @@ Methods: ``lefusion`` (lesion texture, histogram-conditioned, multi-class channe
 from a bounding sphere), ``ddpm`` (unconditional DDPM for RePaint removal / the insertion baseline) and ``pie``
 (severity-conditioned DDPM with classifier-free guidance for progression trajectories). Each
 is trained by the shared loop (EMA, resume from ``models/checkpoints/generators/<method>/<run key>``) and saved
-as EMA weights + ``config.json`` whose ``extra`` block records the method and preset fingerprint (a generator
+as the weights (EMA or raw) with the lower held-out loss + ``config.json`` (``"weights"``: which, and both
+losses; also in the stage summary) whose ``extra`` block records the method and preset fingerprint (a generator
 from another method or preset is refused downstream), the seed and what sampling needs (LeFusion's classes and
 histogram bank, DiffMask's radius pool). An empty ``synth.generators`` (params allow it only with
 ``synth.method: copy-paste``, which pastes real lesions) trains nothing and leaves an empty models/generators.
@@ -60,6 +61,7 @@ def _train_one(
             "seed": seed,
             "rois": {"rois": digest(ROIS_STORE, ws, params), "plans": digest(PLANS, ws, params)},
             "code": CODE_VERSION,
+            "ema": "warmup",  # checkpoints written before the EMA warm-up hold an initialisation-heavy EMA
         }
     )
     checkpoints = generator_checkpoints(ws, method) / key[:16]
@@ -154,13 +156,14 @@ def run(ws: Workspace, params: Params) -> StageResult:
             outcome, extra, found = _train_one(ws, params, method, rois, device)
             findings += found
             folder = generator_dir(ws, method)
-            save_generator(folder, outcome.ema, outcome.ema.config, extra)
+            save_generator(folder, outcome.best, outcome.best.config, extra, outcome.choice)
             histories[method] = list(outcome.history)
             methods[method] = {
                 "parameters": count_parameters(outcome.model),
                 "steps_done": outcome.steps_done,
                 "resumed_from": outcome.resumed_from,
                 "final_loss": outcome.history[-1] if outcome.history else None,
+                "weights": outcome.choice.to_dict() if outcome.choice else None,
                 "model_sha256": sha256_file(folder / "model.safetensors"),
             }
     loss_curves_png(histories, TRAIN_GENERATOR_CURVES_PNG.at(ws))

@@ -150,7 +150,7 @@ def train_diffmask(
     warn: Callable[[str], None] = print,
 ) -> GeneratorTrainOutcome:
     """Train DiffMask on lesion ROIs (L1 eps loss over the whole volume; network, schedule and optimisation from
-    ``params``); use ``outcome.ema`` for sampling."""
+    ``params``); use ``outcome.best`` for sampling."""
     batches = mask_training_batches(rois, params.batch_size, seed)
     # Weight init is the only draw from torch's global RNG; fork it so callers' global state is left untouched.
     with torch.random.fork_rng(devices=[]):
