@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lesionflow.diffusion.samplers import (
+    CountingEpsFn,
     EpsFn,
     count_network_evaluations,
     ddim_sample,
@@ -24,7 +25,13 @@ from lesionflow.diffusion.samplers import (
     repaint_sample,
     undo_step,
 )
-from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule, linear_schedule, q_sample
+from lesionflow.diffusion.schedules import (
+    NoiseSchedule,
+    cosine_schedule,
+    linear_schedule,
+    q_sample,
+    respace_schedule,
+)
 from lesionflow.seeding import torch_generator
 
 SHAPE = (2, 1, 8, 8, 8)
@@ -265,3 +272,97 @@ def test_repaint_rejects_bad_inputs() -> None:
         repaint_sample(
             oracle(s, known), known.long(), mask, s, jump_length=1, jump_n_sample=1, generator=torch_generator(0)
         )
+
+
+# --------------------------------------------------------------------------- respaced sampling (RePaint's 250 steps)
+
+
+def _crude(x: Tensor, t: Tensor) -> Tensor:
+    """A non-oracle predictor whose output depends on the timestep it is fed."""
+    return 0.5 * x + 1e-3 * t.to(x.dtype).reshape(-1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("spec", ["50", "ddim50"])
+def test_respacing_to_all_steps_is_bit_identical(spec: str) -> None:
+    s = cosine_schedule(50)
+    known, _, mask = _volumes(torch.float32)
+    plain = repaint_sample(_crude, known, mask, s, jump_length=2, jump_n_sample=2, generator=torch_generator(1, "x"))
+    spaced = repaint_sample(
+        _crude,
+        known,
+        mask,
+        respace_schedule(s, spec),
+        jump_length=2,
+        jump_n_sample=2,
+        generator=torch_generator(1, "x"),
+    )
+    assert torch.equal(plain.view(torch.int32), spaced.view(torch.int32))
+    a = ddpm_sample(_crude, SHAPE, s, generator=torch_generator(2))
+    b = ddpm_sample(_crude, SHAPE, respace_schedule(s, spec), generator=torch_generator(2))
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize(("spec", "j", "r"), [("25", 1, 1), ("25", 5, 3), ("ddim20", 2, 2), ("10,5", 3, 2)])
+def test_respaced_repaint_recovers_target_and_keeps_background(spec: str, j: int, r: int) -> None:
+    """The oracle computes the true noise from the *training* schedule at the index it is fed: recovery proves the
+    network sees training indices and the respaced buffers step between the kept levels."""
+    s = cosine_schedule(100)
+    spaced = respace_schedule(s, spec)
+    known, target, mask = _volumes()
+    calls: list[tuple[int, Tensor]] = []
+    out = repaint_sample(
+        oracle(s, target, calls), known, mask, spaced, jump_length=j, jump_n_sample=r, generator=torch_generator(9)
+    )
+    assert len(calls) == count_network_evaluations(spaced.num_timesteps, j, r)
+    assert {t for t, _ in calls} == set(spaced.timestep_map)  # training indices, every kept one
+    assert calls[0][0] == spaced.timestep_map[-1]
+    torch.testing.assert_close(out, target, rtol=0, atol=1e-9)
+    keep = mask == 0
+    assert torch.equal(out[keep], known[keep])  # the known region is the known input, bit for bit
+    assert ddpm_sample(oracle(s, target), SHAPE, spaced, generator=torch_generator(3), dtype=torch.float64).allclose(
+        target, rtol=0, atol=1e-9
+    )
+
+
+def test_respaced_known_region_noised_to_the_kept_level() -> None:
+    """Everything known (x0 = 0): the model input at training index t has variance 1 - abar_t, also after the undo
+    steps, which must use the respaced betas (one jump = one gap between kept steps)."""
+    s = cosine_schedule(100)
+    spaced = respace_schedule(s, "25")
+    shape = (2, 1, 16, 16, 16)
+    zeros = torch.zeros(shape, dtype=torch.float64)
+    calls: list[tuple[int, Tensor]] = []
+    repaint_sample(
+        oracle(s, zeros, calls),
+        zeros,
+        torch.zeros(shape),
+        spaced,
+        jump_length=3,
+        jump_n_sample=3,
+        generator=torch_generator(12),
+    )
+    assert len(calls) == count_network_evaluations(25, 3, 3)
+    for t, x in calls[1:]:
+        assert x.var().item() / (1 - s.alphas_cumprod[t].item()) == pytest.approx(1.0, abs=0.15), t
+
+
+@pytest.mark.parametrize(
+    ("T", "spec", "j", "r", "expected"),
+    [
+        (1000, "250", 10, 10, 2410),  # RePaint's configs (timestep_respacing '250', j = r = 10)
+        (1000, "1000", 10, 10, 9910),  # the same without respacing
+        (300, "ddim60", 5, 5, 280),  # LeFusion, T = 300 cosine, j = r = 5, 60 DDIM-style steps (1480 on all 300)
+        (50, "50", 2, 2, 98),  # the toy defaults
+    ],
+)
+def test_network_evaluations_are_counted(T: int, spec: str, j: int, r: int, expected: int) -> None:
+    s = cosine_schedule(T)
+    spaced = respace_schedule(s, spec)
+    shape = (1, 1, 2, 2, 2)
+    known = torch.zeros(shape)
+    mask = torch.zeros(shape)
+    mask[..., 0] = 1
+    counted = CountingEpsFn(lambda x, t: 0.1 * x)
+    out = repaint_sample(counted, known, mask, spaced, jump_length=j, jump_n_sample=r, generator=torch_generator(4))
+    assert counted.calls == expected == count_network_evaluations(spaced.num_timesteps, j, r)
+    assert torch.equal(out[mask == 0], known[mask == 0])

@@ -16,6 +16,8 @@ from lesionflow.diffusion.schedules import (
     predict_x0_from_eps,
     q_posterior_mean_variance,
     q_sample,
+    respace_schedule,
+    space_timesteps,
 )
 from lesionflow.seeding import torch_generator
 
@@ -138,3 +140,61 @@ def test_predict_x0_and_posterior_roundtrip() -> None:
     # at t = 0 the posterior mean is exactly x0 (up to float)
     mean, _, _ = q_posterior_mean_variance(s, x0, q_sample(s, x0, 0, eps), 0)
     torch.testing.assert_close(mean, x0, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- respacing (improved-diffusion respace.py)
+
+
+def test_space_timesteps_known_values() -> None:
+    # "N": N indices evenly spread over 0 .. T-1, both ends kept; Python's round (half to even) as the authors'
+    assert space_timesteps(10, "4") == (0, 3, 6, 9)
+    assert space_timesteps(10, 3) == (0, 4, 9)  # 4.5 rounds to 4
+    assert space_timesteps(10, "2,3") == (0, 4, 5, 7, 9)  # two sections of 5: {0, 4} and {5, 7, 9}
+    assert space_timesteps(11, "1,1") == (0, 6)  # the first section is one step longer (6 + 5)
+    rp = space_timesteps(1000, "250")  # RePaint's timestep_respacing
+    assert len(rp) == 250
+    assert rp[:4] == (0, 4, 8, 12)
+    assert rp[-2:] == (995, 999)
+    # "ddimN": the smallest integer stride giving exactly N indices, from 0
+    assert space_timesteps(1000, "ddim50") == tuple(range(0, 1000, 20))
+    assert space_timesteps(300, "ddim60") == tuple(range(0, 300, 5))
+    assert space_timesteps(10, "ddim4") == (0, 3, 6, 9)
+    for spec in ("50", "ddim50", 50):
+        assert space_timesteps(50, spec) == tuple(range(50))
+
+
+@pytest.mark.parametrize(("T", "spec"), [(10, "ddim7"), (10, "11"), (10, "0"), (10, "abc"), (10, "ddimx"), (10, "3,9")])
+def test_space_timesteps_rejects_impossible_counts(T: int, spec: str) -> None:
+    with pytest.raises(ValueError, match="respacing"):
+        space_timesteps(T, spec)
+
+
+@pytest.mark.parametrize("spec", ["ddim10", "25", "7", "3,4"])
+def test_respaced_alphas_cumprod_equal_the_original_at_kept_steps(schedule: NoiseSchedule, spec: str) -> None:
+    T = schedule.num_timesteps
+    if spec == "ddim10" and T % 10:
+        pytest.skip("ddim10 needs an integer stride")
+    r = respace_schedule(schedule, spec)
+    kept = list(r.timestep_map)
+    assert kept == sorted(set(kept))
+    assert r.original_num_timesteps == T
+    assert r.num_timesteps == len(kept) < T
+    # equal up to the float64 rounding of the cumulative product (relative 6e-12 at abar ~ 3e-8)
+    torch.testing.assert_close(r.schedule.alphas_cumprod, schedule.alphas_cumprod[kept], rtol=1e-10, atol=0)
+    # beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}: a respaced beta spans one gap of kept steps (larger than any one)
+    b = r.schedule.betas
+    assert b[0].item() == pytest.approx(1 - schedule.alphas_cumprod[kept[0]].item(), rel=1e-12)
+    assert bool((b[1:] >= schedule.betas[kept[1:]]).all())
+    assert not r.is_identity
+    mapped = r.original_timesteps(torch.arange(len(kept)))
+    assert mapped.tolist() == kept
+    assert mapped.dtype == torch.long
+
+
+def test_respacing_to_all_steps_is_the_schedule_itself(schedule: NoiseSchedule) -> None:
+    T = schedule.num_timesteps
+    for spec in (T, str(T), f"ddim{T}"):
+        r = respace_schedule(schedule, spec)
+        assert r.schedule is schedule
+        assert r.is_identity
+        assert r.timestep_map == tuple(range(T))

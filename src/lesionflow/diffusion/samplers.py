@@ -12,6 +12,9 @@ References (equation and algorithm numbers are the papers' own; the numbered ste
   Denoising Diffusion Probabilistic Models", CVPR 2022, https://arxiv.org/abs/2201.09865 -- Algorithm 1,
   Eqs. 8a-8c (known part, unknown part, merge), Sec. 4.2 (resampling, jump length ``j`` and ``r`` repeats);
   authors' code: https://github.com/andreas128/RePaint (``get_schedule_jump`` in ``guided_diffusion/scheduler.py``).
+- [IDDPM] A. Nichol, P. Dhariwal, "Improved Denoising Diffusion Probabilistic Models", ICML 2021,
+  https://arxiv.org/abs/2102.09672 -- Sec. 4, sampling on a respaced subsequence of the training steps
+  (:func:`lesionflow.diffusion.schedules.respace_schedule`), as RePaint's configs do (T = 1000 -> 250 steps).
 
 Conventions
 - Timestep indices ``t = 0 .. T-1`` as in :mod:`lesionflow.diffusion.schedules`; index ``-1`` is the clean ``x_0``.
@@ -20,20 +23,35 @@ Conventions
   drawn on ``x``'s device in ``x``'s dtype, so the generator must live on that device.
 - ``mask``: **1 = generate, 0 = keep**. RePaint's mask files use the inverse (255 = keep, 0 = generate); convert
   them with ``mask = (repaint_mask == 0)``.
+- Respacing: :func:`ddpm_sample` and :func:`repaint_sample` take a :class:`RespacedSchedule` wherever they take a
+  ``NoiseSchedule``. The loop (and RePaint's jump schedule) then runs over the ``N`` kept steps with the respaced
+  betas, and ``eps_fn`` is fed the *training* index ``timestep_map[i]`` ([IDDPM] Sec. 4; the authors'
+  ``_WrappedModel``). Keeping all ``T`` steps is bit-identical to passing the plain schedule.
+- Network evaluations: wrap ``eps_fn`` in :class:`CountingEpsFn` to count the calls a sampler makes (one call =
+  one forward pass of the whole batch, i.e. one evaluation per item); :func:`count_network_evaluations` is the
+  closed form for RePaint on ``N`` (respaced) steps.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lesionflow.diffusion.paste import check_mask_shape, hard_paste
-from lesionflow.diffusion.schedules import NoiseSchedule, extract, predict_x0_from_eps, q_posterior_mean_variance
+from lesionflow.diffusion.schedules import (
+    NoiseSchedule,
+    RespacedSchedule,
+    extract,
+    predict_x0_from_eps,
+    q_posterior_mean_variance,
+)
 
 __all__ = [
+    "CountingEpsFn",
     "EpsFn",
     "count_network_evaluations",
     "ddim_sample",
@@ -44,10 +62,41 @@ __all__ = [
     "noise_known",
     "repaint_jump_schedule",
     "repaint_sample",
+    "respaced_eps_fn",
     "undo_step",
 ]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class CountingEpsFn:
+    """``eps_fn`` that counts its calls (``calls``): the network evaluations of a sampling run, per batch item."""
+
+    eps_fn: EpsFn
+    calls: int = 0
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        return self.eps_fn(x_t, t)
+
+
+def respaced_eps_fn(eps_fn: EpsFn, schedule: NoiseSchedule | RespacedSchedule) -> tuple[NoiseSchedule, EpsFn]:
+    """The buffers to step with and the network as the loop must call it: for a :class:`RespacedSchedule`, the
+    respaced buffers and ``eps_fn`` fed the training index of each respaced index ([IDDPM] Sec. 4,
+    https://arxiv.org/abs/2102.09672; improved-diffusion's ``_WrappedModel`` without ``rescale_timesteps``: our
+    networks are trained on indices ``0 .. T-1``). Identity respacing and plain schedules pass through unchanged.
+    """
+    if not isinstance(schedule, RespacedSchedule):
+        return schedule, eps_fn
+    if schedule.is_identity:
+        return schedule.schedule, eps_fn
+    respaced = schedule
+
+    def mapped(x_t: Tensor, t: Tensor) -> Tensor:
+        return eps_fn(x_t, respaced.original_timesteps(t))
+
+    return schedule.schedule, mapped
 
 
 # ``clip_denoised``: False = no clamp, True = clamp x0_hat to [-1, 1] (data scaled like the DDPM papers), or a
@@ -119,6 +168,8 @@ def count_network_evaluations(T: int, jump_length: int, jump_n_sample: int) -> i
     """Reverse (denoising) steps in :func:`repaint_jump_schedule`: ``N = T + (T/j - 1)(r - 1) j``.
 
     The closed form assumes ``j`` divides ``T``; in general the number of jump points is ``ceil((T - j) / j)``.
+    With respacing, ``T`` is the number of *kept* steps: RePaint's configs (T = 1000 respaced to 250, j = r = 10)
+    give ``count_network_evaluations(250, 10, 10) = 2410`` evaluations per image, 9910 without respacing.
     """
     _check_jump_args(T, jump_length, jump_n_sample)
     jump_points = len(range(0, T - jump_length, jump_length))
@@ -232,16 +283,19 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 def ddpm_sample(
     eps_fn: EpsFn,
     shape: tuple[int, ...],
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | RespacedSchedule,
     *,
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
     clip_denoised: Clip = False,
 ) -> Tensor:
-    """Unconditional ancestral sampling over all ``T`` steps, ``x_T ~ N(0, I)`` on the generator's device.
+    """Unconditional ancestral sampling over all ``T`` steps (the ``N`` kept ones of a :class:`RespacedSchedule`),
+    ``x_T ~ N(0, I)`` on the generator's device.
 
-    [DDPM] Algorithm 2, https://arxiv.org/abs/2006.11239 (our index ``t`` is the paper's ``t + 1``).
+    [DDPM] Algorithm 2, https://arxiv.org/abs/2006.11239 (our index ``t`` is the paper's ``t + 1``); respaced as in
+    [IDDPM] Sec. 4, https://arxiv.org/abs/2102.09672.
     """
+    schedule, eps_fn = respaced_eps_fn(eps_fn, schedule)
     # 1. x_T ~ N(0, I) ([DDPM] Algorithm 2 line 1)
     x = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
     # 2. t = T-1 .. 0: x_{t-1} = mu_t + sigma_t z ([DDPM] Algorithm 2 lines 2-5)
@@ -279,7 +333,7 @@ def repaint_sample(
     eps_fn: EpsFn,
     known: Tensor,
     mask: Tensor,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | RespacedSchedule,
     *,
     jump_length: int,
     jump_n_sample: int,
@@ -297,11 +351,18 @@ def repaint_sample(
     level of ``x_{t-1}``, not ``t``); the last merge (``t-1 = -1``) uses ``known`` itself. Undo steps
     diffuse the whole volume one level up. The result is finally hard-pasted (not part of Algorithm 1), so voxels
     with ``mask == 0`` equal ``known`` bitwise.
+
+    With a :class:`RespacedSchedule` of ``N`` kept steps (RePaint's configs: T = 1000, ``timestep_respacing:
+    '250'``) the jump schedule runs over the ``N`` respaced indices, the known part is merged at every kept step,
+    undo steps use the respaced betas (one jump = one gap between kept steps) and ``eps_fn`` sees training indices
+    ([IDDPM] Sec. 4, https://arxiv.org/abs/2102.09672): ``count_network_evaluations(N, j, r)`` model calls.
     """
     if not known.is_floating_point():
         raise ValueError(f"known must be a floating tensor (normalised units), got {known.dtype}")
     check_mask_shape(mask, known)
     generate = (mask != 0).to(known.device)
+    # 0. respacing: step on the kept levels, feed the network training indices ([IDDPM] Sec. 4)
+    schedule, eps_fn = respaced_eps_fn(eps_fn, schedule)
     times = repaint_jump_schedule(schedule.num_timesteps, jump_length, jump_n_sample)
     # 1. x_T ~ N(0, I) (Alg. 1 line 1)
     x = _randn_like(known, generator)

@@ -6,29 +6,42 @@ References:
   https://arxiv.org/abs/2006.11239 -- Eq. 4 (``q(x_t | x_0)``), Eqs. 6-7 (the posterior ``q(x_{t-1} | x_t, x_0)``),
   Eq. 15 (``x0_hat`` from eps), Sec. 4 (the linear schedule, ``beta`` from 1e-4 to 0.02 over T = 1000).
 - [IDDPM] A. Nichol, P. Dhariwal, "Improved Denoising Diffusion Probabilistic Models", ICML 2021,
-  https://arxiv.org/abs/2102.09672 -- Eq. 17 (the cosine schedule), Sec. 3.2 (``beta`` clipped to 0.999).
+  https://arxiv.org/abs/2102.09672 -- Eq. 17 (the cosine schedule), Sec. 3.2 (``beta`` clipped to 0.999), Sec. 4
+  (sampling on a subsequence ``S`` of the training steps with ``beta_{S_t} = 1 - abar_{S_t} / abar_{S_{t-1}}``;
+  the rule that picks ``S`` is ``space_timesteps`` in the authors' ``improved_diffusion/respace.py``,
+  https://github.com/openai/improved-diffusion, which RePaint's configs use: ``timestep_respacing: '250'``).
 
 Indexing: a schedule of ``T`` steps is indexed ``t = 0 .. T-1``; index ``t`` is the paper's step ``t + 1``
 (so ``alphas_cumprod[0] = abar_1``), and "index -1" stands for the clean ``x_0`` (``abar = 1``).
 All buffers are float64; every function returns tensors in the dtype (and on the device) of its input.
+
+Respacing (:func:`respace_schedule`): a :class:`RespacedSchedule` holds an ordinary ``NoiseSchedule`` of ``N``
+steps, indexed ``i = 0 .. N-1`` like any other, plus ``timestep_map[i]``, the training index the network must be
+fed at respaced step ``i`` (the network was trained on ``0 .. T-1`` and never sees respaced indices). Its
+``alphas_cumprod[i]`` equals the original ``alphas_cumprod[timestep_map[i]]`` (up to float64 rounding of the
+cumulative product); keeping all ``T`` steps returns the original schedule object itself, so sampling is
+bit-identical to not respacing.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "NoiseSchedule",
+    "RespacedSchedule",
     "cosine_schedule",
     "extract",
     "linear_schedule",
     "predict_x0_from_eps",
     "q_posterior_mean_variance",
     "q_sample",
+    "respace_schedule",
+    "space_timesteps",
 ]
 
 
@@ -167,3 +180,110 @@ def q_posterior_mean_variance(
     variance = extract(schedule.posterior_variance, t, x_t)
     log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t)
     return mean, variance, log_variance
+
+
+# --------------------------------------------------------------------------- respacing
+
+
+def space_timesteps(T: int, section_counts: str | int) -> tuple[int, ...]:
+    """The training indices kept when sampling with fewer steps, ascending: improved-diffusion's rule.
+
+    ``space_timesteps`` of https://github.com/openai/improved-diffusion (``improved_diffusion/respace.py``; [IDDPM]
+    Sec. 4, https://arxiv.org/abs/2102.09672), the rule behind RePaint's ``timestep_respacing: '250'``:
+
+    - ``"N"`` (or the int ``N``): ``N`` indices evenly spread over ``0 .. T-1``, both ends kept: ``round(k (T-1) /
+      (N-1))`` for ``k = 0 .. N-1`` (Python's round, half to even, as the authors').
+    - ``"N1,N2,..."``: ``T`` cut into equal sections (the first ``T mod len`` one step longer), ``N_k`` indices
+      spread over section ``k`` as above.
+    - ``"ddimN"``: ``range(0, T, s)`` for the smallest integer stride ``s`` (``1 <= s < T``) giving exactly ``N``
+      indices (DDIM's uniform subsequence; the last kept index is ``T - s``, not ``T - 1``).
+    """
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+    spec = str(section_counts).strip()
+    if spec.startswith("ddim"):
+        try:
+            desired = int(spec[len("ddim") :])
+        except ValueError:
+            raise ValueError(f"respacing {spec!r}: expected 'ddimN' with an integer N") from None
+        if desired == T:
+            return tuple(range(T))
+        for step in range(1, T):
+            if len(range(0, T, step)) == desired:
+                return tuple(range(0, T, step))
+        raise ValueError(f"respacing {spec!r}: no integer stride keeps exactly {desired} of {T} steps")
+    try:
+        counts = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"respacing {spec!r}: expected 'N', 'N1,N2,...' or 'ddimN' with integers") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"respacing {spec!r}: every section needs >= 1 step")
+    # 1. equal sections, the first T mod len one step longer (the authors' size_per / extra)
+    size_per, extra = divmod(T, len(counts))
+    kept: list[int] = []
+    start = 0
+    for k, count in enumerate(counts):
+        size = size_per + (1 if k < extra else 0)
+        if size < count:
+            raise ValueError(f"respacing {spec!r}: cannot take {count} steps from a section of {size} (T = {T})")
+        # 2. a fractional stride (size-1)/(count-1) from the section start, rounded (both section ends kept)
+        stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    return tuple(sorted(set(kept)))
+
+
+@dataclass(frozen=True, eq=False)
+class RespacedSchedule:
+    """A schedule of ``N`` kept steps plus ``timestep_map``: respaced index ``i`` -> training index.
+
+    ``schedule`` is indexed ``0 .. N-1`` like any :class:`NoiseSchedule` (its betas are the respaced ones, so an
+    ancestral or undo step at ``i`` jumps between two *kept* levels); the network is fed ``timestep_map[i]``.
+    """
+
+    schedule: NoiseSchedule
+    timestep_map: tuple[int, ...]
+    original_num_timesteps: int
+    _map_tensor: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.timestep_map) != self.schedule.num_timesteps:
+            raise ValueError(f"{len(self.timestep_map)} mapped steps for a schedule of {self.schedule.num_timesteps}")
+        object.__setattr__(self, "_map_tensor", torch.tensor(self.timestep_map, dtype=torch.long))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    @property
+    def is_identity(self) -> bool:
+        """All training steps kept: sampling on it is sampling on the original schedule."""
+        return self.timestep_map == tuple(range(self.original_num_timesteps))
+
+    def original_timesteps(self, t: Tensor) -> Tensor:
+        """Training indices of the respaced indices ``t`` (any shape, integer), on ``t``'s device."""
+        return self._map_tensor.to(t.device)[t.long()]
+
+
+def respace_schedule(schedule: NoiseSchedule, section_counts: str | int) -> RespacedSchedule:
+    """``schedule`` restricted to the indices :func:`space_timesteps` keeps, as improved-diffusion's
+    ``SpacedDiffusion`` (https://github.com/openai/improved-diffusion, ``respace.py``; [IDDPM] Sec. 4,
+    https://arxiv.org/abs/2102.09672).
+
+    For kept indices ``t_0 < t_1 < ... < t_{N-1}`` the new betas are ``beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}``
+    (``abar_{t_{-1}} = 1``), so the respaced ``abar_i = abar_{t_i}``: the forward marginals at the kept steps are
+    unchanged and every posterior / undo step spans one gap between kept steps. Keeping all ``T`` steps returns
+    ``schedule`` itself (bit-identical sampling; the ratio form would round the betas differently).
+    """
+    T = schedule.num_timesteps
+    kept = space_timesteps(T, section_counts)
+    if kept == tuple(range(T)):
+        return RespacedSchedule(schedule=schedule, timestep_map=kept, original_num_timesteps=T)
+    abar = schedule.alphas_cumprod[list(kept)]
+    # beta_i = 1 - abar_{t_i} / abar_{t_{i-1}} with abar before the first kept step = 1 ([IDDPM] Sec. 4)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    betas = 1.0 - abar / previous
+    return RespacedSchedule(schedule=NoiseSchedule.from_betas(betas), timestep_map=kept, original_num_timesteps=T)
