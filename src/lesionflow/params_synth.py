@@ -55,7 +55,11 @@ class LeFusionParams(GeneratorNetParams):
     steps: int = Field(300, ge=1, description="Optimizer steps.")
 
     bins: int = Field(16, ge=2, le=256, description="Histogram bins of the lesion texture condition.")
-    value_range: tuple[float, float] = Field((-3.0, 3.0), description="Histogram support in normalized units.")
+    value_range: tuple[float, float] | None = Field(
+        None,
+        description="Histogram support and x0 clamp in normalized units; null = derived from the training lesions "
+        "(0.5-99.5th percentiles + 10% margin), recorded with the generator.",
+    )
     loss_normalize: Literal["all", "mask"] = Field(
         "all", description="Masked L1 divided by all voxels (authors) or by lesion voxels."
     )
@@ -70,8 +74,8 @@ class LeFusionParams(GeneratorNetParams):
 
     @field_validator("value_range")
     @classmethod
-    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not v[0] < v[1]:
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
             raise ValueError(f"expected min < max, got {list(v)}")
         return v
 
@@ -116,7 +120,9 @@ class PieParams(GeneratorNetParams):
     ddim_steps: int = Field(10, ge=1, description="DDIM steps of a full denoising (paper 50); γ·steps run per frame.")
     # iterations >= 1 and strength in (0, 1] are checked by the validators below (their messages name N and γ)
     iterations: int = Field(10, le=1000, description="Editing iterations N: the trajectory has N + 1 frames.")
-    strength: float = Field(0.5, description="Strength γ in (0, 1]: how far each frame is noised back.")
+    strength: float = Field(
+        0.5, description="Strength γ in (0, 1]: how far each frame is noised back (to the paper's ᾱ for that γ)."
+    )
     guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale w toward the target severity.")
     beta_outside: float = Field(0.01, ge=0, le=1, description="Blend β1 outside the ROI; 0 = exact background (paste).")
     beta_inside: float = Field(0.75, ge=0, le=1, description="Blend β2 inside the ROI.")

@@ -152,3 +152,81 @@ def test_bank_json_round_trip() -> None:
     assert (back.bins, back.n_classes, back.value_range, back.k_requested, back.seed) == (16, 1, (-2.0, 3.0), 2, 5)
     with pytest.raises(ValueError, match="not a histogram bank"):
         HistogramBank.from_dict({"format": "x"})
+
+
+# --------------------------------------------------------------------------- multi-class: per-class banks
+
+
+def _two_class_histograms() -> np.ndarray:
+    """12 lesions: class A (dark or bright) in every one, class B (mid) in the even ones only."""
+    rows = []
+    for i in range(12):
+        a = np.zeros(16)
+        a[[2, 3] if i % 3 else [12, 13]] = 0.5
+        b = np.zeros(16)
+        if i % 2 == 0:
+            b[7:9] = [0.4 + 0.01 * i, 0.6 - 0.01 * i]
+        rows.append(np.concatenate([a, b]))
+    return np.stack(rows)
+
+
+def test_multi_class_draw_gives_absent_classes_the_zero_block() -> None:
+    """A target mask holding only class A gets the all-zero ("absent", as at training) block for class B."""
+    x = _two_class_histograms()
+    bank = HistogramBank.fit(x, 2, seed=0)
+    for mode in ("cluster", "empirical"):
+        draw = bank.sample(mode, rng_for(0, mode), present=[True, False])
+        assert draw.histogram[:16].sum() == pytest.approx(1.0)
+        assert not draw.histogram[16:].any()
+        both = bank.sample(mode, rng_for(0, mode), present=[True, True])
+        np.testing.assert_allclose(both.histogram.reshape(2, 16).sum(axis=1), [1.0, 1.0])
+        only_b = bank.sample(mode, rng_for(1, mode), present=[False, True])
+        assert not only_b.histogram[:16].any()
+        assert only_b.histogram[16:].sum() == pytest.approx(1.0)
+    emp = bank.sample("empirical", rng_for(2), present=[False, True])
+    assert emp.sources[0] is None
+    assert emp.source_index is not None
+    assert emp.source_index % 2 == 0  # a lesion holding class B
+    exp = bank.sample("explicit", rng_for(0), explicit=[1.0] * 32, present=[True, False])
+    np.testing.assert_allclose(exp.histogram, [1 / 16] * 16 + [0.0] * 16)
+    with pytest.raises(ValueError, match="pass present"):
+        bank.sample("cluster", rng_for(0))
+    with pytest.raises(ValueError, match="all-zero block for class index"):
+        bank.sample("explicit", rng_for(0), explicit=[1.0] * 16 + [0.0] * 16, present=[True, True])
+
+
+def test_per_class_bank_fits_each_class_on_the_lesions_holding_it() -> None:
+    x = _two_class_histograms()
+    bank = HistogramBank.fit(x, 2, seed=0)
+    a_centres, b_centres = bank.class_centres
+    assert a_centres.shape == (2, 16)
+    np.testing.assert_allclose(a_centres.sum(axis=1), 1.0)
+    np.testing.assert_allclose(b_centres.sum(axis=1), 1.0)  # no centre is a blend of present and absent lesions
+    assert (bank.class_assignments[1][1::2] == -1).all()  # odd lesions lack class B
+    assert (bank.class_assignments[1][0::2] >= 0).all()
+    np.testing.assert_array_equal(bank.class_assignments[0], np.where(np.arange(12) % 3 == 0, 1, 0))  # 0 = dark
+    assert bank.k == 2
+    back = HistogramBank.from_dict(json.loads(json.dumps(bank.to_dict())))
+    for got, want in zip(back.class_centres, bank.class_centres, strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="use class_centres"):
+        _ = bank.centres
+    only_a = HistogramBank.fit(x[1::2], 2, seed=0)  # no lesion holds class B
+    with pytest.raises(ValueError, match="class index 1 has no training lesion"):
+        only_a.sample("cluster", rng_for(0), present=[True, True])
+
+
+def test_one_class_bank_of_the_former_format_still_loads() -> None:
+    x, _ = _two_cluster_histograms()
+    bank = HistogramBank.fit(x, 2, seed=5)
+    old = bank.to_dict() | {
+        "format": "lesionflow.histogram_bank/1",
+        "centres": bank.centres.tolist(),
+        "assignments": bank.assignments.tolist(),
+    }
+    back = HistogramBank.from_dict(old)
+    np.testing.assert_array_equal(back.centres, bank.centres)
+    a = bank.sample("cluster", rng_for(0, "s")).histogram
+    np.testing.assert_array_equal(back.sample("cluster", rng_for(0, "s")).histogram, a)
+    with pytest.raises(ValueError, match="rerun `lesionflow stage train-generator`"):
+        HistogramBank.from_dict(old | {"n_classes": 2})

@@ -19,9 +19,11 @@ from lesionflow.synth.lefusion import (
     class_masks,
     classes_without_lesions,
     lesion_conditions,
+    lesion_value_range,
     make_model,
     noise_schedule,
     rois_with_classes,
+    sampling_settings,
     synthesize_batch,
     synthesize_in_roi,
     train_lefusion,
@@ -76,6 +78,7 @@ def test_train_then_generate_keeps_the_background_exact(rois: list[Roi], tmp_pat
     assert outcome.steps_done == 6
     assert len(outcome.history) == 6
     assert bank.k == 2
+    settings = sampling_settings(settings, bank.value_range)  # sample with the range recorded in the bank
     target = rois[0].image
     mask = sphere_mask(SIZE, (8, 8, 8), 3.0)
     hist = bank.sample("cluster", np.random.default_rng(0)).histogram
@@ -105,7 +108,7 @@ def test_train_then_generate_keeps_the_background_exact(rois: list[Roi], tmp_pat
 # --------------------------------------------------------------------------- multi-class (§2.7)
 
 TWO = LeFusionParams(
-    timesteps=6, jump_length=2, jump_n_sample=2, bank_k=2,
+    timesteps=6, jump_length=2, jump_n_sample=2, bank_k=2, value_range=(-3.0, 3.0),
     steps=3, batch_size=2, learning_rate=1e-3, ema_decay=0.5, checkpoint_every=3,
 )  # fmt: skip
 CLASSES = (3, 4)
@@ -299,3 +302,60 @@ def test_batch_matches_single_item_semantics(
         synthesize_batch(two_class_model, TWO, CLASSES, images, masks, hists[:2], torch_generator(0))
     with pytest.raises(ValueError, match="masks shape"):
         synthesize_batch(two_class_model, TWO, CLASSES, images, masks[:, :1], hists, torch_generator(0))
+
+
+def test_histogram_of_an_absent_class_must_be_the_zero_block() -> None:
+    """The network saw the zero block for a class the lesion lacks: a draw for it elsewhere is refused."""
+    image = np.zeros((1, *SIZE), np.float32)
+    masks = np.zeros((2, *SIZE), bool)
+    masks[0, 4:10, 4:10, 4:10] = True  # class 3 only
+    model = make_model(1, TWO, CLASSES)
+    with pytest.raises(ValueError, match="histogram block of class 4 is non-zero but its class mask is empty"):
+        synthesize_in_roi(model, TWO, CLASSES, image, masks, np.full(32, 1 / 16), torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- value range from the data
+
+
+def _bright_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lesions at +4.5 z (up to ~+5): brighter than the former fixed range (-3, 3)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.0, 0.3, (1, 32, 32, 32)).astype(np.float32)
+    label = np.zeros((32, 32, 32), np.uint8)
+    for centre in ((9, 10, 11), (22, 21, 20)):
+        ball = sphere_mask((32, 32, 32), centre, 3.5)
+        label[ball] = 1
+        image[0][ball] = 4.5 + rng.uniform(-0.5, 0.5, int(ball.sum()))
+    return image, label
+
+
+def test_value_range_is_derived_from_the_training_lesions(tmp_path: Path) -> None:
+    rois = [r for seed in range(2) for r in lesion_rois(*_bright_case(seed), None, SIZE, case_id=f"b{seed}")]
+    settings = LeFusionParams(
+        timesteps=6, jump_length=2, jump_n_sample=2, bank_k=2,
+        steps=4, batch_size=2, learning_rate=1e-3, ema_decay=0.5, checkpoint_every=4,
+    )  # fmt: skip
+    assert settings.value_range is None  # the default: derive
+    lo, hi = lesion_value_range(rois, (1,))
+    voxels = np.concatenate([r.image[0][r.mask] for r in rois])
+    assert lo < np.percentile(voxels, 0.5)
+    assert hi > np.percentile(voxels, 99.5) > 4.9
+    outcome, bank = train_lefusion(rois, settings, (1,), tmp_path / "ckpt", seed=0)
+    model = outcome.ema
+    assert isinstance(model, ConditionalUNet3D)
+    assert bank.value_range == (lo, hi)  # recorded with the generator (its bank goes into config.json)
+    # the bright lesions fill the upper bins of the derived support instead of piling into the last bin
+    assert lesion_conditions(rois, settings, (1,))[:, -1].max() < 0.5
+    with pytest.raises(ValueError, match="value_range is None at sampling"):
+        synthesize_in_roi(model, settings, (1,), rois[0].image, rois[0].mask, bank.histograms[0], torch_generator(0))
+    sampling = sampling_settings(settings, bank.value_range)
+    outs = [
+        synthesize_in_roi(model, sampling, (1,), r.image, r.mask, bank.histograms[0], torch_generator(0, "v", i))
+        for i, r in enumerate(rois[:2])
+    ]
+    lesion_values = np.concatenate([o[0][r.mask] for o, r in zip(outs, rois, strict=False)])
+    assert lesion_values.max() > 3.0  # the former fixed clamp (-3, 3) made this impossible
+    assert lesion_values.max() <= hi + 1e-5  # the recorded clamp holds
+    assert lesion_values.min() >= lo - 1e-5
+    explicit = LeFusionParams(**{**settings.model_dump(), "value_range": (-3.0, 3.0), "steps": 1})
+    assert train_lefusion(rois, explicit, (1,), tmp_path / "ckpt2", seed=0)[1].value_range == (-3.0, 3.0)

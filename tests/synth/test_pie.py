@@ -21,9 +21,14 @@ from lesionflow.synth.pie import (
     CLIP_RANGE,
     SeverityScale,
     edit_mask,
+    edit_start,
+    edit_timesteps,
     fit_severity_scale,
     lesion_intensity_split,
+    loop_settings,
     make_pie_model,
+    noise_schedule,
+    paper_start,
     progress,
     progression_start,
     start_from_mask,
@@ -213,3 +218,29 @@ def test_known_progression_grows_and_shrinks_and_passes_the_gate(
     failed = run_progression_gate(pd.DataFrame(reversed_rows), 0.0, 1.0, tmp_path / "bad", data_docs=False)
     assert not failed.success
     assert {f.column for f in failed.dataset_failures} >= {"trend_rho", "step_change_ratio"}
+
+
+def test_strength_maps_to_the_papers_signal_level() -> None:
+    """γ = 0.5 starts the paper's edit at t = 481 of SD's scaled-linear schedule (ᾱ = 0.302); ours starts at the
+    cosine step with the nearest ᾱ, not at the same fraction of our steps (which sat at ᾱ = 0.51 for T = 1000)."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    t, abar = paper_start(0.5)
+    assert t == 481
+    assert abar == pytest.approx(np.prod(1 - betas[:482]))
+    assert abar == pytest.approx(0.3023, abs=1e-4)
+    assert paper_start(1.0)[0] == 981
+    assert paper_start(0.01)[0] == 1  # below one paper step: its last step
+    big = PieParams(timesteps=1000, ddim_steps=50)
+    start, start_abar = edit_start(big)
+    assert start == 625
+    assert start_abar == pytest.approx(abar, abs=2e-3)
+    steps = edit_timesteps(big)
+    assert (steps[0], steps[-1], len(steps)) == (625, 0, 25)  # int(50 · 0.5) steps from the mapped start
+    toy = PieParams()  # T = 50, S = 10: the toy preset
+    assert edit_timesteps(toy) == [30, 22, 15, 8, 0]
+    assert float(noise_schedule(toy).alphas_cumprod[30]) == pytest.approx(0.3116, abs=1e-4)
+    settings = loop_settings(toy)
+    assert settings["strength"] == 0.5
+    assert (settings["start_timestep"], settings["paper_start_timestep"]) == (30, 481)
+    assert settings["start_alpha_bar"] == pytest.approx(0.3116, abs=1e-4)
+    assert settings["paper_alpha_bar"] == pytest.approx(abar)

@@ -140,7 +140,6 @@ STAGES: dict[str, StageSpec] = {
                 "quality.synthetic",
                 "synth.roi_size",
                 "synth.lefusion.bins",
-                "synth.lefusion.value_range",
                 "synth.lefusion.multi_class",
                 "evaluate.device",
                 "registry.tracking_uri",

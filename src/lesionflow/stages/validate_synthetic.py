@@ -43,6 +43,7 @@ from lesionflow.catalog.readers import (
     acceptance_model,
     lesion_classes,
     load_plan,
+    read_generator_extra,
     read_progression_manifest,
     require,
     write_stage_summary,
@@ -128,11 +129,12 @@ def _lesion_rows(
         values = set(plan_ctx["lesion_values"]) if pasted else allowed  # a donor keeps its classes, never 0
         w1 = float("nan")
         if c.lesion["histogram"]:
+            span = plan_ctx["value_range"]  # the histogram support recorded with the generator
             if len(classes) > 1:
-                hist = concatenated_histograms(c.image, np.where(c.mask, c.label, 0), classes, lp.bins, lp.value_range)
+                hist = concatenated_histograms(c.image, np.where(c.mask, c.label, 0), classes, lp.bins, span)
             else:
-                hist = lesion_histogram(c.image, c.mask, lp.bins, lp.value_range)
-            w1 = histogram_w1(hist, np.asarray(c.lesion["histogram"]), lp.value_range, bins=lp.bins)
+                hist = lesion_histogram(c.image, c.mask, lp.bins, span)
+            w1 = histogram_w1(hist, np.asarray(c.lesion["histogram"]), span, bins=lp.bins)
         nn = float("nan")
         if not pasted:
             nn = max((_ncc(c.image[0], r.image[0], c.mask) for r in real.lesions), default=float("nan"))
@@ -154,6 +156,14 @@ def _lesion_rows(
             }
         )
     return rows
+
+
+def _recorded_value_range(ws: Workspace, samples: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """The histogram support LeFusion was trained with (its bank in config.json); None when no lesion has one."""
+    if not any(lesion.get("histogram") for s in samples for lesion in s.get("lesions", [])):
+        return None
+    lo, hi = read_generator_extra(ws, "lefusion")["bank"]["value_range"]
+    return float(lo), float(hi)
 
 
 def run(ws: Workspace, params: Params) -> StageResult:
@@ -179,6 +189,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "class_values": classes,
         "lesion_values": tuple(v for v in plan.label_values if v != 0),
         "real_gradient": float(np.nanmedian(gradients)) or 1.0,
+        "value_range": _recorded_value_range(ws, samples),
     }
     identity, folder, note = acceptance_model(ws, params)
     print(f"{STAGE}: {note}", file=sys.stderr)

@@ -101,12 +101,13 @@ def _marker(out: ComposedSample, roi_size: Int3) -> np.ndarray:
     return np.full(roi_size, k, np.uint8)
 
 
-def _histogram(gens: Generators, rng: np.random.Generator) -> tuple[np.ndarray, str, int | None]:
+def _histogram(gens: Generators, rng: np.random.Generator, present: np.ndarray) -> tuple[np.ndarray, str, int | None]:
+    """A condition for the classes ``present`` (C bools) in the target; absent classes get the zero block."""
     assert gens.bank is not None
     if gens.histogram_mode == "explicit":
-        draw = gens.bank.sample("explicit", rng, explicit=gens.explicit_histogram)
+        draw = gens.bank.sample("explicit", rng, explicit=gens.explicit_histogram, present=present)
     else:
-        draw = gens.bank.sample(gens.histogram_mode, rng)  # type: ignore[arg-type]
+        draw = gens.bank.sample(gens.histogram_mode, rng, present=present)  # type: ignore[arg-type]
     return draw.histogram, draw.mode, draw.cluster
 
 
@@ -121,7 +122,7 @@ def _texture(
     if gens.method == "lefusion":
         from lesionflow.synth.lefusion import synthesize_batch
 
-        conds = [_histogram(gens, rng) for _ in rois]
+        conds = [_histogram(gens, rng, np.asarray(m.any(axis=(1, 2, 3)))) for m in masks]
         hist = np.stack([c[0] for c in conds]).astype(np.float32)
         out = synthesize_batch(
             gens.texture, gens.texture_settings, gens.class_values, np.stack(rois), np.stack(masks), hist, torch_gen

@@ -4,12 +4,19 @@ Reference: generative.md §2.3, §2.7, §9.2.4. A lesion histogram is ``h_k = #{
 the *normalised* intensities (default 16 bins over [-1, 1]); values outside the range are clipped into the edge
 bins, so every histogram of a non-empty mask sums to 1. Images are (c, x, y, z) or (x, y, z), masks (x, y, z).
 A multi-class condition is the concatenation of per-class histograms (zeros for an absent class), so a vector of
-``n_classes * bins`` values whose non-empty blocks each sum to 1.
+``n_classes * bins`` values whose non-empty blocks each sum to 1. The all-zero block is the "absent" value the
+network sees at training for a class the lesion does not contain, so a draw gives it to every class the *target*
+mask lacks and a histogram to every class it holds.
 
-Sampling modes (:meth:`HistogramBank.sample`): ``cluster`` (a k-means centre with the ±10 % per-bin seeded
-perturbation of LeFusion's ``perturb_tensor``, then renormalised per class block — the original did not
-renormalise), ``empirical`` (a real training lesion's histogram), ``explicit`` (a caller's vector, validated and
-renormalised). Every random choice takes an explicit ``numpy.random.Generator``.
+The bank is **per class** (docs/decisions.md, "Per-class histogram banks"): class ``i`` has its own k-means centres,
+fitted on block ``i`` of the training lesions that contain class ``i`` (zero blocks never enter a fit, so no centre
+is a blend of "present" and "absent"). One class is the single bank it always was.
+
+Sampling modes (:meth:`HistogramBank.sample`), each per class present in the target: ``cluster`` (a k-means centre
+with the ±10 % per-bin seeded perturbation of LeFusion's ``perturb_tensor``, then renormalised per class block —
+the original did not renormalise), ``empirical`` (the block of a real training lesion holding that class),
+``explicit`` (a caller's vector, validated and renormalised, absent classes' blocks zeroed). Every random choice
+takes an explicit ``numpy.random.Generator``.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from lesionflow.seeding import rng_for
 N_BINS = 16
 VALUE_RANGE = (-1.0, 1.0)
 PERTURBATION = 0.1
-BANK_FORMAT = "lesionflow.histogram_bank/1"
+BANK_FORMAT = "lesionflow.histogram_bank/2"
+_SINGLE_BANK_FORMAT = "lesionflow.histogram_bank/1"  # one joint bank; still read for one class (same meaning)
 Mode = Literal["cluster", "empirical", "explicit"]
 
 
@@ -199,27 +207,36 @@ def kmeans(
 
 @dataclass(frozen=True)
 class HistogramDraw:
-    """One sampled condition: ``histogram`` (float64, class blocks sum to 1), the mode, the cluster id (cluster
-    mode) and the training-lesion index (empirical mode), for the synthesis metadata."""
+    """One sampled condition: ``histogram`` (float64, the blocks of present classes sum to 1, absent ones are 0),
+    the mode, per class the cluster (cluster mode) or training-lesion index (empirical mode) it came from (None for
+    an absent class), and ``cluster`` / ``source_index``: those of the first present class, for the metadata."""
 
     histogram: np.ndarray
     mode: str
     cluster: int | None = None
     source_index: int | None = None
+    clusters: tuple[int | None, ...] = ()
+    sources: tuple[int | None, ...] = ()
+
+
+def _first(values: Sequence[int | None]) -> int | None:
+    return next((v for v in values if v is not None), None)
 
 
 @dataclass(frozen=True, eq=False)
 class HistogramBank:
-    """k-means centres over training lesions' histograms, plus the histograms themselves (empirical mode).
+    """Per-class k-means centres over training lesions' histograms, plus the histograms themselves (empirical mode).
 
-    ``centres`` is (k, n_classes * bins), ordered by the mean bin position of the first class block (cluster 0 =
-    darkest texture), ``histograms`` (n, n_classes * bins), ``assignments`` (n,) the cluster of each training
-    histogram. ``k_requested`` is the caller's k; ``k`` = min(k_requested, n lesions, distinct histograms).
+    ``class_centres[i]`` is (k_i, bins): the centres of class ``i`` over block ``i`` of the lesions that contain it,
+    ordered by mean bin position (cluster 0 = darkest texture); empty (0, bins) for a class no lesion holds.
+    ``histograms`` is (n, n_classes * bins), ``class_assignments[i]`` (n,) the class-``i`` cluster of each training
+    lesion (-1 where it lacks class ``i``). ``k_requested`` is the caller's k; each ``k_i`` = min(k_requested,
+    distinct class-``i`` histograms). ``value_range`` is the histogram support, also the generator's x0 clamp.
     """
 
-    centres: np.ndarray
+    class_centres: tuple[np.ndarray, ...]
     histograms: np.ndarray
-    assignments: np.ndarray
+    class_assignments: tuple[np.ndarray, ...]
     bins: int
     n_classes: int
     value_range: tuple[float, float]
@@ -228,7 +245,27 @@ class HistogramBank:
 
     @property
     def k(self) -> int:
-        return len(self.centres)
+        """The smallest per-class k among the classes that have training lesions (the one bank_k limits most)."""
+        return min((len(c) for c in self.class_centres if len(c)), default=0)
+
+    @property
+    def centres(self) -> np.ndarray:
+        """(k, bins) centres of a one-class bank (a multi-class bank has ``class_centres``, one set per class)."""
+        return self._only(self.class_centres, "class_centres")
+
+    @property
+    def assignments(self) -> np.ndarray:
+        """(n,) cluster of each training histogram, for a one-class bank (else ``class_assignments``)."""
+        return self._only(self.class_assignments, "class_assignments")
+
+    def _only(self, per_class: tuple[np.ndarray, ...], name: str) -> np.ndarray:
+        if self.n_classes != 1:
+            raise ValueError(f"a {self.n_classes}-class bank has one set per class: use {name}")
+        return per_class[0]
+
+    def members(self, i: int) -> np.ndarray:
+        """Indices of the training lesions that contain class ``i`` (a non-zero block ``i``)."""
+        return np.flatnonzero(self.histograms[:, i * self.bins : (i + 1) * self.bins].sum(axis=1) > 0)
 
     @classmethod
     def fit(
@@ -242,8 +279,9 @@ class HistogramBank:
         n_init: int = 4,
         max_iter: int = 100,
     ) -> HistogramBank:
-        """Fit the bank on training histograms (each validated like an explicit one). Fewer lesions (or distinct
-        histograms) than ``k`` → k is reduced to that number; it is recorded next to ``k_requested``.
+        """Fit one k-means bank per class on training histograms (each validated like an explicit one; class ``i``
+        uses block ``i`` of the lesions containing it). Fewer lesions (or distinct histograms) of a class than ``k``
+        → that class's k is reduced to that number; ``k_requested`` keeps the caller's.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -255,15 +293,29 @@ class HistogramBank:
             raise ValueError(f"histogram length {dim} is not a multiple of bins={bins}")
         n_classes = dim // bins
         x = np.stack([validate_histogram(r, bins, n_classes) for r in rows])
-        k_eff = min(k, len(np.unique(x, axis=0)))
-        centres, labels, _ = kmeans(x, k_eff, seed=seed, n_init=n_init, max_iter=max_iter)
-        order = np.argsort(centres[:, :bins] @ np.arange(bins), kind="stable")
-        remap = np.empty_like(order)
-        remap[order] = np.arange(len(order))
+        all_centres, all_assignments = [], []
+        for i in range(n_classes):
+            block = x[:, i * bins : (i + 1) * bins]
+            members = np.flatnonzero(block.sum(axis=1) > 0)
+            assignments = np.full(len(x), -1, dtype=np.int64)
+            if members.size == 0:  # a class without training lesions: nothing to draw from (draws say so)
+                all_centres.append(np.zeros((0, bins)))
+                all_assignments.append(assignments)
+                continue
+            xi = block[members]
+            k_eff = min(k, len(np.unique(xi, axis=0)))
+            # the same seed for every class: one class reproduces the single-class bank exactly
+            centres, labels, _ = kmeans(xi, k_eff, seed=seed, n_init=n_init, max_iter=max_iter)
+            order = np.argsort(centres @ np.arange(bins), kind="stable")
+            remap = np.empty_like(order)
+            remap[order] = np.arange(len(order))
+            assignments[members] = remap[labels]
+            all_centres.append(centres[order])
+            all_assignments.append(assignments)
         return cls(
-            centres=centres[order],
+            class_centres=tuple(all_centres),
             histograms=x,
-            assignments=remap[labels],
+            class_assignments=tuple(all_assignments),
             bins=bins,
             n_classes=n_classes,
             value_range=_check_range(value_range),
@@ -271,39 +323,88 @@ class HistogramBank:
             seed=seed,
         )
 
+    def _present(self, present: Sequence[bool] | np.ndarray | None) -> np.ndarray:
+        if present is None:
+            if self.n_classes != 1:
+                raise ValueError(
+                    f"a {self.n_classes}-class bank draws only for the classes the target mask contains: pass "
+                    "present (one bool per class)"
+                )
+            return np.ones(1, dtype=bool)
+        p = np.asarray(present, dtype=bool).reshape(-1)
+        if p.size != self.n_classes or not p.any():
+            raise ValueError(
+                f"present must flag {self.n_classes} class(es) with at least one True, got {np.asarray(present)}"
+            )
+        return p
+
     def sample(
         self,
         mode: Mode,
         rng: np.random.Generator,
         *,
+        present: Sequence[bool] | np.ndarray | None = None,
         cluster: int | None = None,
         index: int | None = None,
         explicit: Sequence[float] | np.ndarray | None = None,
         perturbation: float = PERTURBATION,
     ) -> HistogramDraw:
-        """Draw a condition. ``cluster``: centre ``cluster`` (uniform if None) perturbed (:func:`perturb_histogram`)
-        and renormalised; ``empirical``: training histogram ``index`` (uniform if None); ``explicit``: the given
-        vector, validated and renormalised (``rng`` unused).
+        """Draw a condition for a target whose class masks are non-empty where ``present`` (C bools; None = the one
+        class of a one-class bank). Absent classes get the all-zero block (the training "absent" value); each
+        present class ``i`` in order gets, by ``mode``: ``cluster``: centre ``cluster`` of class ``i`` (uniform if
+        None) perturbed (:func:`perturb_histogram`) and renormalised; ``empirical``: block ``i`` of training
+        lesion ``index`` (uniform among the lesions holding class ``i`` if None); ``explicit``: block ``i`` of the
+        given vector, validated and renormalised (``rng`` unused). A present class without training lesions (or
+        an explicit all-zero block for it) is a ValueError.
         """
-        if mode == "cluster":
-            c = int(rng.integers(self.k)) if cluster is None else cluster
-            if not 0 <= c < self.k:
-                raise ValueError(f"cluster must be in 0..{self.k - 1}, got {c}")
-            hist = perturb_histogram(self.centres[c], rng, perturbation, bins=self.bins)
-            return HistogramDraw(histogram=hist, mode=mode, cluster=c)
-        if mode == "empirical":
-            i = int(rng.integers(len(self.histograms))) if index is None else index
-            if not 0 <= i < len(self.histograms):
-                raise ValueError(f"index must be in 0..{len(self.histograms) - 1}, got {i}")
-            return HistogramDraw(histogram=self.histograms[i].copy(), mode=mode, source_index=i)
+        p = self._present(present)
+        b = self.bins
         if mode == "explicit":
             if explicit is None:
                 raise ValueError("explicit mode needs an explicit histogram")
-            return HistogramDraw(histogram=validate_histogram(explicit, self.bins, self.n_classes), mode=mode)
-        raise ValueError(f"unknown histogram mode {mode!r} (cluster, empirical, explicit)")
+            hist = validate_histogram(explicit, b, self.n_classes)
+            blocks = hist.reshape(self.n_classes, b)
+            missing = [i for i in range(self.n_classes) if p[i] and not blocks[i].any()]
+            if missing:
+                raise ValueError(
+                    f"the explicit histogram has an all-zero block for class index(es) {missing}, which the target "
+                    "mask contains; give every present class a histogram"
+                )
+            blocks[~p] = 0.0  # absent classes: the training "absent" value
+            return HistogramDraw(histogram=blocks.reshape(-1), mode=mode)
+        if mode not in ("cluster", "empirical"):
+            raise ValueError(f"unknown histogram mode {mode!r} (cluster, empirical, explicit)")
+        out = np.zeros(self.n_classes * b)
+        picks: list[int | None] = [None] * self.n_classes
+        for i in np.flatnonzero(p):
+            if len(self.class_centres[i]) == 0:
+                raise ValueError(
+                    f"class index {i} has no training lesion, so the bank has no histogram for it; the target mask "
+                    "contains it (add training lesions of that class)"
+                )
+            if mode == "cluster":
+                centres = self.class_centres[i]
+                c = int(rng.integers(len(centres))) if cluster is None else cluster
+                if not 0 <= c < len(centres):
+                    raise ValueError(f"cluster must be in 0..{len(centres) - 1}, got {c}")
+                out[i * b : (i + 1) * b] = perturb_histogram(centres[c], rng, perturbation, bins=b)
+                picks[i] = c
+            else:
+                members = self.members(int(i))
+                j = int(members[rng.integers(len(members))]) if index is None else index
+                if j not in members:
+                    raise ValueError(
+                        f"index must be one of the {len(members)} training lesions holding class index {i} "
+                        f"(0..{len(self.histograms) - 1}), got {j}"
+                    )
+                out[i * b : (i + 1) * b] = self.histograms[j, i * b : (i + 1) * b]
+                picks[i] = j
+        if mode == "cluster":
+            return HistogramDraw(histogram=out, mode=mode, cluster=_first(picks), clusters=tuple(picks))
+        return HistogramDraw(histogram=out, mode=mode, source_index=_first(picks), sources=tuple(picks))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (floats written with full precision, so a round trip is exact)."""
+        """Plain-JSON form (floats written with full precision, so a round trip is exact); per-class lists."""
         return {
             "format": BANK_FORMAT,
             "bins": self.bins,
@@ -311,32 +412,43 @@ class HistogramBank:
             "value_range": list(self.value_range),
             "k_requested": self.k_requested,
             "seed": self.seed,
-            "centres": self.centres.tolist(),
+            "centres": [c.tolist() for c in self.class_centres],
             "histograms": self.histograms.tolist(),
-            "assignments": [int(a) for a in self.assignments],
+            "assignments": [[int(a) for a in ca] for ca in self.class_assignments],
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HistogramBank:
-        """Inverse of :meth:`to_dict`; raises ValueError on another format or inconsistent shapes."""
-        if data.get("format") != BANK_FORMAT:
-            raise ValueError(f"not a histogram bank: format {data.get('format')!r} != {BANK_FORMAT!r}")
+        """Inverse of :meth:`to_dict` (also reads a one-class bank of the former joint format); raises ValueError
+        on another format or inconsistent shapes."""
+        fmt = data.get("format")
+        if fmt not in (BANK_FORMAT, _SINGLE_BANK_FORMAT):
+            raise ValueError(f"not a histogram bank: format {fmt!r} != {BANK_FORMAT!r}")
         bins, n_classes = int(data["bins"]), int(data["n_classes"])
-        centres = np.asarray(data["centres"], dtype=np.float64)
+        if fmt == _SINGLE_BANK_FORMAT:
+            if n_classes != 1:
+                raise ValueError(
+                    f"the histogram bank has the joint {n_classes}-class format of an older lesionflow; rerun "
+                    "`lesionflow stage train-generator` to fit per-class banks"
+                )
+            centres_in, assignments_in = [data["centres"]], [data["assignments"]]
+        else:
+            centres_in, assignments_in = list(data["centres"]), list(data["assignments"])
         hists = np.asarray(data["histograms"], dtype=np.float64)
-        assignments = np.asarray(data["assignments"], dtype=np.int64)
-        dim = bins * n_classes
-        if centres.ndim != 2 or centres.shape[1] != dim or hists.ndim != 2 or hists.shape[1] != dim:
-            raise ValueError(f"bank arrays must have {dim} columns")
-        if assignments.shape != (len(hists),) or (
-            assignments.size and not 0 <= assignments.min() <= assignments.max() < len(centres)
-        ):
-            raise ValueError("bank assignments do not match histograms / centres")
+        if hists.ndim != 2 or hists.shape[1] != bins * n_classes:
+            raise ValueError(f"bank histograms must have {bins * n_classes} columns")
+        if len(centres_in) != n_classes or len(assignments_in) != n_classes:
+            raise ValueError(f"bank must hold centres and assignments for {n_classes} class(es)")
+        centres = tuple(np.asarray(c, dtype=np.float64).reshape(-1, bins) for c in centres_in)
+        assignments = tuple(np.asarray(a, dtype=np.int64).reshape(-1) for a in assignments_in)
+        for c, a in zip(centres, assignments, strict=True):
+            if a.shape != (len(hists),) or (a.size and not -1 <= a.min() <= a.max() < max(len(c), 1)):
+                raise ValueError("bank assignments do not match histograms / centres")
         lo, hi = data["value_range"]
         return cls(
-            centres=centres,
+            class_centres=centres,
             histograms=hists,
-            assignments=assignments,
+            class_assignments=assignments,
             bins=bins,
             n_classes=n_classes,
             value_range=_check_range((lo, hi)),

@@ -18,7 +18,11 @@ lesion (= generate). ``C = len(class_values)`` lesion classes give the network `
 block ``k`` (channels ``k*c .. (k+1)*c - 1``) is a copy of the image that is trained and generated for class
 ``class_values[k]`` only. The condition is the concatenation of the C per-class intensity histograms (``bins``
 values each, zeros for a class absent from the lesion; [LeFusion] histogram-based texture control), added to the
-time embedding.
+time embedding; at sampling only the classes the target mask holds get a histogram, the others the zeros they had
+at training (:meth:`lesionflow.synth.histograms.HistogramBank.sample` with ``present``). The histogram support is
+also the x0 clamp of sampling: ``params.value_range`` when set, else derived from the training lesions
+(:func:`lesion_value_range`), and recorded in the bank saved with the generator (:func:`sampling_settings` reads
+it back), so lesions brighter than any fixed range stay reachable.
 
 - Loss ([LeFusion] lesion-focused loss, multi-channel decomposition): the masked eps loss, L1, with block ``k``
   masked by class mask ``k``. ``loss_normalize="all"`` is the authors' ``sum_k mean(|M_k ⊙ (eps_k - eps_hat_k)|)``
@@ -61,9 +65,11 @@ __all__ = [
     "class_masks",
     "classes_without_lesions",
     "lesion_conditions",
+    "lesion_value_range",
     "make_model",
     "noise_schedule",
     "rois_with_classes",
+    "sampling_settings",
     "synthesize_batch",
     "synthesize_in_roi",
     "train_lefusion",
@@ -118,12 +124,47 @@ def rois_with_classes(rois: Sequence[Roi], class_values: Sequence[int]) -> list[
     return [r for r in rois if class_masks(r.label, r.mask, class_values).any()]
 
 
-def lesion_conditions(rois: Sequence[Roi], params: LeFusionParams, class_values: Sequence[int]) -> np.ndarray:
+VALUE_PERCENTILES = (0.5, 99.5)  # of the training lesions' voxels: robust to a few extreme voxels
+VALUE_MARGIN = 0.1  # the percentile span is widened by this fraction on each side (room beyond the training tails)
+
+
+def lesion_value_range(rois: Sequence[Roi], class_values: Sequence[int]) -> tuple[float, float]:
+    """The value range derived from the training lesions: the 0.5th and 99.5th percentiles of every channel's
+    voxels inside the ROIs' class masks (normalised units), widened by 10 % of their span on each side (at least
+    0.05). It is both the histogram support and the x0 clamp, so it must hold every channel the clamp acts on."""
+    classes = checked_classes(class_values)
+    values = [r.image[:, class_masks(r.label, r.mask, classes).any(axis=0)].ravel() for r in rois]
+    flat = np.concatenate(values).astype(np.float64) if values else np.zeros(0)
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        raise ValueError(
+            f"no finite lesion voxel of classes {list(classes)} to derive synth.lefusion.value_range from; "
+            "set it explicitly or add labelled lesions"
+        )
+    lo, hi = (float(v) for v in np.percentile(flat, VALUE_PERCENTILES))
+    margin = max(VALUE_MARGIN * (hi - lo), 0.05)
+    return lo - margin, hi + margin
+
+
+def sampling_settings(params: LeFusionParams, value_range: Sequence[float]) -> LeFusionParams:
+    """``params`` with the value range recorded with a trained generator (its bank's ``value_range``): sampling
+    clamps to the range the model was trained with, whatever params say now."""
+    return params.model_copy(update={"value_range": (float(value_range[0]), float(value_range[1]))})
+
+
+def lesion_conditions(
+    rois: Sequence[Roi],
+    params: LeFusionParams,
+    class_values: Sequence[int],
+    value_range: tuple[float, float] | None = None,
+) -> np.ndarray:
     """(n, C * bins) training conditions: per class, the histogram of the ROI's first channel inside the class
-    mask (a block of zeros for a class absent from the lesion), concatenated in ``class_values`` order."""
+    mask (a block of zeros for a class absent from the lesion), concatenated in ``class_values`` order. The
+    support is ``value_range``, else ``params.value_range``, else :func:`lesion_value_range` of ``rois``."""
     if not rois:
         raise ValueError("no lesion ROIs: the training cases have no labelled lesion")
     classes = checked_classes(class_values)
+    value_range = value_range or params.value_range or lesion_value_range(rois, classes)
     rows = []
     for roi in rois:
         masks = class_masks(roi.label, roi.mask, classes)
@@ -133,7 +174,7 @@ def lesion_conditions(rois: Sequence[Roi], params: LeFusionParams, class_values:
                 "(filter the ROIs with rois_with_classes)"
             )
         blocks = [
-            lesion_histogram(roi.image, m, params.bins, params.value_range) if m.any() else np.zeros(params.bins)
+            lesion_histogram(roi.image, m, params.bins, value_range) if m.any() else np.zeros(params.bins)
             for m in masks
         ]
         rows.append(np.concatenate(blocks))
@@ -222,9 +263,11 @@ def train_lefusion(
 ) -> tuple[GeneratorTrainOutcome, HistogramBank]:
     """Train LeFusion on lesion ROIs (network, schedule and optimisation from ``params``, one channel block per
     class of ``class_values``); return the outcome (EMA weights for sampling) and the histogram bank fitted on the
-    (n, C * bins) training conditions."""
+    (n, C * bins) training conditions. The bank records the value range (``params.value_range``, or derived from
+    ``rois`` when None): save it with the generator and sample with :func:`sampling_settings`."""
     classes = checked_classes(class_values)
-    conditions = lesion_conditions(rois, params, classes)
+    value_range = params.value_range or lesion_value_range(rois, classes)
+    conditions = lesion_conditions(rois, params, classes, value_range)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # weight init only; every draw of the loop takes its own generator
         model = make_model(rois[0].image.shape[0], params, classes)
@@ -236,7 +279,7 @@ def train_lefusion(
         loss = partial(eps_loss, schedule=schedule, kind="l1", normalize=params.loss_normalize)
     batches = training_batches(rois, conditions, params.batch_size, seed, params, classes)
     outcome = train_generator(model, batches, loss, schedule, params, checkpoint_root, device, seed, warn)
-    bank = HistogramBank.fit(conditions, params.bank_k, seed=seed, bins=params.bins, value_range=params.value_range)
+    bank = HistogramBank.fit(conditions, params.bank_k, seed=seed, bins=params.bins, value_range=value_range)
     return outcome, bank
 
 
@@ -289,6 +332,19 @@ def synthesize_batch(
         raise ValueError(
             f"the lesion mask (union of the class masks) is empty for item(s) {empty}: nothing to generate"
         )
+    # an absent class's condition must be the training "absent" value, the zero block (draw with ``present``)
+    stray = np.argwhere(hist.reshape(b, n_classes, bins).any(axis=2) & ~m.any(axis=(2, 3, 4)))
+    if stray.size:
+        i, k = (int(v) for v in stray[0])
+        raise ValueError(
+            f"item {i}: the histogram block of class {class_values[k]} is non-zero but its class mask is empty; an "
+            "absent class takes the zero block it had at training (HistogramBank.sample(..., present=...))"
+        )
+    if params.value_range is None:
+        raise ValueError(
+            "synth.lefusion.value_range is None at sampling: sample with the range recorded with the generator "
+            "(sampling_settings(params, bank.value_range))"
+        )
     device = _model_device(model)
     # 1. known = the ROI tiled C times (block k for class k); the generation region is the union for every block
     known_np = np.ascontiguousarray(images, dtype=np.float32)
@@ -307,7 +363,7 @@ def synthesize_batch(
         jump_length=params.jump_length,
         jump_n_sample=params.jump_n_sample,
         generator=generator,
-        clip_denoised=params.value_range,  # x0_hat clamped to the histogram support (z-scored units)
+        clip_denoised=params.value_range,  # x0_hat clamped to the histogram support recorded with the generator
     )
     generated = out.float().cpu().numpy().reshape(b, n_classes, c_img, *size)
     # 3. merge the class blocks per image channel ([LeFusion] multi-channel decomposition): block k inside class

@@ -27,8 +27,15 @@ Conventions: images ``(c, x, y, z)`` float (normalised units); the ROI mask ``M`
 **True = may change**; a trajectory is ``(N + 1, c, x, y, z)`` with frame 0 the starting volume bit for bit.
 
 The progressive editing loop ([PIE] Algorithm 1 as the authors' ``run_pie.py`` runs it, here in image space
-instead of latents), for n = 1..N, over DDIM timesteps ``τ_S > ... > τ_1`` (S = ``ddim_steps``) of which the last
-``K = int(S · γ)`` are kept (γ = ``strength``, the paper's "roll back ratio"):
+instead of latents), for n = 1..N, over ``K = int(S · γ)`` DDIM timesteps ``τ_K > ... > τ_1`` (S = ``ddim_steps``,
+γ = ``strength``, the paper's "roll back ratio") evenly spread from the start step ``τ_K`` down to 0.
+
+**Strength mapping** (:func:`edit_start`). The paper's γ keeps the last ``int(50 γ)`` of 50 DDIM steps on Stable
+Diffusion's scaled-linear schedule (T = 1000, β from 0.00085 to 0.012 linear in sqrt β; "leading" timesteps
+``20 i + 1``; diffusers ``StableDiffusionImg2ImgPipeline.get_timesteps``, which ``pipeline_stable_diffusion_pie.py``
+copies), so γ = 0.5 starts at t = 481, ᾱ = 0.302. Keeping the same fraction of *our* cosine steps would start at a
+much higher signal level (ᾱ ≈ 0.51), i.e. much weaker edits. So γ names a signal level: ``τ_K`` is our step whose
+ᾱ is nearest the ᾱ the paper's γ reaches on its schedule; :func:`loop_settings` records both.
 
 1. ``x ← sqrt(ᾱ_{τ_K}) x_{n-1} + sqrt(1 - ᾱ_{τ_K}) z``: noise the previous frame to the start level;
 2. for each kept step ``τ_k`` (k = K..1): unless it is the first, re-inject the *initial* volume noised to the same
@@ -67,12 +74,14 @@ __all__ = [
     "SeverityScale",
     "Trajectory",
     "edit_mask",
+    "edit_start",
     "edit_timesteps",
     "fit_severity_scale",
     "lesion_intensity_split",
     "loop_settings",
     "make_pie_model",
     "noise_schedule",
+    "paper_start",
     "progress",
     "severity_batches",
     "train_pie",
@@ -89,19 +98,53 @@ def noise_schedule(params: PieParams) -> NoiseSchedule:
     return cosine_schedule(params.timesteps)
 
 
+# The paper's schedule: Stable Diffusion v1's scheduler config (num_train_timesteps 1000, beta_schedule
+# "scaled_linear", beta_start 0.00085, beta_end 0.012, steps_offset 1) with the 50 inference steps of run_pie.py.
+PAPER_T, PAPER_BETAS, PAPER_STEPS = 1000, (0.00085, 0.012), 50
+
+
+def paper_start(strength: float) -> tuple[int, float]:
+    """(timestep, ᾱ) where the paper's editing starts for strength γ: ``init = int(50 γ)`` kept steps of the 50
+    "leading" DDIM timesteps ``20 i + 1`` ([PIE] ``get_timesteps``), so the start is ``20 (init - 1) + 1`` (γ = 0.5:
+    481); ᾱ on SD's scaled-linear schedule (β_t = (sqrt β_0 + t/(T-1) (sqrt β_1 - sqrt β_0))², ᾱ_t = Π (1 - β_s)).
+    γ below 1/50 (no paper step) maps to the paper's last step, t = 1."""
+    init = max(min(int(PAPER_STEPS * strength), PAPER_STEPS), 1)
+    t = (PAPER_T // PAPER_STEPS) * (init - 1) + 1
+    lo, hi = (np.sqrt(b) for b in PAPER_BETAS)
+    betas = np.linspace(lo, hi, PAPER_T, dtype=np.float64) ** 2
+    return t, float(np.prod(1.0 - betas[: t + 1]))
+
+
+def edit_start(params: PieParams) -> tuple[int, float]:
+    """(τ_K, ᾱ_{τ_K}): our step whose ᾱ is nearest the ᾱ of :func:`paper_start` (``params.strength``), the lower
+    step on a tie."""
+    abar = noise_schedule(params).alphas_cumprod.double().cpu().numpy()
+    t = int(np.argmin(np.abs(abar - paper_start(params.strength)[1])))
+    return t, float(abar[t])
+
+
 def edit_timesteps(params: PieParams) -> list[int]:
-    """The kept DDIM indices, highest noise first (τ_K .. τ_1; K = ``params.kept_steps``)."""
-    return ddim_timesteps(params.timesteps, params.ddim_steps)[-params.kept_steps :]
+    """The DDIM indices of one iteration, highest noise first: K = ``params.kept_steps`` steps evenly spread from
+    :func:`edit_start`'s τ_K down to 0 (fewer when τ_K + 1 < K: every step from τ_K)."""
+    start, _ = edit_start(params)
+    return ddim_timesteps(start + 1, min(params.kept_steps, start + 1))
 
 
 def loop_settings(params: PieParams) -> dict[str, Any]:
     """What a trajectory records of the loop (its ``settings``, read back by the progression gate): the loop's
-    fields of ``params`` and the clamp, under the names and in the order trajectories have always carried."""
+    fields of ``params`` and the clamp, under the names and in the order trajectories have always carried, plus the
+    strength mapping: our start step and its ᾱ, and the paper's start step and ᾱ for the same γ."""
+    start, start_abar = edit_start(params)
+    paper_t, paper_abar = paper_start(params.strength)
     return {
         "timesteps": params.timesteps,
         "ddim_steps": params.ddim_steps,
         "iterations": params.iterations,
         "strength": params.strength,
+        "start_timestep": start,
+        "start_alpha_bar": start_abar,
+        "paper_start_timestep": paper_t,
+        "paper_alpha_bar": paper_abar,
         "guidance": params.guidance,
         "beta_outside": params.beta_outside,
         "beta_inside": params.beta_inside,

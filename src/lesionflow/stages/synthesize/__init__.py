@@ -130,8 +130,9 @@ def _generators(root: str, params_json: str, digests: str) -> Any:
         texture, _, extra = load_generator(generator_dir(ws, sp.method))
     if sp.method == "lefusion":
         classes = tuple(int(v) for v in extra["class_values"])
-        settings: Any = sp.lefusion
         bank: HistogramBank | None = HistogramBank.from_dict(extra["bank"])
+        # sample with the value range recorded with the generator (derived from its training lesions or explicit)
+        settings: Any = sp.lefusion.model_copy(update={"value_range": tuple(extra["bank"]["value_range"])})
     else:
         classes, settings, bank = (1,), sp.ddpm, None
     mask_model, mask_settings = None, None
