@@ -13,7 +13,6 @@ run``) gets the error itself back, raised, with its findings.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from pydantic import BaseModel
 from lesionflow.caching import matching_record, read_record, status
 from lesionflow.dvc import is_dvc_repo
 from lesionflow.errors import LesionflowError
-from lesionflow.params import Params, apply_overrides, load_params, read_params_file, validate_params
+from lesionflow.params import Params, apply_overrides, deep_merge, load_params, read_params_file, validate_params
 from lesionflow.stages import STAGES
 from lesionflow.workspace import Workspace
 from lesionflow.workspace_lock import LOCK_DIR, workspace_lock
@@ -32,16 +31,6 @@ from lesionflow.workspace_lock import LOCK_DIR, workspace_lock
 # How long a flow waits for another run in the same workspace by default. A nightly run started while someone's
 # manual run is still going waits for it; an hour bounds a run stuck behind a hung one.
 DEFAULT_LOCK_TIMEOUT_S = 3600.0
-
-
-def _deep_merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in given.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def section_overrides(sections: Mapping[str, BaseModel | None]) -> dict[str, Any]:
@@ -61,7 +50,7 @@ def resolve_params(
 ) -> Params:
     """params.yaml, then the typed section overrides, then ``section.key=value`` overrides; validated once."""
     raw = read_params_file(ws.path(params_file))
-    merged = _deep_merge(raw, section_overrides(sections))
+    merged = deep_merge(raw, section_overrides(sections))
     return validate_params(apply_overrides(merged, list(overrides or [])))
 
 

@@ -31,7 +31,7 @@ def effects_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "real share": f"{e['fraction']:g}",
-                "arm": e["arm"],
+                "arm": f"{e['arm']} x{e['ratio']:g}" if e.get("dose") else e["arm"],
                 "Δ Dice pts": f"{100 * e['mean']:+.2f}",
                 "95% CI": f"[{100 * e['ci_low']:+.2f}, {100 * e['ci_high']:+.2f}]",
                 "p Holm": f"{e['p_holm']:.3f}",
@@ -42,11 +42,34 @@ def effects_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def detection_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Lesion-level detection people read: sensitivity per lesion size bin and false positives per case."""
+    rows = []
+    for d in summary.get("detection", []):
+        sensitivity = d["sensitivity"]
+        rows.append(
+            {
+                "real share": f"{d['fraction']:g}",
+                "arm": d["arm"]
+                if d["arm"] == "real" or d["ratio"] == summary["synthetic_ratio"]
+                else f"{d['arm']} x{d['ratio']:g}",
+                "lesion size": d["size_bin"],
+                "sensitivity": "-" if sensitivity is None else f"{sensitivity:.3f}",
+                "found / lesions": f"{d['detected']}/{d['lesions']}",
+                "FP per case": f"{d['false_positives_per_case']:.2f}",
+            }
+        )
+    return rows
+
+
 def _publish(ws: Workspace, summary: dict[str, Any]) -> None:
     from tasks.artifacts import ArtifactSpec, image_artifact, publish
 
     rows = effects_rows(summary)
     specs = [ArtifactSpec("table", "study-effects", "Each arm against real (Dice points, 95% CI)", table=rows)]
+    if summary.get("detection"):
+        found = detection_rows(summary)
+        specs.append(ArtifactSpec("table", "study-detection", "Lesion-level sensitivity by lesion size", table=found))
     for picture in (STUDY_CURVES_PNG, STUDY_EFFECTS_PNG):
         specs += image_artifact(ws, "study", picture)
     publish(specs)
@@ -96,7 +119,12 @@ def utility_study(
     summary = dict(report.summary)
     print(f"study: {report.n_trained} cell(s) trained, {report.n_cached} from earlier runs; see {STUDY_SUMMARY.path}")
     _publish(ws, summary)
-    return {**summary, "n_trained": report.n_trained, "n_cached": report.n_cached}
+    return {
+        **summary,
+        "n_trained": report.n_trained,
+        "n_cached": report.n_cached,
+        "mlflow_parent_run": report.mlflow_parent_run,
+    }
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ def study(
     """Does synthetic data help? Train every cell of params.study (arms x real fractions x seeds) and compare."""
     overrides = _with_preset(workspace, preset, overrides)
     ws, _ = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
-    from flows.study import effects_rows, utility_study
+    from flows.study import detection_rows, effects_rows, utility_study
     from lesionflow.catalog.artifacts import STUDY_SUMMARY
 
     summary = utility_study(
@@ -260,6 +260,12 @@ def study(
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     out.print(table)
+    found = [r for r in detection_rows(summary) if r["lesion size"] != "all"]
+    if found:
+        detected = Table(*found[0].keys(), title="lesion-level detection by lesion size (pooled over cases and seeds)")
+        for row in found:
+            detected.add_row(*(str(v) for v in row.values()))
+        out.print(detected)
     trained, cached = summary["n_trained"], summary["n_cached"]
     out.print(f"{trained} cell(s) trained, {cached} from earlier runs; see {STUDY_SUMMARY.path}")
 

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import copy
 import zoneinfo
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -271,6 +273,21 @@ class EvaluateParams(_Section):
     hd_percentile: float = Field(95.0, gt=0, le=100, description="Hausdorff distance percentile.")
     montage_cases: int = Field(2, ge=1, le=10, description="Best and worst cases shown in the montage.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    lesion_size_bins_mm: tuple[float, ...] = Field(
+        (6.0, 10.0),
+        min_length=1,
+        max_length=8,
+        description="Ascending equivalent-sphere diameter edges (mm) of the lesion-detection size bins.",
+    )
+
+    @field_validator("lesion_size_bins_mm")
+    @classmethod
+    def _ascending_bins(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        # bin names print edges with two decimals (lesionflow.seg.detection): equal at 0.01 mm would collide
+        ascending = all(round(v[i + 1], 2) > round(v[i], 2) for i in range(len(v) - 1))
+        if not ascending or not all(0 < e < float("inf") for e in v):
+            raise ValueError(f"expected finite diameters > 0 mm, strictly increasing at 0.01 mm, got {list(v)}")
+        return v
 
 
 class RegistryParams(_Section):
@@ -364,7 +381,21 @@ class StudyParams(_Section):
     synthetic_ratio: float = Field(
         0.25, gt=0, lt=1, description="Share of training patches the synthetic arms draw from synthetic data."
     )
+    dose_ratios: list[float] = Field(
+        default_factory=list,
+        description="Dose series: more synthetic ratios each synthetic arm trains at, at the smallest fraction.",
+    )
     min_lesion_cases: int = Field(2, ge=1, description="Fewest training cases with lesions a fraction may keep.")
+    workers: int = Field(
+        1, ge=1, description="Cells trained side by side (local Dask worker processes, one cell each)."
+    )
+    scheduler_address: str = Field(
+        "", description="tcp://host:8786 of a running Dask scheduler for the cells; empty = local cluster."
+    )
+    cell_threads: int = Field(
+        1, ge=1, description="torch threads per cell (fixed, so results do not depend on workers or the machine)."
+    )
+    mlflow: bool = Field(True, description="Log a parent run with one child run per cell to the MLflow tracking store.")
     saved_tolerance: float = Field(
         0.01, ge=0, description="'Real cases saved': within this much mean Dice of real at fraction 1.0."
     )
@@ -378,6 +409,14 @@ class StudyParams(_Section):
         if len(set(v)) != len(v):
             raise ValueError(f"lists an arm twice: {v}")
         return v
+
+    @field_validator("dose_ratios")
+    @classmethod
+    def _doses(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not 0 < r < 1]
+        if bad:
+            raise ValueError(f"each dose ratio must lie in (0, 1), got {bad}; use e.g. [0.1, 0.5]")
+        return sorted(set(v))
 
     @field_validator("fractions")
     @classmethod
@@ -448,6 +487,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = value_text
     return parts, value
+
+
+def deep_merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``given`` merged in, nested mappings key by key (``given`` wins); neither input changes."""
+    out = copy.deepcopy(base)
+    for key, value in given.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

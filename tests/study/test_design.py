@@ -1,4 +1,4 @@
-"""The study grid: nested, seeded, lesion-balanced subsets; cells and their keys."""
+"""The study grid: nested, seeded, lesion-balanced subsets; cells, dose series, arms as settings."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lesionflow.errors import ParamsError
 from lesionflow.params import StudyArm, validate_params
-from lesionflow.study.design import ARMS, Cell, cell_key, grid, nested_subsets
+from lesionflow.study.design import ARM_SYNTH, ARMS, Cell, arm_generators, arm_of_synth, grid, nested_subsets
 
 cases_strategy = st.dictionaries(
     st.from_regex(r"case_[0-9]{1,3}", fullmatch=True), st.booleans(), min_size=1, max_size=40
@@ -48,7 +48,7 @@ def test_a_fraction_with_too_few_lesion_cases_is_one_line() -> None:
         nested_subsets(cases, [1.5], seed=7)
 
 
-def test_arms_are_checked_and_cells_keyed() -> None:
+def test_arms_are_checked_and_cells_laid_out() -> None:
     assert set(ARMS) == set(get_args(StudyArm))  # one list of arms: the params type
     with pytest.raises(ParamsError, match=r"'study.arms.1' = 'gan' is invalid: Input should be 'real'"):
         validate_params({"study": {"arms": ["real", "gan"]}})
@@ -60,7 +60,24 @@ def test_arms_are_checked_and_cells_keyed() -> None:
     assert [c.cell_id for c in cells[:3]] == ["real@025#0", "real@025#1", "lefusion@025#0"]
     assert len(cells) == 8
     assert set(ARMS) >= {c.arm for c in cells}
-    key = cell_key(Cell("real", 0.25, 0), "subset", {"ratio": 0.0}, "v1")
-    assert key == cell_key(Cell("real", 0.25, 0), "subset", {"ratio": 0.0}, "v1")
-    assert key != cell_key(Cell("real", 0.25, 1), "subset", {"ratio": 0.0}, "v1")
-    assert key != cell_key(Cell("real", 0.25, 0), "other", {"ratio": 0.0}, "v1")
+    assert all(c.ratio == (0.0 if c.arm == "real" else 0.25) and not c.dose for c in cells)
+
+
+def test_a_dose_series_adds_cells_at_the_smallest_fraction_only() -> None:
+    with pytest.raises(ParamsError, match=r"each dose ratio must lie in \(0, 1\)"):
+        validate_params({"study": {"dose_ratios": [0.5, 1.0]}})
+    cells = grid(["real", "copies"], [0.5, 1.0], [0], ratio=0.25, dose_ratios=[0.1, 0.25, 0.5])
+    dose = [c for c in cells if c.dose]
+    assert [(c.arm, c.fraction, c.ratio) for c in dose] == [("copies", 0.5, 0.1), ("copies", 0.5, 0.5)]
+    assert [c.cell_id for c in dose] == ["copiesx010@050#0", "copiesx050@050#0"]
+    assert dose[0].folder == "cells/copies/x010/seed0"
+    assert Cell("copies", 0.5, 0, 0.25).folder == "cells/copies/seed0"  # the main ratio keeps its folder
+    assert len(cells) == 4 + 2
+
+
+@pytest.mark.parametrize("arm", [a for a in ARM_SYNTH])
+def test_each_synthetic_arm_is_read_back_from_the_settings_it_makes(arm: StudyArm) -> None:
+    synth = validate_params({"synth": {"new_per_case": 1, **ARM_SYNTH[arm]}}).synth
+    assert arm_of_synth(synth) == arm
+    assert arm_generators([arm]) == ARM_SYNTH[arm]["generators"]
+    assert arm_of_synth(validate_params({"synth": {"method": "pie", "generators": ["pie"]}}).synth) is None

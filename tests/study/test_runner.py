@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.study import utility_study
@@ -17,6 +18,7 @@ from lesionflow.caching import run_cached
 from lesionflow.catalog.artifacts import ROIS_TABLE, STUDY_CELLS, STUDY_CURVES_PNG, STUDY_EFFECTS_PNG, STUDY_SUMMARY
 from lesionflow.catalog.readers import splits
 from lesionflow.params import load_params
+from lesionflow.registry.tracking import resolve_tracking_uri
 from lesionflow.stages import STAGES
 from lesionflow.study.stats import paired_effect
 from lesionflow.workspace import Workspace
@@ -50,15 +52,20 @@ def prefect_harness() -> Iterator[None]:
 @pytest.mark.slow
 def test_study_runs_every_cell_reports_and_trains_only_new_cells(tmp_path: Path) -> None:
     ws = processed_workspace(tmp_path / "ws")
-    first = utility_study(workspace=str(ws.root), overrides=[*GRID, "study.seeds=[0,1]", *QUIET])
-    assert (first["n_cells"], first["n_trained"], first["n_cached"]) == (12, 12, 0)  # 3 arms x 2 fractions x 2 seeds
+    # two cells side by side on a local Dask cluster; a dose series at the smallest fraction
+    fanned = ["study.workers=2", "study.dose_ratios=[0.5]"]
+    first = utility_study(workspace=str(ws.root), overrides=[*GRID, *fanned, "study.seeds=[0,1]", *QUIET])
+    # 3 arms x 2 fractions x 2 seeds, plus (copies, lefusion) x dose 0.5 x 2 seeds at 0.5
+    assert (first["n_cells"], first["n_trained"], first["n_cached"]) == (16, 16, 0)
     for artifact in (STUDY_CELLS, STUDY_SUMMARY, STUDY_CURVES_PNG, STUDY_EFFECTS_PNG):
         assert artifact.at(ws).is_file(), artifact.path
     cells = pd.read_csv(STUDY_CELLS.at(ws), dtype={"case_id": str})
     params = load_params(ws.params_file)
     test = set(splits(ws, params).test)
     assert set(cells["case_id"]) == test  # every cell is scored on the same, whole test split
-    assert len(cells) == 12 * len(test)
+    assert len(cells) == 16 * len(test)
+    assert set(cells.loc[cells["dose"], "ratio"]) == {0.5}
+    assert set(cells.loc[cells["dose"], "fraction"]) == {0.5}
 
     # The summary's effects are the paired statistics of cells.csv.
     summary = json.loads(STUDY_SUMMARY.at(ws).read_text())
@@ -82,7 +89,24 @@ def test_study_runs_every_cell_reports_and_trains_only_new_cells(tmp_path: Path)
     assert roi_cases <= subset - set(splits(half, params).val)
     assert not roi_cases & test
 
-    # A rerun trains nothing; one more seed trains only its cells.
-    assert utility_study(workspace=str(ws.root), overrides=[*GRID, "study.seeds=[0,1]", *QUIET])["n_trained"] == 0
+    # MLflow: one parent run for the study, one child run per cell.
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(params.registry.tracking_uri, ws.root))
+    parent = client.get_run(first["mlflow_parent_run"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 16
+    assert "effect.lefusion.f050.mean" in parent.data.metrics
+
+    # A killed study resumes: a lost cell is retrained alone, in this process (workers 1), to the same bytes as
+    # the Dask worker made it, and the study's numbers do not change; the same summary is not logged twice.
+    table_before = STUDY_CELLS.at(ws).read_bytes()
+    shutil.rmtree(ws.root / "data" / "study" / "f050" / "cells" / "lefusion" / "seed1")
+    again = utility_study(workspace=str(ws.root), overrides=[*GRID, *fanned[1:], "study.seeds=[0,1]", *QUIET])
+    assert (again["n_trained"], again["n_cached"]) == (1, 15)
+    assert STUDY_CELLS.at(ws).read_bytes() == table_before
+    assert again["mlflow_parent_run"] == first["mlflow_parent_run"]
+
+    # One more seed trains only its cells (the dose series dropped: its cells are simply not asked for).
     more = utility_study(workspace=str(ws.root), overrides=[*GRID, "study.seeds=[0,1,2]", *QUIET])
     assert (more["n_trained"], more["n_cached"]) == (6, 12)

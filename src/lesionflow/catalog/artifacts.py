@@ -43,6 +43,7 @@ class Digest(StrEnum):
     SOURCE = "source"  # the bytes of an input folder; unknown (no cache key) for s3:// sources
     SYNTHETIC_SELECTION = "synthetic-selection"  # the synthetic store training uses + its gate verdict
     ACCEPTANCE_MODEL = "acceptance-model"  # identity of the synthetic gate's segmenter (folder, champion or off)
+    OPTIONAL_FILE = "optional-file"  # a ``${key}`` file: "off" when the key is empty, else the file's bytes
     CHAMPION = "champion"  # the registry's champion version; unknown when the registry does not answer
     NONE = "none"  # not part of any cache state (scratch, resumable checkpoints, rendered pictures)
 
@@ -322,6 +323,15 @@ ACCEPTANCE_MODEL = Artifact(
     Dvc.NONE,
     "the segmenter of the synthetic gate's acceptance filter: a folder, the registry champion, or off",
 )
+STUDY_EVIDENCE = Artifact(
+    "study-evidence",
+    "${quality.synthetic.study_evidence}",
+    Kind.FILE,
+    None,
+    Digest.OPTIONAL_FILE,
+    Dvc.NONE,
+    "utility in the loop: the study summary whose effect admits synthetic data (empty = off)",
+)
 SYNTHETIC_GATE_REPORT = Artifact(
     "validate-synthetic.report",
     "reports/quality/synthetic",
@@ -427,6 +437,15 @@ EVALUATE_CASES = Artifact(
     Dvc.NONE,
     "test metrics per case and label",
 )
+EVALUATE_LESIONS = Artifact(
+    "evaluate.lesions",
+    "reports/evaluate/lesions.csv",
+    Kind.FILE,
+    "evaluate",
+    Digest.BYTES,
+    Dvc.NONE,  # inside reports/evaluate, which dvc.yaml lists as a whole
+    "test truth lesions: size (voxels, mm3, equivalent diameter mm), size bin, detected",
+)
 EVALUATIONS = Artifact(
     "evaluations",
     "reports/evaluations",
@@ -491,6 +510,15 @@ STUDY_CURVES = Artifact(
     Dvc.PLOT,
     "mean test Dice per arm and real fraction with its 95% CI (`dvc plots show`)",
     plot_axes=("fraction", "mean_dice"),
+)
+STUDY_DETECTION = Artifact(
+    "study.detection",
+    "reports/study/detection.csv",
+    Kind.FILE,
+    None,
+    Digest.NONE,
+    Dvc.NONE,
+    "lesion-level sensitivity per lesion size bin and false positives per case, per arm, fraction and ratio",
 )
 STUDY_SUMMARY = Artifact(
     "study.summary",

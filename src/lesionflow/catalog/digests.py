@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lesionflow.catalog.artifacts import RAW_DATASET, RAW_MANIFEST, Artifact, Digest, accepted_beside
 from lesionflow.hashing import combine_digests, sha256_bytes, sha256_file, sha256_json, sha256_tree
@@ -63,6 +64,18 @@ def synthetic_selection_digest(ws: Workspace, params: Params) -> str:
     return f"{store}:{sha256_file(accepted) if accepted.exists() else 'all'}"
 
 
+def optional_file_digest(artifact: Artifact, ws: Workspace, params: Params) -> str:
+    """A file located by a params key: "off" when the key is empty, else its bytes ("absent" when missing)."""
+    key = artifact.param_key
+    if key is None:
+        raise ValueError(f"{artifact.name}: the optional-file rule needs a ${{key}} path, got {artifact.path}")
+    section, _, rest = key.partition(".")
+    value: Any = getattr(params, section)
+    for part in rest.split("."):
+        value = getattr(value, part)
+    return _bytes(ws.path(str(value))) if str(value).strip() else "off"
+
+
 def acceptance_model_identity(ws: Workspace, params: Params) -> str | None:
     """Identity of the synthetic gate's segmenter: ``off``, a folder's weights digest, the champion version.
 
@@ -101,6 +114,7 @@ _RULES: dict[Digest, Callable[[Artifact, Workspace, Params], str | None]] = {
     Digest.SOURCE: lambda a, ws, p: source_digest(ws, p),
     Digest.SYNTHETIC_SELECTION: lambda a, ws, p: synthetic_selection_digest(ws, p),
     Digest.ACCEPTANCE_MODEL: lambda a, ws, p: acceptance_model_identity(ws, p),
+    Digest.OPTIONAL_FILE: lambda a, ws, p: optional_file_digest(a, ws, p),
     # The registry is remote state: a stage that reads it is rechecked on every run (registration is idempotent).
     Digest.CHAMPION: lambda a, ws, p: None,
 }

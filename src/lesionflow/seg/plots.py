@@ -40,7 +40,8 @@ class CaseTile:
     pred: np.ndarray
 
 
-def _figure(width_in: float, height_in: float) -> Any:
+def figure(width_in: float, height_in: float) -> Any:
+    """A matplotlib Figure on its own Agg canvas (no pyplot state), ``width_in x height_in`` inches at DPI."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -49,7 +50,8 @@ def _figure(width_in: float, height_in: float) -> Any:
     return fig
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as PNG without the Software tag (same figure, same bytes); returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
@@ -67,7 +69,7 @@ def training_curves_png(history: Sequence[Mapping[str, float]], path: Path) -> P
         missing = [k for k in ("step", "loss", "lr") if k not in row]
         if missing:
             raise ValueError(f"history row {i} lacks {missing}: expected keys step, loss, lr (val_dice optional)")
-    fig = _figure(10.0, 4.0)
+    fig = figure(10.0, 4.0)
     ax_loss, ax_dice = fig.subplots(1, 2)
     steps = [float(r["step"]) for r in history]
     if history:
@@ -91,7 +93,7 @@ def training_curves_png(history: Sequence[Mapping[str, float]], path: Path) -> P
     ax_dice.set_ylabel("mean validation Dice")
     ax_dice.set_title("Validation Dice")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _jitter(n: int, width: float = 0.25) -> np.ndarray:
@@ -108,7 +110,7 @@ def metrics_boxplot_png(table: pd.DataFrame, path: Path) -> Path:
     missing = [c for c in ("label", "name", "dice", "hd95_mm", "nsd") if c not in table.columns]
     if missing:
         raise ValueError(f"metrics table lacks columns {missing}: expected a metrics_table() result")
-    fig = _figure(12.0, 4.0)
+    fig = figure(12.0, 4.0)
     axes = fig.subplots(1, 3)
     labels = sorted(int(v) for v in table["label"].unique())
     names = [str(table.loc[table["label"] == v, "name"].iloc[0]) for v in labels]
@@ -130,7 +132,7 @@ def metrics_boxplot_png(table: pd.DataFrame, path: Path) -> Path:
         ax.set_ylabel(title)
         ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def pick_slice(truth: np.ndarray, pred: np.ndarray) -> int:
@@ -169,7 +171,7 @@ def case_montage_png(rows: Sequence[CaseTile], path: Path) -> Path:
                 "expected three (x, y) slices of the same shape"
             )
     n = max(1, len(rows))
-    fig = _figure(9.0, 3.0 * n)
+    fig = figure(9.0, 3.0 * n)
     axes = fig.subplots(n, 3, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -186,13 +188,13 @@ def case_montage_png(rows: Sequence[CaseTile], path: Path) -> Path:
                 _overlay(ax, labels)
             ax.set_title(f"{tile.title}: {suffix}", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def loss_curves_png(histories: Mapping[str, Sequence[float]], path: Path) -> Path:
     """One panel per named loss history (e.g. one per generator), loss against optimizer step, log y-axis."""
     names = list(histories) or ["none"]
-    fig = _figure(4.0 * len(names), 3.2)
+    fig = figure(4.0 * len(names), 3.2)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names, strict=True):
         values = [float(v) for v in histories.get(name, [])]
@@ -205,4 +207,4 @@ def loss_curves_png(histories: Mapping[str, Sequence[float]], path: Path) -> Pat
         ax.set_ylabel("loss")
         ax.set_title(name)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -5,9 +5,11 @@ Contracts:
   of a smaller fraction is always inside the subset of a larger one, and the same inputs give the same subsets.
   Cases with lesions are interleaved with lesion-free ones so every subset keeps the split's lesion share; a
   subset holds at least ``min_cases`` cases with lesions or the fraction is refused with one line.
-- A cell is (arm, fraction, seed). Its key digests everything that shapes its result: the arm's settings, the
-  subset (by case id and content digest), the seed and the code version; adding a seed or an arm adds cells
-  and leaves the keys of the others unchanged (they are served from their records).
+- A cell is (arm, fraction, seed, synthetic ratio). The cell's stages run through the pipeline's cache in a
+  workspace of their own, so what shapes its result (subset, arm settings, seed, budget, code) is its stages'
+  cache keys: adding a seed, an arm or a dose adds cells and leaves the others to be served from their records.
+- An arm is a value of one setting: ``ARM_SYNTH`` is what each synthetic arm sets in the synth section, and
+  ``arm_of_synth`` reads it back (the synthetic gate uses it to find the study row of the data it is judging).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lesionflow.errors import ParamsError
-from lesionflow.hashing import sha256_json
 from lesionflow.params import StudyArm
+from lesionflow.params_synth import SynthParams
 from lesionflow.seeding import rng_for
 
 # Each arm is a value of one setting (not a subclass, params.StudyArm): what fills the synthetic share of the
@@ -32,6 +34,38 @@ ARMS: dict[StudyArm, str] = {
     "lefusion": "real lesions re-textured by LeFusion",
     "lefusion+diffmask": "re-textured real lesions plus new DiffMask lesions",
 }
+
+
+# What each synthetic arm changes in the synth section (one setting per arm, not a subclass per arm), and the
+# generators it needs. "real" and "copies" synthesize nothing.
+ARM_SYNTH: dict[StudyArm, dict[str, Any]] = {
+    "lefusion": {"method": "lefusion", "generators": ["lefusion"], "new_per_case": 0, "remove_per_case": 0},
+    "lefusion+diffmask": {"method": "lefusion", "generators": ["lefusion", "diffmask"], "remove_per_case": 0},
+    "repaint": {"method": "ddpm", "generators": ["ddpm"], "relesion_per_case": 0, "remove_per_case": 0},
+    "copy-paste": {"method": "copy-paste", "generators": [], "relesion_per_case": 0, "remove_per_case": 0},
+}
+
+
+def arm_generators(arms: Sequence[StudyArm]) -> list[str]:
+    """The generators the arms need, in first-use order."""
+    names: list[str] = []
+    for arm in arms:
+        for name in ARM_SYNTH.get(arm, {}).get("generators", []):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def arm_of_synth(synth: SynthParams) -> StudyArm | None:
+    """The study arm whose samples these synth settings make (None for PIE trajectories: not a study arm)."""
+    if synth.method == "copy-paste":
+        return "copy-paste"
+    if synth.method == "ddpm":
+        return "repaint"
+    if synth.method == "lefusion":
+        new_lesions = "diffmask" in synth.generators and synth.new_per_case > 0
+        return "lefusion+diffmask" if new_lesions else "lefusion"
+    return None
 
 
 def nested_subsets(
@@ -84,32 +118,46 @@ def _interleave(a: list[str], b: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the study: an arm at a real fraction with a segmenter seed."""
+    """One training run of the study: an arm at a real fraction with a segmenter seed and a synthetic ratio
+    (the share of training patches drawn from the arm's synthetic data; 0 for ``real``)."""
 
     arm: str
     fraction: float
     seed: int
+    ratio: float = 0.0
+    dose: bool = False  # a point of the dose series (not the study's main synthetic_ratio)
 
     @property
     def cell_id(self) -> str:
-        """``<arm>@<fraction %>#<seed>``, e.g. ``lefusion@025#1``: a folder name, a table key."""
-        return f"{self.arm}@{round(self.fraction * 100):03d}#{self.seed}"
+        """``<arm>@<fraction %>#<seed>``, e.g. ``lefusion@025#1``; a dose cell adds ``x<ratio %>``: a table key."""
+        dose = f"x{round(self.ratio * 100):03d}" if self.dose else ""
+        return f"{self.arm}{dose}@{round(self.fraction * 100):03d}#{self.seed}"
+
+    @property
+    def folder(self) -> str:
+        """Where the cell's workspace lives below its fraction's: ``cells/<arm>[/x<ratio %>]/seed<N>``."""
+        dose = f"/x{round(self.ratio * 100):03d}" if self.dose else ""
+        return f"cells/{self.arm}{dose}/seed{self.seed}"
 
 
-def grid(arms: Sequence[str], fractions: Sequence[float], seeds: Sequence[int]) -> list[Cell]:
-    """Every cell, fraction-major (generators are trained once per fraction), then arm, then seed."""
-    return [Cell(a, f, s) for f in sorted(set(fractions)) for a in arms for s in seeds]
+def grid(
+    arms: Sequence[str],
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    ratio: float = 0.25,
+    dose_ratios: Sequence[float] = (),
+) -> list[Cell]:
+    """Every cell, fraction-major (generators are trained once per fraction), then arm, then seed.
 
-
-def cell_key(cell: Cell, subset_digest: str, arm_settings: Mapping[str, Any], code_version: str) -> str:
-    """What shapes the cell's result; equal keys mean its recorded result can be reused."""
-    return sha256_json(
-        {
-            "arm": cell.arm,
-            "fraction": cell.fraction,
-            "seed": cell.seed,
-            "subset": subset_digest,
-            "settings": dict(arm_settings),
-            "code": code_version,
-        }
-    )
+    Each synthetic arm (not ``real``) trains at ``ratio``; at the smallest fraction (where synthetic data is meant
+    to help, and where a dose series costs least) it also trains at each of ``dose_ratios`` other than ``ratio``.
+    """
+    ordered = sorted(set(fractions))
+    cells: list[Cell] = []
+    for f in ordered:
+        for a in arms:
+            cells += [Cell(a, f, s, 0.0 if a == "real" else ratio) for s in seeds]
+            if a != "real" and f == ordered[0]:
+                doses = sorted({r for r in dose_ratios if r != ratio})
+                cells += [Cell(a, f, s, r, dose=True) for r in doses for s in seeds]
+    return cells

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,36 +40,31 @@ from lesionflow.catalog.artifacts import (
     STUDY_CELLS,
     STUDY_CURVES,
     STUDY_CURVES_PNG,
+    STUDY_DETECTION,
     STUDY_EFFECTS_PNG,
     STUDY_SUMMARY,
     STUDY_WORK,
     SYNTHETIC_ACCEPTED,
     SYNTHETIC_STORE,
 )
-from lesionflow.catalog.readers import read_metadata, require, splits, write_accepted
+from lesionflow.catalog.readers import generator_digest, read_metadata, require, splits, write_accepted
 from lesionflow.errors import GateFailed, SourceError
 from lesionflow.files import write_json, write_text_if_changed
-from lesionflow.params import Params, StudyArm, validate_params
+from lesionflow.params import Params, StudyArm, deep_merge, validate_params
 from lesionflow.stages import STAGES
-from lesionflow.study.design import Cell, grid, nested_subsets
+from lesionflow.study.design import ARM_SYNTH, Cell, arm_generators, grid, nested_subsets
 from lesionflow.study.report import (
-    CELL_COLUMNS,
+    CASE_METRICS,
+    CELL_KEYS,
     cases_saved,
+    detection,
+    detection_columns,
     effects,
     effects_png,
     learning_curves,
     learning_curves_png,
 )
 from lesionflow.workspace import Workspace
-
-# What each synthetic arm changes in the synth section (one setting per arm, not a subclass per arm), and the
-# generators it needs. "real" and "copies" synthesize nothing.
-ARM_SYNTH: dict[StudyArm, dict[str, Any]] = {
-    "lefusion": {"method": "lefusion", "generators": ["lefusion"], "new_per_case": 0, "remove_per_case": 0},
-    "lefusion+diffmask": {"method": "lefusion", "generators": ["lefusion", "diffmask"], "remove_per_case": 0},
-    "repaint": {"method": "ddpm", "generators": ["ddpm"], "relesion_per_case": 0, "remove_per_case": 0},
-    "copy-paste": {"method": "copy-paste", "generators": [], "relesion_per_case": 0, "remove_per_case": 0},
-}
 
 
 @dataclass(frozen=True)
@@ -79,18 +74,11 @@ class CellResult:
     trained: bool  # False when train was served from its record (an earlier run of the same cell)
 
 
-def _merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in given.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def _sub_params(params: Params, overrides: dict[str, Any]) -> Params:
     """The study's params with ``overrides`` (nested dict) merged in; the study never publishes or registers."""
     base = params.model_dump(mode="json")
     fixed = {"storage": {"remote": ""}, "quality": {"synthetic": {"acceptance_model": ""}}}
-    return validate_params(_merge(_merge(base, fixed), overrides))
+    return validate_params(deep_merge(deep_merge(base, fixed), overrides))
 
 
 def _link(target: Path, link: Path) -> None:
@@ -160,28 +148,67 @@ def _arm_store(fws: Workspace, fparams: Params, arm: StudyArm, say: Callable[[st
     return str(SYNTHETIC_STORE.at(aws)), note
 
 
-def _cell(fws: Workspace, fparams: Params, cell: Cell, store: str, ratio: float) -> CellResult:
-    root = fws.root / "cells" / cell.arm / f"seed{cell.seed}"
+@dataclass(frozen=True)
+class CellJob:
+    """Everything one cell needs, picklable (a Dask worker may run it): its fraction's workspace and params, the
+    cell, and the absolute path of its arm's synthetic store ("" for real)."""
+
+    fraction_root: Path
+    fparams: Params
+    cell: Cell
+    store: str
+
+
+def run_cell(job: CellJob) -> CellResult:
+    """Train and evaluate one cell in ``<fraction>/<cell.folder>`` through the cache (same budget in every cell)."""
+    fws = Workspace.at(job.fraction_root)
+    root = fws.root / job.cell.folder
     links = [*_data_links(fws, root), (ACCEPTED.at(fws).resolve(), ACCEPTED.at(Workspace.at(root)))]
-    cparams = _sub_params(
-        fparams,
-        {"train": {"seed": cell.seed, "synthetic_store": store, "synthetic_ratio": ratio if store else 0.0}},
-    )
+    train = {
+        "seed": job.cell.seed,
+        "synthetic_store": job.store,
+        "synthetic_ratio": job.cell.ratio if job.store else 0.0,
+        # fixed threads: a cell's weights do not depend on how many cells run side by side or on the machine
+        "cpu_threads": job.fparams.study.cell_threads,
+    }
+    cparams = _sub_params(job.fparams, {"train": train})
     cws = _workspace(root, links, cparams)
     trained = _run("train", cws, cparams)
     _run("evaluate", cws, cparams)
     table = pd.read_csv(require(cws, EVALUATE_CASES), dtype={"case_id": str})
-    per_case = table.groupby("case_id", sort=True)[["dice", "hd95_mm", "nsd"]].mean().reset_index()
-    return CellResult(cell, per_case, trained)
+    by_case = table.groupby("case_id", sort=True)
+    # scores: the mean over the lesion classes (the test metrics' rule); lesion counts: the sum over them
+    per_case = pd.concat(
+        [by_case[list(CASE_METRICS)].mean(), by_case[detection_columns(list(table.columns))].sum()], axis=1
+    ).reset_index()
+    return CellResult(job.cell, per_case, trained)
 
 
-def _generators(arms: Iterable[StudyArm]) -> list[str]:
-    names: list[str] = []
-    for arm in arms:
-        for name in ARM_SYNTH.get(arm, {}).get("generators", []):
-            if name not in names:
-                names.append(name)
-    return names
+def _run_cells(jobs: list[CellJob], params: Params, say: Callable[[str], None]) -> list[CellResult]:
+    """Every cell: one after another in this process, or side by side on Dask when study.workers > 1 (or a
+    scheduler address is given). Results come back in the order of ``jobs`` either way."""
+    sp = params.study
+    if sp.workers == 1 and not sp.scheduler_address:
+        results = []
+        for i, job in enumerate(jobs, 1):
+            # one line per cell: the stages inside draw their own progress bars (rich allows one at a time)
+            say(f"study: cell {i}/{len(jobs)} {job.cell.cell_id}")
+            results.append(run_cell(job))
+        return results
+    from distributed import as_completed
+
+    from lesionflow.parallel import dask_client
+    from lesionflow.progress import rich_progress
+
+    with dask_client(sp.workers, "auto", sp.scheduler_address, say=say) as client:
+        futures = {
+            client.submit(run_cell, job, pure=False, key=f"study-cell-{job.cell.cell_id}"): i
+            for i, job in enumerate(jobs)
+        }
+        done: dict[int, CellResult] = {}
+        for future in rich_progress(as_completed(futures), f"study: {len(jobs)} cells", len(jobs)):
+            done[futures[future]] = future.result()
+    return [done[i] for i in range(len(jobs))]
 
 
 @dataclass(frozen=True)
@@ -190,6 +217,7 @@ class StudyReport:
     cells: pd.DataFrame
     n_trained: int
     n_cached: int
+    mlflow_parent_run: str = ""  # the study's parent run in MLflow ("" when study.mlflow is off or unreachable)
 
 
 def run_study(ws: Workspace, params: Params, *, say: Callable[[str], None] = print) -> StudyReport:
@@ -206,26 +234,57 @@ def run_study(ws: Workspace, params: Params, *, say: Callable[[str], None] = pri
     has_lesion = {c: float(rows[c]["fg_volume_processed_mm3"]) > 0 for c in pool}
     subsets = nested_subsets(has_lesion, sp.fractions, params.project.seed, min_cases=sp.min_lesion_cases)
     arms: list[StudyArm] = list(sp.arms)
-    needs = _generators(arms)
+    needs = arm_generators(arms)
     fraction_overrides: dict[str, Any] = {"synth": {"generators": needs or ["lefusion"], "method": "lefusion"}}
     fparams = _sub_params(params, fraction_overrides)
-    cells = grid(arms, sp.fractions, sp.seeds)
-    results: list[CellResult] = []
+    cells = grid(arms, sp.fractions, sp.seeds, sp.synthetic_ratio, sp.dose_ratios)
+    jobs: list[CellJob] = []
     notes: dict[str, str] = {}
+    generators: dict[float, dict[str, str]] = {}  # weights digests per fraction: the gate's utility-in-the-loop key
     for fraction in sorted(subsets):
         fws = fraction_workspace(ws, fparams, fraction, subsets[fraction], split.test)
         if needs or "copy-paste" in arms:
             _run("extract-rois", fws, fparams)
         if needs:
             _run("train-generator", fws, fparams)
+        generators[fraction] = {name: generator_digest(fws, name) for name in needs}
         stores: dict[str, str] = {}
         for arm in arms:
             stores[arm], notes[f"{arm}@{round(fraction * 100)}"] = _arm_store(fws, fparams, arm, say)
-        for cell in [c for c in cells if c.fraction == fraction]:
-            # one line per cell: the stages inside draw their own progress bars (rich allows one at a time)
-            say(f"study: cell {len(results) + 1}/{len(cells)} {cell.cell_id}")
-            results.append(_cell(fws, fparams, cell, stores[cell.arm], sp.synthetic_ratio))
-    return _report(ws, params, results, subsets, notes)
+        jobs += [CellJob(fws.root, fparams, c, stores[c.arm]) for c in cells if c.fraction == fraction]
+    results = _run_cells(jobs, params, say)
+    report = _report(ws, params, results, subsets, generators, notes)
+    return _log_to_mlflow(ws, params, report, say) if sp.mlflow else report
+
+
+def _log_to_mlflow(ws: Workspace, params: Params, report: StudyReport, say: Callable[[str], None]) -> StudyReport:
+    """The study as an MLflow parent run with one child per cell; an unreachable server costs one line, not the
+    study (its results are on disk)."""
+    from lesionflow.registry.study_runs import log_study
+    from lesionflow.registry.tracking import RegistryUnavailable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(params.registry.tracking_uri, ws.root)
+    files = [a.at(ws) for a in (STUDY_SUMMARY, STUDY_CELLS, STUDY_CURVES_PNG, STUDY_EFFECTS_PNG, STUDY_DETECTION)]
+    study = params.study.model_dump(mode="json")
+    try:
+        runs = log_study(
+            uri,
+            f"{params.registry.experiment}-utility-study",
+            STUDY_SUMMARY.at(ws),
+            study,
+            report.cells,
+            report.summary["effects"],
+            files,
+        )
+    except RegistryUnavailable as err:
+        say(f"study: not logged to MLflow: {err}")
+        return report
+    what = "logged" if runs.logged else "already logged"
+    say(
+        f"study: {what} to MLflow {runs.tracking_uri}, experiment {runs.experiment}: parent run "
+        f"{runs.parent_run_id} with {runs.n_children} cell runs"
+    )
+    return replace(report, mlflow_parent_run=runs.parent_run_id)
 
 
 def _report(
@@ -233,32 +292,44 @@ def _report(
     params: Params,
     results: list[CellResult],
     subsets: dict[float, tuple[str, ...]],
+    generators: dict[float, dict[str, str]],
     notes: dict[str, str],
 ) -> StudyReport:
     sp = params.study
     frames = [
-        r.cases.assign(arm=r.cell.arm, fraction=r.cell.fraction, seed=r.cell.seed)[list(CELL_COLUMNS)] for r in results
+        r.cases.assign(arm=r.cell.arm, fraction=r.cell.fraction, ratio=r.cell.ratio, dose=r.cell.dose, seed=r.cell.seed)
+        for r in results
     ]
-    table = pd.concat(frames, ignore_index=True).sort_values(["fraction", "arm", "seed", "case_id"], kind="stable")
-    metrics = ["dice", "hd95_mm", "nsd"]
-    table[metrics] = table[metrics].round(6)  # the statistics use exactly what cells.csv holds
+    table = pd.concat(frames, ignore_index=True)
+    table = table[[*CELL_KEYS, *CASE_METRICS, *detection_columns(list(table.columns))]]
+    table = table.sort_values(["fraction", "arm", "ratio", "seed", "case_id"], kind="stable").reset_index(drop=True)
+    table[list(CASE_METRICS)] = table[list(CASE_METRICS)].round(6)  # the statistics use exactly what cells.csv holds
     STUDY_CELLS.at(ws).parent.mkdir(parents=True, exist_ok=True)
     write_text_if_changed(STUDY_CELLS.at(ws), table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
     curves = learning_curves(table, seed=params.project.seed, n_resamples=sp.bootstrap_resamples)
     write_text_if_changed(STUDY_CURVES.at(ws), curves.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
     effect_rows = effects(table, sp.arms, seed=params.project.seed, n_resamples=sp.bootstrap_resamples)
     saved = cases_saved(curves, sp.arms, sp.saved_tolerance)
+    found = detection(table)
+    if found:
+        detection_csv = pd.DataFrame(found).to_csv(index=False, float_format="%.6f", lineterminator="\n")
+        write_text_if_changed(STUDY_DETECTION.at(ws), detection_csv)
     n_trained = sum(r.trained for r in results)
     summary = {
         "arms": list(sp.arms),
-        "fractions": {f"{f:g}": {"n_training_cases": len(c), "cases": list(c)} for f, c in sorted(subsets.items())},
+        "fractions": {
+            f"{f:g}": {"n_training_cases": len(c), "cases": list(c), "generators": generators.get(f, {})}
+            for f, c in sorted(subsets.items())
+        },
         "seeds": list(sp.seeds),  # segmenter seeds (train.seed) of every cell
         "generator_seed": params.project.seed,  # subsets, generators and synthesis derive from it, fixed per fraction
         "n_test_cases": int(table["case_id"].nunique()),
         "synthetic_ratio": sp.synthetic_ratio,
+        "dose_ratios": [r for r in sp.dose_ratios if r != sp.synthetic_ratio],  # at the smallest fraction only
         "metric": "test Dice per case (mean over lesion classes), paired by case and seed",
         "effects": effect_rows,
         "real_cases_saved": saved,
+        "detection": found,  # lesion-level sensitivity per size bin and false positives per case (reports/study)
         "saved_tolerance": sp.saved_tolerance,
         "real_curve": _real_curve_note(curves, sp.saved_tolerance),
         "curves": curves.to_dict(orient="records"),
