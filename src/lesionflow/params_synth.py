@@ -87,11 +87,25 @@ class DiffMaskParams(GeneratorNetParams):
     zoom: float = Field(1.0, gt=0, le=4, description="Mask zoom about the sphere centre (authors 1.5; grid kept).")
     ddim_steps: int = Field(0, ge=0, description="0 = ancestral DDPM over all T steps; >0 = DDIM (eta 0).")
     batch_size: int = Field(8, ge=1, le=512, description="Masks per micro-batch.")
+    # Size matching (issue 16): new masks must follow the training lesions' size distribution (the gate's KS test).
+    size_tries: int = Field(
+        4, ge=0, le=64, description="Chains drawn per new mask to find one of the target size; 0 = off (first mask)."
+    )
+    size_batch: int = Field(4, ge=1, le=64, description="Masks per chain of a size try (one batched reverse chain).")
+    size_quantiles: tuple[float, float] = Field(
+        (0.05, 0.95), description="Accepted voxel counts: these quantiles of the training lesion sizes."
+    )
+    size_tolerance: float = Field(
+        1.5, gt=1, le=10, description="Accepted voxel counts: within this factor of the target drawn from them."
+    )
 
     @model_validator(mode="after")
     def _ddim(self) -> DiffMaskParams:
         if self.ddim_steps > self.timesteps:
             raise ValueError(f"ddim_steps must lie in [0, timesteps={self.timesteps}], got {self.ddim_steps}")
+        lo, hi = self.size_quantiles
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"size_quantiles must satisfy 0 <= low < high <= 1, got {list(self.size_quantiles)}")
         return self
 
 

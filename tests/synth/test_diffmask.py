@@ -10,11 +10,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from lesionflow.params_synth import DiffMaskParams
-from lesionflow.seeding import torch_generator
+from lesionflow.params_synth import DiffMaskParams, SyntheticQualityParams
+from lesionflow.quality.synthetic_checks import volume_ks
+from lesionflow.seeding import derive_seed, rng_for, torch_generator
 from lesionflow.synth.diffmask import (
+    SizeWindow,
     check_sphere_in_organ,
     generate_masks,
+    generate_sized_mask,
     make_diffmask_model,
     mask_training_batches,
     noise_schedule,
@@ -287,3 +290,85 @@ def test_check_sphere_in_organ_messages() -> None:
         check_sphere_in_organ(Sphere((1.0, 8.0, 8.0), 2.0), np.ones(SIZE, np.uint8))
     assert " 0 outside the volume" not in str(err.value)
     assert "0 voxel(s) outside the organ mask and 1 outside the volume" in str(err.value)
+
+
+# --------------------------------------------------------------------------- sizes of new masks (issue 16)
+
+
+def _disc_rois() -> list[Roi]:
+    """16 flat lesions (one-voxel-thick discs, radius 2-4.8): few voxels (13-69) for a large bounding sphere, the
+    shape that made toy DiffMask masks several times too big (they fill the sphere)."""
+    grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"), -1)
+    out: list[Roi] = []
+    for k in range(8):
+        label = np.zeros((32, 32, 32), np.uint8)
+        for j, centre in enumerate(((9, 9, 9), (22, 22, 22))):
+            radius = 2 + (2 * k + j) % 8 * 0.4
+            d = grid - np.array(centre)
+            label[(d[..., 0] ** 2 + d[..., 1] ** 2 <= radius * radius) & (d[..., 2] == 0)] = 1
+        out += lesion_rois(label[None].astype(np.float32), label, None, SIZE, case_id=f"d{k}")
+    return out
+
+
+def test_size_window_and_targets() -> None:
+    window = SizeWindow.from_sizes([10, 20, 30, 40, 50, 60, 70, 80, 90, 1000, 0], (0.1, 0.9))
+    assert window.sizes == (10, 20, 30, 40, 50, 60, 70, 80, 90, 1000)  # empty sizes left out
+    assert (window.low, window.high) == (19, 181)  # np.quantile linear: 19, 181
+    targets = [window.target(rng_for(0, "t", i)) for i in range(200)]
+    assert set(targets) == {19, 20, 30, 40, 50, 60, 70, 80, 90, 181}  # 10 and 1000 clipped into the window
+    with pytest.raises(ValueError, match="no training lesion sizes"):
+        SizeWindow.from_sizes([0], (0.05, 0.95))
+    with pytest.raises(ValueError, match="size_quantiles"):
+        DiffMaskParams(size_quantiles=(0.9, 0.1))
+
+
+def test_sized_mask_is_one_component_of_the_target_size_and_reproducible() -> None:
+    """An untrained network (noise masks that fill the ROI): every candidate is rejected, the nearest one is
+    rescaled to the target; the result is one component inside the organ and the same for the same seed."""
+    settings = DiffMaskParams(timesteps=4, size_tries=2, size_batch=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make_diffmask_model(settings)
+    window = SizeWindow.from_sizes([20, 30, 40, 60], settings.size_quantiles)
+    organ = np.zeros(SIZE, np.uint8)
+    organ[1:15, 1:15, 1:15] = 1
+    sphere = Sphere((8.0, 8.0, 8.0), 3.0)
+    a = generate_sized_mask(model, settings, SIZE, sphere, organ, window, seed=5)
+    b = generate_sized_mask(model, settings, SIZE, sphere, organ, window, seed=5)
+    assert np.array_equal(a.sample.mask, b.sample.mask)
+    assert a.candidates == 4
+    assert a.rejected == 4
+    assert a.rescaled
+    assert _components(a.sample.mask) == 1
+    assert not a.sample.mask[organ == 0].any()
+    assert abs(np.log(a.sample.voxels / a.target)) < np.log(settings.size_tolerance)
+    assert window.low <= a.target <= window.high
+    assert "4 of 4 candidate(s) rejected" in a.note
+    # off: the first mask of one chain, unchecked
+    off = generate_sized_mask(model, settings.model_copy(update={"size_tries": 0}), SIZE, sphere, None, window, 5)
+    assert (off.candidates, off.rejected, off.rescaled) == (1, 0, False)
+
+
+@pytest.mark.slow
+def test_new_mask_sizes_pass_the_gates_volume_ks(tmp_path: Path) -> None:
+    """A toy-trained DiffMask on tiny flat lesions: unmatched, its masks fill their spheres and the gate's KS test
+    fails; size-matched, the sizes pass it at the gate's threshold and every mask is one component."""
+    rois = _disc_rois()
+    real = [r.voxels for r in rois]
+    settings = DiffMaskParams(timesteps=10, steps=40, batch_size=4, size_tries=3, size_batch=4)
+    model = train_diffmask(rois, settings, tmp_path / "ckpt", seed=0, warn=lambda _: None).ema
+    window = SizeWindow.from_sizes(real, settings.size_quantiles)
+    threshold = SyntheticQualityParams().min_volume_ks_pvalue  # the gate's default, 0.001
+    made: dict[int, list[int]] = {}
+    for tries in (0, settings.size_tries):
+        arm = settings.model_copy(update={"size_tries": tries})
+        made[tries] = []
+        for i in range(24):
+            sphere = Sphere((8.0, 8.0, 8.0), rois[i % len(rois)].sphere.radius)  # type: ignore[union-attr]
+            sized = generate_sized_mask(model, arm, SIZE, sphere, None, window, derive_seed(1, "lesion", i))
+            assert _components(sized.sample.mask) <= 1
+            made[tries].append(sized.sample.voxels)
+    unmatched = [v for v in made[0] if v]  # synthesize skips empty masks: the gate sees the others
+    assert volume_ks(real, unmatched).pvalue < threshold  # the issue: masks several times too big
+    assert volume_ks(real, made[settings.size_tries]).pvalue >= threshold
+    assert min(made[settings.size_tries]) > 0

@@ -6,8 +6,10 @@ Three sample kinds, each a pure function of the arrays, the generators and the r
 - ``relesion`` (LeFusion's P'): every usable real lesion of the case gets a new texture inside its own class
   masks (label unchanged);
 - ``new`` (N'): spheres drawn from the training radii inside the organ, away from existing lesions; the mask is
-  sampled by DiffMask (or is the sphere itself when no DiffMask was trained), its class layout borrowed from a
-  real training lesion scaled to the sphere; then textured like a real lesion; label gains the lesion;
+  sampled by DiffMask (or is the sphere itself when no DiffMask was trained) with its voxel count matched to the
+  training lesions' sizes (:func:`~lesionflow.synth.diffmask.generate_sized_mask`, sizes = ``layouts``' voxel
+  counts, the gate's real side), its class layout borrowed from a real training lesion scaled to the sphere;
+  then textured like a real lesion; label gains the lesion;
 - ``remove``: one real lesion (dilated) refilled with healthy tissue by the unconditional DDPM; label cleared;
 - ``paste`` (``synth.method: copy-paste``, the non-learned baseline; samples of kind ``new``): real training lesions
   copied voxel for voxel (image and label) to free spheres inside the organ, no generator involved.
@@ -250,11 +252,16 @@ def new_lesions(
         local = Sphere(tuple(c - o for c, o in zip(sphere.centre, origin, strict=True)), sphere.radius)  # type: ignore[arg-type]
         organ_roi = crop((free).astype(np.uint8), origin, roi_size) > 0
         if gens.mask_model is not None:
-            from lesionflow.synth.diffmask import generate_masks
+            from lesionflow.synth.diffmask import SizeWindow, generate_sized_mask
 
             settings: Any = gens.mask_settings
-            sample = generate_masks(gens.mask_model, settings, roi_size, local, organ_roi, torch_gen, count=1)[0]
-            mask, dice, source = sample.mask, sample.sphere_dice, "diffmask"
+            window = SizeWindow.from_sizes([r.voxels for r in gens.layouts], settings.size_quantiles)
+            # one seed per lesion from the sample's stream: its size tries are (seed, k), reproducible in any worker
+            sized = generate_sized_mask(
+                gens.mask_model, settings, roi_size, local, organ_roi, window, int(rng.integers(2**62))
+            )
+            out.notes.append(sized.note)
+            mask, dice, source = sized.sample.mask, sized.sample.sphere_dice, "diffmask"
         else:
             mask, dice, source = sphere_mask(roi_size, local.centre, local.radius) & organ_roi, 1.0, "sphere"
         if not mask.any():

@@ -25,6 +25,13 @@ Contracts
   https://github.com/HINTLab/LeFusion/issues/10; default 1.0 = no zoom), intersection with the organ. The result
   is empty or one 26-connected component inside the organ; an empty result is returned, not raised (the caller
   reports it).
+- :func:`generate_sized_mask` makes a *new* lesion's mask whose voxel count follows the training lesions' sizes
+  (the gate's volume KS test, :func:`lesionflow.quality.synthetic_checks.volume_ks`): a target size drawn from the
+  training sizes (clipped to their ``size_quantiles``), then rejection sampling -- up to ``size_tries`` batched
+  chains of ``size_batch`` masks, try ``k`` seeded by ``(seed, "diffmask-size", k)`` -- accepting the first mask
+  that is one component off the ROI border with a voxel count inside the quantile window and within
+  ``size_tolerance`` of the target; when none is, the candidate nearest the target in log size is rescaled about
+  the sphere centre to the target (zoom on the same grid). Counts of tries and rejections come back for the log.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule
 from lesionflow.diffusion.trainer import GeneratorTrainOutcome, eps_loss, train_generator
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
 from lesionflow.params_synth import DiffMaskParams
-from lesionflow.seeding import derive_seed, rng_for
+from lesionflow.seeding import derive_seed, rng_for, torch_generator
 from lesionflow.seg.dice import dice
 from lesionflow.synth.placement import Sphere, sphere_channel, sphere_mask
 from lesionflow.synth.rois import Roi
@@ -52,8 +59,11 @@ from lesionflow.synth.rois import Roi
 __all__ = [
     "SMOOTHING_TABLE",
     "MaskSample",
+    "SizeWindow",
+    "SizedMask",
     "check_sphere_in_organ",
     "generate_masks",
+    "generate_sized_mask",
     "make_diffmask_model",
     "mask_training_batches",
     "noise_schedule",
@@ -293,6 +303,114 @@ def generate_masks(
         mask = postprocess_mask(r, organ, params, centre=sphere.centre)
         out.append(MaskSample(mask=mask, sphere=sphere, voxels=int(mask.sum()), sphere_dice=dice(mask, ball)))
     return out
+
+
+@dataclass(frozen=True)
+class SizeWindow:
+    """Voxel counts a new mask may have: ``[low, high]``, the ``size_quantiles`` of the training lesion sizes
+    ``sizes`` (sorted voxel counts, as the gate's real side: :attr:`lesionflow.synth.rois.Roi.voxels`)."""
+
+    low: int
+    high: int
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def from_sizes(cls, sizes: Sequence[int], quantiles: tuple[float, float]) -> SizeWindow:
+        values = np.sort(np.asarray([int(v) for v in sizes if int(v) > 0], dtype=np.int64))
+        if values.size == 0:
+            raise ValueError("no training lesion sizes: DiffMask size matching needs the lesion ROIs (data/rois)")
+        low, high = (float(v) for v in np.quantile(values, quantiles))
+        return cls(math.floor(low), math.ceil(high), tuple(int(v) for v in values))
+
+    def target(self, rng: np.random.Generator) -> int:
+        """A training lesion size drawn uniformly, clipped into the window."""
+        return int(np.clip(self.sizes[int(rng.integers(len(self.sizes)))], self.low, self.high))
+
+
+@dataclass(frozen=True, eq=False)
+class SizedMask:
+    """A new lesion mask from :func:`generate_sized_mask`: the ``sample``, the ``target`` voxel count, the
+    ``candidates`` drawn, how many were ``rejected`` and whether the kept one was ``rescaled`` to the target."""
+
+    sample: MaskSample
+    target: int
+    candidates: int
+    rejected: int
+    rescaled: bool
+
+    @property
+    def note(self) -> str:
+        how = "rescaled to the target" if self.rescaled else "accepted"
+        return (
+            f"diffmask size: {self.rejected} of {self.candidates} candidate(s) rejected, target {self.target} "
+            f"voxels, {how} ({self.sample.voxels} voxels)"
+        )
+
+
+def _touches_border(mask: np.ndarray) -> bool:
+    return bool(
+        mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any() or mask[..., 0].any()
+        or mask[..., -1].any()
+    )  # fmt: skip
+
+
+def _rescale(mask: np.ndarray, target: int, centre: Sequence[float], organ: np.ndarray | None) -> np.ndarray:
+    """``mask`` zoomed about ``centre`` on its grid so its voxel count approaches ``target`` (volume scales with
+    the cube of the zoom; three refinements absorb the voxelization), cut to the organ, largest component kept."""
+    factor, best = 1.0, mask
+    for _ in range(3):
+        factor *= (target / max(int(best.sum()), 1)) ** (1.0 / 3.0)
+        scaled = _zoom(mask, factor, centre)
+        if organ is not None:
+            scaled &= np.asarray(organ) > 0
+        scaled = _largest_component(scaled, centre)
+        if scaled.any():
+            best = scaled
+        if abs(math.log(max(int(best.sum()), 1) / target)) < 0.1:
+            break
+    return best
+
+
+def generate_sized_mask(
+    model: ConditionalUNet3D,
+    params: DiffMaskParams,
+    shape: tuple[int, int, int],
+    sphere: Sphere,
+    organ: np.ndarray | None,
+    window: SizeWindow,
+    seed: int,
+) -> SizedMask:
+    """One new lesion mask for ``sphere`` whose voxel count follows the training sizes (module docstring).
+
+    A pure function of the model, the inputs and ``seed``: the target comes from ``rng_for(seed,
+    "diffmask-target")``, try ``k``'s chain from ``torch_generator(seed, "diffmask-size", k)`` on the model's
+    device. With ``params.size_tries == 0`` it is the first mask of one chain, unchecked (the unmatched
+    behaviour). The mask is empty only when every candidate was; otherwise one 26-connected component inside
+    ``organ``.
+    """
+    device = next(model.parameters()).device
+    target = window.target(rng_for(seed, "diffmask-target"))
+    ball = sphere_mask(shape, sphere.centre, sphere.radius)
+    low = max(window.low, math.floor(target / params.size_tolerance))
+    high = min(window.high, math.ceil(target * params.size_tolerance))
+    tries, batch = (params.size_tries, params.size_batch) if params.size_tries else (1, 1)
+    drawn: list[np.ndarray] = []
+    for k in range(tries):
+        generator = torch_generator(seed, "diffmask-size", k, device=device)
+        for sample in generate_masks(model, params, shape, sphere, organ, generator, count=batch):
+            drawn.append(sample.mask)
+            ok = low <= sample.voxels <= high and not _touches_border(sample.mask)
+            if ok or not params.size_tries:
+                return SizedMask(sample, target, len(drawn), len(drawn) - 1, rescaled=False)
+    # No candidate of the target size: rescale the nearest one (off the border first, then in log size).
+    usable = [m for m in drawn if m.any()]
+    if not usable:
+        empty = MaskSample(mask=drawn[0], sphere=sphere, voxels=0, sphere_dice=0.0)
+        return SizedMask(empty, target, len(drawn), len(drawn), rescaled=False)
+    nearest = min(usable, key=lambda m: (_touches_border(m), abs(math.log(int(m.sum()) / target))))
+    mask = _rescale(nearest, target, sphere.centre, organ)
+    sample = MaskSample(mask=mask, sphere=sphere, voxels=int(mask.sum()), sphere_dice=dice(mask, ball))
+    return SizedMask(sample, target, len(drawn), len(drawn), rescaled=True)
 
 
 def check_sphere_in_organ(sphere: Sphere, organ: np.ndarray, case_id: str = "") -> None:
