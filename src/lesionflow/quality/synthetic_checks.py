@@ -159,6 +159,17 @@ def histogram_w1(
     return float(np.mean(valid)) if valid else float("nan")
 
 
+def nearest_histogram_w1(
+    hist: np.ndarray, references: Sequence[np.ndarray], value_range: tuple[float, float], bins: int | None = None
+) -> float:
+    """The smallest :func:`histogram_w1` of ``hist`` to any of ``references`` (same bins and ``value_range``):
+    how far a lesion's texture is from the closest real lesion's, for lesions without a condition histogram
+    (RePaint DDPM insertion, pasted copies). NaN when no reference gives a finite distance (none given)."""
+    dists = [histogram_w1(hist, ref, value_range, bins=bins) for ref in references]
+    finite = [d for d in dists if np.isfinite(d)]
+    return float(min(finite)) if finite else float("nan")
+
+
 def lesion_w1(
     image: np.ndarray, mask: np.ndarray, target: np.ndarray, bins: int, value_range: tuple[float, float]
 ) -> float:
