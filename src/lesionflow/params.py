@@ -387,7 +387,7 @@ class StudyParams(_Section):
     )
     min_lesion_cases: int = Field(2, ge=1, description="Fewest training cases with lesions a fraction may keep.")
     workers: int = Field(
-        1, ge=1, description="Cells trained side by side (local Dask worker processes, one cell each)."
+        2, ge=1, description="Cells trained side by side (local Dask worker processes, one cell each; 1 = in-process)."
     )
     scheduler_address: str = Field(
         "", description="tcp://host:8786 of a running Dask scheduler for the cells; empty = local cluster."

@@ -65,6 +65,9 @@ class LeFusionParams(GeneratorNetParams):
     )
     jump_length: int = Field(2, ge=1, description="RePaint jump length j (authors 5; 2 = fast).")
     jump_n_sample: int = Field(2, ge=1, description="RePaint resamplings r (authors 5; 2 = fast).")
+    sample_steps: int = Field(
+        0, ge=0, description="Sampling steps N kept of T, DDIM-style stride (0 = all T, the authors'); j, r run on N."
+    )
     bank_k: int = Field(3, ge=1, description="k-means clusters of the histogram bank.")
     histogram_mode: Literal["cluster", "empirical", "explicit"] = Field(
         "cluster", description="Condition at sampling: a bank cluster (±10% perturbed), a real lesion's, or explicit."
@@ -78,6 +81,20 @@ class LeFusionParams(GeneratorNetParams):
         if v is not None and not v[0] < v[1]:
             raise ValueError(f"expected min < max, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _sample_steps(self) -> LeFusionParams:
+        # DDIM-style respacing keeps range(0, T, s) for an integer stride s (improved-diffusion's "ddimN" rule, see
+        # lesionflow.diffusion.schedules.space_timesteps): only the counts ceil(T / s) are reachable.
+        n, t = self.sample_steps, self.timesteps
+        reachable = sorted({-(-t // s) for s in range(1, t)} | {t})
+        if n and n not in reachable:
+            near = sorted(reachable, key=lambda c: (abs(c - n), c))[:2]
+            raise ValueError(
+                f"sample_steps {n} is not reachable with an integer stride over timesteps {t} "
+                f"(ceil(T/s) steps are); use {' or '.join(map(str, sorted(near)))}, or 0 for all T"
+            )
+        return self
 
 
 class DiffMaskParams(GeneratorNetParams):
@@ -115,7 +132,18 @@ class DdpmParams(GeneratorNetParams):
     schedule: Literal["cosine", "linear"] = Field("cosine", description="Noise schedule.")
     jump_length: int = Field(2, ge=1, description="RePaint jump length j (paper 10; 2 = fast).")
     jump_n_sample: int = Field(2, ge=1, description="RePaint resamplings r (paper 10; 2 = fast).")
+    sample_steps: int = Field(
+        0, ge=0, description="Sampling steps N kept of T, evenly spread (0 = all T; paper 250 of 1000); j, r run on N."
+    )
     removal_dilation: int = Field(1, ge=0, le=16, description="Voxels a lesion grows by before removal.")
+
+    @model_validator(mode="after")
+    def _sample_steps(self) -> DdpmParams:
+        if self.sample_steps > self.timesteps:
+            raise ValueError(
+                f"sample_steps {self.sample_steps} exceeds timesteps {self.timesteps}; use at most T, or 0 for all T"
+            )
+        return self
 
 
 class PieParams(GeneratorNetParams):
@@ -276,6 +304,14 @@ class SyntheticQualityParams(_Section):
         description="Segmenter for the acceptance filter: champion (registry alias), a model folder, or empty = off.",
     )
     max_reject_fraction: float = Field(0.5, ge=0, le=1, description="The gate fails above this share of rejections.")
+    study_evidence: str = Field(
+        "",
+        description="Utility in the loop: a study summary.json (reports/study/summary.json); admit synthetic data "
+        "only when it shows these generators' arm at least min_study_effect. Empty = off.",
+    )
+    min_study_effect: float = Field(
+        0.0, ge=-1, le=1, description="Lowest allowed 95% CI lower bound of the arm's Dice effect in that study."
+    )
     # The toy defaults only report the two PIE statistics (-1 and 10 never fail in practice): a generator trained
     # for seconds on a handful of demo lesions has not learned progression (docs/decisions.md, PIE). The check is
     # proven on a model that has (tests/synth/test_pie.py); presets/pie.yaml sets the issue's 0 and 1.

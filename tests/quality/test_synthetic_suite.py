@@ -115,12 +115,14 @@ def test_no_segmenter_and_unmeasured_stats_pass(tmp_path: Path) -> None:
     rows = table()
     rows["detected_fraction"] = NAN
     rows["nn_similarity"] = NAN  # no training references
-    stats = SyntheticStats(volume_ks_pvalue=1.0, diversity=NAN, acceptance_rate=NAN)
+    reasons = {"diversity": "no condition is shared by 2 lesions", "acceptance_rate": "no acceptance segmenter"}
+    stats = SyntheticStats(volume_ks_pvalue=0.5, diversity=NAN, acceptance_rate=NAN, not_measured=reasons)
     result = run_synthetic_gate(rows, stats, T, tmp_path / "r")
     assert result.success, result.dataset_failures
     assert result.rejected == {}
     page = result.report_html.read_text()
     assert "Not measured in this run" in page
+    assert "no condition is shared by 2 lesions" in page
 
 
 def test_empty_table_and_duplicate_ids_fail(tmp_path: Path) -> None:
@@ -142,13 +144,15 @@ def test_stats_columns_and_expectation_shape() -> None:
     assert out["mask_binary"].dtype == "int64"
     assert [out[c].tolist() for c in STATS_COLUMNS] == [[0.4, 0.4], [0.3, 0.3], [0.9, 0.9]]
     assert "volume_ks_pvalue" not in table(2).columns  # the input is not modified
-    exps = synthetic_expectations(T, SyntheticStats(0.5, NAN, NAN))
+    exps = synthetic_expectations(T, SyntheticStats(0.5, NAN, NAN, not_measured={"diversity": "one sample"}))
     kinds = {e.configuration.kwargs.get("column"): e.expectation_type for e in exps[-3:]}
     assert kinds == {
         "volume_ks_pvalue": "expect_column_mean_to_be_between",
-        "diversity": "expect_column_values_to_be_null",
-        "acceptance_rate": "expect_column_values_to_be_null",
+        "diversity": "expect_column_values_to_be_null",  # NaN with a reason: not measured, passes
+        "acceptance_rate": "expect_column_mean_to_be_between",  # NaN without one: checked, and fails
     }
+    assert out["histogram_reference"].tolist() == ["condition", "condition"]  # defaults of the text columns
+    assert out["notes"].tolist() == ["", ""]
 
 
 def test_thresholds_are_validated() -> None:

@@ -335,3 +335,35 @@ def test_copy_paste_baseline_needs_no_generator_and_passes_the_gate(prepared: Pa
     again = STAGES["synthesize"].run(ws, params)
     assert again.summary["n_generated_now"] == 1  # per-sample cache; the recomputed one is the same bytes
     assert {c: case_digest(SYNTHETIC_STORE.at(ws), c) for c in list_cases(SYNTHETIC_STORE.at(ws))} == before
+
+
+def test_utility_in_the_loop_admits_only_what_a_study_of_these_generators_showed(
+    synthesized: Path, tmp_path: Path
+) -> None:
+    from lesionflow.catalog.readers import generator_digest
+
+    ws = _copy(synthesized, tmp_path, "loop")
+    accepted = accepted_beside(SYNTHETIC_STORE.at(ws))
+    assert accepted.exists()  # the earlier, ungated verdict
+    study = ws.root / "reports" / "study" / "summary.json"
+    study.parent.mkdir(parents=True)
+    digests = {n: generator_digest(ws, n) for n in ("lefusion", "diffmask")}
+
+    def write(ci_low: float, generators: dict[str, str]) -> None:
+        effect = {"arm": "lefusion+diffmask", "fraction": 1.0, "mean": ci_low + 0.01, "ci_low": ci_low, "ci_high": 0.1}
+        study.write_text(json.dumps({"fractions": {"1": {"generators": generators}}, "effects": [effect]}))
+
+    on = ["quality.synthetic.study_evidence=reports/study/summary.json"]
+    write(0.0, digests)
+    assert run_cached("validate-synthetic", ws, load_params(ws.params_file, on), STAGES["validate-synthetic"].run).ok
+    write(-0.02, digests)  # a new study that shows harm: the gate is rerun (its summary is a declared read)
+    with pytest.raises(GateFailed, match=r"refused by the utility study reports/study/summary.json: arm "
+                       r"'lefusion\+diffmask' at fraction 1 changes test Dice by -1\.00"):  # fmt: skip
+        run_cached("validate-synthetic", ws, load_params(ws.params_file, on), STAGES["validate-synthetic"].run)
+    assert not accepted.exists()  # nothing a later stage could read as accepted
+    write(0.0, {**digests, "lefusion": "0" * 64})
+    with pytest.raises(GateFailed, match="measured other lefusion weights than this workspace's"):
+        STAGES["validate-synthetic"].run(ws, load_params(ws.params_file, on))
+    study.unlink()
+    with pytest.raises(GateFailed, match=r"study_evidence = reports/study/summary.json: no such file"):
+        STAGES["validate-synthetic"].run(ws, load_params(ws.params_file, on))

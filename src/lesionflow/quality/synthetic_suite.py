@@ -6,26 +6,32 @@ Table (id column ``sample_id``), built by ``validate-synthetic`` with :mod:`lesi
 - ``mask_binary``: 1 if the mask is binary, else 0 (a bool column is converted) (check 7)
 - ``components``: connected components of the mask, must be 1 (check 7)
 - ``inside_organ``: share of the mask inside the organ mask, must be 1 (1.0 without an organ mask) (check 7)
-- ``histogram_w1``: W1 of the lesion histogram vs its condition (check 8)
+- ``histogram_w1``: W1 of the lesion histogram vs its condition, or (no condition: DDPM insertion, pasted
+  copies) vs the nearest real training lesion's histogram (check 8); which one is ``histogram_reference``
+  (``"condition"``, ``"real"``, or ``"none"``: not applicable, e.g. a removal sample)
 - ``boundary_gradient_ratio``: boundary gradient / median real-lesion boundary gradient (check 10)
 - ``nn_similarity``: NCC with the nearest training lesion (check 11, memorisation)
 - ``detected_fraction``: share of the lesion the segmenter finds (check 15; NaN = no segmenter)
 
 Every column check is *row-level*: a failing row is a rejected sample, named by its ``sample_id``. GX skips
-null values in column-map expectations, so a NaN in the last three columns means "not measured" and passes;
-the first five carry an explicit not-null check, so a missing hard invariant rejects the sample instead of
-slipping through. Dataset level: at least one row, unique ids, the population statistics of
+null values in column-map expectations, so a NaN in the last two columns means "not measured" and passes;
+the others carry an explicit not-null check (``histogram_w1`` where ``histogram_reference`` is not "none"),
+so a missing or non-finite statistic (the stage writes NaN for either) rejects the sample instead of passing
+as a perfect score; the optional ``notes`` column (why a value is not finite) is appended to that finding.
+Dataset level: at least one row, unique ids, the population statistics of
 :class:`SyntheticStats` (KS p-value of volumes, diversity, acceptance rate; added to the table as constant
 columns so they show in the same report and Data Docs with their ``quality.synthetic.*`` key), and the reject
 policy ``quality.synthetic.max_reject_fraction``. A NaN statistic (not measured: fewer than two samples per
 condition, no segmenter) is checked with ``expect_column_values_to_be_null``, which passes and says so in
-the report, instead of an aggregate over nothing, which GX would fail.
+the report, instead of an aggregate over nothing, which GX would fail, but only when
+``SyntheticStats.not_measured`` gives the reason; a non-finite statistic without one fails its check.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,8 +57,11 @@ ROW_COLUMNS = (
     "nn_similarity",
     "detected_fraction",
 )
-#: hard invariants that must be present in every row (the others may be NaN = not measured)
-REQUIRED_COLUMNS = ROW_COLUMNS[:5]
+#: statistics that must be present (finite) in every row (the others may be NaN = not measured); histogram_w1
+#: only where ``histogram_reference`` is not "none"
+REQUIRED_COLUMNS = ROW_COLUMNS[:6]
+#: optional text columns: which histogram ``histogram_w1`` compares with, and why a statistic is not finite
+TEXT_DEFAULTS = {"histogram_reference": "condition", "notes": ""}
 #: constant columns :func:`with_stats_columns` adds from :class:`SyntheticStats`
 STATS_COLUMNS = ("volume_ks_pvalue", "diversity", "acceptance_rate")
 
@@ -82,9 +91,11 @@ class SyntheticThresholds:
 class SyntheticStats:
     """Population statistics of one generated set (NaN = not measured, which passes)."""
 
-    volume_ks_pvalue: float  # KsResult.pvalue of synthetic vs real lesion volumes (1.0 when not testable)
+    volume_ks_pvalue: float  # KsResult.pvalue of synthetic vs real lesion volumes
     diversity: float  # mean pairwise NCC of samples sharing a condition (NaN with < 2 per condition)
     acceptance_rate: float  # share of samples the segmenter accepted (NaN without a segmenter)
+    #: statistic name -> why it was not measured (its NaN then passes, with the reason in the report)
+    not_measured: Mapping[str, str] = field(default_factory=dict)
 
 
 def with_stats_columns(table: pd.DataFrame, stats: SyntheticStats) -> pd.DataFrame:
@@ -92,8 +103,12 @@ def with_stats_columns(table: pd.DataFrame, stats: SyntheticStats) -> pd.DataFra
     and a bool ``mask_binary`` converted to 0/1 (int64) so its check reads "exactly 1"."""
     out = table.copy()
     for column in STATS_COLUMNS:
-        out[column] = float(getattr(stats, column))
+        value = float(getattr(stats, column))
+        out[column] = value if math.isfinite(value) else math.nan  # inf would pass a one-sided bound
         out[column] = out[column].astype("float64")
+    for column, default in TEXT_DEFAULTS.items():
+        if column not in out.columns:
+            out[column] = default
     if "mask_binary" in out.columns and out["mask_binary"].dtype == bool:
         out["mask_binary"] = out["mask_binary"].astype("int64")
     return out
@@ -104,16 +119,27 @@ def _param(name: str) -> str:
 
 
 def _stat_expectation(
-    column: str, value: float, *, min_value: float | None = None, max_value: float | None = None, param: str, why: str
+    column: str,
+    value: float,
+    *,
+    min_value: float | None = None,
+    max_value: float | None = None,
+    param: str,
+    why: str,
+    reason: str | None = None,
 ) -> Expectation:
-    """A dataset-level check of one constant stats column, or a passing "not measured" check for NaN."""
+    """A dataset-level check of one constant stats column; for a non-finite value a passing "not measured"
+    check when ``reason`` says why it was not measured, else a failing one that says the value is not finite."""
     import great_expectations.expectations as gxe
 
-    meta = {"param": param, "scope": "dataset", "label": column}
-    if math.isnan(value):
+    meta: dict[str, str] = {"param": param, "scope": "dataset", "label": column}
+    if not math.isfinite(value) and reason:
         return gxe.ExpectColumnValuesToBeNull(
-            column=column, notes=f"Not measured in this run (NaN), so not checked. {why}", meta=meta
+            column=column, notes=f"Not measured in this run (NaN), so not checked: {reason}. {why}", meta=meta
         )
+    if not math.isfinite(value):
+        # the column holds NaN (with_stats_columns): GX's mean over no values fails, with this explanation
+        meta["explain"] = f"{column} = {value} is not finite and nothing says it was not measured; it fails"
     return gxe.ExpectColumnMeanToBeBetween(
         column=column, min_value=min_value, max_value=max_value, notes=why, meta=meta
     )
@@ -122,6 +148,7 @@ def _stat_expectation(
 def synthetic_expectations(t: SyntheticThresholds, stats: SyntheticStats) -> list[Expectation]:
     """The suite over :func:`with_stats_columns` of the per-sample table (see the module docstring)."""
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
 
     lo, hi = t.boundary_gradient_ratio
     exps: list[Expectation] = [
@@ -130,7 +157,10 @@ def synthetic_expectations(t: SyntheticThresholds, stats: SyntheticStats) -> lis
     ]
     exps += [
         gxe.ExpectColumnValuesToNotBeNull(
-            column=column, notes="A hard invariant that was not computed cannot be trusted to hold."
+            column=column,
+            row_condition=Column("histogram_reference") != "none" if column == "histogram_w1" else None,
+            notes="A check whose statistic was not computed or is not finite cannot be trusted to hold.",
+            meta={"explain": "{notes}"},
         )
         for column in REQUIRED_COLUMNS
     ]
@@ -187,6 +217,7 @@ def synthetic_expectations(t: SyntheticThresholds, stats: SyntheticStats) -> lis
         _stat_expectation(
             "volume_ks_pvalue",
             stats.volume_ks_pvalue,
+            reason=stats.not_measured.get("volume_ks_pvalue"),
             min_value=t.min_volume_ks_pvalue,
             param=_param("min_volume_ks_pvalue"),
             why="KS test of synthetic vs real lesion volumes: a tiny p-value means different size distributions "
@@ -195,6 +226,7 @@ def synthetic_expectations(t: SyntheticThresholds, stats: SyntheticStats) -> lis
         _stat_expectation(
             "diversity",
             stats.diversity,
+            reason=stats.not_measured.get("diversity"),
             max_value=t.max_diversity,
             param=_param("max_diversity"),
             why="Mean pairwise correlation of samples sharing a condition: near 1 means mode collapse (check 11).",
@@ -202,6 +234,7 @@ def synthetic_expectations(t: SyntheticThresholds, stats: SyntheticStats) -> lis
         _stat_expectation(
             "acceptance_rate",
             stats.acceptance_rate,
+            reason=stats.not_measured.get("acceptance_rate"),
             min_value=1.0 - t.max_reject_fraction,
             param=_param("max_reject_fraction"),
             why="Share of samples the segmenter accepted must reach 1 - the tolerated reject fraction (check 15).",

@@ -139,6 +139,9 @@ STAGES: dict[str, StageSpec] = {
             params=(
                 "quality.synthetic",
                 "synth.roi_size",
+                "synth.method",  # these three name the study arm of quality.synthetic.study_evidence
+                "synth.generators",
+                "synth.new_per_case",
                 "synth.lefusion.bins",
                 "synth.lefusion.multi_class",
                 "evaluate.device",
@@ -155,6 +158,7 @@ STAGES: dict[str, StageSpec] = {
                 a.PROGRESSION_STORE,
                 a.GENERATORS,
                 a.ACCEPTANCE_MODEL,
+                a.STUDY_EVIDENCE,
             ),
             writes=(
                 a.SYNTHETIC_ACCEPTED,
@@ -177,10 +181,11 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="evaluate",
             fn=evaluate.run,
-            description="Sliding-window inference on the test split, mapped to the raw grid: Dice, HD95, NSD.",
+            description="Sliding-window inference on the test split, mapped to the raw grid: Dice, HD95, NSD, "
+            "lesion detection by size.",
             params=(*_SPLITS, "evaluate"),
             reads=(a.SEGMENTER, a.ACCEPTED, a.METADATA, a.RAW),
-            writes=(a.PREDICTIONS, a.METRICS, a.EVALUATE_REPORT),
+            writes=(a.PREDICTIONS, a.METRICS, a.EVALUATE_REPORT, a.EVALUATE_LESIONS),
             code=("src/lesionflow/seg",),
         ),
         StageSpec(

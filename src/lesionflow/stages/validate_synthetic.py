@@ -2,7 +2,8 @@
 
 One table row per generated lesion (``<sample id>#<k>``; ``generated == k + 1`` in the synthetic case marks it):
 exact invariants (background bit-exact outside the generated region, masks binary, one component, inside the
-organ), texture fidelity (Wasserstein-1 to the condition histogram), boundary gradient vs real lesions,
+organ), texture fidelity (Wasserstein-1 to the condition histogram, or without one to the nearest real training
+lesion's histogram), boundary gradient vs real lesions,
 memorization (correlation with the nearest training lesion inside the mask) and, when a segmenter is
 available (``quality.synthetic.acceptance_model``), the FreeTumor acceptance filter. Dataset statistics: KS
 test of new-lesion volumes vs real ones, diversity of lesions sharing a condition, acceptance rate. A sample
@@ -11,8 +12,16 @@ A montage of real vs synthetic lesions per class is written for people.
 
 Pasted lesions (``mask_source`` "paste", the copy-paste baseline) get the exact checks (background, binary mask
 with the plan's lesion values, one component, inside the organ), the boundary gradient and the volume KS (their
-volumes are the donors'); they have no condition, so no histogram W1 (0.0) and no diversity group, and their
-memorization correlation is not measured (NaN): a copy of a training lesion is what they are by design.
+volumes are the donors'); they have no condition, so their histogram W1 is to the nearest real training lesion
+(their donor: 0) and they have no diversity group, and their memorization correlation is not measured (NaN): a
+copy of a training lesion is what they are by design.
+
+Never fail open: a statistic that should have been measured but is not finite (empty lesion region, no class
+shared with the condition, no real lesion to compare with) is written as NaN with the reason in the row's
+``notes``, and the gate rejects the sample; a removal sample's histogram W1 is not applicable
+(``histogram_reference`` "none", said in ``notes``). A dataset statistic that is NaN passes only with the reason
+it was not measured (``SyntheticStats.not_measured``: too few volumes for the KS test, no condition shared by
+two lesions, no segmenter).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,6 +63,10 @@ from lesionflow.params import Params
 from lesionflow.quality.findings import gate_failed, gate_findings
 from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
+
+if TYPE_CHECKING:
+    from lesionflow.quality.synthetic_checks import KsResult
+    from lesionflow.quality.synthetic_suite import SyntheticStats
 
 STAGE = "validate-synthetic"
 #: lesions synthesize placed at a new position (a made mask or a moved real one): mask checks and the volume KS
@@ -109,13 +122,10 @@ def _lesion_rows(
 ) -> list[dict[str, Any]]:
     from lesionflow.quality.synthetic_checks import (
         background_max_abs_diff,
-        boundary_gradient,
         component_count,
         detected_fraction,
-        histogram_w1,
         inside_fraction,
     )
-    from lesionflow.synth.histograms import concatenated_histograms, lesion_histogram
 
     lp = params.synth.lefusion
     classes = plan_ctx["class_values"]
@@ -127,17 +137,13 @@ def _lesion_rows(
         pasted = c.lesion["mask_source"] == "paste"
         made = c.lesion["mask_source"] in MADE_MASKS
         values = set(plan_ctx["lesion_values"]) if pasted else allowed  # a donor keeps its classes, never 0
-        w1 = float("nan")
-        if c.lesion["histogram"]:
-            span = plan_ctx["value_range"]  # the histogram support recorded with the generator
-            if len(classes) > 1:
-                hist = concatenated_histograms(c.image, np.where(c.mask, c.label, 0), classes, lp.bins, span)
-            else:
-                hist = lesion_histogram(c.image, c.mask, lp.bins, span)
-            w1 = histogram_w1(hist, np.asarray(c.lesion["histogram"]), span, bins=lp.bins)
+        notes: list[str] = []
+        w1, reference = _texture_w1(c, plan_ctx, lp.bins, notes)
         nn = float("nan")
         if not pasted:
             nn = max((_ncc(c.image[0], r.image[0], c.mask) for r in real.lesions), default=float("nan"))
+            if not real.lesions:
+                notes.append("nn_similarity not measured: no real training lesion to compare with")
         rows.append(
             {
                 "sample_id": f"{sample['sample_id']}#{c.k}",
@@ -149,13 +155,88 @@ def _lesion_rows(
                 "mask_binary": int(set(np.unique(c.label[c.mask]).tolist()) <= values) if made else 1,
                 "components": component_count(c.region) if made else 1,
                 "inside_organ": inside_fraction(c.region, source.organ) if made else 1.0,
-                "histogram_w1": w1 if np.isfinite(w1) else 0.0,
-                "boundary_gradient_ratio": boundary_gradient(case.image[0], c.region) / plan_ctx["real_gradient"],
+                "histogram_w1": w1,
+                "histogram_reference": reference,
+                "boundary_gradient_ratio": _gradient_ratio(case.image[0], c.region, plan_ctx["real_gradient"], notes),
                 "nn_similarity": nn,
                 "detected_fraction": float("nan") if predicted is None else detected_fraction(predicted, c.region),
+                "notes": "; ".join(notes),
             }
         )
     return rows
+
+
+def _texture_w1(c: _LesionCrop, ctx: dict[str, Any], bins: int, notes: list[str]) -> tuple[float, str]:
+    """(histogram W1, what it compares with: "condition" | "real" | "none") of one lesion; NaN with the reason
+    appended to ``notes`` when it cannot be measured, never a made-up 0 (a perfect score)."""
+    from lesionflow.quality.synthetic_checks import histogram_w1, nearest_histogram_w1
+    from lesionflow.synth.histograms import concatenated_histograms, lesion_histogram
+
+    nan = float("nan")
+    if c.lesion["mask_source"] == "removal":
+        notes.append("histogram_w1 not applicable: a removal sample has no lesion texture to compare")
+        return nan, "none"
+    reference = "condition" if c.lesion["histogram"] else "real"
+    if not c.mask.any():
+        notes.append("histogram_w1 is not finite: the lesion region is empty in its ROI crop")
+        return nan, reference
+    if not np.all(np.isfinite(c.image[0][c.mask])):
+        notes.append("histogram_w1 is not finite: the lesion has non-finite intensities")
+        return nan, reference
+    classes = ctx["class_values"]
+    if reference == "condition":
+        span = ctx["value_range"]  # the histogram support recorded with the generator
+        if len(classes) > 1:
+            hist = concatenated_histograms(c.image, np.where(c.mask, c.label, 0), classes, bins, span)
+        else:
+            hist = lesion_histogram(c.image, c.mask, bins, span)
+        w1 = histogram_w1(hist, np.asarray(c.lesion["histogram"]), span, bins=bins)
+        why = "no lesion class is present in both the lesion and its condition histogram"
+    else:
+        span = ctx["real_value_range"]
+        hist = lesion_histogram(c.image, c.mask, bins, span)
+        w1 = nearest_histogram_w1(hist, ctx["real_histograms"], span)
+        why = "no real training lesion histogram to compare with"
+    if not np.isfinite(w1):
+        notes.append(f"histogram_w1 is not finite ({w1}): {why}")
+        return nan, reference
+    return float(w1), reference
+
+
+def _gradient_ratio(image: np.ndarray, region: np.ndarray, real_gradient: float, notes: list[str]) -> float:
+    """Boundary gradient of ``region`` over the median real one; NaN with the reason in ``notes`` if not finite."""
+    from lesionflow.quality.synthetic_checks import boundary_gradient
+
+    if not region.any():
+        notes.append("boundary_gradient_ratio is not finite: the lesion region is empty")
+        return float("nan")
+    if not np.isfinite(real_gradient):
+        notes.append("boundary_gradient_ratio is not finite: no real lesion boundary gradient to compare with")
+        return float("nan")
+    ratio = boundary_gradient(image, region) / real_gradient
+    if not np.isfinite(ratio):
+        notes.append(f"boundary_gradient_ratio is not finite ({ratio}): non-finite intensities at the boundary")
+        return float("nan")
+    return float(ratio)
+
+
+def _real_texture(real: Any, bins: int, recorded: tuple[float, float] | None) -> dict[str, Any]:
+    """The reference for lesions without a condition histogram: every real training lesion's histogram (channel
+    0) over LeFusion's recorded support, else over the real lesions' 0.5-99.5th percentiles + 10% margin (the
+    rule LeFusion derives its support with)."""
+    from lesionflow.synth.histograms import lesion_histogram
+
+    lesions = [r for r in real.lesions if r.mask.any() and np.all(np.isfinite(r.image[0][r.mask]))]
+    if recorded is None and lesions:
+        voxels = np.concatenate([r.image[0][r.mask] for r in lesions]).astype(np.float64)
+        lo, hi = (float(v) for v in np.percentile(voxels, [0.5, 99.5]))
+        margin = 0.1 * (hi - lo) or 1.0  # one constant intensity: any non-empty span
+        recorded = (lo - margin, hi + margin)
+    span = recorded or (-1.0, 1.0)
+    return {
+        "real_value_range": span,
+        "real_histograms": [lesion_histogram(r.image, r.mask, bins, span) for r in lesions],
+    }
 
 
 def _recorded_value_range(ws: Workspace, samples: list[dict[str, Any]]) -> tuple[float, float] | None:
@@ -166,16 +247,45 @@ def _recorded_value_range(ws: Workspace, samples: list[dict[str, Any]]) -> tuple
     return float(lo), float(hi)
 
 
+def _check_study_evidence(ws: Workspace, params: Params) -> None:
+    """Utility in the loop (quality.synthetic.study_evidence): refuse the synthetic data, leaving nothing accepted,
+    unless the named study showed these generators' arm at least min_study_effect (quality/study_evidence.py)."""
+    from lesionflow.catalog.readers import generator_digest
+    from lesionflow.errors import GateFailed
+    from lesionflow.quality.study_evidence import study_verdict
+    from lesionflow.study.design import ARM_SYNTH, arm_of_synth
+
+    q = params.quality.synthetic
+    if not q.study_evidence.strip():
+        return
+    path = ws.path(q.study_evidence)
+    arm = arm_of_synth(params.synth)
+    try:
+        if not path.is_file():
+            raise GateFailed(
+                f"quality.synthetic.study_evidence = {q.study_evidence}: no such file; run `lesionflow study` first "
+                "(it writes reports/study/summary.json) or clear the setting"
+            )
+        names = ARM_SYNTH.get(arm, {}).get("generators", []) if arm else []
+        digests = {n: generator_digest(ws, n) for n in names}
+        note = study_verdict(json.loads(path.read_text()), arm, digests, q.min_study_effect, source=q.study_evidence)
+    except GateFailed:
+        SYNTHETIC_ACCEPTED.at(ws).unlink(missing_ok=True)  # a failed gate leaves nothing a later stage reads
+        raise
+    print(f"{STAGE}: {note}", file=sys.stderr)
+
+
 def run(ws: Workspace, params: Params) -> StageResult:
     import pandas as pd
 
     from lesionflow.progress import rich_progress
     from lesionflow.quality.synthetic_checks import boundary_gradient, volume_ks
-    from lesionflow.quality.synthetic_suite import SyntheticStats, SyntheticThresholds, run_synthetic_gate
+    from lesionflow.quality.synthetic_suite import SyntheticThresholds, run_synthetic_gate
     from lesionflow.store.zarr_store import read_case
     from lesionflow.synth.roi_store import read_roi_set
 
     manifest = json.loads(require(ws, SYNTHETIC_MANIFEST).read_text())
+    _check_study_evidence(ws, params)
     samples = manifest["samples"]
     trajectories = read_progression_manifest(ws)
     progression = _progression_gate(ws, params, trajectories) if trajectories else None
@@ -184,12 +294,14 @@ def run(ws: Workspace, params: Params) -> StageResult:
     real = read_roi_set(ROIS_STORE.at(ws))
     plan = load_plan(ws)
     classes = lesion_classes(plan.label_values, params.synth.lefusion.multi_class)
-    gradients = [boundary_gradient(r.image[0], r.mask) for r in real.lesions]
+    gradients = [g for g in (boundary_gradient(r.image[0], r.mask) for r in real.lesions) if np.isfinite(g)]
+    value_range = _recorded_value_range(ws, samples)
     ctx = {
         "class_values": classes,
         "lesion_values": tuple(v for v in plan.label_values if v != 0),
-        "real_gradient": float(np.nanmedian(gradients)) or 1.0,
-        "value_range": _recorded_value_range(ws, samples),
+        "real_gradient": (float(np.median(gradients)) or 1.0) if gradients else float("nan"),
+        "value_range": value_range,
+        **_real_texture(real, params.synth.lefusion.bins, value_range),
     }
     identity, folder, note = acceptance_model(ws, params)
     print(f"{STAGE}: {note}", file=sys.stderr)
@@ -214,7 +326,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     detected = table["detected_fraction"].dropna() if len(table) else pd.Series(dtype=float)
     q = params.quality.synthetic
     acceptance = float((detected >= q.min_detected_fraction).mean()) if len(detected) else float("nan")
-    stats = SyntheticStats(volume_ks_pvalue=ks.pvalue, diversity=diversity, acceptance_rate=acceptance)
+    stats = _population_stats(ks, diversity, acceptance, segment is not None)
     thresholds = SyntheticThresholds(
         max_histogram_w1=q.max_histogram_w1,
         min_volume_ks_pvalue=q.min_volume_ks_pvalue,
@@ -236,7 +348,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     summary = {
         "n_samples": len(samples),
         "n_lesions": len(table),
-        "volume_ks_pvalue": ks.pvalue,
+        "volume_ks_pvalue": stats.volume_ks_pvalue,
         "diversity": diversity,
         "acceptance_rate": acceptance,
         "segmenter": identity,
@@ -246,6 +358,27 @@ def run(ws: Workspace, params: Params) -> StageResult:
     }
     extra = {"montage": SYNTHETIC_MONTAGE.path, "report": report}
     return _finish(ws, samples, rejected_samples, progression, summary, findings, extra)
+
+
+def _population_stats(ks: KsResult, diversity: float, acceptance: float, segmenter: bool) -> SyntheticStats:
+    """:class:`SyntheticStats` with the reason of each statistic that is not measured (NaN then passes); a KS
+    test with fewer than 2 volumes on a side is not measured (NaN), not the p-value 1.0 of a perfect match."""
+    from lesionflow.quality.synthetic_suite import SyntheticStats
+
+    not_measured: dict[str, str] = {}
+    pvalue = ks.pvalue
+    if ks.n_real < 2 or ks.n_synthetic < 2:
+        pvalue = float("nan")
+        not_measured["volume_ks_pvalue"] = (
+            f"{ks.n_synthetic} new-mask lesion volume(s) vs {ks.n_real} real: the KS test needs 2 on each side"
+        )
+    if not np.isfinite(diversity):
+        not_measured["diversity"] = "no condition (LeFusion cluster) is shared by 2 lesions"
+    if not np.isfinite(acceptance):
+        not_measured["acceptance_rate"] = (
+            "no lesion was scored: no acceptance segmenter" if not segmenter else "the segmenter scored no lesion"
+        )
+    return SyntheticStats(pvalue, diversity, acceptance, not_measured)
 
 
 def _finish(
