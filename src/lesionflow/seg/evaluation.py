@@ -5,15 +5,23 @@ preprocessed with the *model's* target spacing and normalization (from its confi
 dataset's plan), the sliding-window prediction is mapped back onto the raw grid (undo resample, crop and
 RAS reorientation), and metrics are computed there, in the raw voxel spacing (mm). The label never
 influences preprocessing (crop or normalization mask): inference sees what a deployed model would see.
+
+Reports: ``cases.csv`` has one row per (case, label) with the voxel metrics of :mod:`lesionflow.seg.metrics`
+followed by the lesion-detection counts of :mod:`lesionflow.seg.detection` (``lesions, detected,
+false_positives, lesions_<bin>, detected_<bin>``, per (case, label); a case's counts are the sums over its rows);
+``lesions.csv`` has one row per truth lesion (size in voxels, mm³ and equivalent diameter in mm, its size bin,
+detected or not). The summary adds pooled sensitivity overall and per size bin and false positives per case.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from lesionflow.catalog.artifacts import RAW, RAW_CASES, raw_case_file
@@ -25,8 +33,16 @@ from lesionflow.params import EvaluateParams
 from lesionflow.preprocess.geometry import spacing_of
 from lesionflow.preprocess.ops import preprocess_arrays
 from lesionflow.progress import rich_progress
+from lesionflow.seg.detection import (
+    ClassDetection,
+    case_detection,
+    detection_table,
+    lesions_table,
+    size_bin_names,
+    summarize_detection,
+)
 from lesionflow.seg.inference import predict_case
-from lesionflow.seg.metrics import ClassMetrics, case_metrics
+from lesionflow.seg.metrics import ClassMetrics, case_metrics, metrics_table
 from lesionflow.seg.model_files import SegmenterConfig
 from lesionflow.workspace import Workspace
 
@@ -38,6 +54,7 @@ class EvaluationSettings:
     nsd_tolerance_mm: float
     hd_percentile: float
     amp_dtype: torch.dtype | None = None
+    lesion_size_bins_mm: tuple[float, ...] = (6.0, 10.0)  # diameter edges, mm (EvaluateParams)
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,7 @@ class CaseEvaluation:
     case_id: str
     prediction: np.ndarray  # (i, j, k) uint8 label values on the raw grid (geometry = the raw affine)
     metrics: list[ClassMetrics]  # empty when the case has no ground truth
+    detection: list[ClassDetection] = field(default_factory=list)  # same classes; empty without ground truth
 
 
 def evaluate_case(
@@ -78,18 +96,42 @@ def evaluate_case(
     )
     assert prediction.raw is not None
     metrics: list[ClassMetrics] = []
+    detection: list[ClassDetection] = []
     if truth is not None:
         names = {int(k): v for k, v in config.label_names.items()}
+        spacing = spacing_of(affine)
         metrics = case_metrics(
             prediction.raw,
             np.asarray(truth),
-            spacing_of(affine),
+            spacing,
             config.label_values,
             names,
             nsd_tolerance_mm=settings.nsd_tolerance_mm,
             hd_percentile=settings.hd_percentile,
         )
-    return CaseEvaluation(case_id, prediction.raw, metrics)
+        detection = case_detection(
+            prediction.raw, np.asarray(truth), spacing, config.label_values, names, settings.lesion_size_bins_mm
+        )
+    return CaseEvaluation(case_id, prediction.raw, metrics, detection)
+
+
+def report_tables(
+    results: Sequence[CaseEvaluation], edges_mm: Sequence[float]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float | int | None]]:
+    """(cases table, lesions table, detection summary) of evaluated cases that had ground truth.
+
+    The cases table is :func:`lesionflow.seg.metrics.metrics_table` (its columns and values unchanged) with the
+    :func:`lesionflow.seg.detection.detection_columns` appended, one row per (case, label) in input order; the
+    summary is :func:`lesionflow.seg.detection.summarize_detection` over ``len(results)`` cases."""
+    bins = size_bin_names(edges_mm)
+    metrics = metrics_table([(r.case_id, r.metrics) for r in results])
+    pairs = [(r.case_id, d) for r in results for d in r.detection]
+    detection = detection_table(pairs, bins)
+    table = metrics.merge(detection, on=["case_id", "label"], how="left", validate="one_to_one", sort=False)
+    if len(table) != len(metrics) or len(detection) != len(metrics) or table.isna().any().any():
+        raise ValueError("metrics and detection rows differ: expected one detection row per (case, label) metric")
+    summary = summarize_detection(detection, bins, len(results))
+    return table, lesions_table(pairs), summary
 
 
 def split_digest(records: list[CaseRecord]) -> str:
@@ -114,7 +156,7 @@ def evaluate_cases(
 ) -> EvaluationReport:
     """Predict and score ``records`` (cases of ``raw_ws``'s data/raw) with the model in ``model_dir``."""
     from lesionflow.io.volumes import Volume, read_volume, write_nifti
-    from lesionflow.seg.metrics import case_means, metrics_table, summarize
+    from lesionflow.seg.metrics import case_means, summarize
     from lesionflow.seg.model_files import load_segmenter
     from lesionflow.seg.plots import CaseTile, case_montage_png, metrics_boxplot_png, pick_slice
 
@@ -127,9 +169,13 @@ def evaluate_cases(
     device = resolve_device(settings.device)
     network, config = load_segmenter(model_dir, device)
     knobs = EvaluationSettings(
-        settings.sw_overlap, settings.sw_batch_size, settings.nsd_tolerance_mm, settings.hd_percentile
+        settings.sw_overlap,
+        settings.sw_batch_size,
+        settings.nsd_tolerance_mm,
+        settings.hd_percentile,
+        lesion_size_bins_mm=tuple(settings.lesion_size_bins_mm),
     )
-    rows: list[Any] = []
+    results: list[CaseEvaluation] = []
     tiles_src: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for rec in rich_progress(labelled, "evaluate", len(labelled)):
         folder = RAW_CASES.at(raw_ws) / rec.case_id
@@ -137,11 +183,12 @@ def evaluate_cases(
         truth = read_volume(raw_case_file(folder, "label"), rec.case_id)
         result = evaluate_case(network, config, rec.case_id, image.array, image.affine, truth.array, knobs, device)
         write_nifti(Volume(result.prediction, image.affine), pred_dir / f"{rec.case_id}.nii.gz")
-        rows.extend((rec.case_id, m) for m in result.metrics)
+        results.append(result)  # its prediction is the array the montage keeps anyway
         first = image.array if image.array.ndim == 3 else image.array[..., 0]
         tiles_src[rec.case_id] = (first, np.asarray(truth.array), result.prediction)
-    table = metrics_table(rows)
+    table, lesions, detection = report_tables(results, knobs.lesion_size_bins_mm)
     summary: dict[str, Any] = dict(summarize(table))
+    summary.update(detection)
     summary.update(
         {
             "test_split_digest": split_digest(labelled),
@@ -151,6 +198,7 @@ def evaluate_cases(
     )
     report_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(report_dir / "cases.csv", index=False, float_format="%.6f", lineterminator="\n")
+    lesions.to_csv(report_dir / "lesions.csv", index=False, float_format="%.6f", lineterminator="\n")
     metrics_boxplot_png(table, report_dir / "boxplot.png")
     ranked = case_means(table).sort_values(["dice", "case_id"], ascending=[False, True])["case_id"].tolist()
     n = settings.montage_cases
@@ -166,6 +214,7 @@ def evaluate_cases(
     case_montage_png(tiles, report_dir / "montage.png")
     outputs = {
         "cases": str(report_dir / "cases.csv"),
+        "lesions": str(report_dir / "lesions.csv"),
         "boxplot": str(report_dir / "boxplot.png"),
         "montage": str(report_dir / "montage.png"),
         "predictions": str(pred_dir),
