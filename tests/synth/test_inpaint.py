@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from lesionflow.diffusion.samplers import count_network_evaluations
+from lesionflow.diffusion.schedules import space_timesteps
 from lesionflow.diffusion.unet import ConditionalUNet3D
+from lesionflow.params import load_params, preset_overrides
 from lesionflow.params_synth import DdpmParams
 from lesionflow.seeding import torch_generator
 from lesionflow.seg.checkpoint import latest_valid
@@ -18,10 +21,12 @@ from lesionflow.synth.inpaint import (
     inpaint_batch,
     insert_lesion,
     make_ddpm_model,
+    network_evaluations,
     noise_schedule,
     patch_batches,
     removal_mask,
     remove_lesion,
+    sampling_schedule,
     train_ddpm,
 )
 from lesionflow.synth.placement import sphere_mask
@@ -200,3 +205,54 @@ def test_non_float32_input_keeps_the_background_exact(trained: tuple[Conditional
     out = inpaint(trained[0], SETTINGS, image, mask, torch_generator(0, "f64"))
     assert out.dtype == np.float64
     assert np.array_equal(out[:, ~mask], image[:, ~mask])
+
+
+# --------------------------------------------------------------------------- sampling steps (respacing)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fed_timesteps(model: ConditionalUNet3D) -> list[int]:
+    """Records the timestep of every forward pass (a real hook on the real model, no mock)."""
+    fed: list[int] = []
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, object]) -> None:
+        t = args[1] if len(args) > 1 else kwargs["t"]
+        assert isinstance(t, torch.Tensor)
+        fed.append(int(t[0]))
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return fed
+
+
+@pytest.mark.parametrize(("sample_steps", "kept"), [(5, (0, 5, 10, 14, 19)), (0, tuple(range(20)))])
+def test_sample_steps_respace_and_count_the_network_evaluations(
+    rois: list[Roi], sample_steps: int, kept: tuple[int, ...]
+) -> None:
+    params = DdpmParams(timesteps=20, sample_steps=sample_steps, jump_length=2, jump_n_sample=2)
+    assert space_timesteps(20, sample_steps or 20) == kept
+    assert sampling_schedule(params).timestep_map == kept
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make_ddpm_model(1, params)
+    fed = _fed_timesteps(model)
+    roi = next(r for r in rois if r.kind == "candidate")
+    mask = sphere_mask(SIZE, (8, 8, 8), 3.0)
+    out = inpaint(model, params, roi.image, mask, torch_generator(0, "respaced"))
+    assert len(fed) == network_evaluations(params) == count_network_evaluations(len(kept), 2, 2)
+    assert len(fed) == (9 if sample_steps else 38)
+    assert set(fed) == set(kept)  # the network sees training indices, every kept one
+    assert fed[0] == 19
+    assert np.array_equal(out[:, ~mask], roi.image[:, ~mask])  # bitwise outside the mask
+    assert np.isfinite(out).all()
+
+
+def test_sample_steps_settings_and_the_repaint_preset() -> None:
+    with pytest.raises(ValueError, match="sample_steps 60 exceeds timesteps 50"):
+        DdpmParams(timesteps=50, sample_steps=60)
+    assert DdpmParams().sample_steps == 0  # toy default: all T steps, as before
+    assert network_evaluations(DdpmParams()) == 98
+    preset = load_params(REPO / "params.yaml", preset_overrides("repaint", [REPO])).synth.ddpm
+    assert (preset.timesteps, preset.sample_steps, preset.jump_length, preset.jump_n_sample) == (1000, 250, 10, 10)
+    assert network_evaluations(preset) == 2410  # the authors' count (9910 without respacing)
+    assert network_evaluations(preset.model_copy(update={"sample_steps": 0})) == 9910

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from lesionflow.diffusion.samplers import repaint_sample
-from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule
+from lesionflow.diffusion.schedules import NoiseSchedule, cosine_schedule, respace_schedule
 from lesionflow.diffusion.trainer import GeneratorTrainOutcome, eps_loss, train_generator
 from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig, make_eps_fn
 from lesionflow.params_synth import LeFusionParams
@@ -354,12 +354,13 @@ def synthesize_batch(
     where = torch.from_numpy(np.ascontiguousarray(union))[:, None].to(device).expand_as(known)
     cond = torch.from_numpy(hist).to(device)
     # 2. RePaint with the jump schedule and the final hard paste ([RePaint] Algorithm 1 + Sec. 4.2 jumps, as the
-    #    authors' ``p_sample_loop_repaint``)
+    #    authors' ``p_sample_loop_repaint``), on params.sample_steps steps of stride T/N (DDIM-style respacing,
+    #    https://arxiv.org/abs/2102.09672 Sec. 4; 0 = all T): the background is merged in at every kept step
     out = repaint_sample(
         make_eps_fn(model.eval(), cond=cond),
         known,
         where,
-        noise_schedule(params),
+        respace_schedule(noise_schedule(params), f"ddim{params.sample_steps or params.timesteps}"),
         jump_length=params.jump_length,
         jump_n_sample=params.jump_n_sample,
         generator=generator,
