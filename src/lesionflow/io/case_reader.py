@@ -1,6 +1,7 @@
 """Read one discovered case into checked volumes: channels stacked, labels made integral, DICOM de-identified.
 
-Structural problems (unreadable, wrong dimensionality, zero-length axes, channel mismatch) raise
+Structural problems (unreadable, wrong dimensionality, zero-length axes, channel mismatch, a sheared, singular
+or non-finite affine, a voxel type NIfTI cannot store: :mod:`lesionflow.io.geometry`) raise
 :class:`CaseRejected` here; content problems (NaN, label values, image/label mismatch) are measured into
 the manifest and judged by the raw gate.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lesionflow.errors import CaseRejected
+from lesionflow.io.geometry import check_affine, check_dtype
 from lesionflow.io.sources import CaseSource, DatasetInfo
 from lesionflow.io.volumes import Volume, read_volume, volume_suffix
 
@@ -29,12 +31,20 @@ class LoadedCase:
     deid_report_json: str = ""
 
 
+def _checked(volume: Volume, case_id: str, name: str, *, tilt: bool = False) -> Volume:
+    """``volume`` once its affine is orthogonal and finite and its voxel type storable (int64 narrowed)."""
+    check_affine(volume.affine, case_id, name, tilt=tilt)
+    array = check_dtype(volume.array, case_id, name)
+    return volume if array is volume.array else Volume(array, volume.affine, volume.header)
+
+
 def _check_spatial(volume: Volume, case_id: str, what: str, name: str) -> None:
     if volume.array.ndim < 3:
         raise CaseRejected(
             case_id,
             "not_3d",
-            f"{what} {name} is {volume.array.ndim}D with shape {tuple(volume.array.shape)}; expected a 3D volume",
+            f"{what} {name} is {volume.array.ndim}D with shape {tuple(volume.array.shape)}; expected a 3D volume, "
+            "re-export it as one",
         )
     if 0 in volume.array.shape:
         raise CaseRejected(
@@ -107,12 +117,16 @@ def read_case(
     if case.dicom_series is not None:
         return _read_dicom(case, deid_key, spacing_tolerance)
     names = [p.name for p in case.images]
-    image = _as_image([read_volume(p, case.case_id) for p in case.images], len(info.modalities), case.case_id, names)
+    cid = case.case_id
+    volumes = [_checked(read_volume(p, cid), cid, p.name) for p in case.images]
+    image = _as_image(volumes, len(info.modalities), cid, names)
     label = organ = None
     if case.label is not None:
-        label = _as_label(read_volume(case.label, case.case_id), case.case_id, "label", case.label.name)
+        label = _as_label(_checked(read_volume(case.label, cid), cid, case.label.name), cid, "label", case.label.name)
+        label = _checked(label, cid, case.label.name)  # a float label of huge whole numbers stays int64
     if case.organ is not None:
-        organ = _as_label(read_volume(case.organ, case.case_id), case.case_id, "organ", case.organ.name)
+        organ = _as_label(_checked(read_volume(case.organ, cid), cid, case.organ.name), cid, "organ", case.organ.name)
+        organ = _checked(organ, cid, case.organ.name)
     fmt = _FORMATS.get(volume_suffix(case.images[0]) or "", "unknown")
     return LoadedCase(image, label, organ, fmt, info.modalities[0])
 
@@ -125,6 +139,8 @@ def _read_dicom(case: CaseSource, deid_key: object, spacing_tolerance: float) ->
     series = case.dicom_series
     image = dicom.read_series(series, case.case_id, spacing_tolerance=spacing_tolerance)
     _check_spatial(image, case.case_id, "image", "DICOM series")
+    # read_series keeps a gantry tilt as a sheared slice axis; stored, the shear would be lost downstream.
+    image = _checked(image, case.case_id, "DICOM series", tilt=True)
     header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
     report = deid.deidentify(header, deid_key)  # type: ignore[arg-type]
     return LoadedCase(

@@ -12,7 +12,7 @@ Contract:
 * A series that cannot be turned into one regular 3D grid raises :class:`CaseRejected` with a stable code
   (``too_few_slices``, ``inconsistent_series``, ``duplicate_slice``, ``missing_slice``,
   ``uneven_slice_spacing``, ``missing_geometry``, ``unreadable_file``, ``unsupported_transfer_syntax``,
-  ``unsupported_image``) and a one-line message naming the values and the fix. Nothing is resampled.
+  ``unsupported_image``, ``huge_dims``) and a one-line message naming the values and the fix. Nothing is resampled.
 
 Messages name files by base name only (never the folder, which often carries a patient name), and never
 print identifying header values. The SeriesInstanceUID is only held in memory.
@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from lesionflow.errors import CaseRejected
+from lesionflow.io.headers import MAX_VOXELS
 from lesionflow.io.volumes import Volume, itk_geometry_to_affine
 
 # (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data, as the 4 tag
@@ -243,11 +244,9 @@ def read_series(series: DicomSeries, case_id: str, *, spacing_tolerance: float =
     affine is (IPP_last - IPP_first) / (n - 1), so gantry-tilted and oblique stacks keep their true geometry.
     ``spacing_tolerance`` is the allowed relative deviation of each gap from the median gap.
     """
-    if len(series.files) < 2:
-        raise _reject(case_id, "too_few_slices")(
-            f"series has {len(series.files)} slice(s), a volume needs at least 2; export the full series"
-        )
     datasets = [_read_file(path, case_id) for path in series.files]
+    # Multi-frame (enhanced) objects are named as such before counting files: one enhanced CT file is not
+    # "a series with one slice".
     for path, ds in zip(series.files, datasets, strict=True):
         if int(ds.get("NumberOfFrames", 1) or 1) > 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise _reject(case_id, "unsupported_image")(
@@ -262,6 +261,10 @@ def read_series(series: DicomSeries, case_id: str, *, spacing_tolerance: float =
             raise _reject(case_id, "inconsistent_series")(
                 f"{path.name} belongs to another series; group files with find_series"
             )
+    if len(series.files) < 2:
+        raise _reject(case_id, "too_few_slices")(
+            f"series has {len(series.files)} slice(s), a volume needs at least 2; export the full series"
+        )
     geometry = [_slice_geometry(ds, path, case_id) for path, ds in zip(series.files, datasets, strict=True)]
     _check_consistent("ImageOrientationPatient", [g[0] for g in geometry], 1e-4, case_id)
     _check_consistent("PixelSpacing", [g[2] for g in geometry], 1e-4, case_id)
@@ -286,6 +289,11 @@ def read_series(series: DicomSeries, case_id: str, *, spacing_tolerance: float =
             f" {median_gap:.3f} mm); resample to a regular grid"
         )
 
+    if n_rows * n_cols * n > MAX_VOXELS:  # checked before the output buffer is allocated
+        raise _reject(case_id, "huge_dims")(
+            f"series claims {n_cols}x{n_rows}x{n} = {n_cols * n_rows * n:.3g} voxels, more than {MAX_VOXELS} (2^31);"
+            " the headers are corrupt or the series must be split before ingest"
+        )
     slopes = [float(ds.get("RescaleSlope", 1) or 1) for ds in datasets]
     intercepts = [float(ds.get("RescaleIntercept", 0) or 0) for ds in datasets]
     # float32 holds every integer below 2**24 exactly, so it is a lossless buffer for the int16 case too.

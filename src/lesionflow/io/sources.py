@@ -70,6 +70,12 @@ def _inside(root: Path, path: Path) -> bool:
     return True
 
 
+def _escapes(written: str) -> bool:
+    """True when a path as written in dataset.json leaves the dataset folder (``../``, absolute)."""
+    normal = os.path.normpath(written)
+    return os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep)
+
+
 def _check_file(root: Path, path: Path, case_id: str, what: str) -> CaseRejected | None:
     """Reject paths that escape the source (``../``, absolute, symlinks outside) or do not exist."""
     if path.is_symlink() and not _inside(root, path):
@@ -79,8 +85,11 @@ def _check_file(root: Path, path: Path, case_id: str, what: str) -> CaseRejected
             f"{what} {path.name} is a symlink pointing outside the source; copy the file into the source",
         )
     if not _inside(root, path):
+        shown = os.path.relpath(path, root)  # where it points, relative to the dataset folder
         return CaseRejected(
-            case_id, "path_escapes_source", f"{what} path escapes the source folder; keep every file under {root.name}/"
+            case_id,
+            "path_escapes_source",
+            f"{what} path {shown!r} escapes the source folder; keep every file under {root.name}/",
         )
     if not path.exists():
         return CaseRejected(case_id, "missing_file", f"{what} {path.name} does not exist; fix the path or add the file")
@@ -170,7 +179,11 @@ def _msd(data: dict[str, Any], path: Path, root: Path) -> Discovery:
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                 raise SourceError(f"{path}: {key}[{index}] must be an object with an 'image' path, found {entry!r}")
             image = root / entry["image"]
-            case_id = safe_case_id(strip_volume_suffix(Path(entry["image"]).name))
+            # An entry whose image path leaves the dataset is named by its own place in dataset.json
+            # ("training[3]"), never by the file it points to (that name may be another case's, or /etc/passwd).
+            # The brackets make it an invalid case id, so its quarantine folder cannot collide with a case's.
+            escapes = _escapes(entry["image"])
+            case_id = f"{key}[{index}]" if escapes else safe_case_id(strip_volume_suffix(Path(entry["image"]).name))
             files = {"image": image}
             for role in ("label", "organ"):
                 if isinstance(entry.get(role), str):

@@ -82,10 +82,15 @@ def read_volume(path: str | Path, case_id: str) -> Volume:
     suffix = volume_suffix(path)
     if suffix is None:
         raise CaseRejected(case_id, "unsupported_format", f"{path.name} is not NIfTI, NRRD or MHA; convert it")
+    from lesionflow.io.headers import check_itk_header, check_nifti_header
+
     try:
+        # The header is checked against the file first: nothing is allocated from an unchecked claim.
         if suffix in NIFTI_SUFFIXES:
+            check_nifti_header(path, case_id)
             return _read_nifti(path)
-        return _read_itk(path)
+        check_itk_header(path, case_id)
+        return _read_itk(path, case_id)
     except CaseRejected:
         raise
     except PermissionError:
@@ -155,12 +160,12 @@ def affine_to_itk_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple
     return tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple(direction.reshape(-1).tolist())
 
 
-def _read_itk(path: Path) -> Volume:
+def _read_itk(path: Path, case_id: str) -> Volume:
     import SimpleITK as sitk  # heavy; only needed for NRRD/MHA/DICOM
 
     img = sitk.ReadImage(str(path))
     if img.GetDimension() != 3:
-        raise CaseRejected("?", "not_3d", f"{path.name} has {img.GetDimension()} dimensions, expected 3")
+        raise CaseRejected(case_id, "not_3d", f"{path.name} has {img.GetDimension()} dimensions, expected 3")
     array = sitk.GetArrayFromImage(img)  # (k, j, i[, c]) -> (i, j, k[, c])
     array = array.transpose((2, 1, 0, 3)) if array.ndim == 4 else array.transpose((2, 1, 0))
     affine = itk_geometry_to_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())

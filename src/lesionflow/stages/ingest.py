@@ -4,6 +4,10 @@ Contracts:
 * data/raw is append-only. A case already stored is never rewritten: the same source bytes are skipped
   (re-ingesting costs one hash per file), different bytes under a stored case id are quarantined.
 * A case appears completely or not at all: it is written into ``data/raw/.staging`` and renamed.
+* Per-case isolation: any failure while reading, checking, measuring or writing one case quarantines that
+  case with one line (an unanticipated exception: code ``unreadable``/``cannot_store`` and its one-line
+  message) and the others go on. Only dataset-level faults stop the stage: an unreadable dataset.json, no
+  case at all, an ``OSError`` while writing the workspace (disk full, read-only).
 * DICOM is de-identified before anything is stored; its case id and source URI are pseudonymous.
 * Credentials never reach logs, manifests or reports (``redact_uri``).
 """
@@ -137,20 +141,42 @@ def _record(
     )
 
 
+def _unexpected(err: BaseException, doing: str) -> tuple[str, str]:
+    """(code, one-line message) for an exception no check anticipated: named, never swallowed."""
+    if isinstance(err, MemoryError):
+        return (
+            "out_of_memory",
+            f"{doing} the case needed more memory than is free (MemoryError); crop or split the scan, or ingest "
+            "it on a machine with more memory",
+        )
+    text = " ".join(str(err).split())[:200] or "no message"
+    return (
+        "unreadable" if doing == "reading" else "cannot_store",
+        f"{doing} the case failed with {type(err).__name__}: {text}; check the file's header (nib-ls, "
+        "SimpleITK) and re-export it, or report it to lesionflow if the file is valid",
+    )
+
+
 def _store_case(ws: Workspace, case_id: str, loaded: LoadedCase) -> dict[str, str]:
-    """Write the case into staging, then rename into data/raw/cases/<id> (all or nothing)."""
+    """Write the case into staging, then rename into data/raw/cases/<id> (all or nothing).
+
+    A failure part way removes the staging folder before it propagates: no half-written case is left."""
     staging = RAW.at(ws) / ".staging" / case_id
     shutil.rmtree(staging, ignore_errors=True)
-    shas = {"image": write_nifti(loaded.image, raw_case_file(staging, "image"))}
-    if loaded.label is not None:
-        shas["label"] = write_nifti(loaded.label, raw_case_file(staging, "label"))
-    if loaded.organ is not None:
-        shas["organ"] = write_nifti(loaded.organ, raw_case_file(staging, "organ"))
-    if loaded.dicom_header_json:
-        (staging / "dicom_header.json").write_text(loaded.dicom_header_json)
-        (staging / "deid_report.json").write_text(loaded.deid_report_json)
-    RAW_CASES.at(ws).mkdir(parents=True, exist_ok=True)
-    staging.rename(RAW_CASES.at(ws) / case_id)
+    try:
+        shas = {"image": write_nifti(loaded.image, raw_case_file(staging, "image"))}
+        if loaded.label is not None:
+            shas["label"] = write_nifti(loaded.label, raw_case_file(staging, "label"))
+        if loaded.organ is not None:
+            shas["organ"] = write_nifti(loaded.organ, raw_case_file(staging, "organ"))
+        if loaded.dicom_header_json:
+            (staging / "dicom_header.json").write_text(loaded.dicom_header_json)
+            (staging / "deid_report.json").write_text(loaded.deid_report_json)
+        RAW_CASES.at(ws).mkdir(parents=True, exist_ok=True)
+        staging.rename(RAW_CASES.at(ws) / case_id)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return shas
 
 
@@ -226,15 +252,33 @@ def run(ws: Workspace, params: Params, *, progress: ProgressFactory[Any] = rich_
             continue
         if quarantined.get(case.case_id, {}).get("source_sha256") == src_sha:
             continue  # rejected earlier for these very bytes; reason.json already says why
+        if case.dicom_series is not None and key is None:
+            key = _deid_key(params)
+        # Per-case isolation: whatever goes wrong with this case's files quarantines this case (one line,
+        # never a traceback) and the loop goes on. Reading, checking and measuring come first, so a case
+        # whose statistics cannot be computed never reaches data/raw.
         try:
-            if case.dicom_series is not None and key is None:
-                key = _deid_key(params)
             loaded = read_case(case, found.info, deid_key=key, spacing_tolerance=params.ingest.slice_spacing_tolerance)
-            shas = _store_case(ws, case.case_id, loaded)
+            measured = _record(case, loaded, {"image": ""}, found.info, uri, src_sha)
         except CaseRejected as rej:
             rejections.append(Rejection(case.case_id, STAGE, rej.code, rej.message, uri, src_sha))
             continue
-        stored[case.case_id] = _record(case, loaded, shas, found.info, uri, src_sha)
+        except Exception as err:  # noqa: BLE001 - a reader/library failure on one file is that case's fault
+            rejections.append(Rejection(case.case_id, STAGE, *_unexpected(err, "reading"), uri, src_sha))
+            continue
+        try:
+            shas = _store_case(ws, case.case_id, loaded)
+        except OSError:
+            raise  # the workspace (disk full, read-only, permissions) is at fault: a dataset-level stop
+        except Exception as err:  # noqa: BLE001 - e.g. an affine the NIfTI writer cannot encode
+            rejections.append(Rejection(case.case_id, STAGE, *_unexpected(err, "storing"), uri, src_sha))
+            continue
+        stored[case.case_id] = replace(
+            measured,
+            image_sha256=shas["image"],
+            label_sha256=shas.get("label", ""),
+            organ_sha256=shas.get("organ", ""),
+        )
         write_manifest(list(stored.values()), RAW_MANIFEST.at(ws))  # commit point of this case
         added += 1
     shutil.rmtree(RAW.at(ws) / ".staging", ignore_errors=True)
