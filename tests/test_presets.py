@@ -93,8 +93,10 @@ def _shrunken(preset: str) -> list[str]:
     for name in sorted(_runs(params, raw) | set(params.synth.generators)):
         net = getattr(params.synth, name)
         out += [f"synth.{name}.{k}={v}" for k, v in
-                {"base_channels": 4, "timesteps": 6, "steps": 2, "batch_size": 2, "grad_accum": 1,
+                {"base_channels": 8, "timesteps": 4, "steps": 1, "batch_size": 2, "grad_accum": 1,
                  "checkpoint_every": 2}.items()]  # fmt: skip
+        if "sample_steps" in type(net).model_fields:  # fewer sampling steps than T (0 = all T)
+            out += [f"synth.{name}.sample_steps=0"]
         if hasattr(net, "jump_length"):
             out += [f"synth.{name}.jump_length=1", f"synth.{name}.jump_n_sample=1"]
         if name in ("diffmask", "pie"):
