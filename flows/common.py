@@ -13,6 +13,7 @@ run``) gets the error itself back, raised, with its findings.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,18 @@ from pydantic import BaseModel
 from lesionflow.caching import matching_record, read_record, status
 from lesionflow.dvc import is_dvc_repo
 from lesionflow.errors import LesionflowError
-from lesionflow.params import Params, apply_overrides, deep_merge, load_params, read_params_file, validate_params
+from lesionflow.files import file_system_error
+from lesionflow.params import (
+    SECRET_OVERRIDES_ENV,
+    Params,
+    apply_overrides,
+    check_params_paths,
+    deep_merge,
+    load_params,
+    read_params_file,
+    restore_secret_overrides,
+    validate_params,
+)
 from lesionflow.stages import STAGES
 from lesionflow.workspace import Workspace
 from lesionflow.workspace_lock import LOCK_DIR, workspace_lock
@@ -51,7 +63,12 @@ def resolve_params(
     """params.yaml, then the typed section overrides, then ``section.key=value`` overrides; validated once."""
     raw = read_params_file(ws.path(params_file))
     merged = deep_merge(raw, section_overrides(sections))
-    return validate_params(apply_overrides(merged, list(overrides or [])))
+    # `lesionflow run` hands Prefect (which stores flow parameters) the overrides with URL credentials redacted and
+    # the originals through the environment of this process (lesionflow.cli._prefect_flow_call).
+    given = restore_secret_overrides(list(overrides or []), os.environ.get(SECRET_OVERRIDES_ENV))
+    params = validate_params(apply_overrides(merged, given))
+    check_params_paths(ws.root, params)
+    return params
 
 
 def matches_workspace_params(ws: Workspace, params: Params) -> bool:
@@ -248,7 +265,11 @@ def run_flow(
             running = True
             with shared_dask_cluster(ws, params, names):
                 run_stages(names, ws, params, record_in_dvc=matches_workspace_params(ws, params), results=results)
-    except LesionflowError as error:
+    except (LesionflowError, OSError) as caught:
+        # a read-only folder or a full disk inside a stage is one line naming the path, like any user error
+        error = file_system_error(caught) if isinstance(caught, OSError) else caught
+        if error is None:
+            raise
         print(f"{flow_title} failed: {error}")
         if running:
             publish_stage_table(flow_title, names, results, (names[len(results)], str(error)))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import pytest
 
 from lesionflow.stages import STAGES
 
@@ -60,3 +61,111 @@ def test_demo_data_then_stages_from_the_command_line(workspace: Path) -> None:
     assert len(cases) == 3
     organ = nib.load(workspace / "data" / "raw" / "cases" / cases[0] / "organ.nii.gz")
     assert organ.shape == nib.load(workspace / "data" / "raw" / "cases" / cases[0] / "image.nii.gz").shape
+
+
+# ---- issue 17: one line instead of a traceback, params that should not validate -------------------------------
+
+
+def test_a_file_size_limit_during_ingest_is_one_line_naming_the_file_and_leaves_no_partial_file(
+    workspace: Path,
+) -> None:
+    import resource
+    import signal
+
+    from tests.helpers.volumes import write_msd
+
+    write_msd(workspace / "data" / "demo", n_train=2, n_test=1)
+
+    def small_files() -> None:  # EFBIG on the first write past 3 kB, the way a full disk fails a write (ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+    proc = subprocess.run(
+        [EXE, "stage", "ingest"], cwd=workspace, capture_output=True, text=True, timeout=300, preexec_fn=small_files
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "File too large [EFBIG]" in line, line
+    assert "ulimit -f" in line
+    assert str(workspace / "data" / "raw") in line  # names the file it was writing
+    assert [p for p in (workspace / "data" / "raw").rglob("*") if p.is_file()] == []  # nothing half written
+
+
+def test_a_full_disk_write_names_the_file_and_keeps_the_old_bytes(tmp_path: Path) -> None:
+    import errno
+
+    import pytest
+
+    from lesionflow.files import atomic_path, file_system_error
+
+    target = tmp_path / "data" / "table.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+
+    def write_to_a_full_disk() -> None:
+        with atomic_path(target) as tmp, open("/dev/full", "wb") as full:
+            tmp.write_text("new, half\n")
+            full.write(b"x" * 1_000_000)
+            full.flush()  # /dev/full: a real write that fails with ENOSPC, as on a full disk
+
+    with pytest.raises(OSError, match="No space left on device") as info:
+        write_to_a_full_disk()
+    assert info.value.errno == errno.ENOSPC
+    message = str(file_system_error(info.value))
+    assert message.startswith(f"cannot access {target}: No space left on device [ENOSPC]; the disk is full"), message
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["table.csv"]  # no temp file left
+    denied = file_system_error(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "data/processed")))
+    assert str(denied).startswith(f"cannot access {tmp_path / 'data/processed'}: Permission denied [EACCES]; make")
+    assert file_system_error(ConnectionRefusedError(errno.ECONNREFUSED, "refused")) is None  # not a file problem
+
+
+def test_a_synthetic_store_that_is_not_a_zarr_store_is_one_line(workspace: Path) -> None:
+    proc = _cli("params", "check", "--set", "train.synthetic_store=/etc", cwd=workspace)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert "'train.synthetic_store' = '/etc' is not a Zarr store" in proc.stderr
+
+
+def test_a_slow_prefect_server_start_is_one_line_naming_the_setting(workspace: Path, tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "1"  # no server starts (imports, migrations) in 1 s
+    proc = subprocess.run([EXE, "run"], cwd=workspace, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "the embedded Prefect server did not start within 1 s" in proc.stderr
+    assert "orchestration.server_startup_timeout_s" in proc.stderr
+
+
+def test_the_startup_timeout_setting_reaches_prefect(monkeypatch: object) -> None:
+    import pytest
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    from lesionflow.cli import PREFECT_STARTUP_ENV, _prefect_flow_call
+    from lesionflow.params import Params
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    monkeypatch.delenv(PREFECT_STARTUP_ENV, raising=False)
+    params = Params.model_validate({"orchestration": {"server_startup_timeout_s": 240}})
+    with _prefect_flow_call(params, []) as overrides:
+        assert PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() == 240
+        assert overrides == []
+
+
+@pytest.mark.slow
+def test_params_check_compares_the_patch_with_the_preprocessed_volumes(tmp_path: Path) -> None:
+    from tests.study.test_runner import processed_workspace
+
+    ws = processed_workspace(tmp_path / "ws", n_train=2, n_test=1)
+    fits = _cli("params", "check", "--set", "train.patch_size=[8, 8, 8]", cwd=ws.root)
+    assert fits.returncode == 0, fits.stderr
+    assert "train.patch_size [8, 8, 8] fits the 2 preprocessed training volumes" in fits.stdout
+    big = _cli("params", "check", "--set", "train.patch_size=[512, 8, 8]", cwd=ws.root)
+    assert big.returncode == 2
+    assert "Traceback" not in big.stderr
+    assert "train.patch_size = [512, 8, 8] is larger than every training volume along x" in big.stderr

@@ -97,3 +97,50 @@ def test_storage_remote_is_normalised_and_backoff_doubles() -> None:
     params = load_params(REPO / "params.yaml", ["storage.remote=s3://team/ws/", "storage.retry_delay_s=1.5"])
     assert params.storage.remote == "s3://team/ws"
     assert params.storage.retry_delays() == [1.5, 3.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("train.steps=true", ["train.steps", "True", "expected an integer"]),  # was read as 1 step
+        ("train.steps=99999999999999999999999", ["train.steps", "99999999999999999999999", "at most"]),
+        ("train.steps=20000000", ["train.steps", "less than or equal to 10000000"]),
+        ("train.steps='250'", ["train.steps", "'250'", "expected an integer"]),
+        ("train.steps=2.5", ["train.steps", "2.5", "expected an integer"]),
+        ("train.compile=1", ["train.compile", "expected true or false"]),
+        ("train.learning_rate=true", ["train.learning_rate", "expected a number"]),
+        ("train.patch_size=[32, true, 32]", ["train.patch_size", "expected an integer"]),
+        ("study.seeds=[0, false]", ["study.seeds", "expected an integer"]),
+        ("synth.lefusion.steps=yes", ["synth.lefusion.steps", "expected an integer"]),  # YAML 1.1: yes is true
+        ("demo.out=../../x", ["demo.out", "'../../x'", "leaves the workspace", "absolute path"]),
+        ("demo.out=data/../../x", ["demo.out", "leaves the workspace"]),
+    ],
+)
+def test_values_pydantic_would_coerce_or_that_escape_the_workspace_are_refused(
+    override: str, needles: list[str]
+) -> None:
+    with pytest.raises(ParamsError) as info:
+        load_params(REPO / "params.yaml", [override])
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_real_ints_floats_bools_and_explicit_paths_still_validate(tmp_path: Path) -> None:
+    params = load_params(
+        REPO / "params.yaml",
+        [
+            "train.steps=10000000",
+            "train.learning_rate=1e-4",  # YAML 1.1 reads this as text: pydantic's float parsing stays
+            "train.weight_decay=0",  # an int where a float is expected is exact
+            "train.seed=null",
+            "train.compile=true",
+            f"demo.out={tmp_path / 'elsewhere'}",  # outside the workspace only when said explicitly
+        ],
+    )
+    assert (params.train.steps, params.train.learning_rate, params.train.weight_decay) == (10_000_000, 1e-4, 0.0)
+    assert params.train.compile is True
+    assert params.demo.out == str(tmp_path / "elsewhere")
+    inside = load_params(REPO / "params.yaml", ["demo.out=data/demo/../other"])  # normalises to a folder inside
+    assert inside.demo.out == "data/demo/../other"

@@ -6,8 +6,10 @@ Errors a user can fix print one line and exit 2; they never show a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,21 +57,50 @@ def _with_preset(workspace: Path, preset: str | None, overrides: list[str] | Non
 
 
 def _load(workspace: Path, params_file: Path | None, overrides: list[str] | None) -> tuple[Any, Any]:
-    from lesionflow.params import load_params
+    from lesionflow.params import check_params_paths, load_params
     from lesionflow.workspace import Workspace
 
     ws = Workspace.at(workspace)
-    return ws, load_params(params_file or ws.params_file, overrides or [])
+    params = load_params(params_file or ws.params_file, overrides or [])
+    check_params_paths(ws.root, params)
+    return ws, params
 
 
 @params_app.command("check")
 def params_check(workspace: WorkspaceOpt = Path("."), params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
-    """Validate params.yaml (and overrides); print each section when valid."""
-    _, params = _load(workspace, params_file, overrides)
+    """Validate params.yaml (and overrides); print each section (URL credentials removed) when valid."""
+    ws, params = _load(workspace, params_file, overrides)
     table = Table("section", "values", title="params.yaml is valid")
-    for name in type(params).model_fields:
-        table.add_row(name, str(getattr(params, name).model_dump(mode="json")))
+    for name, values in params.redacted_dump().items():
+        table.add_row(name, str(values))
     out.print(table)
+    out.print(_patch_fit(ws, params), highlight=False)
+
+
+def _patch_fit(ws: Any, params: Any) -> str:
+    """One line: the training patch checked against the preprocessed training volumes, the rule `train` applies.
+
+    Raises ParamsError (one line) when the patch is larger than every training volume along an axis, so the
+    mistake shows here and not only after `train` has started.
+    """
+    from lesionflow.catalog.artifacts import METADATA, PLANS
+
+    if not PLANS.at(ws).exists() or not METADATA.at(ws).exists():
+        return "train.patch_size: not checked against the data (no data/processed/plans.json and metadata yet)"
+    from lesionflow.catalog.readers import load_plan, read_metadata, splits
+    from lesionflow.stages.train import check_patch
+
+    plan, rows = load_plan(ws), read_metadata(ws)
+    try:
+        train: tuple[str, ...] = tuple(splits(ws, params).train)
+    except LesionflowError:  # the processed gate has not run yet: every preprocessed non-test case
+        train = tuple(sorted(c for c, row in rows.items() if row.get("split") != "test"))
+    if not train:
+        return "train.patch_size: not checked (no preprocessed training volumes yet)"
+    patch = params.train.patch_size or plan.patch_size
+    check_patch(patch, rows, train)
+    largest = [max(int(rows[c][f"shape_{a}"]) for c in train) for a in "xyz"]
+    return f"train.patch_size {list(patch)} fits the {len(train)} preprocessed training volumes (largest {largest})"
 
 
 @app.command("demo-data")
@@ -200,6 +231,56 @@ def status(workspace: WorkspaceOpt = Path("."), params_file: ParamsOpt = None, o
     out.print(table)
 
 
+PREFECT_STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+_PREFECT_STARTUP_FAILED = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+@contextlib.contextmanager
+def _prefect_flow_call(params: Any, overrides: Sequence[str] | None) -> Iterator[list[str]]:
+    """Around a flow call: the overrides Prefect may store, the embedded server's start-up timeout, one-line errors.
+
+    * Prefect stores a flow's parameters in its database, so the flow gets the overrides with URL credentials
+      redacted; the originals reach it through :data:`lesionflow.params.SECRET_OVERRIDES_ENV` in this process
+      (flows.common.resolve_params restores them), never through Prefect.
+    * The embedded (ephemeral) server gets ``orchestration.server_startup_timeout_s`` to start (Prefect's own
+      default, 20 s, fails on a loaded machine); a PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS in the
+      environment wins. A server that still does not answer is one line naming the setting.
+    * A file-system error (read-only folder, full disk) is one line naming the path (lesionflow.files).
+    """
+    import os
+
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    from lesionflow.files import file_system_error
+    from lesionflow.params import SECRET_OVERRIDES_ENV, split_secret_overrides
+
+    shown, secret = split_secret_overrides(list(overrides or []))
+    timeout = os.environ.get(PREFECT_STARTUP_ENV) or params.orchestration.server_startup_timeout_s
+    before = os.environ.pop(SECRET_OVERRIDES_ENV, None)
+    if secret:
+        os.environ[SECRET_OVERRIDES_ENV] = json.dumps(secret)
+    try:
+        with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(timeout)}):
+            yield shown
+    except RuntimeError as error:
+        if _PREFECT_STARTUP_FAILED not in str(error):
+            raise
+        raise LesionflowError(
+            f"the embedded Prefect server did not start within {timeout} s (a busy machine?); raise "
+            "orchestration.server_startup_timeout_s (or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS), "
+            "or point PREFECT_API_URL at a running server (lesionflow serve)"
+        ) from None
+    except OSError as error:
+        mapped = file_system_error(error)
+        if mapped is None:
+            raise
+        raise mapped from None
+    finally:
+        os.environ.pop(SECRET_OVERRIDES_ENV, None)
+        if before is not None:
+            os.environ[SECRET_OVERRIDES_ENV] = before
+
+
 @app.command("run")
 def run(
     workspace: WorkspaceOpt = Path("."),
@@ -221,18 +302,19 @@ def run(
     from lesionflow.workspace_lock import check_unlocked
 
     overrides = _with_preset(workspace, preset, overrides)
-    ws, _ = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
+    ws, params = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
     if not wait_lock:
         check_unlocked(ws.root, "lesionflow run")  # fail fast too; the flow itself holds the lock for the run
     from flows.pipeline import training_pipeline
 
-    results = training_pipeline(
-        workspace=str(ws.root),
-        params_file=str(params_file or ws.params_file),
-        overrides=list(overrides or []),
-        wait_for_lock=wait_lock,
-        lock_timeout_s=lock_timeout,
-    )
+    with _prefect_flow_call(params, overrides) as flow_overrides:
+        results = training_pipeline(
+            workspace=str(ws.root),
+            params_file=str(params_file or ws.params_file),
+            overrides=flow_overrides,
+            wait_for_lock=wait_lock,
+            lock_timeout_s=lock_timeout,
+        )
     table = Table("stage", "status", "outputs", title="pipeline finished")
     for res in results:
         table.add_row(res["stage"], "ok" if res["ok"] else "failed", ", ".join(res["outputs"].values()))
@@ -248,13 +330,14 @@ def study(
 ) -> None:
     """Does synthetic data help? Train every cell of params.study (arms x real fractions x seeds) and compare."""
     overrides = _with_preset(workspace, preset, overrides)
-    ws, _ = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
+    ws, params = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
     from flows.study import detection_rows, effects_rows, utility_study
     from lesionflow.catalog.artifacts import STUDY_SUMMARY
 
-    summary = utility_study(
-        workspace=str(ws.root), params_file=str(params_file or ws.params_file), overrides=list(overrides or [])
-    )
+    with _prefect_flow_call(params, overrides) as flow_overrides:
+        summary = utility_study(
+            workspace=str(ws.root), params_file=str(params_file or ws.params_file), overrides=flow_overrides
+        )
     rows = effects_rows(summary)
     table = Table(*(rows[0].keys() if rows else ["effects"]), title="each arm against real, paired by case and seed")
     for row in rows:
@@ -390,6 +473,14 @@ def main() -> None:
     except LesionflowError as error:
         print_findings(getattr(error, "findings", ()), "failed checks")
         err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as error:  # a read-only folder, a full disk...: the path and the fix, not a traceback
+        from lesionflow.files import file_system_error
+
+        user_error = file_system_error(error)
+        if user_error is None:
+            raise
+        err.print(f"[red]error:[/red] {user_error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

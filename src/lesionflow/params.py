@@ -7,21 +7,40 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 import zoneinfo
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lesionflow.catalog.artifacts import DEMO_DATA, SYNTHETIC_STORE
 from lesionflow.errors import ParamsError
-from lesionflow.params_synth import SyntheticQualityParams, SynthParams
+from lesionflow.params_synth import StrictSection, SyntheticQualityParams, SynthParams
+
+# Ten million optimizer steps: 40x nnU-Net's 1000 epochs x 250 steps; anything above is a typo, not a plan.
+MAX_STEPS = 10_000_000
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Section(StrictSection):
+    pass
+
+
+def workspace_output_path(value: str) -> str:
+    """An output folder: workspace-relative paths must stay inside the workspace; elsewhere needs an absolute path.
+
+    ``../../x`` would write beside (or above) the project without anyone having asked for it, while ``/data/x``
+    says plainly where the files go.
+    """
+    if not value.strip():
+        raise ValueError("expected a folder, got an empty path")
+    path = PurePosixPath(value)
+    if not path.is_absolute() and ".." in Path(os.path.normpath(value)).parts:
+        raise ValueError("leaves the workspace; use a folder inside it, or an absolute path to write elsewhere")
+    return value
 
 
 class ProjectParams(_Section):
@@ -37,7 +56,15 @@ class DemoParams(_Section):
     cases: int = Field(8, ge=2, le=500, description="Number of cases (train + test).")
     size: int = Field(64, ge=16, le=256, description="Longest spatial edge in voxels.")
     seed: int = Field(0, ge=0, description="Seed of the demo generator.")
-    out: str = Field(DEMO_DATA.path, description="Folder (workspace-relative) the demo dataset is written to.")
+    out: str = Field(
+        DEMO_DATA.path,
+        description="Folder the demo dataset is written to: inside the workspace when relative, or an absolute path.",
+    )
+
+    @field_validator("out")
+    @classmethod
+    def _inside_workspace(cls, v: str) -> str:
+        return workspace_output_path(v)
 
 
 class DeidParams(_Section):
@@ -205,13 +232,13 @@ class TrainParams(_Section):
         (32, 32, 32), description="Training patch (voxels); null = the plan's (the GPU preset)."
     )
     batch_size: int = Field(2, ge=1, le=512, description="Patches per step (per GPU under DDP).")
-    steps: int = Field(250, ge=1, description="Optimizer steps in total.")
+    steps: int = Field(250, ge=1, le=MAX_STEPS, description="Optimizer steps in total.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum (nnU-Net).")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(1e-5, ge=0, description="Weight decay.")
     momentum: float = Field(0.99, ge=0, lt=1, description="SGD momentum.")
     schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="LR schedule over `steps`.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warm-up steps.")
     dice_weight: float = Field(1.0, ge=0, description="Weight of the soft Dice term of the loss.")
     ce_weight: float = Field(1.0, ge=0, description="Weight of the cross-entropy term of the loss.")
     foreground_fraction: float = Field(
@@ -228,9 +255,13 @@ class TrainParams(_Section):
     )
     synthetic_ratio: float = Field(0.25, ge=0, le=1, description="Share of patches drawn from the synthetic store.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of training cases held out for validation.")
-    val_every: int = Field(50, ge=1, description="Validate (sliding window) every N steps and at the end.")
+    val_every: int = Field(
+        50, ge=1, le=MAX_STEPS, description="Validate (sliding window) every N steps and at the end."
+    )
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N validations without gain (0 = off).")
-    checkpoint_every: int = Field(50, ge=1, description="Write a checkpoint every N steps and at the end.")
+    checkpoint_every: int = Field(
+        50, ge=1, le=MAX_STEPS, description="Write a checkpoint every N steps and at the end."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest removed first).")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="Mixed precision on CUDA (auto = bf16 when supported); always off on CPU."
@@ -342,6 +373,13 @@ class OrchestrationParams(_Section):
     work_pool: str = Field(
         "lesionflow-local", min_length=1, description="Process work pool the deployments run on (serve --pool wins)."
     )
+    server_startup_timeout_s: int = Field(
+        300,
+        ge=10,
+        le=3600,
+        description="Seconds `lesionflow run` / `study` wait for the embedded Prefect server to start (Prefect: 20; "
+        "a loaded machine needs more); env PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS wins.",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -448,6 +486,18 @@ class Params(_Section):
     def _check(self) -> Params:
         return self
 
+    def redacted_dump(self) -> dict[str, Any]:
+        """The params as JSON-ready sections with URL credentials removed (``redact_uri``): what every sink gets.
+
+        MLflow params, ``params check``, reports and anything else that shows or stores params use this, never
+        ``model_dump``; the stages themselves read the typed model (an ``s3://`` source's user info is ignored
+        there anyway: S3 credentials come from the environment).
+        """
+        from lesionflow.io.remote import redact_tree
+
+        dumped: dict[str, Any] = redact_tree(self.model_dump(mode="json"))
+        return dumped
+
 
 def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     first = err.errors()[0]
@@ -465,10 +515,9 @@ def _format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     expected = first["msg"].removeprefix("Value error, ")
     if isinstance(value, dict):  # a check across keys of a section: the message names them, the dict is noise
         return f"params: '{key}' is invalid: {expected}"
-    if isinstance(value, str) and "://" in value:  # a URL may carry credentials: never echo them
-        from lesionflow.io.remote import redact_uri
+    from lesionflow.io.remote import redact_tree
 
-        value = redact_uri(value)
+    value = redact_tree(value)  # a URL may carry credentials: never echo them
     return f"params: '{key}' = {value!r} is invalid: {expected}"
 
 
@@ -487,6 +536,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = value_text
     return parts, value
+
+
+# The overrides that carry URL credentials, as JSON, from the CLI to a flow it calls in the same process: Prefect
+# stores a flow's parameters in its database, so the flow gets them redacted and restores them from here.
+SECRET_OVERRIDES_ENV = "LESIONFLOW_SECRET_OVERRIDES"
+
+
+def split_secret_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(every override with URL credentials redacted, the original text of those that had some)."""
+    from lesionflow.io.remote import redact_text
+
+    shown = [redact_text(text) for text in overrides]
+    return shown, [text for text, safe in zip(overrides, shown, strict=True) if text != safe]
+
+
+def restore_secret_overrides(overrides: Sequence[str], secrets_json: str | None) -> list[str]:
+    """``overrides`` with each redacted one replaced by its original from :data:`SECRET_OVERRIDES_ENV`'s value."""
+    from lesionflow.io.remote import redact_text
+
+    if not secrets_json:
+        return list(overrides)
+    try:
+        secrets = [str(text) for text in json.loads(secrets_json)]
+    except (ValueError, TypeError):
+        raise ParamsError(f"{SECRET_OVERRIDES_ENV} is not a JSON list of overrides; unset it") from None
+    originals = {redact_text(text): text for text in secrets}
+    return [originals.get(text, text) for text in overrides]
 
 
 def deep_merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -559,6 +635,23 @@ def preset_overrides(preset: str, search: list[Path]) -> list[str]:
         return [f"{prefix}={json.dumps(node)}"]
 
     return flatten(data, "")
+
+
+def check_params_paths(root: Path, params: Params) -> None:
+    """Refuse (one line) a path param that points at something other than what it names, before a stage reads it.
+
+    ``train.synthetic_store`` names a Zarr store: an existing folder without ``zarr.json`` (``/etc``) would be
+    walked file by file for its digest. A store that does not exist yet is fine (synthesize writes it).
+    """
+    store = params.train.synthetic_store
+    if not store:
+        return
+    path = Path(root) / store  # an absolute value replaces root
+    if path.exists() and not (path / "zarr.json").is_file():
+        raise ParamsError(
+            f"params: 'train.synthetic_store' = {store!r} is not a Zarr store ({path} has no zarr.json); "
+            "point it at the synthetic store (data/synthetic/store.zarr) or set it empty with train.synthetic_ratio=0"
+        )
 
 
 def load_params(path: Path, overrides: list[str] | None = None) -> Params:

@@ -11,15 +11,64 @@ Defaults are the CPU ``toy`` preset (16³ ROIs, base width 8, T = 50, seconds pe
 
 from __future__ import annotations
 
-from typing import Literal
+import types
+import typing
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 GeneratorMethod = Literal["lefusion", "diffmask", "ddpm", "pie"]
 
 
-class _Section(BaseModel):
+# Largest integer any setting may hold: past 2**53 a value no longer survives JSON readers (MLflow's UI, JavaScript)
+# and every real count, size or seed is far below it. Fields with a meaningful bound say so with `le`.
+MAX_INT = 2**53
+
+
+def _scalar_mismatch(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` cannot be ``annotation`` without a silent conversion (None when it can, or pydantic decides).
+
+    Pydantic's lax mode turns ``true`` into 1, ``"5"`` into 5 and ``1.0`` into 1, and YAML (params.yaml and every
+    ``--set``) already gives real ints, floats and bools, so anything else is a typo (``train.steps=true``).
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        reasons = [_scalar_mismatch(a, value) for a in args if a is not type(None)]
+        return None if None in reasons else reasons[0]
+    if origin in (tuple, list) and isinstance(value, (list, tuple)):
+        items = args[:1] * len(value) if (len(args) == 2 and args[1] is Ellipsis) or origin is list else args
+        return next((r for a, v in zip(items, value, strict=False) if (r := _scalar_mismatch(a, v))), None)
+    if annotation is bool and not isinstance(value, bool):
+        return "expected true or false"
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "expected an integer"
+        if abs(value) > MAX_INT:
+            return f"expected an integer of at most {MAX_INT} in magnitude"
+    if annotation is float and isinstance(value, bool):
+        return "expected a number"  # strings stay pydantic's: YAML 1.1 reads 1e-4 (no dot) as the text '1e-4'
+    return None
+
+
+class StrictSection(BaseModel):
+    """Base of every params section: frozen, unknown keys rejected, ints/floats/bools taken only as they are."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        reason = None if field is None else _scalar_mismatch(field.annotation, value)
+        if reason is not None:
+            raise ValueError(reason)
+        return value
+
+
+class _Section(StrictSection):
+    pass
 
 
 class GeneratorNetParams(_Section):

@@ -7,7 +7,8 @@ cost one listing. Rules kept throughout:
 * Credentials come only from the environment (the standard AWS chain: ``AWS_ACCESS_KEY_ID`` / ``..._SECRET_...``,
   profiles, roles); user info in a URI is ignored. The endpoint is ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``),
   which botocore reads itself (checked with s3fs 2026.9.0 / aiobotocore 3.10.0), so nothing is passed explicitly.
-* A URI goes through :func:`redact_uri` before it reaches a message, a log line, a manifest or a file.
+* A URI goes through :func:`redact_uri` before it reaches a message, a log line, a manifest or a file; it is the
+  one redaction rule (:func:`redact_text` and :func:`redact_tree` apply it to text and to params dumps).
 * A key is written only if its relative path stays inside the mirror root; other keys are reported, not fetched.
 """
 
@@ -84,6 +85,24 @@ def redact_uri(uri: str) -> str:
     if fragment := _drop_sensitive(fragment):
         out += "#" + fragment
     return out
+
+
+def redact_text(text: str) -> str:
+    """``text`` with :func:`redact_uri` applied to every URL in it (an override line, a message, a YAML list)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+
+
+def redact_tree(value: Any) -> Any:
+    """A copy of a JSON-like value (dicts, lists, tuples, strings...) with every string passed through
+    :func:`redact_text`; everything else is returned as it is. The one way params reach a sink (MLflow, a table).
+    """
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {key: redact_tree(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_tree(item) for item in value)
+    return value
 
 
 def _drop_sensitive(params: str) -> str:
@@ -318,5 +337,4 @@ def _scrub(text: str) -> str:
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
         if value := os.environ.get(var):
             text = text.replace(value, "***")
-    text = _URL_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
-    return " ".join(text.split())[:200]
+    return " ".join(redact_text(text).split())[:200]

@@ -16,6 +16,9 @@ One MLflow run per registration holds:
 * the model: a pyfunc logged from code (``registry/pyfunc_model.py``) with the three model files as artifacts --
   nothing pickled -- registered as a new version with alias ``candidate`` (and ``champion`` when promoted);
   the ``lesionflow.*`` tags (LINEAGE_TAGS and any other given) are also written on the version.
+
+Every string that reaches MLflow (param values, run and input tags, dataset sources and rows) passes
+:func:`lesionflow.io.remote.redact_text` first, so a URL's credentials are never stored.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lesionflow.errors import LesionflowError
-from lesionflow.io.remote import redact_uri
+from lesionflow.io.remote import redact_text, redact_uri
 from lesionflow.registry.tracking import (
     MODEL_FILES,
     check_reachable,
@@ -174,7 +177,7 @@ def _param_items(params: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
     logged: dict[str, str] = {}
     truncated: list[str] = []
     for key, value in flatten_params(params).items():
-        text = encode_param(value)
+        text = redact_text(encode_param(value))  # callers pass Params.redacted_dump(); a raw dict is redacted too
         if len(text) > _MAX_PARAM_VALUE:
             text = text[:_MAX_PARAM_VALUE]
             truncated.append(key)
@@ -184,7 +187,7 @@ def _param_items(params: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
 
 def lineage_tag_values(tags: Mapping[str, str]) -> dict[str, str]:
     """Every LINEAGE_TAGS key (``"none"`` for missing or empty values) plus the caller's other tags."""
-    values = {key: str(value)[:_MAX_TAG_VALUE] for key, value in tags.items() if value not in (None, "")}
+    values = {key: redact_text(str(value))[:_MAX_TAG_VALUE] for key, value in tags.items() if value not in (None, "")}
     for key in LINEAGE_TAGS:
         values.setdefault(key, NONE)
     return {_clean_key(k): v for k, v in sorted(values.items())}
@@ -223,7 +226,7 @@ def _frame(rows: Sequence[Mapping[str, str]]) -> pd.DataFrame:
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     # URIs in the rows (source_uri...) lose any credentials; other values are kept as written.
-    cells = [{c: redact_uri("" if row.get(c) is None else str(row.get(c))) for c in columns} for row in rows]
+    cells = [{c: redact_text("" if row.get(c) is None else str(row.get(c))) for c in columns} for row in rows]
     return pd.DataFrame(cells)
 
 
@@ -245,9 +248,11 @@ def _dataset(df: pd.DataFrame, source: str, name: str, digest: str) -> tuple[Pan
 def _log_dataset(ref: DatasetRef) -> None:
     import mlflow
 
-    source = redact_uri(str(ref.source)) or NONE
+    source = redact_text(str(ref.source)) or NONE
     df = _frame(ref.cases)
-    tags = {str(k): str(v)[:_MAX_INPUT_TAG_VALUE] for k, v in ref.tags.items() if k not in RESERVED_INPUT_TAGS}
+    tags = {
+        str(k): redact_text(str(v))[:_MAX_INPUT_TAG_VALUE] for k, v in ref.tags.items() if k not in RESERVED_INPUT_TAGS
+    }
     tags[TAG_DIGEST] = ref.digest.lower()
     tags[TAG_N_CASES] = str(ref.tags.get("n_cases") or len(ref.cases))
     # Longer URIs live in the dataset's own source (64 KB); a scheme MLflow cannot resolve keeps them in the

@@ -199,11 +199,13 @@ def run(ws: Workspace, params: Params, *, flow_run_id: str = "none") -> StageRes
     if gate.get("model_sha256") != sha256_file(model / "model.safetensors"):
         raise SourceError(f"{SEGMENTER.path} changed after the metrics gate ran; rerun evaluate and validate-metrics")
     datasets = lineage_datasets(ws, params, metrics)
+    # What MLflow stores: URL credentials removed (the hash is of these, so it matches the run's params).
+    logged_params = params.redacted_dump()
     synthetic = [d for d in datasets if d.name == "synthetic"]
     tags = {
         "lesionflow.git_commit": git_commit(ws.root),
         "lesionflow.dvc_lock_sha256": _file_digest(ws.dvc_lock),
-        "lesionflow.params_sha256": sha256_json(params.model_dump(mode="json")),
+        "lesionflow.params_sha256": sha256_json(logged_params),
         "lesionflow.plans_hash": next(d.tags["plan_hash"] for d in datasets if d.name == "plans"),
         "lesionflow.prefect_flow_run_id": flow_run_id,
         "lesionflow.code_version": CODE_VERSION,
@@ -241,7 +243,7 @@ def run(ws: Workspace, params: Params, *, flow_run_id: str = "none") -> StageRes
         experiment=params.registry.experiment,
         model_name=params.registry.model_name,
         model_dir=model,
-        params=params.model_dump(mode="json"),
+        params=logged_params,
         metrics=numbers,
         datasets=datasets,
         tags=tags,
