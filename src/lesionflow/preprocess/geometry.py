@@ -28,6 +28,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from lesionflow.preprocess.normstats import NormStats
+
 Shape3 = tuple[int, int, int]
 Spacing3 = tuple[float, float, float]
 _RAS_ORNT = nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -67,6 +69,8 @@ class PreprocessRecord:
     Shapes are spatial voxel counts, spacings in mm, affines 4x4 voxel -> RAS+ mm. ``ras_ornt`` is the
     nibabel orientation transform raw -> RAS grid. JSON-able through :meth:`to_dict` / :meth:`from_dict`
     (floats survive a JSON round trip exactly, so ``from_dict(json.loads(json.dumps(r.to_dict()))) == r``).
+    ``normalization`` (one :class:`NormStats` per channel, measured before resampling) is what the processed
+    gate checks; records written before it existed load with ``()`` (the inverse mapping does not need it).
     """
 
     raw_shape: Shape3
@@ -79,6 +83,7 @@ class PreprocessRecord:
     spacing_after: Spacing3
     final_shape: Shape3
     final_affine: tuple[tuple[float, ...], ...]
+    normalization: tuple[NormStats, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +97,7 @@ class PreprocessRecord:
             "spacing_after": list(self.spacing_after),
             "final_shape": list(self.final_shape),
             "final_affine": [list(r) for r in self.final_affine],
+            "normalization": [n.to_dict() for n in self.normalization],
         }
 
     @classmethod
@@ -107,6 +113,7 @@ class PreprocessRecord:
             spacing_after=_floats(d["spacing_after"]),
             final_shape=_ints(d["final_shape"]),
             final_affine=_matrix(np.asarray(d["final_affine"])),
+            normalization=tuple(NormStats.from_dict(n) for n in d.get("normalization", [])),
         )
 
 

@@ -36,9 +36,11 @@ from lesionflow.preprocess.geometry import (
     target_shape,
     to_ras,
 )
+from lesionflow.preprocess.normstats import NormStats, normalization_stats
 
 __all__ = [
     "CropBox",
+    "NormStats",
     "PreprocessRecord",
     "crop",
     "cropped_affine",
@@ -201,23 +203,31 @@ def _use_mask(normalization: Mapping[str, Any], c: int, mask: np.ndarray) -> boo
     return bool(setting[c] if isinstance(setting, Sequence) else setting)
 
 
-def _normalize(image_cf: np.ndarray, mask: np.ndarray, normalization: Mapping[str, Any]) -> np.ndarray:
+def _normalize(
+    image_cf: np.ndarray, mask: np.ndarray, normalization: Mapping[str, Any]
+) -> tuple[np.ndarray, tuple[NormStats, ...]]:
+    """Normalized crop (float32) and, per channel, its statistics in the mask it was normalized in."""
     schemes = list(normalization.get("schemes", []))
     if len(schemes) != image_cf.shape[0]:
         raise ValueError(
             f"{len(schemes)} normalization schemes {schemes}: expected one per channel ({image_cf.shape[0]})"
         )
     out = np.empty(image_cf.shape, dtype=np.float32)
+    masks: list[np.ndarray | None] = []
     for c, scheme in enumerate(schemes):
         channel = image_cf[c : c + 1]
         if scheme == "zscore":
-            out[c] = zscore(channel, mask if _use_mask(normalization, c, mask) else None)[0]
+            masks.append(mask if _use_mask(normalization, c, mask) else None)
+            out[c] = zscore(channel, masks[-1])[0]
         elif scheme == "ct":
+            masks.append(None)  # dataset-wide scale: recorded over the whole crop, for the range check only
             p = normalization["ct"][c]
             out[c] = ct_normalize(channel, p["clip_lo"], p["clip_hi"], p["mean"], p["std"])[0]
         else:
             raise ValueError(f"normalization scheme {scheme!r} for channel {c}: expected 'zscore' or 'ct'")
-    return out
+    # Measured here, before resampling, in the normalization's own mask: afterwards the mask is gone (cubic
+    # resampling smears the zero background), so this is the only place the z-score can be checked exactly.
+    return out, normalization_stats(out, masks, schemes)
 
 
 def preprocess_arrays(
@@ -237,7 +247,8 @@ def preprocess_arrays(
     united with label > 0 (nnU-Net's ``seg >= 0`` after marking background -1).
     Normalization comes before resampling because resampling would blur the zero background of the mask
     (nnU-Net's comment in ``DefaultPreprocessor``). Returns image ``(c, x, y, z)`` float32, label
-    ``(x, y, z)`` uint8 or None, and the :class:`PreprocessRecord` for :func:`invert_to_raw`.
+    ``(x, y, z)`` uint8 or None, and the :class:`PreprocessRecord` for :func:`invert_to_raw`, which also
+    carries the per-channel :class:`NormStats` measured on the normalized crop before resampling.
     """
     _spatial_label(label, image.shape[:3])
     img_ras, ras_affine, ornt = to_ras(image, affine)
@@ -254,7 +265,7 @@ def preprocess_arrays(
     lab_c = crop(lab_ras, box) if lab_ras is not None else None
     crop_affine = cropped_affine(ras_affine, box)
 
-    normed = _normalize(img_c, nonzero_mask(img_c, lab_c), normalization)
+    normed, norm_stats = _normalize(img_c, nonzero_mask(img_c, lab_c), normalization)
     out_img = resample_image(normed, spacing, target_spacing, order=3)
     out_lab = resample_label(lab_c, spacing, target_spacing) if lab_c is not None else None
 
@@ -269,5 +280,6 @@ def preprocess_arrays(
         spacing_after=(float(target_spacing[0]), float(target_spacing[1]), float(target_spacing[2])),
         final_shape=(int(out_img.shape[1]), int(out_img.shape[2]), int(out_img.shape[3])),
         final_affine=_matrix(resampled_affine(crop_affine, spacing, target_spacing)),
+        normalization=norm_stats,
     )
     return out_img, out_lab, record
