@@ -125,6 +125,9 @@ class ProcessedQualityParams(_Section):
         0.05, gt=0, description="|mean| of a z-scored channel (in its mask) at most this."
     )
     zscore_std_tolerance: float = Field(0.05, gt=0, description="|std - 1| of a z-scored channel at most this.")
+    max_range_excess: float = Field(
+        0.5, ge=0, description="Stored image may leave its normalized [lo, hi] by this share of hi - lo."
+    )
     min_foreground_kept: float = Field(
         0.9, gt=0, le=1, description="Share of the raw foreground volume left after cropping/resampling."
     )

@@ -205,3 +205,55 @@ def test_unreachable_scheduler_is_one_line_naming_the_address(
     assert address in str(err.value)
     assert "\n" not in str(err.value)
     assert not list_cases(STORE.at(msd_workspace))  # nothing half-written
+
+
+def _zero_background_head(spacing: tuple[float, float, float], shape: tuple[int, int, int], seed: int) -> tuple:
+    """A T1-like head: noisy tissue in an ellipsoid, a brighter spherical lesion (label 1), exact 0 outside."""
+    rng = np.random.default_rng(seed)
+    world = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1) * np.array(spacing)
+    centre = (np.array(shape) - 1) / 2 * np.array(spacing)
+    head = (((world - centre) / np.array([15.0, 13.0, 13.0])) ** 2).sum(axis=-1) < 1
+    lesion = np.linalg.norm(world - centre - [1.0, -0.5, 0.5], axis=-1) < 6.0
+    image = rng.normal(300.0, 40.0, shape).astype(np.float32) + np.float32(150.0) * lesion
+    image[~head] = 0.0  # skull-stripped: the background is exactly zero
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-16.0, -14.0, -14.0]
+    return image, lesion.astype(np.uint8), affine
+
+
+def test_zero_background_mr_at_mixed_spacings_passes_the_processed_gate(workspace: Path) -> None:
+    """Issue 17 item 11: 1 mm and 2x2x3 mm MR with exact-zero background, resampled to one grid, default params.
+
+    Before the fix the gate recomputed the z-score on the resampled image's non-zero voxels (cubic resampling
+    smears the zero background), found std ~0.7 and rejected every resampled case, failing the gate.
+    """
+    root = workspace / "data" / "demo"
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    write_msd(root, n_train=0, n_test=0)  # dataset.json only; the cases follow
+    cases = {"fine_a": ((1.0, 1.0, 1.0), (32, 28, 28)), "fine_b": ((1.0, 1.0, 1.0), (32, 28, 28))}
+    cases |= {"coarse_a": ((2.0, 2.0, 3.0), (16, 14, 10)), "coarse_b": ((2.0, 2.0, 3.0), (16, 14, 10))}
+    for seed, (name, (spacing, shape)) in enumerate(cases.items()):
+        image, label, affine = _zero_background_head(spacing, shape, seed)
+        add_msd_entry(root, name, image, label, affine=affine)
+    ws = Workspace.at(workspace)
+    results = _run_all(ws, "preprocess.workers=1")  # workers only: every gate setting is the default
+    plan = json.loads((ws.root / "data" / "processed" / "plans.json").read_text())
+    target = tuple(plan["target_spacing"])
+    assert target == pytest.approx((1.5, 1.5, 2.0))  # the median: every case is resampled
+    gate = results["validate-processed"].summary
+    assert gate["n_rejected"] == 0, gate["rejected"]
+    assert json.loads((ws.root / "data" / "processed" / "accepted.json").read_text())["cases"] == sorted(cases)
+    rows = read_metadata(ws)
+    for case_id in cases:
+        row = rows[case_id]
+        assert float(row["zscore_mean_abs"]) < 1e-5  # measured before resampling: exact
+        assert float(row["zscore_std_dev"]) < 1e-5
+        assert 0.0 <= float(row["range_excess"]) < 0.1
+        attrs = read_case_attrs(STORE.at(ws), case_id)
+        assert spacing_of(np.asarray(attrs["affine"])) == pytest.approx(target, abs=1e-12)  # geometry exact
+        (stats,) = attrs["preprocess_record"]["normalization"]
+        assert stats["masked"]
+        assert stats["scheme"] == "zscore"
+        assert stats["mean"] == pytest.approx(0.0, abs=1e-5)
+        assert stats["std"] == pytest.approx(1.0, abs=1e-5)

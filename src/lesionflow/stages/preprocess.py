@@ -29,6 +29,9 @@ from lesionflow.stages.base import CODE_VERSION, StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "preprocess"
+# Bumped when the per-case record or metadata row changes for the same inputs: 2 = normalization statistics
+# recorded before resampling (issue 17), so cases of an older store are reprocessed, not kept.
+RECORD_FORMAT = 2
 
 
 def case_key(rec: CaseRecord, plan: Plan, params: Params) -> str:
@@ -36,6 +39,7 @@ def case_key(rec: CaseRecord, plan: Plan, params: Params) -> str:
     return sha256_json(
         [
             CODE_VERSION,
+            RECORD_FORMAT,
             rec.image_sha256,
             rec.label_sha256,
             rec.organ_sha256,
@@ -54,19 +58,15 @@ def _resample_mask(mask: np.ndarray, affine: np.ndarray, rec: Any, target: tuple
     return resample_label(crop(ras, rec.crop), rec.spacing_before, target, mode="nearest")
 
 
-def _zscore_stats(image: np.ndarray, schemes: list[str]) -> tuple[float, float]:
-    """max |mean| and max |std - 1| over z-scored channels, in their (non-zero) normalization mask."""
-    from lesionflow.preprocess.ops import nonzero_mask
+def _stored_checks(out_img: np.ndarray, prec: Any, image_dtype: str) -> dict[str, Any]:
+    """The processed gate's intensity columns: z-score statistics as recorded at normalization (before
+    resampling, in its own mask) and the stored image's finiteness and range against the recorded range."""
+    from dataclasses import asdict
 
-    mean_abs, std_dev = 0.0, 0.0
-    for c, scheme in enumerate(schemes):
-        if scheme != "zscore":
-            continue
-        values = image[c][nonzero_mask(image[c : c + 1])].astype(np.float64)
-        if values.size:
-            mean_abs = max(mean_abs, abs(float(values.mean())))
-            std_dev = max(std_dev, abs(float(values.std()) - 1.0))
-    return mean_abs, std_dev
+    from lesionflow.preprocess.normstats import stored_image_checks
+
+    stored = out_img.astype(image_dtype, copy=False)  # what the store holds (float16 rounds and can overflow)
+    return asdict(stored_image_checks(stored, prec.normalization))
 
 
 def process_case(
@@ -130,7 +130,7 @@ def process_case(
     fg_new = float(np.count_nonzero(out_lab)) * float(np.prod(spacing)) if out_lab is not None else 0.0
     values_new = [int(v) for v in np.unique(out_lab)] if out_lab is not None else []
     values_raw = json.loads(rec.label_values) if rec.has_label else []
-    mean_abs, std_dev = _zscore_stats(out_img, list(plan.normalization["schemes"]))
+    checks = _stored_checks(out_img, prec, image_dtype)
     shape = out_img.shape[1:]
     row = {
         "case_id": rec.case_id,
@@ -146,9 +146,7 @@ def process_case(
         "spacing_y": spacing[1],
         "spacing_z": spacing[2],
         "spacing_dev_mm": float(np.max(np.abs(np.asarray(spacing) - np.asarray(plan.target_spacing)))),
-        "n_nonfinite": int(np.count_nonzero(~np.isfinite(out_img))),
-        "zscore_mean_abs": mean_abs,
-        "zscore_std_dev": std_dev,
+        **checks,  # n_nonfinite, zscore_mean_abs, zscore_std_dev, intensity_min/max, range_excess
         "label_values_raw": json.dumps(values_raw),
         "label_values_processed": json.dumps(values_new),
         "label_set_unchanged": values_raw == values_new,

@@ -8,8 +8,11 @@ failure of the gate as a whole quarantines nothing and stops the stage.
 
 from __future__ import annotations
 
+import csv
+
 from lesionflow.catalog.artifacts import ACCEPTED, METADATA, PROCESSED_GATE_REPORT, QUARANTINE
 from lesionflow.catalog.readers import metadata_frame, require, write_accepted, write_stage_summary
+from lesionflow.errors import SourceError
 from lesionflow.params import Params
 from lesionflow.quality.findings import gate_failed, gate_findings, rejection_code, rejection_message
 from lesionflow.quarantine import Rejection, record
@@ -20,9 +23,13 @@ STAGE = "validate-processed"
 
 
 def run(ws: Workspace, params: Params) -> StageResult:
-    from lesionflow.quality.processed_suite import run_processed_gate
+    from lesionflow.quality.processed_suite import run_processed_gate, stale_metadata_message
 
-    require(ws, METADATA)
+    with require(ws, METADATA).open(newline="") as fh:
+        header = next(csv.reader(fh), [])
+    stale = stale_metadata_message(header, METADATA.path)
+    if stale is not None:
+        raise SourceError(stale)  # checked on the file: metadata_frame fills missing columns with NaN
     table = metadata_frame(ws)
     result = run_processed_gate(table, params.quality, PROCESSED_GATE_REPORT.at(ws))
     findings = gate_findings(result)
