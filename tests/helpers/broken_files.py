@@ -186,7 +186,7 @@ def _srows(matrix: list[list[float]]) -> dict[str, object]:
     return {"sform_code": 1, "srow_x": matrix[0], "srow_y": matrix[1], "srow_z": matrix[2]}
 
 
-def _huge_nifti2() -> bytes:
+def huge_nifti2() -> bytes:
     """The issue's 612-byte NIfTI-2 whose header claims 100000^3 voxels."""
     blob = nifti_bytes(volume(0, (2, 2, 2)), version=2, dims=(100000, 100000, 100000))
     return (blob + b"\x01" * 612)[:612]
@@ -286,8 +286,8 @@ def nifti_kinds() -> list[Kind]:
             "unsupported_dtype",
             str(2**40),
         ),
-        _n2("n2_huge_dims", _huge_nifti2, "huge_dims", "100000x100000x100000"),
-        _n2("n2_huge_dims_gz", _huge_nifti2, "huge_dims", "100000x100000x100000", ".nii.gz"),
+        _n2("n2_huge_dims", huge_nifti2, "huge_dims", "100000x100000x100000"),
+        _n2("n2_huge_dims_gz", huge_nifti2, "huge_dims", "100000x100000x100000", ".nii.gz"),
         _n2(
             "n2_sheared_sform",
             lambda: nifti_bytes(v, version=2, **_srows([[1, 0, 0, 0], [0, 1.2, 0.5, 0], [0, 0, 2, 0]])),

@@ -17,6 +17,7 @@ from lesionflow.catalog.artifacts import QUARANTINE, RAW_CASES, RAW_MANIFEST
 from lesionflow.hashing import sha256_file
 from lesionflow.manifest import read_manifest
 from lesionflow.params import load_params
+from lesionflow.quarantine import case_dir
 from lesionflow.stages import ingest, validate_raw
 from lesionflow.workspace import Workspace
 from tests.helpers.dicom_factory import PHI, write_ct_series
@@ -28,7 +29,11 @@ def _quiet(items, description, total):
 
 
 def _reasons(ws: Workspace) -> dict[str, str]:
-    return {p.parent.name: json.loads(p.read_text())["code"] for p in QUARANTINE.at(ws).glob("*/reason.json")}
+    """case id (as reason.json names it, whatever its folder) -> quarantine code."""
+    return {
+        json.loads(p.read_text())["case_id"]: json.loads(p.read_text())["code"]
+        for p in QUARANTINE.at(ws).glob("*/reason.json")
+    }
 
 
 def _msd_corpus(root: Path, outside: Path) -> dict[str, str]:
@@ -53,6 +58,7 @@ def _msd_corpus(root: Path, outside: Path) -> dict[str, str]:
     data["training"].append({"image": "./imagesTr/unreadable.nii"})
     # a path with ../ that points outside the dataset folder, and a symlink leaving it
     nib.save(nib.Nifti1Image(image.array, image.affine), outside)
+    escaping = f"training[{len(data['training'])}]"  # named by its own entry, not by the file it points to
     data["training"].append({"image": "./imagesTr/../../" + outside.name})
     (root / "imagesTr" / "linked.nii.gz").symlink_to(outside)
     data["training"].append({"image": "./imagesTr/linked.nii.gz"})
@@ -74,7 +80,7 @@ def _msd_corpus(root: Path, outside: Path) -> dict[str, str]:
         "four_d": "not_3d",
         "zero_axis": "zero_length_axis",
         "unreadable": "unreadable_file",
-        outside.name.removesuffix(".nii.gz"): "path_escapes_source",
+        escaping: "path_escapes_source",
         "linked": "symlink_outside_source",
         "dup": "duplicate_case_id",
         "nan_inf": "gate:n_nonfinite",
@@ -111,6 +117,26 @@ def test_msd_bad_input_corpus(workspace: Path, tmp_path: Path) -> None:
     assert (QUARANTINE.at(ws) / "nan_inf" / "files" / "image.nii.gz").exists()  # moved out of raw by the gate
     assert not (RAW_CASES.at(ws) / "nan_inf").exists()
     assert set(gate.summary["quarantined"]) == {"nan_inf", "shape_mismatch", "undeclared_label", "float_label"}
+
+
+def test_escaping_entry_is_named_by_its_own_entry(workspace: Path, tmp_path: Path) -> None:
+    """Issue 17 item 4: an entry pointing outside the dataset is reported as that entry, never under the name of
+    its target (here another dataset's case_001, which is also a valid case of this one, and /etc/passwd)."""
+    source = write_msd(tmp_path / "msd", n_train=2, n_test=0)
+    other = write_msd(tmp_path / "other", n_train=2, n_test=0)
+    data = json.loads((source / "dataset.json").read_text())
+    data["training"] += [{"image": "./imagesTr/../../other/imagesTr/case_001.nii.gz"}, {"image": "/etc/passwd"}]
+    (source / "dataset.json").write_text(json.dumps(data))
+    ws = Workspace.at(workspace)
+    result = ingest.run(ws, load_params(ws.params_file, [f"ingest.source={source}"]), progress=_quiet)
+    assert _reasons(ws) == {"training[2]": "path_escapes_source", "training[3]": "path_escapes_source"}
+    assert sorted(p.name for p in QUARANTINE.at(ws).iterdir()) == sorted(
+        case_dir(QUARANTINE.at(ws), f"training[{i}]").name for i in (2, 3)
+    )
+    assert {r.case_id for r in read_manifest(RAW_MANIFEST.at(ws))} == {"case_000", "case_001"}
+    details = {f.subject: f.detail for f in result.findings}
+    assert "'../other/imagesTr/case_001.nii.gz' escapes the source folder" in details["training[2]"]
+    assert other.exists()
 
 
 def test_integral_float_labels_are_accepted_as_integers(workspace: Path, tmp_path: Path) -> None:

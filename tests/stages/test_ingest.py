@@ -177,3 +177,96 @@ def test_second_source_with_other_labels_is_refused(workspace: Path, tmp_path: P
     other = write_msd(tmp_path / "b", n_train=2, n_test=0, labels={"0": "background", "1": "tumour"})
     with pytest.raises(SourceError, match="declares labels"):
         _ingest(workspace, other)
+
+
+def _loose_niftis(root: Path, n: int) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        image, _ = sphere_case(i)
+        nib.save(nib.Nifti1Image(image.array, image.affine), root / f"scan_{i:02d}.nii.gz")
+    return root
+
+
+def test_zero_spacing_file_is_quarantined_and_the_rest_ingested(workspace: Path, tmp_path: Path) -> None:
+    """Issue 17 item 2: a zero spacing in one file's sform used to kill the stage in the NIfTI writer."""
+    source = _loose_niftis(tmp_path / "loose", 5)
+    bad = nib.load(source / "scan_02.nii.gz")
+    header = bad.header.copy()
+    header["srow_y"] = [0.0, 0.0, 0.0, 20.0]  # the j axis has zero length
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\x00" * 4 + np.asanyarray(bad.dataobj).tobytes(order="F")
+    (source / "scan_02.nii.gz").unlink()
+    (source / "scan_02.nii").write_bytes(raw)
+    ws, result = _ingest(workspace, source)
+    assert result.summary["n_added"] == 4
+    assert result.summary["rejected"] == {"scan_02": "invalid_spacing"}
+    reason = json.loads((QUARANTINE.at(ws) / "scan_02" / "reason.json").read_text())
+    assert "voxel spacing (1, 0, 2) mm" in reason["message"]
+    assert not (RAW_CASES.at(ws) / "scan_02").exists()
+
+
+def test_unexpected_read_error_quarantines_that_case_in_one_line(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception while reading one case (here one no check anticipates) quarantines it; the others go on."""
+    source = _loose_niftis(tmp_path / "loose", 3)
+    real = ingest.read_case
+
+    def flaky(case, *args, **kwargs):
+        if case.case_id == "scan_01":
+            raise RuntimeError("an attribute the reader did not expect\nsecond line")
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(ingest, "read_case", flaky)
+    _, result = _ingest(workspace, source)
+    assert result.summary["n_added"] == 2
+    assert result.summary["rejected"] == {"scan_01": "unreadable"}
+    finding = result.findings[0]
+    assert finding.subject == "scan_01"
+    assert "\n" not in finding.detail
+    assert "failed with RuntimeError: an attribute the reader did not expect second line;" in finding.detail
+    assert "re-export" in finding.detail
+
+
+def test_failed_write_removes_the_partial_case_and_goes_on(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer failure after the image was written leaves no half case in staging or data/raw."""
+    source = write_msd(tmp_path / "msd", n_train=3, n_test=0)
+    real = ingest.write_nifti
+
+    def failing_label(volume, path):
+        if "case_001" in str(path) and Path(path).name.startswith("label"):
+            assert (Path(path).parent / "image.nii.gz").exists()  # the image is already in staging
+            raise ValueError("Could not decompose affine")
+        return real(volume, path)
+
+    monkeypatch.setattr(ingest, "write_nifti", failing_label)
+    ws, result = _ingest(workspace, source)
+    assert result.summary["rejected"] == {"case_001": "cannot_store"}
+    assert "storing the case failed with ValueError: Could not decompose affine" in result.findings[0].detail
+    assert sorted(p.name for p in RAW_CASES.at(ws).iterdir()) == ["case_000", "case_002"]
+    assert not (RAW.at(ws) / ".staging").exists()
+
+
+def test_full_disk_stops_the_stage_without_a_half_case(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A workspace fault is dataset-level: every case would fail the same way, so the stage stops (no quarantine)."""
+    import errno
+
+    source = write_msd(tmp_path / "msd", n_train=2, n_test=0)
+    real = ingest.write_nifti
+
+    def disk_full(volume, path):
+        if "case_001" in str(path) and Path(path).name.startswith("label"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(volume, path)
+
+    monkeypatch.setattr(ingest, "write_nifti", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _ingest(workspace, source)
+    ws = Workspace.at(workspace)
+    assert not (RAW.at(ws) / ".staging" / "case_001").exists()
+    assert not QUARANTINE.at(ws).exists()
+    assert {r.case_id for r in read_manifest(RAW_MANIFEST.at(ws))} == {"case_000"}

@@ -11,7 +11,8 @@ decompressed only as far as needed, never into memory as a whole) and raises
   (:data:`MAX_DEFLATE_RATIO`), or shorter than the file by at least one slice (voxels would be dropped).
   For ``.gz`` the gzip trailer's ISIZE is a hint only (it is mod 2**32 and names the last member): when it
   disagrees, the stream is counted in 1 MiB chunks up to the needed length plus one slice.
-* ``invalid_dims``, ``invalid_spacing``, ``nonfinite_affine``, ``unsupported_dtype``, ``not_3d``,
+* ``invalid_dims``, ``invalid_header`` (vox_offset inside the header), ``invalid_spacing``,
+  ``nonfinite_affine``, ``unsupported_dtype``, ``not_3d``,
   ``missing_data_file``, ``truncated_file``, ``unreadable_file`` (wrong magic / not a header).
 
 NIfTI-1 and NIfTI-2 (``.nii``, ``.nii.gz``), NRRD (``.nrrd`` attached, ``.nhdr`` detached) and MetaImage
@@ -206,7 +207,12 @@ def check_nifti_header(path: Path, case_id: str) -> None:
     needed = _check_voxels(name, case_id, shape, dtype.itemsize)
     offset = float(header["vox_offset"])
     if not math.isfinite(offset) or offset < size:
-        raise _reject(case_id, "invalid_dims", f"{name} has vox_offset {offset}; fix the header and re-export")
+        raise _reject(
+            case_id,
+            "invalid_header",
+            f"{name} has vox_offset {offset:g}, inside its {size}-byte header (nibabel would read the header as "
+            f"voxels); set vox_offset to at least {size + 4} and re-export",
+        )
     if 0 not in shape:  # a zero-length axis is named by the reader (zero_length_axis)
         _nifti_data_fits(path, case_id, shape, needed, int(offset))
     if int(header["sform_code"]) == 0 and len(shape) >= 3:
