@@ -207,6 +207,34 @@ def test_unreachable_scheduler_is_one_line_naming_the_address(
     assert not list_cases(STORE.at(msd_workspace))  # nothing half-written
 
 
+def test_cases_finished_before_a_kill_are_kept_and_only_the_rest_recomputed(msd_workspace: Workspace) -> None:
+    """Issue 17 item 10: a killed run leaves complete store groups but no metadata.csv (written at the end).
+
+    The rerun must keep those groups (their metadata row travels in their attrs) and recompute only the
+    cases the killed run never finished, with the bytes of an uninterrupted run.
+    """
+    import shutil
+
+    from lesionflow.catalog.artifacts import summary_artifact
+    from lesionflow.store.zarr_store import case_digest
+
+    ws = msd_workspace
+    _run_all(ws, "preprocess.workers=1")
+    store = STORE.at(ws)
+    digests = {c: case_digest(store, c) for c in list_cases(store)}
+    metadata = METADATA.at(ws).read_bytes()
+    # What SIGKILL after two finished cases leaves: two complete groups, neither metadata.csv nor the summary.
+    METADATA.at(ws).unlink()
+    summary_artifact("preprocess").at(ws).unlink()
+    for unfinished in ("case_002", "case_003"):
+        shutil.rmtree(store / unfinished)
+    again = STAGES["preprocess"].run(ws, load_params(ws.params_file, ["preprocess.workers=1"]))
+    assert again.summary["n_processed"] == 2
+    assert again.summary["n_skipped"] == 2
+    assert {c: case_digest(store, c) for c in list_cases(store)} == digests
+    assert METADATA.at(ws).read_bytes() == metadata
+
+
 def _zero_background_head(spacing: tuple[float, float, float], shape: tuple[int, int, int], seed: int) -> tuple:
     """A T1-like head: noisy tissue in an ellipsoid, a brighter spherical lesion (label 1), exact 0 outside."""
     rng = np.random.default_rng(seed)
@@ -257,3 +285,28 @@ def test_zero_background_mr_at_mixed_spacings_passes_the_processed_gate(workspac
         assert stats["scheme"] == "zscore"
         assert stats["mean"] == pytest.approx(0.0, abs=1e-5)
         assert stats["std"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_failed_processed_gate_leaves_no_accepted_list_and_a_stale_one_is_refused(msd_workspace: Workspace) -> None:
+    """Issue 17 item 1 (processed gate): the accepted list is a verdict on the metadata it judged, or nothing."""
+    from lesionflow.catalog.artifacts import ACCEPTED
+    from lesionflow.catalog.readers import accepted_cases
+    from lesionflow.errors import GateFailed, SourceError
+
+    ws = msd_workspace
+    _run_all(ws, "preprocess.workers=1")
+    assert accepted_cases(ws) == list_cases(STORE.at(ws))
+    strict = load_params(ws.params_file, ["quality.processed.shape_range=[1000, 2000]"])  # every case too small
+    with pytest.raises(GateFailed, match="processed quality gate failed"):
+        STAGES["validate-processed"].run(ws, strict)
+    assert not ACCEPTED.at(ws).exists()  # the earlier passing list is gone: nothing reads it as accepted
+    with pytest.raises(SourceError, match=r"data/processed/accepted.json does not exist; run `lesionflow stage "):
+        accepted_cases(ws)
+    STAGES["validate-processed"].run(ws, load_params(ws.params_file))
+    assert accepted_cases(ws) == list_cases(STORE.at(ws))
+    # metadata.csv rewritten after the verdict (preprocess rerun on other data): the old list is not for it
+    METADATA.at(ws).write_text(METADATA.at(ws).read_text().replace("case_003", "case_999"))
+    with pytest.raises(SourceError, match=r"accepted.json judged another data/processed/metadata.csv") as info:
+        accepted_cases(ws)
+    assert "lesionflow stage validate-processed" in str(info.value)
+    assert "\n" not in str(info.value)

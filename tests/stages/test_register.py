@@ -242,6 +242,11 @@ def test_synthetic_store_is_mixed_in_and_recorded_in_the_lineage(evaluated: Path
     ws = _copy(evaluated, tmp_path)
     synthetic = ws.root / "data" / "synthetic" / "store.zarr"
     shutil.copytree(STORE.at(ws), synthetic)
+    from lesionflow.catalog.readers import judged_store_digest, write_synthetic_verdict
+    from lesionflow.store.zarr_store import list_cases
+
+    # train takes only a store with a verdict on its current content (issue 17); here every case is admitted
+    write_synthetic_verdict(synthetic, judged_store_digest(synthetic), list_cases(synthetic), [], gate="test")
     overrides = ["train.synthetic_store=data/synthetic/store.zarr", "train.synthetic_ratio=0.5"]
     params = load_params(ws.params_file, overrides)
     summary = STAGES["train"].run(ws, params).summary

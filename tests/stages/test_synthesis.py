@@ -367,3 +367,49 @@ def test_utility_in_the_loop_admits_only_what_a_study_of_these_generators_showed
     study.unlink()
     with pytest.raises(GateFailed, match=r"study_evidence = reports/study/summary.json: no such file"):
         STAGES["validate-synthetic"].run(ws, load_params(ws.params_file, on))
+
+
+def _train_on_synthetic(ws: Workspace) -> object:
+    overrides = ["train.synthetic_store=data/synthetic/store.zarr", "train.synthetic_ratio=0.5"]
+    return STAGES["train"].run(ws, load_params(ws.params_file, overrides))
+
+
+def test_failed_gate_leaves_no_verdict_and_train_refuses_the_store(synthesized: Path, tmp_path: Path) -> None:
+    """Issue 17 item 1: a gate that fails (here as a whole) removes the earlier verdict; train then refuses."""
+    from lesionflow.store.zarr_store import store_digest
+
+    ws = _copy(synthesized, tmp_path, "failed-gate")
+    store = SYNTHETIC_STORE.at(ws)
+    verdict = json.loads(accepted_beside(store).read_text())
+    assert verdict["gate"] == "passed"
+    assert verdict["store_digest"] == store_digest(store)  # the content the gate judged
+    strict = [  # any lesion with a texture distance rejects its sample, and any rejection fails the gate
+        "quality.synthetic.max_histogram_w1=0.0",
+        "quality.synthetic.max_nn_similarity=0.0",
+        "quality.synthetic.max_reject_fraction=0.0",
+    ]
+    with pytest.raises(GateFailed, match="synthetic quality gate failed"):
+        STAGES["validate-synthetic"].run(ws, load_params(ws.params_file, strict))
+    assert not accepted_beside(store).exists()  # the earlier passing verdict is not left for train to read
+    with pytest.raises(SourceError, match=r"has no passing synthetic-gate verdict \(no data/synthetic/accepted.json"):
+        _train_on_synthetic(ws)
+
+
+def test_train_refuses_a_store_changed_since_its_verdict(synthesized: Path, tmp_path: Path) -> None:
+    """Issue 17 item 1: the verdict is for the store content it judged; a changed store needs the gate again."""
+    ws = _copy(synthesized, tmp_path, "changed")
+    store = SYNTHETIC_STORE.at(ws)
+    shutil.copytree(store / sorted(list_cases(store))[0], store / "unjudged_sample")  # a sample nobody judged
+    with pytest.raises(SourceError, match=r"store changed since the gate judged it") as info:
+        _train_on_synthetic(ws)
+    message = str(info.value)
+    assert "train.synthetic_store = 'data/synthetic/store.zarr'" in message
+    assert "lesionflow stage validate-synthetic" in message
+    assert "\n" not in message
+    shutil.rmtree(store / "unjudged_sample")  # back to the judged content: the verdict holds again
+    summary = _train_on_synthetic(ws).summary  # type: ignore[attr-defined]
+    assert summary["n_synthetic"] == len(json.loads(accepted_beside(store).read_text())["accepted"])
+    verdict = accepted_beside(store)
+    verdict.write_text(json.dumps({k: v for k, v in json.loads(verdict.read_text()).items() if k != "store_digest"}))
+    with pytest.raises(SourceError, match=r"records no store digest"):  # a verdict of an older version
+        _train_on_synthetic(ws)

@@ -61,7 +61,7 @@ def synthetic_selection_digest(ws: Workspace, params: Params) -> str:
     root = ws.path(params.train.synthetic_store)
     accepted = accepted_beside(root)
     store = store_digest(root) if root.is_dir() else ABSENT
-    return f"{store}:{sha256_file(accepted) if accepted.exists() else 'all'}"
+    return f"{store}:{_bytes(accepted)}"  # no verdict: train refuses the store (catalog.readers.synthetic_verdict)
 
 
 def optional_file_digest(artifact: Artifact, ws: Workspace, params: Params) -> str:

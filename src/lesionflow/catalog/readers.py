@@ -24,6 +24,7 @@ from lesionflow.catalog.artifacts import (
     PROGRESSION_STORE,
     RAW_DATASET,
     Artifact,
+    accepted_beside,
     stage_report_dir,
 )
 from lesionflow.errors import SourceError
@@ -144,22 +145,98 @@ def metadata_frame(ws: Workspace) -> Any:
     return pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
 
 
+def metadata_text(row: dict[str, Any]) -> dict[str, str]:
+    """A metadata row as metadata.csv holds it: floats by repr (they read back exactly; NaN/inf as text), None empty."""
+    return {k: "" if v is None else repr(float(v)) if isinstance(v, float) else str(v) for k, v in row.items()}
+
+
 def write_metadata(ws: Workspace, rows: dict[str, dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(METADATA_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for case_id in sorted(rows):
-        writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in rows[case_id].items()})
+        writer.writerow(metadata_text(rows[case_id]))
     write_text_if_changed(METADATA.at(ws), buffer.getvalue())
 
 
 # ---- the processed gate's verdict and the splits ----------------------------------------------------------
 def accepted_cases(ws: Workspace) -> list[str]:
-    return list(json.loads(require(ws, ACCEPTED).read_text())["cases"])
+    """The processed gate's accepted cases, only while metadata.csv is the one it judged (else one line)."""
+    verdict = json.loads(require(ws, ACCEPTED).read_text())
+    judged = verdict.get("metadata_digest")
+    if judged != sha256_file(require(ws, METADATA)):
+        raise SourceError(
+            f"{ACCEPTED.path} judged another {METADATA.path} (it was rewritten after the processed gate ran); "
+            f"run `lesionflow stage validate-processed -w {ws.root}` to judge the current cases"
+        )
+    return list(verdict["cases"])
 
 
 def write_accepted(ws: Workspace, cases: list[str]) -> None:
     write_json(ACCEPTED.at(ws), {"cases": cases, "metadata_digest": sha256_file(METADATA.at(ws))})
+
+
+# ---- the synthetic gate's verdict: accepted.json beside its store, for the store content it judged ---------
+#: ``gate`` of a verdict the synthetic gate wrote after passing; other values are recorded choices (the study's)
+GATE_PASSED = "passed"
+
+
+def judged_store_digest(store: Path) -> str:
+    """What a synthetic verdict is about: :func:`lesionflow.store.zarr_store.store_digest` ("absent": no store)."""
+    from lesionflow.store.zarr_store import store_digest
+
+    return store_digest(store) if (store / "zarr.json").is_file() else "absent"
+
+
+def write_synthetic_verdict(
+    store: Path,
+    judged_digest: str,
+    accepted: list[str],
+    rejected: list[str],
+    *,
+    gate: str = GATE_PASSED,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``accepted.json`` beside ``store``: the samples training may use, for the store content of
+    ``judged_digest`` (taken before judging, so a store changed meanwhile is refused by train)."""
+    path = accepted_beside(store)
+    payload = {"accepted": accepted, "rejected": rejected, "gate": gate, "store_digest": judged_digest}
+    write_json(path, {**payload, **(extra or {})})
+    return path
+
+
+@dataclass(frozen=True)
+class SyntheticVerdict:
+    """The samples of a synthetic store training may use, and how that was decided (``gate``)."""
+
+    accepted: frozenset[str]
+    gate: str
+
+
+def synthetic_verdict(store: Path, setting: str) -> SyntheticVerdict:
+    """The verdict on ``store``'s current content; a one-line SourceError naming the store (``setting``, as the
+    user wrote it) and the fix when there is none: no accepted.json (never judged, or the last gate failed), a
+    verdict without a store digest (an older version wrote it), or a store changed since it was judged."""
+    path = accepted_beside(store)
+    shown = str(Path(setting).parent / path.name)  # as the user would find it: beside the store they named
+    problem = ""
+    verdict: dict[str, Any] = {}
+    if not path.is_file():
+        problem = f"no {shown}: the synthetic gate has not passed this store, or its last run failed"
+    else:
+        verdict = json.loads(path.read_text())
+        judged, now = str(verdict.get("store_digest", "")), judged_store_digest(store)
+        if not judged:
+            problem = f"{shown} records no store digest (an older lesionflow wrote it)"
+        elif judged != now:
+            problem = f"the store changed since the gate judged it: {judged[:12]} judged, {now[:12]} now"
+    if problem:
+        raise SourceError(
+            f"train.synthetic_store = {setting!r} has no passing synthetic-gate verdict ({problem}); run "
+            "`lesionflow stage validate-synthetic` to judge its current samples, or train on real cases only "
+            "(train.synthetic_store empty and train.synthetic_ratio=0)"
+        )
+    return SyntheticVerdict(frozenset(verdict["accepted"]), str(verdict.get("gate", GATE_PASSED)))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lesionflow.catalog.artifacts import METADATA, QUARANTINE, RAW_CASES, RAW_MANIFEST, STORE, raw_case_file
-from lesionflow.catalog.readers import load_plan, read_metadata, write_metadata, write_stage_summary
+from lesionflow.catalog.readers import load_plan, metadata_text, read_metadata, write_metadata, write_stage_summary
 from lesionflow.errors import Finding
 from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.manifest import CaseRecord, read_manifest
@@ -29,6 +29,8 @@ from lesionflow.stages.base import CODE_VERSION, StageResult
 from lesionflow.workspace import Workspace
 
 STAGE = "preprocess"
+#: the case attr holding its metadata.csv row (all columns but ``digest``, which covers the attrs themselves)
+ROW_ATTR = "metadata_row"
 # Bumped when the per-case record or metadata row changes for the same inputs: 2 = normalization statistics
 # recorded before resampling (issue 17), so cases of an older store are reprocessed, not kept.
 RECORD_FORMAT = 2
@@ -117,14 +119,6 @@ def process_case(
         "crop_bbox": {"lo": list(prec.crop.lo), "hi": list(prec.crop.hi)},
         "preprocess_record": prec.to_dict(),
     }
-    digest = write_case(
-        Path(store),
-        rec.case_id,
-        CaseArrays(out_img, out_lab, organ),
-        attrs,
-        chunk_shape=plan.chunk_shape,
-        image_dtype=image_dtype,
-    )
     raw_vox = float(np.prod([rec.spacing_x, rec.spacing_y, rec.spacing_z]))
     fg_raw = float(np.count_nonzero(label)) * raw_vox if label is not None else 0.0
     fg_new = float(np.count_nonzero(out_lab)) * float(np.prod(spacing)) if out_lab is not None else 0.0
@@ -136,7 +130,6 @@ def process_case(
         "case_id": rec.case_id,
         "split": rec.split,
         "cache_key": key,
-        "digest": digest,
         "shape_x": shape[0],
         "shape_y": shape[1],
         "shape_z": shape[2],
@@ -154,10 +147,33 @@ def process_case(
         "fg_volume_processed_mm3": fg_new,
         "fg_kept_ratio": fg_new / fg_raw if fg_raw > 0 else 1.0,
     }
+    # The row travels with the case: a run killed after this group is published but before metadata.csv is
+    # written (it is written once, at the end) keeps the case; the rerun reads the row back (_stored_row).
+    attrs[ROW_ATTR] = metadata_text(row)  # as text: a NaN or inf statistic is not valid JSON
+    row = {
+        **row,
+        "digest": write_case(
+            Path(store),
+            rec.case_id,
+            CaseArrays(out_img, out_lab, organ),
+            attrs,
+            chunk_shape=plan.chunk_shape,
+            image_dtype=image_dtype,
+        ),
+    }
     return {"case_id": rec.case_id, "ok": True, "row": row}
 
 
 Work = tuple[list[tuple[CaseRecord, str]], dict[str, dict[str, Any]], list[str]]
+
+
+def _stored_row(root: Path, case_id: str, attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """The metadata row a finished case carries in its attrs, with its digest; None for a store written before
+    rows travelled with their cases (that case is recomputed once)."""
+    from lesionflow.store.zarr_store import case_digest
+
+    row = attrs.get(ROW_ATTR)
+    return {**row, "digest": case_digest(root, case_id)} if isinstance(row, dict) else None
 
 
 def _plan_work(ws: Workspace, params: Params, plan: Plan) -> Work:
@@ -167,14 +183,19 @@ def _plan_work(ws: Workspace, params: Params, plan: Plan) -> Work:
     root = STORE.at(ws)
     if root.exists():
         clean_temp(root)  # leftovers of a killed run
-    stored = {cid: read_case_attrs(root, cid).get("cache_key") for cid in list_cases(root)} if root.exists() else {}
+    stored = {cid: read_case_attrs(root, cid) for cid in list_cases(root)} if root.exists() else {}
     rows = read_metadata(ws)
     todo, keep = [], {}
     records = {r.case_id: r for r in read_manifest(RAW_MANIFEST.at(ws))}
     for case_id, rec in sorted(records.items()):
         key = case_key(rec, plan, params)
-        if stored.get(case_id) == key and rows.get(case_id, {}).get("cache_key") == key:
+        attrs = stored.get(case_id, {})
+        if attrs.get("cache_key") != key:
+            todo.append((rec, key))
+        elif rows.get(case_id, {}).get("cache_key") == key:
             keep[case_id] = rows[case_id]
+        elif (row := _stored_row(root, case_id, attrs)) is not None:
+            keep[case_id] = row  # finished by a run that was killed before it wrote metadata.csv
         else:
             todo.append((rec, key))
     stale = sorted(set(stored) - set(records))  # cases no longer in data/raw (derived data: safe to drop)

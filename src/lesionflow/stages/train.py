@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import subprocess
 import sys
@@ -31,7 +30,6 @@ from lesionflow.catalog.artifacts import (
     TRAIN_CURVES,
     TRAIN_CURVES_PNG,
     TRAINING_SYNTHETIC,
-    accepted_beside,
     summary_artifact,
 )
 from lesionflow.catalog.digests import digest
@@ -42,6 +40,7 @@ from lesionflow.catalog.readers import (
     read_metadata,
     splits,
     stage_summary,
+    synthetic_verdict,
     write_stage_summary,
 )
 from lesionflow.devices import cpu_threads, resolve_device
@@ -299,9 +298,8 @@ def _synthetic_cases(ws: Workspace, params: Params) -> list[Any]:
 
     root = ws.path(params.train.synthetic_store)
     ids = list_cases(root)
-    accepted = accepted_beside(root)
-    if accepted.exists():  # the synthetic gate's verdict: rejected samples never reach the segmenter
-        keep = set(json.loads(accepted.read_text())["accepted"])
+    if ids:  # only a verdict on the store's current content admits samples; rejected ones never reach the segmenter
+        keep = synthetic_verdict(root, params.train.synthetic_store).accepted
         ids = [c for c in ids if c in keep]
     if not ids:
         raise SourceError(

@@ -25,6 +25,10 @@ STAGE = "validate-processed"
 def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.quality.processed_suite import run_processed_gate, stale_metadata_message
 
+    # A verdict is about the metadata judged now: the old list goes first, so a gate that fails (or a crash)
+    # leaves no accepted list a later stage could read (catalog.readers.accepted_cases also checks its digest).
+    ACCEPTED.at(ws).unlink(missing_ok=True)
+
     with require(ws, METADATA).open(newline="") as fh:
         header = next(csv.reader(fh), [])
     stale = stale_metadata_message(header, METADATA.path)

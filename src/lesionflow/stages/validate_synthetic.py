@@ -8,6 +8,9 @@ memorization (correlation with the nearest training lesion inside the mask) and,
 available (``quality.synthetic.acceptance_model``), the FreeTumor acceptance filter. Dataset statistics: KS
 test of new-lesion volumes vs real ones, diversity of lesions sharing a condition, acceptance rate. A sample
 with a rejected lesion is left out of accepted.json (the segmenter never trains on it); nothing is deleted.
+accepted.json is the verdict for one store content: it records the store digest judged (``store_digest``, taken
+before judging) and ``gate: passed``; it is deleted when the stage starts, so a failing gate leaves none, and
+``train`` refuses a store without a verdict for its current digest (``catalog.readers.synthetic_verdict``).
 A montage of real vs synthetic lesions per class is written for people.
 
 Pasted lesions (``mask_source`` "paste", the copy-paste baseline) get the exact checks (background, binary mask
@@ -50,15 +53,16 @@ from lesionflow.catalog.artifacts import (
 )
 from lesionflow.catalog.readers import (
     acceptance_model,
+    judged_store_digest,
     lesion_classes,
     load_plan,
     read_generator_extra,
     read_progression_manifest,
     require,
     write_stage_summary,
+    write_synthetic_verdict,
 )
 from lesionflow.devices import resolve_device
-from lesionflow.files import write_json
 from lesionflow.params import Params
 from lesionflow.quality.findings import gate_failed, gate_findings
 from lesionflow.stages.base import StageResult
@@ -285,12 +289,16 @@ def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.synth.roi_store import read_roi_set
 
     manifest = json.loads(require(ws, SYNTHETIC_MANIFEST).read_text())
+    # A verdict is about the content judged now: the old one goes first, so any failure below (a gate that fails,
+    # the progression gate, the study evidence, a crash) leaves nothing a later stage reads as accepted.
+    SYNTHETIC_ACCEPTED.at(ws).unlink(missing_ok=True)
+    judged = judged_store_digest(SYNTHETIC_STORE.at(ws))  # before judging: a store changed meanwhile is refused
     _check_study_evidence(ws, params)
     samples = manifest["samples"]
     trajectories = read_progression_manifest(ws)
     progression = _progression_gate(ws, params, trajectories) if trajectories else None
     if not samples and trajectories:  # method pie: trajectories only, no lesion samples to judge
-        return _finish(ws, [], [], progression, {"n_samples": 0, "n_lesions": 0})
+        return _finish(ws, judged, [], [], progression, {"n_samples": 0, "n_lesions": 0})
     real = read_roi_set(ROIS_STORE.at(ws))
     plan = load_plan(ws)
     classes = lesion_classes(plan.label_values, params.synth.lefusion.multi_class)
@@ -357,7 +365,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "report": report,
     }
     extra = {"montage": SYNTHETIC_MONTAGE.path, "report": report}
-    return _finish(ws, samples, rejected_samples, progression, summary, findings, extra)
+    return _finish(ws, judged, samples, rejected_samples, progression, summary, findings, extra)
 
 
 def _population_stats(ks: KsResult, diversity: float, acceptance: float, segmenter: bool) -> SyntheticStats:
@@ -383,6 +391,7 @@ def _population_stats(ks: KsResult, diversity: float, acceptance: float, segment
 
 def _finish(
     ws: Workspace,
+    judged: str,
     samples: list[dict[str, Any]],
     rejected_samples: list[str],
     progression: Any,
@@ -390,10 +399,11 @@ def _finish(
     findings: list[Any] | None = None,
     outputs: dict[str, str] | None = None,
 ) -> StageResult:
-    """Fail on the progression gate, else write accepted.json (samples and trajectories) and the summary."""
+    """Fail on the progression gate, else write accepted.json (samples and trajectories, for the store digest
+    ``judged``) and the summary."""
     findings = list(findings or [])
     accepted = sorted(s["sample_id"] for s in samples if s["sample_id"] not in set(rejected_samples))
-    payload: dict[str, Any] = {"accepted": accepted, "rejected": rejected_samples}
+    payload: dict[str, Any] = {}
     if progression is not None:
         result, report, numbers = progression
         findings += gate_findings(result)
@@ -406,7 +416,7 @@ def _finish(
             progression_report=report,
             **numbers,
         )
-    write_json(SYNTHETIC_ACCEPTED.at(ws), payload)
+    write_synthetic_verdict(SYNTHETIC_STORE.at(ws), judged, accepted, rejected_samples, extra=payload)
     summary = {"success": True, **summary, "n_accepted": len(accepted), "n_rejected": len(rejected_samples)}
     write_stage_summary(ws, STAGE, summary)
     out = {"accepted": SYNTHETIC_ACCEPTED.path, "summary": summary_artifact(STAGE).path, **(outputs or {})}

@@ -17,7 +17,6 @@ every sample it made and the failure is reported next to its numbers.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -44,14 +43,22 @@ from lesionflow.catalog.artifacts import (
     STUDY_EFFECTS_PNG,
     STUDY_SUMMARY,
     STUDY_WORK,
-    SYNTHETIC_ACCEPTED,
     SYNTHETIC_STORE,
 )
-from lesionflow.catalog.readers import generator_digest, read_metadata, require, splits, write_accepted
+from lesionflow.catalog.readers import (
+    generator_digest,
+    judged_store_digest,
+    read_metadata,
+    require,
+    splits,
+    write_accepted,
+    write_synthetic_verdict,
+)
 from lesionflow.errors import GateFailed, SourceError
 from lesionflow.files import write_json, write_text_if_changed
 from lesionflow.params import Params, StudyArm, deep_merge, validate_params
 from lesionflow.stages import STAGES
+from lesionflow.store.zarr_store import list_cases
 from lesionflow.study.design import ARM_SYNTH, Cell, arm_generators, grid, nested_subsets
 from lesionflow.study.report import (
     CASE_METRICS,
@@ -65,6 +72,9 @@ from lesionflow.study.report import (
     learning_curves_png,
 )
 from lesionflow.workspace import Workspace
+
+#: the ``gate`` of the verdict the study writes when an arm's synthetic gate fails and the arm still trains
+STUDY_GATE_FAILED = "failed, every sample used by the study"
 
 
 @dataclass(frozen=True)
@@ -117,8 +127,7 @@ def fraction_workspace(
     root = STUDY_WORK.at(ws) / f"f{round(fraction * 100):03d}"
     fws = _workspace(root, _data_links(ws, root), params)
     cases = sorted({*subset, *test})
-    if not ACCEPTED.at(fws).exists() or json.loads(ACCEPTED.at(fws).read_text())["cases"] != cases:
-        write_accepted(fws, cases)
+    write_accepted(fws, cases)  # left untouched when its cases and the metadata it judged are unchanged
     return fws
 
 
@@ -131,7 +140,8 @@ def _arm_store(fws: Workspace, fparams: Params, arm: StudyArm, say: Callable[[st
         aws = _workspace(root, [(STORE.at(fws).resolve(), SYNTHETIC_STORE.at(Workspace.at(root)))], fparams)
         rows = read_metadata(fws)
         lesion_cases = [c for c in splits(fws, fparams).train if float(rows[c]["fg_volume_processed_mm3"]) > 0]
-        write_json(SYNTHETIC_ACCEPTED.at(aws), {"accepted": lesion_cases, "rejected": []})
+        store = SYNTHETIC_STORE.at(aws)  # a verdict of the study's own, recorded with the content it covers
+        write_synthetic_verdict(store, judged_store_digest(store), lesion_cases, [], gate="not run: real cases")
         return str(SYNTHETIC_STORE.at(aws)), "real lesion cases of the subset, unmodified"
     aparams = _sub_params(fparams, {"synth": ARM_SYNTH[arm]})
     links = [*_data_links(fws, root), (ACCEPTED.at(fws).resolve(), ACCEPTED.at(Workspace.at(root)))]
@@ -142,7 +152,9 @@ def _arm_store(fws: Workspace, fparams: Params, arm: StudyArm, say: Callable[[st
     try:
         _run("validate-synthetic", aws, aparams)
     except GateFailed as failed:  # the arm is still measured, on every sample it made; the failure is reported
-        SYNTHETIC_ACCEPTED.at(aws).unlink(missing_ok=True)
+        store = SYNTHETIC_STORE.at(aws)  # an explicit, recorded choice: the gate's verdict is "failed"
+        every = list_cases(store)
+        write_synthetic_verdict(store, judged_store_digest(store), every, [], gate=STUDY_GATE_FAILED)
         note = f"synthetic gate failed, every sample used: {failed}"
         say(f"study: {arm} @ {fws.root.name}: {note}")
     return str(SYNTHETIC_STORE.at(aws)), note
