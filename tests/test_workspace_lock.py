@@ -230,3 +230,76 @@ def test_two_concurrent_flow_runs_are_serialized_and_leave_correct_outputs(works
     )
     assert not list((workspace / "data" / "raw").glob(".staging/*"))  # no half-written case left behind
     assert read_holder(lock_path(workspace)) is None
+
+
+# ------------------------------------------------------------------ the CLI's writing commands (issue 17 item 7)
+
+
+def _stage(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EXE, "stage", *args, "-w", str(workspace)], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_lesionflow_stage_refuses_or_waits_while_a_flow_holds_the_lock(
+    workspace: Path, holder: tuple[subprocess.Popen[str], Path]
+) -> None:
+    """`lesionflow stage` (what dvc repro runs) writes nothing while another run holds the workspace."""
+    proc, release = holder
+    write_msd(workspace / "data" / "demo", n_train=2, n_test=0)
+    refused = _stage(workspace, "ingest")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert f"pid {proc.pid}" in lines[0]
+    assert "holder process" in lines[0]
+    assert "--wait-lock" in lines[0]
+    assert not (workspace / "data" / "raw").exists()  # the stage did not run
+    waited = _stage(workspace, "ingest", "--wait-lock", "--lock-timeout", "1")
+    assert waited.returncode == 2
+    assert "after waiting 1 s" in waited.stderr
+    demo = subprocess.run([EXE, "demo-data", "-w", str(workspace)], capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 2
+    assert f"pid {proc.pid}" in demo.stderr
+    release.touch()
+    proc.wait(timeout=30)
+    done = _stage(workspace, "ingest")
+    assert done.returncode == 0, done.stderr
+    assert (workspace / "data" / "raw" / "manifest.csv").exists()
+    assert read_holder(lock_path(workspace)) is None  # released when the stage ended
+
+
+@pytest.mark.slow
+def test_two_lesionflow_stage_commands_do_not_both_run(workspace: Path) -> None:
+    """The first `lesionflow stage` is frozen (SIGSTOP) while it holds the lock: the second refuses naming it,
+    or, with --wait-lock, runs after it; both record the work of one run only."""
+    write_msd(workspace / "data" / "demo", n_train=2, n_test=0)
+    first = subprocess.Popen(
+        [EXE, "stage", "ingest", "-w", str(workspace)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while (holder := read_holder(lock_path(workspace))) is None or holder.pid != first.pid:
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline, "the first stage never took the lock"
+        time.sleep(0.002)
+    os.kill(first.pid, signal.SIGSTOP)  # frozen mid-stage, lock held
+    try:
+        second = _stage(workspace, "ingest")
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        assert "lesionflow stage ingest" in second.stderr  # what the holder runs
+        waiter = subprocess.Popen(
+            [EXE, "stage", "ingest", "-w", str(workspace), "--wait-lock", "--lock-timeout", "120"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3)
+        assert waiter.poll() is None  # waiting, not working, while the first holds the workspace
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    out, err = waiter.communicate(timeout=300)
+    assert waiter.returncode == 0, err
+    assert "up to date: no work done" in out  # it ran after the first one and found its outputs current

@@ -46,6 +46,33 @@ PresetOpt = Annotated[
 ]
 
 
+# Every command that writes a workspace holds its lock (lesionflow.workspace_lock) while it writes, as the flows
+# do: `lesionflow stage` (and so `dvc repro`, whose cmds call it), demo-data, dvc-yaml, evaluate. The stage
+# functions never take it themselves: a flow calls them in-process while it holds the lock. dvc repro passes
+# no flags, so the two settings also come from the environment.
+WaitLockOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait-lock/--no-wait-lock",
+        envvar="LESIONFLOW_WAIT_LOCK",
+        help="When another run holds the workspace: wait for it (up to --lock-timeout) or stop at once.",
+    ),
+]
+LockTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--lock-timeout", envvar="LESIONFLOW_LOCK_TIMEOUT", help="Seconds --wait-lock waits at most (0: no limit)."
+    ),
+]
+
+
+def _locked(root: Path, wait: bool, timeout_s: float, purpose: str) -> Any:
+    """The workspace lock held for a ``with`` block (a one-line WorkspaceLocked when another run holds it)."""
+    from lesionflow.workspace_lock import workspace_lock
+
+    return workspace_lock(root, wait=wait, timeout_s=timeout_s, purpose=purpose)
+
+
 def _with_preset(workspace: Path, preset: str | None, overrides: list[str] | None) -> list[str]:
     """``--preset NAME`` is ``<workspace>/presets/NAME.yaml`` (the workspace is the project), or a file path."""
     from lesionflow.params import preset_overrides
@@ -113,6 +140,8 @@ def demo_data(
     seed: Annotated[int | None, typer.Option(help="Seed; same seed, same bytes (default: demo.seed).")] = None,
     size: Annotated[int | None, typer.Option(help="Longest spatial edge in voxels (default: demo.size).")] = None,
     workspace: WorkspaceOpt = Path("."),
+    wait_lock: WaitLockOpt = False,
+    lock_timeout: LockTimeoutOpt = 3600.0,
 ) -> None:
     """Build a demo dataset in MSD layout (brain MRI on the MNI152 template, or a procedural chest CT)."""
     from lesionflow.demo import build_demo_dataset
@@ -125,7 +154,8 @@ def demo_data(
     demo = validate_params(
         {"demo": {**defaults.model_dump(), **{k: v for k, v in given.items() if v is not None}}}
     ).demo
-    result = build_demo_dataset(demo.kind, demo.cases, ws.path(demo.out), demo.seed, size=demo.size)
+    with _locked(ws.root, wait_lock, lock_timeout, "lesionflow demo-data"):
+        result = build_demo_dataset(demo.kind, demo.cases, ws.path(demo.out), demo.seed, size=demo.size)
     n_test = sum(c.split == "test" for c in result.cases)
     n_lesion_free = sum(not any(c.lesion_voxels.values()) for c in result.cases)
     out.print(
@@ -170,8 +200,10 @@ def stage(
     params_file: ParamsOpt = None,
     overrides: SetOpt = None,
     preset: PresetOpt = None,
+    wait_lock: WaitLockOpt = False,
+    lock_timeout: LockTimeoutOpt = 3600.0,
 ) -> None:
-    """Run one pipeline stage (what dvc.yaml calls)."""
+    """Run one pipeline stage (what dvc.yaml calls), holding the workspace lock."""
     from lesionflow.errors import ParamsError
     from lesionflow.stages import STAGES
 
@@ -180,7 +212,9 @@ def stage(
     from lesionflow.caching import run_cached
 
     ws, params = _load(workspace, params_file, _with_preset(workspace, preset, overrides))
-    print_result(run_cached(name, ws, params, STAGES[name].run))
+    with _locked(ws.root, wait_lock, lock_timeout, f"lesionflow stage {name}"):
+        result = run_cached(name, ws, params, STAGES[name].run)
+    print_result(result)
 
 
 @app.command("stages")
@@ -198,6 +232,8 @@ def stages() -> None:
 def dvc_yaml(
     workspace: WorkspaceOpt = Path("."),
     check: Annotated[bool, typer.Option("--check", help="Only compare; exit 1 when dvc.yaml differs.")] = False,
+    wait_lock: WaitLockOpt = False,
+    lock_timeout: LockTimeoutOpt = 3600.0,
 ) -> None:
     """Write dvc.yaml as derived from the stage registry and the artifact catalog (or check that it is)."""
     from lesionflow.dvc import render_dvc_yaml
@@ -213,7 +249,8 @@ def dvc_yaml(
         return
     from lesionflow.files import write_text_if_changed
 
-    changed = write_text_if_changed(path, text)
+    with _locked(path.parent, wait_lock, lock_timeout, "lesionflow dvc-yaml"):
+        changed = write_text_if_changed(path, text)
     out.print(f"{path} {'written' if changed else 'unchanged'}")
 
 
@@ -426,6 +463,8 @@ def evaluate_model(
     workspace: WorkspaceOpt = Path("."),
     params_file: ParamsOpt = None,
     tracking_uri: TrackingOpt = None,
+    wait_lock: WaitLockOpt = False,
+    lock_timeout: LockTimeoutOpt = 3600.0,
 ) -> None:
     """Evaluate a registered model on any ingested dataset (preprocessed with the model's own plan)."""
     import tempfile
@@ -453,11 +492,15 @@ def evaluate_model(
     records = [r for r in read_manifest(RAW_MANIFEST.at(target)) if split == "all" or r.split == split]
     name = f"{resolved.name}-v{resolved.version}"
     report_dir = out_dir or EVALUATIONS.at(target) / name
-    with tempfile.TemporaryDirectory(prefix="lesionflow-model-") as tmp:
+    # the data workspace is the one written (its reports/evaluations): a run there must not interleave
+    with (
+        _locked(target.root, wait_lock, lock_timeout, "lesionflow evaluate"),
+        tempfile.TemporaryDirectory(prefix="lesionflow-model-") as tmp,
+    ):
         folder = download_model_files(model, uri, Path(tmp) / "model")
         report = evaluate_cases(folder, target, records, settings, report_dir, report_dir / "predictions")
-    summary = {**report.summary, "model": f"{resolved.name}/{resolved.version}", "run_id": resolved.run_id}
-    write_json(report_dir / "metrics.json", summary)
+        summary = {**report.summary, "model": f"{resolved.name}/{resolved.version}", "run_id": resolved.run_id}
+        write_json(report_dir / "metrics.json", summary)
     table = Table("metric", "value", title=f"{resolved.name} v{resolved.version} on {target.root.name}")
     for key, value in sorted(summary.items()):
         if isinstance(value, float):
