@@ -217,7 +217,12 @@ def test_corrupted_sample_is_rejected_by_the_gate_and_left_out_of_training(synth
 def test_gate_fails_as_a_whole_when_too_many_samples_are_rejected(synthesized: Path, tmp_path: Path) -> None:
     ws = _copy(synthesized, tmp_path, "strict")
     params = load_params(
-        ws.params_file, ["quality.synthetic.max_nn_similarity=0.0", "quality.synthetic.max_reject_fraction=0.1"]
+        ws.params_file,
+        [
+            "quality.synthetic.max_nn_similarity=0.0",
+            "quality.synthetic.max_histogram_w1=0.0",  # every re-textured lesion differs from its condition
+            "quality.synthetic.max_reject_fraction=0.1",
+        ],
     )
     with pytest.raises(GateFailed, match="synthetic quality gate failed"):
         STAGES["validate-synthetic"].run(ws, params)

@@ -66,19 +66,29 @@ def test_study_runs_every_cell_reports_and_trains_only_new_cells(tmp_path: Path)
     assert len(cells) == 16 * len(test)
     assert set(cells.loc[cells["dose"], "ratio"]) == {0.5}
     assert set(cells.loc[cells["dose"], "fraction"]) == {0.5}
+    # lesion-level detection per test case, split by size; every test case here holds one sphere lesion per class
+    assert {"lesions", "detected", "false_positives"} <= set(cells.columns)
+    bins = [c for c in cells.columns if c.startswith("lesions_")]
+    assert bins
+    assert (cells[bins].sum(axis=1) == cells["lesions"]).all()
+    assert (cells["detected"] <= cells["lesions"]).all()
 
     # The summary's effects are the paired statistics of cells.csv.
     summary = json.loads(STUDY_SUMMARY.at(ws).read_text())
     row = next(e for e in summary["effects"] if e["arm"] == "lefusion" and e["fraction"] == 0.5)
 
     def scores(arm: str) -> dict[tuple[str, int], float]:
-        part = cells[(cells["arm"] == arm) & (cells["fraction"] == 0.5)]
+        part = cells[(cells["arm"] == arm) & (cells["fraction"] == 0.5) & ~cells["dose"]]
         return {(r.case_id, int(r.seed)): float(r.dice) for r in part.itertuples()}
 
     again = paired_effect(scores("lefusion"), scores("real"), seed=params.project.seed, n_resamples=999)
     assert row["mean"] == pytest.approx(again.mean)
     assert (row["ci_low"], row["ci_high"]) == pytest.approx((again.ci_low, again.ci_high))
     assert set(summary["real_cases_saved"]) == {"real", "copies", "lefusion"}
+    real_all = next(d for d in summary["detection"] if (d["arm"], d["fraction"], d["size_bin"]) == ("real", 1.0, "all"))
+    part = cells[(cells["arm"] == "real") & (cells["fraction"] == 1.0)]
+    assert real_all["lesions"] == int(part["lesions"].sum())
+    assert real_all["detected"] == int(part["detected"].sum())
 
     # No leakage: the generators of the half fraction saw only that subset's training cases (not val, not test).
     half = Workspace.at(ws.root / "data" / "study" / "f050")
