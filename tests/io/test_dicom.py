@@ -15,7 +15,7 @@ from pydicom.uid import JPEGLossless, generate_uid
 
 from lesionflow.errors import CaseRejected
 from lesionflow.io.dicom import DicomSeries, find_series, is_dicom_file, read_series
-from lesionflow.io.volumes import itk_geometry_to_affine
+from lesionflow.io.geometry import itk_geometry_to_affine
 from tests.helpers.dicom_factory import write_ct_series
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -92,7 +92,9 @@ def test_gate_reports_trajectories_and_no_lesion_samples_with_method_pie(progres
     assert summary["n_samples"] == 0
     assert 0 < summary["max_outside_change"] < 0.2
     accepted = json.loads(accepted_beside(SYNTHETIC_STORE.at(ws)).read_text())
-    assert accepted == {"accepted": [], "rejected": [], "trajectories_rejected": []}
+    store_digest = accepted.pop("store_digest")  # the verdict records the content it judged
+    assert len(store_digest) == 64
+    assert accepted == {"accepted": [], "rejected": [], "trajectories_rejected": [], "gate": "passed"}
     assert ((ws.root / "reports") / "quality" / "progression" / "index.html").exists()
 
 

@@ -7,6 +7,7 @@ determinism, the caching and the bad inputs, not the realism.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -255,8 +256,8 @@ def test_acceptance_filter_runs_the_segmenter_on_every_lesion(synthesized: Path,
     strict = ["quality.synthetic.acceptance_model=models/segmenter", "quality.synthetic.min_detected_fraction=1.0"]
     loose = ["quality.synthetic.acceptance_model=models/segmenter", "quality.synthetic.min_detected_fraction=0.0"]
     result = STAGES["validate-synthetic"].run(ws, load_params(ws.params_file, loose))
-    table = ((ws.root / "reports") / "validate-synthetic" / "lesions.csv").read_text().splitlines()
-    fractions = [float(line.rsplit(",", 1)[1]) for line in table[1:]]
+    with ((ws.root / "reports") / "validate-synthetic" / "lesions.csv").open() as fh:
+        fractions = [float(row["detected_fraction"]) for row in csv.DictReader(fh)]
     assert all(0.0 <= f <= 1.0 for f in fractions)  # measured for every lesion, not NaN
     assert result.summary["acceptance_rate"] == 1.0
     assert result.summary["segmenter"] == sha256_file(folder / "model.safetensors")

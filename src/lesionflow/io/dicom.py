@@ -31,8 +31,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from lesionflow.errors import CaseRejected
+from lesionflow.io.geometry import itk_geometry_to_affine
 from lesionflow.io.headers import MAX_VOXELS
-from lesionflow.io.volumes import Volume, itk_geometry_to_affine
+from lesionflow.io.volumes import Volume
 
 # (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data, as the 4 tag
 # bytes appear in little- and big-endian files.

@@ -117,3 +117,25 @@ def check_dtype(array: np.ndarray, case_id: str, name: str) -> np.ndarray:
         f"({'complex' if dtype.kind == 'c' else dtype.name}); convert it to a real-valued integer or float32 "
         "volume (one channel per file)",
     )
+
+
+# LPS (ITK, DICOM) <-> RAS (NIfTI): flip the first two world axes.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def itk_geometry_to_affine(
+    spacing: tuple[float, ...], origin: tuple[float, ...], direction: tuple[float, ...]
+) -> np.ndarray:
+    """voxel (i, j, k) -> RAS+ mm affine from ITK's LPS spacing/origin/direction (row-major 3x3)."""
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=np.float64))
+    lps[:3, 3] = np.asarray(origin, dtype=np.float64)
+    return _LPS_TO_RAS @ lps
+
+
+def affine_to_itk_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """Inverse of :func:`itk_geometry_to_affine`: (spacing, origin, direction) in LPS."""
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    direction = lps[:3, :3] / spacing
+    return tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple(direction.reshape(-1).tolist())

@@ -35,8 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from lesionflow.errors import CaseRejected
-from lesionflow.io.geometry import check_affine, check_dtype
-from lesionflow.io.volumes import itk_geometry_to_affine
+from lesionflow.io.geometry import check_affine, check_dtype, itk_geometry_to_affine
 
 # 2**31 voxels (8 GiB as float32) is beyond any CT/MR volume this pipeline handles on one host.
 MAX_VOXELS = 2**31

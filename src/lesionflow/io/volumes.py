@@ -24,13 +24,11 @@ import numpy as np
 
 from lesionflow.errors import CaseRejected
 from lesionflow.files import write_bytes_atomic
+from lesionflow.io.geometry import itk_geometry_to_affine
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
-
-# LPS (ITK, DICOM) <-> RAS (NIfTI): flip the first two world axes.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -140,24 +138,6 @@ def _read_nifti(path: Path) -> Volume:
     array = np.zeros(img.shape, dtype=img.get_data_dtype()) if empty else np.asanyarray(img.dataobj)
     header = img.header.copy() if isinstance(img, nib.Nifti1Image) else None
     return Volume(array=np.ascontiguousarray(array), affine=np.asarray(img.affine, dtype=np.float64), header=header)
-
-
-def itk_geometry_to_affine(
-    spacing: tuple[float, ...], origin: tuple[float, ...], direction: tuple[float, ...]
-) -> np.ndarray:
-    """voxel (i, j, k) -> RAS+ mm affine from ITK's LPS spacing/origin/direction (row-major 3x3)."""
-    lps = np.eye(4)
-    lps[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=np.float64))
-    lps[:3, 3] = np.asarray(origin, dtype=np.float64)
-    return _LPS_TO_RAS @ lps
-
-
-def affine_to_itk_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
-    """Inverse of :func:`itk_geometry_to_affine`: (spacing, origin, direction) in LPS."""
-    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    direction = lps[:3, :3] / spacing
-    return tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple(direction.reshape(-1).tolist())
 
 
 def _read_itk(path: Path, case_id: str) -> Volume:

@@ -190,9 +190,11 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
         "key": task["key"],
         "generator_sha256": digest,
         "frame_severity_voxels": list(stats.severity),
-        "trend_rho": None if np.isnan(stats.trend_rho) else stats.trend_rho,
-        "step_change_ratio": stats.step_change_ratio,
-        "outside_max_change": stats.outside_max_change,
+        # JSON has no NaN/inf: a statistic that is not finite (no change in the first half of the frames gives an
+        # infinite step-change ratio) is recorded as null; the progression gate measures the frames again anyway
+        "trend_rho": _finite_or_none(stats.trend_rho),
+        "step_change_ratio": _finite_or_none(stats.step_change_ratio),
+        "outside_max_change": _finite_or_none(stats.outside_max_change),
     }
     write_trajectory(
         PROGRESSION_STORE.at(ws),
@@ -208,6 +210,10 @@ def make_trajectory(root: str, params_json: str, digest: str, task: dict[str, An
     (pictures / f"{tid}.png").write_bytes(trajectory_strip_png(trajectory.frames, masks, title=title))
     (pictures / f"{tid}.gif").write_bytes(trajectory_gif(trajectory.frames, masks))
     return {"ok": True, "record": record}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def _failure(code: str, message: str) -> dict[str, Any]:
