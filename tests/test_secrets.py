@@ -60,6 +60,10 @@ def test_one_redaction_rule_for_text_params_and_overrides() -> None:
     assert params.ingest.source == SOURCE  # the stage still gets what was given (S3 user info is ignored there)
     assert params.redacted_dump()["ingest"]["source"] == "s3://scans/lung"
     assert PASSWORD not in str(params.redacted_dump())
+    salted = load_params(REPO / "params.yaml", [f"ingest.deid.salt={PASSWORD}"])
+    assert salted.ingest.deid.salt == PASSWORD  # ingest still pseudonymizes with it
+    assert salted.redacted_dump()["ingest"]["deid"]["salt"] == "<redacted>"
+    assert PASSWORD not in str(salted.redacted_dump())
     overrides = [f"ingest.source={SOURCE}", "train.steps=3"]
     shown, secret = split_secret_overrides(overrides)
     assert shown == ["ingest.source=s3://scans/lung", "train.steps=3"]

@@ -67,6 +67,9 @@ class DemoParams(_Section):
         return workspace_output_path(v)
 
 
+REDACTED = "<redacted>"
+
+
 class DeidParams(_Section):
     """DICOM PS3.15 basic-profile de-identification."""
 
@@ -499,6 +502,7 @@ class Params(_Section):
         from lesionflow.io.remote import redact_tree
 
         dumped: dict[str, Any] = redact_tree(self.model_dump(mode="json"))
+        dumped["ingest"]["deid"]["salt"] = REDACTED  # a secret that is not a URL: never its value in any sink
         return dumped
 
 
