@@ -29,6 +29,7 @@ from lesionflow.params import (
 from lesionflow.registry.publish import DatasetRef, RegistrationRequest, register_model
 from lesionflow.registry.tracking import resolve_tracking_uri
 from lesionflow.workspace import Workspace
+from tests.helpers.moto_server import MotoS3
 from tests.registry.conftest import PIP_REQUIREMENTS, digest, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,3 +179,35 @@ def test_prefect_flow_run_parameters_hold_no_password(harness: Path, workspace: 
     assert "s3://scans/lung" in parameters
     assert PASSWORD not in parameters
     assert _files_containing(harness, PASSWORD) == []
+
+
+@pytest.mark.slow
+def test_a_full_run_with_team_storage_leaves_the_password_nowhere(moto_s3: MotoS3, tmp_path: Path) -> None:
+    """`lesionflow run` from an s3:// source with a planted password, publishing to S3 storage: 0 hits in the
+    console, the workspace (reports, manifests, dvc.lock, mlruns/, the Prefect database) and every S3 object."""
+    from tests.helpers.volumes import write_msd
+    from tests.test_dvc_consistency import init_dvc_workspace
+
+    ws = init_dvc_workspace(tmp_path / "repo")
+    client = moto_s3.client()
+    for bucket in ("scans", "team"):
+        client.create_bucket(Bucket=bucket)
+    local = write_msd(tmp_path / "msd", n_train=3, n_test=1)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.put_object(Bucket="scans", Key=f"lung/{path.relative_to(local).as_posix()}", Body=path.read_bytes())
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # this run's own Prefect database
+    overrides = [f"ingest.source={SOURCE}", "storage.remote=s3://team/lesionflow", "preprocess.workers=1"]
+    args = [EXE, "run", *[a for o in overrides for a in ("--set", o)]]
+    proc = subprocess.run(args, cwd=ws, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (ws / "dvc.lock").is_file()
+    for text in (proc.stdout, proc.stderr):
+        assert PASSWORD not in text
+        assert USER not in text
+    assert _files_containing(ws, PASSWORD) == []  # data, reports, manifests, dvc.lock, mlruns, .dvc cache
+    assert _files_containing(tmp_path / "prefect-home", PASSWORD) == []
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="team") for o in
+            page.get("Contents", [])]  # fmt: skip
+    assert any(k.startswith("lesionflow/dvc/") for k in keys)  # dvc push happened
+    leaked = [k for k in keys if PASSWORD.encode() in client.get_object(Bucket="team", Key=k)["Body"].read()]
+    assert leaked == []

@@ -53,7 +53,7 @@ def prefect_harness() -> Iterator[None]:
 def test_study_runs_every_cell_reports_and_trains_only_new_cells(tmp_path: Path) -> None:
     ws = processed_workspace(tmp_path / "ws")
     # two cells side by side on a local Dask cluster; a dose series at the smallest fraction
-    fanned = ["study.workers=2", "study.dose_ratios=[0.5]"]
+    fanned = ["study.workers=2", "study.dose_ratios=[0.5]", "train.num_workers=2"]  # cells load in-process
     first = utility_study(workspace=str(ws.root), overrides=[*GRID, *fanned, "study.seeds=[0,1]", *QUIET])
     # 3 arms x 2 fractions x 2 seeds, plus (copies, lefusion) x dose 0.5 x 2 seeds at 0.5
     assert (first["n_cells"], first["n_trained"], first["n_cached"]) == (16, 16, 0)

@@ -182,6 +182,9 @@ def run_cell(job: CellJob) -> CellResult:
         "synthetic_ratio": job.cell.ratio if job.store else 0.0,
         # fixed threads: a cell's weights do not depend on how many cells run side by side or on the machine
         "cpu_threads": job.fparams.study.cell_threads,
+        # patches are loaded in the cell's own process: a Dask worker is a daemon process and may not start
+        # loader processes, and the same setting in-process keeps a cell's numbers independent of the fan-out
+        "num_workers": 0,
     }
     cparams = _sub_params(job.fparams, {"train": train})
     cws = _workspace(root, links, cparams)
