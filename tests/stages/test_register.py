@@ -79,7 +79,7 @@ def test_register_records_complete_lineage_matching_the_actual_digests(evaluated
         "test-split": metrics["test_split_digest"],
     }
     expected_tags = {
-        "lesionflow.params_sha256": sha256_json(params.model_dump(mode="json")),
+        "lesionflow.params_sha256": sha256_json(params.redacted_dump()),  # the digest of the params as logged
         "lesionflow.plans_hash": json.loads(((ws.root / "data" / "processed") / "plans.json").read_text())["plan_hash"],
         "lesionflow.git_commit": "none",  # the workspace is not a git repository
         "lesionflow.dvc_lock_sha256": "none",
