@@ -21,8 +21,8 @@ _CHUNK = 1 << 20
 # Digests of files this process has read, by the file's identity and change stamps. ctime cannot be set by a
 # user (unlike mtime), so any write, rename-over or metadata change makes a new key and the bytes are read again;
 # the digest itself is always of the bytes. A file changed in the last _RACY_NS is never remembered: timestamps
-# are coarse (a jiffy on many kernels), so two writes that close could share stamps ("racy git"). A study checks the same stores' cache state in every cell: without
-# this each check re-reads every chunk of every synthetic store.
+# are coarse (a jiffy on many kernels), so two writes that close could share stamps ("racy git"). A study checks
+# the same stores' cache state in every cell: without this each check re-reads every chunk of every synthetic store.
 _FILE_DIGESTS: dict[tuple[int, int, int, int, int], str] = {}
 _MAX_REMEMBERED = 500_000
 _RACY_NS = 2_000_000_000

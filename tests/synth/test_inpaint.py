@@ -31,6 +31,7 @@ from lesionflow.synth.inpaint import (
 )
 from lesionflow.synth.placement import sphere_mask
 from lesionflow.synth.rois import Roi, candidate_rois, lesion_rois
+from tests.helpers.forward_hooks import fed_timesteps
 
 SIZE = (16, 16, 16)
 SETTINGS = DdpmParams(
@@ -212,19 +213,6 @@ def test_non_float32_input_keeps_the_background_exact(trained: tuple[Conditional
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _fed_timesteps(model: ConditionalUNet3D) -> list[int]:
-    """Records the timestep of every forward pass (a real hook on the real model, no mock)."""
-    fed: list[int] = []
-
-    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, object]) -> None:
-        t = args[1] if len(args) > 1 else kwargs["t"]
-        assert isinstance(t, torch.Tensor)
-        fed.append(int(t[0]))
-
-    model.register_forward_pre_hook(hook, with_kwargs=True)
-    return fed
-
-
 @pytest.mark.parametrize(("sample_steps", "kept"), [(5, (0, 5, 10, 14, 19)), (0, tuple(range(20)))])
 def test_sample_steps_respace_and_count_the_network_evaluations(
     rois: list[Roi], sample_steps: int, kept: tuple[int, ...]
@@ -235,7 +223,7 @@ def test_sample_steps_respace_and_count_the_network_evaluations(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = make_ddpm_model(1, params)
-    fed = _fed_timesteps(model)
+    fed = fed_timesteps(model)
     roi = next(r for r in rois if r.kind == "candidate")
     mask = sphere_mask(SIZE, (8, 8, 8), 3.0)
     out = inpaint(model, params, roi.image, mask, torch_generator(0, "respaced"))

@@ -10,25 +10,13 @@ import pytest
 import torch
 
 from lesionflow.diffusion.samplers import count_network_evaluations
-from lesionflow.diffusion.unet import ConditionalUNet3D
 from lesionflow.params_synth import LeFusionParams
 from lesionflow.seeding import torch_generator
 from lesionflow.synth.lefusion import make_model, synthesize_in_roi
 from lesionflow.synth.placement import sphere_mask
+from tests.helpers.forward_hooks import fed_timesteps
 
 SIZE = (16, 16, 16)
-
-
-def _fed_timesteps(model: ConditionalUNet3D) -> list[int]:
-    fed: list[int] = []
-
-    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, object]) -> None:
-        t = args[1] if len(args) > 1 else kwargs["t"]
-        assert isinstance(t, torch.Tensor)
-        fed.append(int(t[0]))
-
-    model.register_forward_pre_hook(hook, with_kwargs=True)
-    return fed
 
 
 @pytest.mark.parametrize(("sample_steps", "kept"), [(5, (0, 4, 8, 12, 16)), (0, tuple(range(20)))])
@@ -39,7 +27,7 @@ def test_lefusion_samples_on_the_kept_steps(sample_steps: int, kept: tuple[int, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = make_model(1, params, (1,))
-    fed = _fed_timesteps(model)
+    fed = fed_timesteps(model)
     image = np.random.default_rng(0).normal(0.0, 0.3, (1, *SIZE)).astype(np.float32)
     mask = sphere_mask(SIZE, (8, 8, 8), 3.0)
     hist = np.full(params.bins, 1.0 / params.bins, np.float32)

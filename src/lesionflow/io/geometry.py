@@ -131,11 +131,3 @@ def itk_geometry_to_affine(
     lps[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=np.float64))
     lps[:3, 3] = np.asarray(origin, dtype=np.float64)
     return _LPS_TO_RAS @ lps
-
-
-def affine_to_itk_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
-    """Inverse of :func:`itk_geometry_to_affine`: (spacing, origin, direction) in LPS."""
-    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    direction = lps[:3, :3] / spacing
-    return tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()), tuple(direction.reshape(-1).tolist())

@@ -31,6 +31,7 @@ from lesionflow.registry.tracking import (
     mlflow_session,
     sqlite_path,
 )
+from lesionflow.study.design import Cell
 
 TAG_STUDY_DIGEST = "lesionflow.study_digest"
 TAG_KIND = "lesionflow.kind"
@@ -68,15 +69,14 @@ def cell_runs(cells: pd.DataFrame) -> list[CellRun]:
         if "lesions" in group and int(group["lesions"].sum()) > 0:
             metrics["test_lesion_sensitivity"] = float(group["detected"].sum() / group["lesions"].sum())
             metrics["test_false_positives_per_case"] = float(group["false_positives"].mean())
-        dose = f"x{round(float(ratio) * 100):03d}" if bool(group["dose"].iloc[0]) else ""
-        cell_id = f"{arm}{dose}@{round(float(fraction) * 100):03d}#{int(seed)}"
+        cell = Cell(str(arm), float(fraction), int(seed), float(ratio), dose=bool(group["dose"].iloc[0]))
         params: dict[str, str | float | int] = {
             "arm": str(arm),
             "fraction": float(fraction),
             "ratio": float(ratio),
             "seed": int(seed),
         }
-        out.append(CellRun(cell_id, {**params, "n_test_cases": int(group["case_id"].nunique())}, metrics))
+        out.append(CellRun(cell.cell_id, {**params, "n_test_cases": int(group["case_id"].nunique())}, metrics))
     return out
 
 
