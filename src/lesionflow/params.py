@@ -282,7 +282,7 @@ class TrainParams(_Section):
         1024.0, ge=0, description="Decoded cases kept per loader process (MiB, LRU); 0 = read the shards every time."
     )
     cpu_threads: int = Field(
-        0, ge=0, le=512, description="torch intra-op threads on CPU (0 = every usable core); fixes float sums."
+        0, ge=0, le=512, description="torch CPU threads (0 = OMP_NUM_THREADS, else CPU quota/cores); fixes float sums."
     )
     sw_overlap: float = Field(0.25, ge=0, lt=1, description="Sliding-window overlap during validation.")
 

@@ -151,7 +151,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     findings: list[Finding] = []
     methods: dict[str, Any] = {}
     histories: dict[str, list[float]] = {}
-    with cpu_threads(params.train.cpu_threads):
+    with cpu_threads(params.train.cpu_threads) as threads:
         for method in params.synth.generators:
             outcome, extra, found = _train_one(ws, params, method, rois, device)
             findings += found
@@ -174,6 +174,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "n_lesion_rois": len(rois.lesions),
         "n_candidate_rois": len(rois.candidates),
         "device": str(device),
+        "cpu_threads": threads,  # torch threads used (train.cpu_threads; 0 = the machine's share): bytes depend on it
     }
     outputs = {
         "generators": GENERATORS.path,
