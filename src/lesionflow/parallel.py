@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +20,27 @@ CONNECT_TIMEOUT_S = 30.0
 # through the environment because stages never import Prefect and the address is not a param (it must not change
 # cache keys or what dvc.lock records: results do not depend on which cluster computed them).
 RUN_SCHEDULER_ENV = "LESIONFLOW_RUN_SCHEDULER"
+
+# Our tasks hold their arrays themselves (nothing in Dask's managed memory), so spilling cannot free anything and a
+# paused worker only stalls: a worker left above the pause fraction after a big case would never run the next task.
+# The only memory action kept is the nanny's kill at the terminate fraction, which the stages turn into a quarantine.
+WORKER_MEMORY_CONFIG = {
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+    "distributed.worker.memory.pause": False,
+}
+
+# A cluster whose workers are all gone leaves every pending future waiting for ever: seen when a nanny could not
+# restart its worker after a memory kill on a loaded machine. While waiting, :func:`completed` counts the workers;
+# a local cluster with none for HEAL_AFTER_S gets fresh ones, a remote scheduler with none for GIVE_UP_AFTER_S stops
+# the stage with one line. POLL_S is how often it looks.
+POLL_S = 2.0
+HEAL_AFTER_S = 20.0
+GIVE_UP_AFTER_S = 300.0
+
+# The local clusters of this process by scheduler address, so that a stage connected by address to its flow run's
+# cluster (see :func:`run_cluster`) can still give it fresh workers.
+_LOCAL_CLUSTERS: dict[str, Any] = {}
 
 
 def _quiet_distributed() -> None:
@@ -42,16 +64,19 @@ def _restored_environ() -> Iterator[None]:
 
 def _local_cluster(workers: int, memory_limit: str, what: str, say: Callable[[str], None]) -> Any:
     """A local process cluster (one thread per worker), announced with its dashboard address."""
+    import dask
     from distributed import LocalCluster
 
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=memory_limit,
-        dashboard_address="127.0.0.1:0",
-        silence_logs=logging.ERROR,
-    )
+    with dask.config.set(WORKER_MEMORY_CONFIG):  # each nanny copies the config it starts its worker with
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.ERROR,
+        )
+    _LOCAL_CLUSTERS[cluster.scheduler_address] = cluster
     shape = f"{workers} worker process(es) x 1 thread, {memory_limit} each"
     say(f"dask: {what}, {shape}; dashboard {cluster.dashboard_link}")
     return cluster
@@ -74,7 +99,7 @@ def run_cluster(workers: int, memory_limit: str, say: Callable[[str], None] = pr
         try:
             yield str(cluster.scheduler_address)
         finally:
-            cluster.close()
+            _close(cluster)
 
 
 @contextmanager
@@ -112,4 +137,48 @@ def dask_client(
             yield client
         finally:
             client.close()
-            cluster.close()
+            _close(cluster)
+
+
+def _close(cluster: Any) -> None:
+    _LOCAL_CLUSTERS.pop(cluster.scheduler_address, None)
+    cluster.close()
+
+
+def completed(client: Any, futures: Iterable[Any], what: str) -> Iterator[Any]:
+    """The futures in the order they finish (like ``distributed.as_completed``), watching that workers exist.
+
+    A local cluster left without workers for HEAL_AFTER_S is given fresh ones (their tasks are rescheduled; a task
+    that killed its worker counts against ``allowed-failures`` as usual); a remote scheduler without workers for
+    GIVE_UP_AFTER_S stops ``what`` with one line naming the address.
+    """
+    from distributed import wait
+
+    pending = set(futures)
+    no_workers_since: float | None = None
+    while pending:
+        try:
+            done, pending = wait(pending, timeout=POLL_S, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            done = set()
+        yield from done
+        if done or not pending:
+            no_workers_since = None
+            continue
+        if client.nthreads():
+            no_workers_since = None
+            continue
+        now = time.monotonic()
+        no_workers_since = no_workers_since or now
+        cluster = _LOCAL_CLUSTERS.get(client.scheduler.address)
+        if cluster is not None and now - no_workers_since >= HEAL_AFTER_S:
+            n = len(cluster.worker_spec) or 1
+            logging.getLogger(__name__).warning("%s: no Dask worker left; starting %d fresh one(s)", what, n)
+            cluster.scale(0)
+            cluster.scale(n)
+            no_workers_since = None
+        elif cluster is None and now - no_workers_since >= GIVE_UP_AFTER_S:
+            raise LesionflowError(
+                f"{what}: the Dask scheduler at {client.scheduler.address} has had no worker for "
+                f"{GIVE_UP_AFTER_S:g} s; start workers for it, or clear scheduler_address to use a local cluster"
+            )

@@ -240,9 +240,9 @@ def _fan_out(
     quarantined.
     """
     import dask
-    from distributed import as_completed
+    import distributed  # noqa: F401 - its config defaults must exist before dask.config.set below
 
-    from lesionflow.parallel import dask_client
+    from lesionflow.parallel import completed, dask_client
     from lesionflow.progress import rich_progress
 
     findings: list[Finding] = []
@@ -281,15 +281,16 @@ def _fan_out(
     ):
         futures = {submit(client, rec, key): (rec, key) for rec, key in todo}
         suspects = []
-        for future in rich_progress(as_completed(futures), "preprocess", len(futures)):
+        for future in rich_progress(completed(client, futures, "preprocess"), "preprocess", len(futures)):
             rec, key = futures[future]
             outcome = _outcome(future, rec)
             if not outcome["ok"] and outcome["code"] == "worker_died":
                 suspects.append((rec, key))
             else:
                 settle(rec, outcome)
-        for rec, key in suspects:
-            settle(rec, _outcome(submit(client, rec, key, "-alone"), rec))
+        for rec, key in suspects:  # one at a time: alone on its worker, a culprit dies again, a bystander passes
+            for future in completed(client, [submit(client, rec, key, "-alone")], "preprocess"):
+                settle(rec, _outcome(future, rec))
     return findings
 
 

@@ -210,9 +210,7 @@ def _run_cells(jobs: list[CellJob], params: Params, say: Callable[[str], None]) 
             say(f"study: cell {i}/{len(jobs)} {job.cell.cell_id}")
             results.append(run_cell(job))
         return results
-    from distributed import as_completed
-
-    from lesionflow.parallel import dask_client
+    from lesionflow.parallel import completed, dask_client
     from lesionflow.progress import rich_progress
 
     with dask_client(sp.workers, "auto", sp.scheduler_address, say=say) as client:
@@ -221,7 +219,7 @@ def _run_cells(jobs: list[CellJob], params: Params, say: Callable[[str], None]) 
             for i, job in enumerate(jobs)
         }
         done: dict[int, CellResult] = {}
-        for future in rich_progress(as_completed(futures), f"study: {len(jobs)} cells", len(jobs)):
+        for future in rich_progress(completed(client, futures, "study"), f"study: {len(jobs)} cells", len(jobs)):
             done[futures[future]] = future.result()
     return [done[i] for i in range(len(jobs))]
 

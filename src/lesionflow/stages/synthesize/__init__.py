@@ -388,9 +388,7 @@ def _texture_digests(ws: Workspace, params: Params) -> str:
 def _fan_out(params: Params, ws: Workspace, jobs: list[Job]) -> dict[str, dict[str, Any]]:
     """Run ``fn(root, params_json, digests, task)`` for every job ``(id, fn, digests, task)`` on one Dask cluster;
     the outcome per id (an exception becomes a failure with its first line: the other jobs go on)."""
-    from distributed import as_completed
-
-    from lesionflow.parallel import dask_client
+    from lesionflow.parallel import completed, dask_client
     from lesionflow.progress import rich_progress
 
     params_json = params.model_dump_json()
@@ -404,7 +402,7 @@ def _fan_out(params: Params, ws: Workspace, jobs: list[Job]) -> dict[str, dict[s
             ): job_id
             for job_id, fn, digests, task in jobs
         }  # fmt: skip
-        for future in rich_progress(as_completed(futures), "synthesize", len(futures)):
+        for future in rich_progress(completed(client, futures, "synthesize"), "synthesize", len(futures)):
             job_id = futures[future]
             try:
                 outcomes[job_id] = dict(future.result())
