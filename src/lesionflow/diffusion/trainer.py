@@ -12,6 +12,8 @@
 - Determinism: micro-batch ``i`` (0-based, ``i = step * grad_accum + k``) is ``batches(i)``, a pure function of
   ``i``, and its random draws (timesteps, noise, CFG dropout) come from ``torch_generator(seed, "generator-train",
   i)``; so a resumed run repeats an uninterrupted one bit for bit on the same device.
+- Progress: :func:`lesionflow.progress.step_progress` (a bar on stderr and a log line every ~10% of the steps,
+  labelled by the caller's :func:`~lesionflow.progress.progress_label`, e.g. "train-generator lefusion").
 - :func:`eps_loss`: uniform ``t``, ``q_sample``, loss on eps: MSE over all voxels, or with ``batch["mask"]`` the
   LeFusion masked L1 (:func:`masked_eps_loss`, §2.2).
 - :func:`save_generator` / :func:`load_generator`: ``model.safetensors`` (the weights the caller passes:
@@ -45,6 +47,7 @@ from lesionflow.diffusion.unet import ConditionalUNet3D, UNetConfig
 from lesionflow.files import atomic_path, write_json
 from lesionflow.hashing import sha256_file
 from lesionflow.params_synth import GeneratorNetParams
+from lesionflow.progress import step_progress
 from lesionflow.seeding import torch_generator
 from lesionflow.seg.checkpoint import latest_valid, load_checkpoint, save_checkpoint
 from lesionflow.seg.model_files import state_dict_cpu
@@ -314,35 +317,37 @@ def train_generator(
         resumed_from = checkpoint.step
     start = resumed_from or 0
     model.train()
-    for step in range(start, params.steps):
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for k in range(params.grad_accum):
-            index = step * params.grad_accum + k
-            batch = {name: v.to(device) for name, v in batches(index).items()}
-            _check_batch(batch, params.batch_size, index)
-            generator = torch_generator(seed, "generator-train", index, device=device)
-            with _autocast(params.amp, device):
-                loss = loss_fn(model, batch, generator)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} (micro-batch {index})")
-            (loss / params.grad_accum).backward()
-            total += float(loss.detach())
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        _update_ema(ema, model, ema_decay_at(step, params.ema_decay) if ema_warmup else params.ema_decay)
-        history.append(total / params.grad_accum)
-        done = step + 1
-        if done % params.checkpoint_every == 0 or done == params.steps:
-            loop_state = {
-                "history": history,
-                "seed": seed,
-                "timesteps": schedule.num_timesteps,
-                "config": _loop_record(params, weight_decay, max_grad_norm),
-                "ema_warmup": ema_warmup,
-            }
-            save_checkpoint(checkpoint_root, done, both, optimizer, loop_state, keep=params.keep_checkpoints)
+    with step_progress("train-generator", params.steps, start) as progress:
+        for step in range(start, params.steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for k in range(params.grad_accum):
+                index = step * params.grad_accum + k
+                batch = {name: v.to(device) for name, v in batches(index).items()}
+                _check_batch(batch, params.batch_size, index)
+                generator = torch_generator(seed, "generator-train", index, device=device)
+                with _autocast(params.amp, device):
+                    loss = loss_fn(model, batch, generator)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} (micro-batch {index})")
+                (loss / params.grad_accum).backward()
+                total += float(loss.detach())
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            _update_ema(ema, model, ema_decay_at(step, params.ema_decay) if ema_warmup else params.ema_decay)
+            history.append(total / params.grad_accum)
+            done = step + 1
+            progress.update(done, history[-1])
+            if done % params.checkpoint_every == 0 or done == params.steps:
+                loop_state = {
+                    "history": history,
+                    "seed": seed,
+                    "timesteps": schedule.num_timesteps,
+                    "config": _loop_record(params, weight_decay, max_grad_norm),
+                    "ema_warmup": ema_warmup,
+                }
+                save_checkpoint(checkpoint_root, done, both, optimizer, loop_state, keep=params.keep_checkpoints)
     model.eval()
     choice = _choose(model, ema, lambda net: heldout_loss(net, batches, loss_fn, device, seed, params.amp))
     return GeneratorTrainOutcome(

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lesionflow.params import TrainParams
+from lesionflow.progress import step_progress
 from lesionflow.seg.checkpoint import latest_valid, load_checkpoint, save_checkpoint
 from lesionflow.seg.patches import batch_items
 
@@ -83,23 +84,6 @@ def _batches(start: int, steps: int, batch_size: int, rank: int, world: int) -> 
     return [list(batch_items(s * world + rank, batch_size)) for s in range(start, steps)]
 
 
-def _progress(total: int, done: int, enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]:.1f} patches/s"),
-        TextColumn("val dice {task.fields[val]}"),
-        TimeElapsedColumn(),
-    )
-    bar = Progress(*columns, disable=not enabled)
-    task = bar.add_task("train", total=total, completed=done, loss=float("nan"), rate=0.0, val="-")
-    return bar, task
-
-
 def train_loop(
     network: torch.nn.Module,
     dataset: Dataset[dict[str, Any]],
@@ -151,9 +135,8 @@ def train_loop(
     lut = label_lut.to(device)
     network.train()
     patches, busy, began = 0, 0.0, time.perf_counter()
-    bar, task = _progress(params.steps, start, show_progress and rank == 0)
     step = start
-    with bar:
+    with step_progress("train", params.steps, start, enabled=show_progress and rank == 0) as progress:
         tick = time.perf_counter()
         batch: dict[str, Any]
         for step, batch in enumerate(loader, start=start + 1):  # the sampler holds exactly the remaining steps
@@ -175,10 +158,10 @@ def train_loop(
             busy += time.perf_counter() - tick
             if validate is not None and rank == 0 and (step % params.val_every == 0 or step == params.steps):
                 stop = _validate(network, validate, step, row, state, validations, params)
-                bar.update(task, val=f"{row['val_dice']:.3f}")
                 network.train()
             history.append(row)
-            bar.update(task, completed=step, loss=loss_value, rate=patches / max(busy, 1e-9))
+            val = f", val dice {validations[-1]['val_dice']:.3f}" if validations else ""
+            progress.update(step, loss_value, f"{patches / max(busy, 1e-9):.1f} patches/s{val}")
             stop = _agree(stop, device, world_size)
             if rank == 0 and (step % params.checkpoint_every == 0 or step == params.steps or stop):
                 state.update(history=history, validations=validations, stopped=stop)

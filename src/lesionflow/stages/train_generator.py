@@ -39,6 +39,7 @@ from lesionflow.errors import Finding
 from lesionflow.files import write_json, write_text_if_changed
 from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.params import Params
+from lesionflow.progress import progress_label
 from lesionflow.stages.base import CODE_VERSION, StageResult
 from lesionflow.workspace import Workspace
 
@@ -153,7 +154,8 @@ def run(ws: Workspace, params: Params) -> StageResult:
     histories: dict[str, list[float]] = {}
     with cpu_threads(params.train.cpu_threads) as threads:
         for method in params.synth.generators:
-            outcome, extra, found = _train_one(ws, params, method, rois, device)
+            with progress_label(f"{STAGE} {method}"):  # the bar and log lines name the generator
+                outcome, extra, found = _train_one(ws, params, method, rois, device)
             findings += found
             folder = generator_dir(ws, method)
             save_generator(folder, outcome.best, outcome.best.config, extra, outcome.choice)
