@@ -89,7 +89,7 @@ def _latest_checkpoint(ws: Workspace) -> list[Path]:
 def test_killed_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(
     prepared: Path, tmp_path: Path
 ) -> None:
-    overrides = ["train.steps=24", "train.checkpoint_every=4", "train.val_every=100"]
+    overrides = ["train.steps=24", "train.checkpoint_every=4", "train.val_every=100", "train.cpu_threads=1"]
     killed, clean = _copy(prepared, tmp_path, "killed"), _copy(prepared, tmp_path, "clean")
     args = [EXE, "stage", "train"] + [x for o in overrides for x in ("--set", o)]
     # An inherited OMP_NUM_THREADS=1 must not matter: the stage fixes its torch thread count (train.cpu_threads).
