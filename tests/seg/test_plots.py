@@ -64,6 +64,24 @@ def test_metrics_boxplot(tmp_path: Path) -> None:
     assert _png_size(metrics_boxplot_png(metrics_table({}), tmp_path / "empty.png")) == (1200, 400)
 
 
+def test_metrics_boxplot_leaves_undefined_values_out(tmp_path: Path) -> None:
+    """A class absent from a case (all metrics NaN) draws exactly what the table without that row draws: a NaN
+    must neither blank a box nor shift the points."""
+    nan = float("nan")
+    rows = {
+        f"case_{i}": [
+            ClassMetrics(2, "tumour", 0.5 + 0.1 * i, 2.0 + i, 0.6 + 0.05 * i, 100, 90 + i),
+            ClassMetrics(5, "cyst", 0.9 - 0.1 * i, 1.0 + i, 0.8, 40, 45),
+        ]
+        for i in range(4)
+    }
+    rows["case_4"] = [ClassMetrics(2, "tumour", nan, nan, nan, 0, 0), ClassMetrics(5, "cyst", 0.3, 6.0, 0.4, 40, 9)]
+    table = metrics_table(rows)
+    with_nan = metrics_boxplot_png(table, tmp_path / "nan.png").read_bytes()
+    without = table[~((table["case_id"] == "case_4") & (table["label"] == 2))]
+    assert with_nan == metrics_boxplot_png(without, tmp_path / "without.png").read_bytes()
+
+
 def _tile(title: str, shift: int) -> CaseTile:
     x, y = np.meshgrid(np.arange(24), np.arange(20), indexing="ij")
     image = np.sin(x / 4.0) + np.cos(y / 3.0)

@@ -75,3 +75,21 @@ def test_detection_is_pooled_per_size_bin_with_false_positives_per_case() -> Non
     assert detection(table.drop(columns=detection_columns(list(table.columns)))) == []
     empty = table.assign(lesions_lt6mm=0, detected_lt6mm=0)
     assert {r["sensitivity"] for r in detection(empty) if r["size_bin"] == "lt6mm"} == {None}
+
+
+def test_cases_without_a_defined_dice_are_left_out_of_pairs_and_curves() -> None:
+    """A test case with no lesion that neither arm predicts has no Dice (NaN, evaluate's convention): it is no
+    paired observation and no point of the learning curve, instead of turning every statistic into NaN."""
+    table = _cells(np.random.default_rng(0))
+    clean = table["case_id"] == "c0"
+    undefined = table.assign(dice=table["dice"].where(~clean))  # c0 undefined for every arm and seed
+    one_sided = table.assign(dice=table["dice"].where(~(clean & (table["arm"] == "real"))))  # only real's c0
+    expected = effects(table[~clean], ["real", "copies"], seed=1, n_resamples=999)
+    for cells in (undefined, one_sided):
+        rows = effects(cells, ["real", "copies"], seed=1, n_resamples=999)
+        assert [r["n_cases"] for r in rows] == [5, 5]
+        assert [r["mean"] for r in rows] == pytest.approx([r["mean"] for r in expected])
+        assert all(np.isfinite(r["ci_low"]) and np.isfinite(r["p_value"]) for r in rows)
+    curves = learning_curves(undefined, seed=1, n_resamples=999).set_index("arm")
+    assert curves.loc["real", "n_cases"] == 5
+    assert curves.loc["real", "mean_dice"] == pytest.approx(table[~clean & (table["arm"] == "real")]["dice"].mean())

@@ -3,15 +3,15 @@
 Pure numpy (no torch, no MONAI at import), so any layer may import it, synth/ included.
 
 ``dice(a, b) = 2 |a ∩ b| / (|a| + |b|)`` for two boolean masks of the same shape, computed from exact voxel
-counts (one float division). Empty-mask rule, the one the test metrics have always reported (MONAI's
-``compute_dice(..., ignore_empty=False)``), so a score is never NaN:
+counts (one float division). Empty-mask rule (MONAI's ``compute_dice(..., ignore_empty=False)``), so a score is
+never NaN (the test metrics instead leave a class empty in both undefined: :mod:`lesionflow.seg.metrics`):
 
 * both masks empty: 1.0 (nothing to find, nothing found);
 * exactly one empty: 0.0 (a missed or a hallucinated structure).
 
 For label maps, :func:`mean_foreground_dice` averages ``dice(pred == v, truth == v)`` over every non-zero label
-value, absent-in-both classes included (they score 1.0 by the rule above), exactly as the test metrics'
-``mean_dice`` of one case does.
+value, absent-in-both classes included (they score 1.0 by the rule above): the validation score of training,
+equal to the test metrics' per-case Dice wherever every class is in the truth or the prediction.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ followed by the lesion-detection counts of :mod:`lesionflow.seg.detection` (``le
 false_positives, lesions_<bin>, detected_<bin>``, per (case, label); a case's counts are the sums over its rows);
 ``lesions.csv`` has one row per truth lesion (size in voxels, mm³ and equivalent diameter in mm, its size bin,
 detected or not). The summary adds pooled sensitivity overall and per size bin and false positives per case.
+Metrics undefined by the empty-mask convention of :mod:`lesionflow.seg.metrics` are empty cells in cases.csv
+(its ``outcome`` column says why) and null in the summary; the montage ranks only cases with a lesion.
 """
 
 from __future__ import annotations
@@ -128,10 +130,44 @@ def report_tables(
     pairs = [(r.case_id, d) for r in results for d in r.detection]
     detection = detection_table(pairs, bins)
     table = metrics.merge(detection, on=["case_id", "label"], how="left", validate="one_to_one", sort=False)
-    if len(table) != len(metrics) or len(detection) != len(metrics) or table.isna().any().any():
+    # metrics may be NaN by convention (lesionflow.seg.metrics); a detection count never is
+    if len(table) != len(metrics) or len(detection) != len(metrics) or table[detection.columns].isna().any().any():
         raise ValueError("metrics and detection rows differ: expected one detection row per (case, label) metric")
     summary = summarize_detection(detection, bins, len(results))
     return table, lesions_table(pairs), summary
+
+
+def write_cases_csv(table: pd.DataFrame, path: Path) -> Path:
+    """Write a :func:`report_tables` cases table as ``cases.csv`` (6 decimals, undefined metrics as empty cells)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False, float_format="%.6f", lineterminator="\n")
+    return path
+
+
+@dataclass(frozen=True)
+class MontagePick:
+    case_id: str
+    rank: str  # "best" or "worst"
+    dice: float  # the case's mean Dice over its defined classes
+
+
+def montage_picks(table: pd.DataFrame, n: int) -> list[MontagePick]:
+    """The montage's cases: up to ``n`` best, then up to ``n`` worst (worst first), no case twice, chosen only
+    among cases whose reference holds a lesion (a truth voxel of some class). Cases without a lesion show a false
+    positive or nothing: they are counted in the summary (``n_false_positive_cases``), not ranked beside the
+    segmentations. Rank by the case's mean Dice over its defined classes (descending, ties by case id)."""
+    from lesionflow.seg.metrics import case_means
+
+    with_lesion = table.groupby("case_id")["truth_voxels"].sum() > 0
+    lesion_cases = set(with_lesion[with_lesion].index)
+    if not lesion_cases:
+        return []
+    means = case_means(table[table["case_id"].isin(lesion_cases)])  # every such case has a defined Dice
+    ranked = means["case_id"].tolist()
+    dice = dict(zip(means["case_id"], means["dice"], strict=True))
+    n_best = min(n, max(1, len(ranked) // 2))  # at least one worst case whenever there are two cases
+    picked = list(dict.fromkeys(ranked[:n] + ranked[::-1][:n]))  # best first, then worst; no repeats
+    return [MontagePick(c, "best" if ranked.index(c) < n_best else "worst", float(dice[c])) for c in picked]
 
 
 def split_digest(records: list[CaseRecord]) -> str:
@@ -156,7 +192,7 @@ def evaluate_cases(
 ) -> EvaluationReport:
     """Predict and score ``records`` (cases of ``raw_ws``'s data/raw) with the model in ``model_dir``."""
     from lesionflow.io.volumes import Volume, read_volume, write_nifti
-    from lesionflow.seg.metrics import case_means, summarize
+    from lesionflow.seg.metrics import summarize
     from lesionflow.seg.model_files import load_segmenter
     from lesionflow.seg.plots import CaseTile, case_montage_png, metrics_boxplot_png, pick_slice
 
@@ -196,20 +232,14 @@ def evaluate_cases(
             "cases": sorted(r.case_id for r in labelled),
         }
     )
-    report_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(report_dir / "cases.csv", index=False, float_format="%.6f", lineterminator="\n")
+    write_cases_csv(table, report_dir / "cases.csv")
     lesions.to_csv(report_dir / "lesions.csv", index=False, float_format="%.6f", lineterminator="\n")
     metrics_boxplot_png(table, report_dir / "boxplot.png")
-    ranked = case_means(table).sort_values(["dice", "case_id"], ascending=[False, True])["case_id"].tolist()
-    n = settings.montage_cases
-    picked = list(dict.fromkeys(ranked[:n] + ranked[::-1][:n]))  # best first, then worst; no repeats
     tiles = []
-    for case_id in picked:
-        shown, truth_arr, pred_arr = tiles_src[case_id]
+    for pick in montage_picks(table, settings.montage_cases):
+        shown, truth_arr, pred_arr = tiles_src[pick.case_id]
         z = pick_slice(truth_arr, pred_arr)
-        rank = "best" if ranked.index(case_id) < min(n, max(1, len(ranked) // 2)) else "worst"
-        dice = float(case_means(table).set_index("case_id").loc[case_id, "dice"])
-        title = f"{case_id} ({rank}, Dice {dice:.3f})"
+        title = f"{pick.case_id} ({pick.rank}, Dice {pick.dice:.3f})"
         tiles.append(CaseTile(title, shown[:, :, z], truth_arr[:, :, z], pred_arr[:, :, z]))
     case_montage_png(tiles, report_dir / "montage.png")
     outputs = {

@@ -3,19 +3,29 @@
 Arrays are label maps ``(x, y, z)`` of integer label values on one grid with voxel ``spacing`` (mm per
 axis, same order). For every non-zero label value the class is the binary mask ``array == value``:
 
-* ``dice`` in [0, 1]: :func:`lesionflow.seg.dice.dice`, the one Dice (validation uses it too).
+* ``dice`` in [0, 1]: :func:`lesionflow.seg.dice.dice`, the one Dice formula (validation uses it too).
 * ``hd95_mm`` in mm, >= 0: symmetric percentile Hausdorff distance between the mask surfaces
   (``compute_hausdorff_distance(percentile=hd_percentile, spacing=spacing)``; surfaces are the voxels
   removed by one binary erosion, distances are Euclidean between voxel centres).
 * ``nsd`` in [0, 1]: normalized surface dice at ``nsd_tolerance_mm`` (``compute_surface_dice``): the
   fraction of both surfaces lying within the tolerance of the other surface.
 
-Empty-mask conventions (metrics are never NaN or infinite; the Dice rule is defined in :mod:`lesionflow.seg.dice`):
+Empty masks: one convention, decided per (case, class) by which masks hold voxels (the ``outcome``):
 
-* truth and prediction both empty: dice 1, nsd 1, hd 0 (nothing to find, nothing found);
-* exactly one empty: dice 0, nsd 0, hd = the diagonal of the volume in mm,
-  ``sqrt(sum((n_i * spacing_i)^2))`` over the three axes: no two points of the grid are farther apart,
-  so a missed or hallucinated class scores the worst finite distance the grid allows.
+* ``present`` (truth and prediction non-empty): every metric defined.
+* ``missed`` (truth non-empty, prediction empty) and ``false_positive`` (truth empty, prediction non-empty):
+  dice 0 and nsd 0 (no overlap, no surface within tolerance), both *included* in the means; hd95 undefined (NaN):
+  no surface to measure a distance to.
+* ``absent`` (both empty, a true negative): every metric undefined (NaN), nothing to score.
+
+This is nnU-Net's Dice (NaN only when ``tp + fp + fn == 0``) and MONAI's surface metrics for those masks
+(``compute_surface_dice`` returns the same values; ``compute_hausdorff_distance`` returns no finite distance, NaN
+or inf depending on which mask is empty, written here as NaN). It replaces "both empty = 1 / HD95 = the volume
+diagonal", which let a case without any lesion average to Dice 0.5 and a 300 mm HD95 dominate the mean.
+Means (:func:`summarize`, :func:`case_means`) are over defined values only, and the summary reports beside them
+how many values each mean holds and how many (case, class) rows had each outcome. Undefined summary values are
+None (JSON null), never NaN.
+Training validation keeps :mod:`lesionflow.seg.dice`'s rule (both empty = 1): it needs a score for every case.
 """
 
 from __future__ import annotations
@@ -31,8 +41,10 @@ import torch
 
 from lesionflow.seg.dice import dice
 
-COLUMNS = ("case_id", "label", "name", "dice", "hd95_mm", "nsd", "truth_voxels", "pred_voxels")
+COLUMNS = ("case_id", "label", "name", "dice", "hd95_mm", "nsd", "truth_voxels", "pred_voxels", "outcome")
 METRICS = ("dice", "hd95_mm", "nsd")
+OUTCOMES = ("present", "missed", "false_positive", "absent")  # module docstring
+NAN = float("nan")
 _DTYPES = {
     "case_id": "object",
     "label": "int64",
@@ -42,7 +54,15 @@ _DTYPES = {
     "nsd": "float64",
     "truth_voxels": "int64",
     "pred_voxels": "int64",
+    "outcome": "object",
 }
+
+
+def outcome(truth_voxels: int, pred_voxels: int) -> str:
+    """Which of :data:`OUTCOMES` a class with these voxel counts has (module docstring)."""
+    if truth_voxels:
+        return "present" if pred_voxels else "missed"
+    return "false_positive" if pred_voxels else "absent"
 
 
 @dataclass(frozen=True)
@@ -57,17 +77,16 @@ class ClassMetrics:
     truth_voxels: int
     pred_voxels: int
 
+    @property
+    def outcome(self) -> str:
+        return outcome(self.truth_voxels, self.pred_voxels)
+
 
 def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
     s = [float(v) for v in spacing]
     if len(s) != 3 or not all(math.isfinite(v) and v > 0 for v in s):
         raise ValueError(f"spacing {tuple(spacing)}: expected three positive finite mm values")
     return s[0], s[1], s[2]
-
-
-def volume_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """Length in mm of the diagonal of a ``shape`` grid with ``spacing``: the empty-mask Hausdorff value."""
-    return float(math.sqrt(sum((int(n) * float(s)) ** 2 for n, s in zip(shape, spacing, strict=True))))
 
 
 def case_metrics(
@@ -118,16 +137,15 @@ def case_metrics(
         for j, i in enumerate(both):
             scores[i] = (float(hd[0, j]), float(nsd[0, j]))
 
-    worst = volume_diagonal_mm(pred.shape, sp)
     out = []
     for i, value in enumerate(values):
-        d = dice(pred_masks[i], truth_masks[i])
-        if i in scores:
-            h, n = scores[i]
-        elif n_pred[i] == 0 and n_truth[i] == 0:
-            h, n = 0.0, 1.0
-        else:
-            h, n = worst, 0.0
+        kind = outcome(n_truth[i], n_pred[i])
+        if kind == "present":
+            d, (h, n) = dice(pred_masks[i], truth_masks[i]), scores[i]
+        elif kind == "absent":
+            d, h, n = NAN, NAN, NAN
+        else:  # missed or false_positive
+            d, h, n = 0.0, NAN, 0.0
         name = str(label_names.get(value, f"label_{value}"))
         out.append(ClassMetrics(value, name, d, h, n, truth_voxels=n_truth[i], pred_voxels=n_pred[i]))
     return out
@@ -139,7 +157,8 @@ def metrics_table(
     | Iterable[tuple[str, Sequence[ClassMetrics]]],
 ) -> pd.DataFrame:
     """One row per (case_id, label): columns ``case_id, label, name, dice, hd95_mm, nsd, truth_voxels,
-    pred_voxels`` (labels int64, voxel counts int64, metrics float64; units as in the module docstring).
+    pred_voxels, outcome`` (labels int64, voxel counts int64, metrics float64, NaN where undefined; units and
+    outcomes as in the module docstring).
 
     ``rows`` is a mapping ``case_id -> case_metrics(...)`` or an iterable of ``(case_id, ClassMetrics)`` /
     ``(case_id, [ClassMetrics, ...])`` pairs; the input order is kept. No rows -> an empty table."""
@@ -147,7 +166,7 @@ def metrics_table(
     records = []
     for case_id, item in pairs:
         for m in [item] if isinstance(item, ClassMetrics) else item:
-            records.append({"case_id": str(case_id), **asdict(m)})
+            records.append({"case_id": str(case_id), **asdict(m), "outcome": m.outcome})
     table = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     return table.astype(_DTYPES)
 
@@ -160,25 +179,50 @@ def _check_table(table: pd.DataFrame) -> None:
         raise ValueError("metrics table is empty (0 rows): expected at least one (case, label) row")
 
 
-def summarize(table: pd.DataFrame) -> dict[str, float]:
-    """Flat summary for experiment tracking: ``mean_dice``, ``mean_hd95_mm``, ``mean_nsd`` over all rows;
-    per class (by name, in label order) ``dice_<name>``, ``hd95_mm_<name>``, ``nsd_<name>`` means over
-    cases; and ``n_cases`` (distinct case ids). Units as in the table (hd in mm)."""
+def _mean(values: pd.Series) -> float | None:
+    """Mean over the defined values; None when there are none (JSON null, never NaN)."""
+    defined = values.dropna()
+    return float(defined.mean()) if len(defined) else None
+
+
+def summarize(table: pd.DataFrame) -> dict[str, float | int | None]:
+    """Flat summary for experiment tracking (module docstring's convention):
+
+    * ``mean_dice``, ``mean_hd95_mm``, ``mean_nsd``: means over the defined (case, class) values, and
+      ``n_dice``, ``n_hd95_mm``, ``n_nsd``: how many values each mean holds;
+    * ``n_present``, ``n_missed``, ``n_false_positive``, ``n_absent``: (case, class) rows per outcome;
+    * per class (by name, in label order): ``dice_<name>``, ``hd95_mm_<name>``, ``nsd_<name>`` (means over its
+      defined values) and ``n_<outcome>_<name>``;
+    * ``n_cases`` (distinct case ids), ``n_cases_without_lesion`` (no truth voxel of any class) and
+      ``n_false_positive_cases`` (of those, the ones with a predicted voxel of some class).
+
+    Means are None where no value is defined; units as in the table (hd in mm)."""
     _check_table(table)
-    summary = {f"mean_{m}": float(table[m].mean()) for m in METRICS}
+    summary: dict[str, float | int | None] = {}
+    for m in METRICS:
+        summary[f"mean_{m}"] = _mean(table[m])
+        summary[f"n_{m}"] = int(table[m].notna().sum())
+    for kind in OUTCOMES:
+        summary[f"n_{kind}"] = int((table["outcome"] == kind).sum())
     for _, group in table.sort_values("label", kind="stable").groupby("label", sort=True):
         name = str(group["name"].iloc[0])
         for m in METRICS:
-            summary[f"{m}_{name}"] = float(group[m].mean())
-    summary["n_cases"] = float(table["case_id"].nunique())
+            summary[f"{m}_{name}"] = _mean(group[m])
+        for kind in OUTCOMES:
+            summary[f"n_{kind}_{name}"] = int((group["outcome"] == kind).sum())
+    voxels = table.groupby("case_id", sort=True)[["truth_voxels", "pred_voxels"]].sum()
+    without = voxels[voxels["truth_voxels"] == 0]
+    summary["n_cases"] = len(voxels)
+    summary["n_cases_without_lesion"] = len(without)
+    summary["n_false_positive_cases"] = int((without["pred_voxels"] > 0).sum())
     return summary
 
 
 def case_means(table: pd.DataFrame) -> pd.DataFrame:
-    """Per case means over its classes: columns ``case_id, dice, hd95_mm, nsd`` (same names and units as the
-    table, each now the case's mean over classes), ranked best first (dice descending, ties by case_id
-    ascending), so ``head`` / ``tail`` give the best / worst cases."""
+    """Per case means over its classes' defined values: columns ``case_id, dice, hd95_mm, nsd`` (same names and
+    units as the table; NaN where no class of the case defines the metric), ranked best first (dice descending,
+    undefined last, ties by case_id ascending), so ``head`` / ``tail`` give the best / worst cases."""
     _check_table(table)
-    means = table.groupby("case_id", sort=True)[list(METRICS)].mean().reset_index()
-    means = means.sort_values(["dice", "case_id"], ascending=[False, True], kind="stable")
+    means = table.groupby("case_id", sort=True)[list(METRICS)].mean().reset_index()  # pandas skips NaN
+    means = means.sort_values(["dice", "case_id"], ascending=[False, True], kind="stable", na_position="last")
     return means.reset_index(drop=True)

@@ -106,7 +106,7 @@ def _jitter(n: int, width: float = 0.25) -> np.ndarray:
 def metrics_boxplot_png(table: pd.DataFrame, path: Path) -> Path:
     """Three panels (1200 x 400 px): per-class box plots of Dice, HD95 (mm) and NSD from a
     :func:`lesionflow.seg.metrics.metrics_table` table, one box per class (label order) with every case
-    drawn as a point on top."""
+    drawn as a point on top; undefined (NaN) values are left out."""
     missing = [c for c in ("label", "name", "dice", "hd95_mm", "nsd") if c not in table.columns]
     if missing:
         raise ValueError(f"metrics table lacks columns {missing}: expected a metrics_table() result")
@@ -115,7 +115,8 @@ def metrics_boxplot_png(table: pd.DataFrame, path: Path) -> Path:
     labels = sorted(int(v) for v in table["label"].unique())
     names = [str(table.loc[table["label"] == v, "name"].iloc[0]) for v in labels]
     for ax, (column, title, ylim) in zip(axes, _METRIC_PANELS, strict=True):
-        groups = [table.loc[table["label"] == v, column].to_numpy(dtype=np.float64) for v in labels]
+        # undefined values (NaN, lesionflow.seg.metrics' empty-mask convention) are not drawn
+        groups = [table.loc[table["label"] == v, column].dropna().to_numpy(dtype=np.float64) for v in labels]
         if groups:
             ax.boxplot(groups, positions=list(range(1, len(groups) + 1)), widths=0.5, showfliers=False)
             for i, (value, values) in enumerate(zip(labels, groups, strict=True)):

@@ -1,11 +1,13 @@
 """Stage ``evaluate``: the trained model on the test split, scored on the original grid.
 
 Writes ``data/predictions/<case>.nii.gz`` (label values on the raw grid, raw affine),
-``reports/metrics.json`` (DVC metrics, flat: means over cases and per class, lesion sensitivity overall and
-per size bin, false positives per case, the test-split digest and the model digest),
-``reports/evaluate/cases.csv`` (per case and class: Dice, HD95 mm, NSD, lesion and detection counts overall and
-per size bin, false positives), ``reports/evaluate/lesions.csv`` (per truth lesion: size, size bin, detected),
-``reports/evaluate/boxplot.png`` and ``reports/evaluate/montage.png`` (best and worst cases).
+``reports/metrics.json`` (DVC metrics, flat: means over the defined values overall and per class with their
+counts and the (case, class) outcome counts of :mod:`lesionflow.seg.metrics`'s empty-mask convention, cases
+without lesion and those with a false positive, lesion sensitivity overall and per size bin, false positives
+per case, the test-split digest and the model digest), ``reports/evaluate/cases.csv`` (per case and class:
+Dice, HD95 mm, NSD (empty where undefined), outcome, lesion and detection counts overall and per size bin, false
+positives), ``reports/evaluate/lesions.csv`` (per truth lesion: size, size bin, detected),
+``reports/evaluate/boxplot.png`` and ``reports/evaluate/montage.png`` (best and worst cases with a lesion).
 Lesion detection follows :mod:`lesionflow.seg.detection` (26-connected components, any overlap is a hit).
 :func:`evaluate_cases` is also what ``lesionflow evaluate --model REF --data DIR`` runs on any ingested
 workspace with a registered model.

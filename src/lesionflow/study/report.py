@@ -43,9 +43,11 @@ ARM_COLOURS = {
 
 
 def _scores(table: pd.DataFrame, arm: str, fraction: float, ratio: float | None = None) -> dict[tuple[str, int], float]:
+    """(case, seed) -> Dice of one arm. A case whose Dice is undefined (NaN: no lesion in the reference and none
+    predicted, evaluate's convention) is no observation: it is left out, so the pairing drops it."""
     rows = table[(table["arm"] == arm) & (table["fraction"] == fraction)]
     rows = rows[~rows["dose"]] if ratio is None else rows[rows["ratio"] == ratio]
-    return {(str(r.case_id), int(r.seed)): float(r.dice) for r in rows.itertuples()}
+    return {(str(r.case_id), int(r.seed)): float(r.dice) for r in rows.itertuples() if pd.notna(r.dice)}
 
 
 def learning_curves(table: pd.DataFrame, *, seed: int, n_resamples: int) -> pd.DataFrame:
@@ -54,7 +56,8 @@ def learning_curves(table: pd.DataFrame, *, seed: int, n_resamples: int) -> pd.D
 
     rows = []
     for (arm, fraction), group in table[~table["dose"]].groupby(["arm", "fraction"], sort=True):
-        per_case = group.groupby("case_id")["dice"].mean().to_numpy(dtype=np.float64)
+        # seeds averaged over their defined Dice; a case with none defined (NaN) is no point of the curve
+        per_case = group.groupby("case_id")["dice"].mean().dropna().to_numpy(dtype=np.float64)
         low = high = float(per_case.mean())
         if per_case.size >= 2 and not np.allclose(per_case, per_case[0]):
             ci = stats.bootstrap(
