@@ -94,6 +94,13 @@ class IngestParams(_Section):
     test_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Share of cases put in the test split when the source has no split."
     )
+    test_holdout_fraction: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of labelled training cases held out as the test split when the source's test cases "
+        "have no labels (MSD imagesTs); 0 = none.",
+    )
     slice_spacing_tolerance: float = Field(
         0.01,
         gt=0.0,

@@ -190,7 +190,9 @@ def evaluate_cases(
     report_dir: Path,
     pred_dir: Path,
 ) -> EvaluationReport:
-    """Predict and score ``records`` (cases of ``raw_ws``'s data/raw) with the model in ``model_dir``."""
+    """Predict every case of ``records`` (cases of ``raw_ws``'s data/raw) with the model in ``model_dir`` and
+    score the labelled ones. Unlabelled cases (an MSD imagesTs/ without labels) get their prediction in
+    ``pred_dir`` and are listed in the summary's ``unlabelled_cases``; at least one case must be labelled."""
     from lesionflow.io.volumes import Volume, read_volume, write_nifti
     from lesionflow.seg.metrics import summarize
     from lesionflow.seg.model_files import load_segmenter
@@ -200,8 +202,10 @@ def evaluate_cases(
     if not labelled:
         raise SourceError(
             f"no labelled cases to evaluate among {len(records)} in {RAW.at(raw_ws)}; "
-            "give the test split labels (MSD labelsTs) or set ingest.test_fraction"
+            "give the test split labels (MSD labelsTs), or hold labelled training cases out as the test split at "
+            "ingest (ingest.test_holdout_fraction > 0 when the test cases have no labels, else ingest.test_fraction)"
         )
+    unlabelled = [r for r in records if not r.has_label]
     device = resolve_device(settings.device)
     network, config = load_segmenter(model_dir, device)
     knobs = EvaluationSettings(
@@ -213,15 +217,18 @@ def evaluate_cases(
     )
     results: list[CaseEvaluation] = []
     tiles_src: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for rec in rich_progress(labelled, "evaluate", len(labelled)):
+    for rec in rich_progress(labelled + unlabelled, "evaluate", len(records)):
         folder = RAW_CASES.at(raw_ws) / rec.case_id
         image = read_volume(raw_case_file(folder, "image"), rec.case_id)
-        truth = read_volume(raw_case_file(folder, "label"), rec.case_id)
-        result = evaluate_case(network, config, rec.case_id, image.array, image.affine, truth.array, knobs, device)
+        truth = read_volume(raw_case_file(folder, "label"), rec.case_id) if rec.has_label else None
+        truth_array = None if truth is None else np.asarray(truth.array)
+        result = evaluate_case(network, config, rec.case_id, image.array, image.affine, truth_array, knobs, device)
         write_nifti(Volume(result.prediction, image.affine), pred_dir / f"{rec.case_id}.nii.gz")
+        if truth_array is None:
+            continue  # predicted only: nothing to score
         results.append(result)  # its prediction is the array the montage keeps anyway
         first = image.array if image.array.ndim == 3 else image.array[..., 0]
-        tiles_src[rec.case_id] = (first, np.asarray(truth.array), result.prediction)
+        tiles_src[rec.case_id] = (first, truth_array, result.prediction)
     table, lesions, detection = report_tables(results, knobs.lesion_size_bins_mm)
     summary: dict[str, Any] = dict(summarize(table))
     summary.update(detection)
@@ -230,6 +237,7 @@ def evaluate_cases(
             "test_split_digest": split_digest(labelled),
             "model_sha256": sha256_file(model_dir / "model.safetensors"),
             "cases": sorted(r.case_id for r in labelled),
+            "unlabelled_cases": sorted(r.case_id for r in unlabelled),  # predicted, not scored
         }
     )
     write_cases_csv(table, report_dir / "cases.csv")

@@ -1,4 +1,5 @@
-"""Stage ``evaluate``: the trained model on the test split, scored on the original grid.
+"""Stage ``evaluate``: the trained model on the test split, scored on the original grid (unlabelled test cases,
+such as an MSD imagesTs/ without labels, are predicted and listed in ``unlabelled_cases``, not scored).
 
 Writes ``data/predictions/<case>.nii.gz`` (label values on the raw grid, raw affine),
 ``reports/metrics.json`` (DVC metrics, flat: means over the defined values overall and per class with their

@@ -88,9 +88,11 @@ def _deid_key(params: Params) -> Any:
 
 
 def _assign_ids(found: Discovery, params: Params, test_fraction: float) -> list[CaseSource]:
-    """DICOM cases get pseudonymous ids; loose folders get a deterministic test split when asked."""
+    """DICOM cases get pseudonymous ids; a source that declares no test case (loose folders, DICOM, an MSD or
+    nnU-Net dataset without test entries) gets a deterministic test split when ``ingest.test_fraction`` asks."""
     from lesionflow.hashing import sha256_json
 
+    declares_test = any(c.split == "test" for c in found.cases)
     cases = []
     key = None
     for case in found.cases:
@@ -100,11 +102,57 @@ def _assign_ids(found: Discovery, params: Params, test_fraction: float) -> list[
             key = key or _deid_key(params)
             cid = pseudonymous_case_id(case.dicom_series.series_uid, key)
             case = replace(case, case_id=cid, relative=f"#series={cid}")
-        if found.info.layout in {"folder", "dicom"} and test_fraction > 0:
+        if not declares_test and test_fraction > 0:
             rank = int(sha256_json([params.project.seed, case.case_id])[:8], 16) / 0xFFFFFFFF
             case = replace(case, split="test" if rank < test_fraction else "train")
         cases.append(case)
     return cases
+
+
+@dataclass(frozen=True)
+class _Holdout:
+    unlabelled_test: int  # test cases the source declares, none of them labelled (0: no hold-out needed)
+    labelled_train: int  # labelled training cases of the source
+    chosen: tuple[str, ...]  # training cases moved to the test split
+
+
+def _hold_out_test(cases: list[CaseSource], params: Params) -> tuple[list[CaseSource], _Holdout]:
+    """A labelled test split when the source's declared one has none (MSD tasks ship imagesTs/ without labels).
+
+    Rule: if the source declares test cases and none has a label, ``n = round(k * ingest.test_holdout_fraction)``
+    of its ``k`` labelled training cases, clamped to ``[1, k - 1]`` (0 when the fraction is 0 or ``k < 2``), move
+    to the test split: those ranked first by ``sha256_json([project.seed, "test-holdout", case_id])`` (seeded,
+    independent of the listing order). The unlabelled test cases stay in the test split: evaluate predicts them
+    and scores the hold-out. A source with any labelled test case keeps its split as declared. The split is
+    recorded per case in data/raw/manifest.csv (never rewritten: data/raw is append-only)."""
+    from lesionflow.hashing import sha256_json
+
+    test = [c for c in cases if c.split == "test"]
+    labelled = [c.case_id for c in cases if c.split == "train" and c.label is not None]
+    if not test or any(c.label is not None for c in test):
+        return cases, _Holdout(0, len(labelled), ())
+    fraction = params.ingest.test_holdout_fraction
+    n = min(max(round(len(labelled) * fraction), 1), len(labelled) - 1) if fraction > 0 and len(labelled) >= 2 else 0
+    ranked = sorted(labelled, key=lambda c: sha256_json([params.project.seed, "test-holdout", c]))
+    chosen = set(ranked[:n])
+    moved = [replace(c, split="test") if c.case_id in chosen else c for c in cases]
+    return moved, _Holdout(len(test), len(labelled), tuple(sorted(chosen)))
+
+
+def _holdout_note(holdout: _Holdout, held: list[str], params: Params) -> str:
+    """The one line ingest prints (its summary's ``test_holdout_note``) about a test split without labels."""
+    fraction = params.ingest.test_holdout_fraction
+    lead = f"the source's {holdout.unlabelled_test} test cases have no labels"
+    if not held:
+        return (
+            f"{lead} and no labelled training case was held out (ingest.test_holdout_fraction={fraction}, "
+            f"{holdout.labelled_train} labelled training cases): evaluate has nothing to score"
+        )
+    return (
+        f"{lead}: held out {len(held)} of {holdout.labelled_train} labelled training cases as the scored test split "
+        f"(ingest.test_holdout_fraction={fraction}, project.seed={params.project.seed}): {', '.join(held)}; "
+        "evaluate still predicts the unlabelled ones"
+    )
 
 
 def _source_digest(case: CaseSource) -> str:
@@ -212,7 +260,7 @@ def run(ws: Workspace, params: Params, *, progress: ProgressFactory[Any] = rich_
             "or an MSD/nnU-Net dataset.json; check ingest.source"
         )
     dataset = _dataset_json(ws, found.info, resolved.display_uri)
-    cases = _assign_ids(found, params, params.ingest.test_fraction)
+    cases, holdout = _hold_out_test(_assign_ids(found, params, params.ingest.test_fraction), params)
     stored = {r.case_id: r for r in read_manifest(RAW_MANIFEST.at(ws))}
     quarantined = read_all(QUARANTINE.at(ws))
     _drop_orphans(ws, stored)
@@ -286,7 +334,12 @@ def run(ws: Workspace, params: Params, *, progress: ProgressFactory[Any] = rich_
         record(QUARANTINE.at(ws), rejection)
     write_json(RAW_DATASET.at(ws), dataset)
     write_manifest(list(stored.values()), RAW_MANIFEST.at(ws))
-    return _finish(ws, stored, added, unchanged, rejections, resolved.display_uri)
+    # what the manifest holds: a case stored earlier keeps the split it was stored with
+    held = [c for c in holdout.chosen if c in stored and stored[c].split == "test"]
+    split: dict[str, Any] = {"test_holdout": held}
+    if holdout.unlabelled_test:
+        split["test_holdout_note"] = _holdout_note(holdout, held, params)
+    return _finish(ws, stored, added, unchanged, rejections, resolved.display_uri, split)
 
 
 def _drop_orphans(ws: Workspace, stored: dict[str, CaseRecord]) -> None:
@@ -323,7 +376,13 @@ def write_montage(ws: Workspace, records: list[CaseRecord], path: Path, *, max_c
 
 
 def _finish(
-    ws: Workspace, stored: dict[str, CaseRecord], added: int, unchanged: int, rejections: list[Rejection], uri: str
+    ws: Workspace,
+    stored: dict[str, CaseRecord],
+    added: int,
+    unchanged: int,
+    rejections: list[Rejection],
+    uri: str,
+    split: dict[str, Any],
 ) -> StageResult:
     summary = {
         "source": uri,
@@ -332,6 +391,7 @@ def _finish(
         "n_unchanged": unchanged,
         "n_rejected": len(rejections),
         "rejected": {r.case_id: r.code for r in rejections},
+        **split,  # test_holdout (+ its note): the labelled test split held out of the training cases
         "raw_digest": raw_digest(ws),
     }
     out = write_stage_summary(ws, STAGE, summary)
