@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -263,6 +263,19 @@ class SynthParams(_Section):
     roi_size: tuple[int, int, int] = Field((16, 16, 16), description="ROI (x, y, z) voxels; LIDC preset 64x64x32.")
     min_lesion_voxels: int = Field(4, ge=1, description="Smaller lesion components are not used for training.")
     candidates_per_case: int = Field(4, ge=0, description="Lesion-free ROIs drawn inside each case's organ mask.")
+    # Which label values are lesions (extract-rois; lesionflow.synth.rois.LabelRoles / LesionCensus)
+    lesion_labels: tuple[Annotated[int, Field(ge=1, le=255)], ...] = Field(
+        (), description="Label values that are lesions; empty = every non-zero value not in organ_labels."
+    )
+    organ_labels: tuple[Annotated[int, Field(ge=1, le=255)], ...] = Field(
+        (), description="Label values that mark the organ: never lesions; the organ mask where a case has none."
+    )
+    max_lesion_share: float = Field(
+        0.25, gt=0, le=1, description="A lesion value covering a larger median share of the volume is organ-sized."
+    )
+    min_median_lesion_voxels: int = Field(
+        10, ge=1, description="Lesion components with a smaller median voxel count are label noise (specks)."
+    )
     generators: tuple[GeneratorMethod, ...] = Field(
         ("lefusion", "diffmask", "pie"),
         description="Generators `train-generator` trains: lefusion, diffmask, ddpm, pie (progression); "
@@ -353,6 +366,23 @@ class SyntheticQualityParams(_Section):
         description="Segmenter for the acceptance filter: champion (registry alias), a model folder, or empty = off.",
     )
     max_reject_fraction: float = Field(0.5, ge=0, le=1, description="The gate fails above this share of rejections.")
+    # Distribution-level checks (quality/synthetic_distribution.py); defaults measured on the toy demo
+    # (docs/decisions.md, "Distribution-level checks in the synthetic gate").
+    max_mmd_ratio: float = Field(
+        3.0,
+        gt=0,
+        description="Feature MMD of synthetic vs real training lesion ROIs over that of two real-train halves "
+        "(~1 = as close as real data is to itself) at most this.",
+    )
+    copy_ncc: float = Field(
+        0.95, ge=0, le=1, description="A lesion is a copy when its NCC with a training lesion (shift/flip) is >= this."
+    )
+    max_copy_rate: float = Field(
+        0.1, ge=0, le=1, description="Share of new-texture lesions that are copies at most this (copy-paste: reported)."
+    )
+    min_seed_diversity: float = Field(
+        0.01, ge=0, le=2, description="Mean pairwise 1 - NCC of one ROI and condition over seeds at least this."
+    )
     study_evidence: str = Field(
         "",
         description="Utility in the loop: a study summary.json (reports/study/summary.json); admit synthetic data "

@@ -25,6 +25,9 @@ policy ``quality.synthetic.max_reject_fraction``. A NaN statistic (not measured:
 condition, no segmenter) is checked with ``expect_column_values_to_be_null``, which passes and says so in
 the report, instead of an aggregate over nothing, which GX would fail, but only when
 ``SyntheticStats.not_measured`` gives the reason; a non-finite statistic without one fails its check.
+``SyntheticStats.distribution`` adds the distribution-level statistics the same way (:data:`DISTRIBUTION_COLUMNS`:
+feature MMD ratio, nearest-neighbour copy rate, seed diversity; :mod:`lesionflow.quality.synthetic_distribution`),
+their measured values in the report's "why" column.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from lesionflow.quality.result import GatePolicy, GateResult
 if TYPE_CHECKING:
     import pandas as pd
     from great_expectations.expectations import Expectation
+
+    from lesionflow.quality.synthetic_distribution import DistributionStats
 
 GATE = "synthetic"
 ID_COLUMN = "sample_id"
@@ -64,6 +69,8 @@ REQUIRED_COLUMNS = ROW_COLUMNS[:6]
 TEXT_DEFAULTS = {"histogram_reference": "condition", "notes": ""}
 #: constant columns :func:`with_stats_columns` adds from :class:`SyntheticStats`
 STATS_COLUMNS = ("volume_ks_pvalue", "diversity", "acceptance_rate")
+#: constant columns of :class:`~lesionflow.quality.synthetic_distribution.DistributionStats` (when given)
+DISTRIBUTION_COLUMNS = ("mmd_ratio", "copy_rate", "seed_diversity")
 
 
 @dataclass(frozen=True)
@@ -77,12 +84,15 @@ class SyntheticThresholds:
     max_diversity: float = 0.99  # mean pairwise NCC of samples with the same condition
     min_detected_fraction: float = 0.7  # per sample; the acceptance rate must reach 1 - max_reject_fraction
     max_reject_fraction: float = 0.5
+    max_mmd_ratio: float = 3.0  # feature MMD synthetic vs real-train over real-train halves (~1 = as real)
+    max_copy_rate: float = 0.1  # share of new-texture lesions matching a training lesion (NCC >= copy_ncc)
+    min_seed_diversity: float = 0.01  # mean pairwise 1 - NCC of one ROI and condition over seeds
 
     def __post_init__(self) -> None:
         lo, hi = self.boundary_gradient_ratio
         if not 0 <= lo < hi:
             raise ValueError(f"boundary_gradient_ratio must be (min, max) with 0 <= min < max, got {(lo, hi)}")
-        for name in ("min_volume_ks_pvalue", "min_detected_fraction", "max_reject_fraction"):
+        for name in ("min_volume_ks_pvalue", "min_detected_fraction", "max_reject_fraction", "max_copy_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -96,14 +106,18 @@ class SyntheticStats:
     acceptance_rate: float  # share of samples the segmenter accepted (NaN without a segmenter)
     #: statistic name -> why it was not measured (its NaN then passes, with the reason in the report)
     not_measured: Mapping[str, str] = field(default_factory=dict)
+    #: the distribution-level checks (MMD ratio, copy rate, seed diversity); the stage always gives them
+    distribution: DistributionStats | None = None
 
 
 def with_stats_columns(table: pd.DataFrame, stats: SyntheticStats) -> pd.DataFrame:
     """A copy of ``table`` with the :data:`STATS_COLUMNS` set to the ``stats`` values (float64) on every row,
     and a bool ``mask_binary`` converted to 0/1 (int64) so its check reads "exactly 1"."""
     out = table.copy()
-    for column in STATS_COLUMNS:
-        value = float(getattr(stats, column))
+    constants = {c: float(getattr(stats, c)) for c in STATS_COLUMNS}
+    if stats.distribution is not None:
+        constants.update({c: float(getattr(stats.distribution, c)) for c in DISTRIBUTION_COLUMNS})
+    for column, value in constants.items():
         out[column] = value if math.isfinite(value) else math.nan  # inf would pass a one-sided bound
         out[column] = out[column].astype("float64")
     for column, default in TEXT_DEFAULTS.items():
@@ -240,7 +254,61 @@ def synthetic_expectations(t: SyntheticThresholds, stats: SyntheticStats) -> lis
             why="Share of samples the segmenter accepted must reach 1 - the tolerated reject fraction (check 15).",
         ),
     ]
+    if stats.distribution is not None:
+        exps += _distribution_expectations(t, stats.distribution)
     return exps
+
+
+def _g(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _distribution_expectations(t: SyntheticThresholds, d: DistributionStats) -> list[Expectation]:
+    """The dataset-level checks of :mod:`lesionflow.quality.synthetic_distribution`, each with its measured
+    values in the report's "why" column."""
+    from lesionflow.quality.synthetic_distribution import MAX_SHIFT
+
+    m = d.mmd
+    paste = (
+        f" Pasted lesions (copy-paste) are copies by construction and not gated: {_g(d.paste_copy_rate)} of "
+        f"{d.n_pasted} match a training lesion."
+        if d.n_pasted
+        else ""
+    )
+    return [
+        _stat_expectation(
+            "mmd_ratio",
+            m.ratio,
+            reason=d.not_measured.get("mmd_ratio"),
+            max_value=t.max_mmd_ratio,
+            param=_param("max_mmd_ratio"),
+            why="Kernel MMD (RBF, median-heuristic bandwidth) of the synthetic vs real training lesion ROIs' "
+            "encoder features, over the MMD of two seeded halves of the real training ROIs (size-normalised; "
+            f"~1 = as close as real data is to itself). Measured: ratio {_g(m.ratio)}, unbiased MMD² "
+            f"{_g(m.mmd2)} ({m.n_synthetic} synthetic vs {m.n_real} real) vs baseline {_g(m.baseline_mmd2)}; "
+            f"features: {d.encoder}.",
+        ),
+        _stat_expectation(
+            "copy_rate",
+            d.copy_rate,
+            reason=d.not_measured.get("copy_rate"),
+            max_value=t.max_copy_rate,
+            param=_param("max_copy_rate"),
+            why=f"Share of lesions claiming a new texture (LeFusion, DDPM/RePaint, DiffMask) whose voxels match a "
+            f"real training lesion with NCC >= {_g(d.copy_ncc)} (quality.synthetic.copy_ncc) over shifts of up "
+            f"to {MAX_SHIFT} voxels and the 8 axis flips. Measured: {d.n_copies} of {d.n_copy_checked}.{paste}",
+        ),
+        _stat_expectation(
+            "seed_diversity",
+            d.seed_diversity,
+            reason=d.not_measured.get("seed_diversity"),
+            min_value=t.min_seed_diversity,
+            param=_param("min_seed_diversity"),
+            why="Mean pairwise 1 - NCC inside the lesion of samples of the same ROI and condition with "
+            f"different seeds: near 0 means mode collapse. Measured: {_g(d.seed_diversity)} over "
+            f"{d.n_seed_groups} repeated ROI/condition group(s).",
+        ),
+    ]
 
 
 def run_synthetic_gate(

@@ -13,6 +13,13 @@ before judging) and ``gate: passed``; it is deleted when the stage starts, so a 
 ``train`` refuses a store without a verdict for its current digest (``catalog.readers.synthetic_verdict``).
 A montage of real vs synthetic lesions per class is written for people.
 
+Distribution level (:mod:`lesionflow.quality.synthetic_distribution`): the MMD of encoder features (the
+acceptance segmenter's when it is used, else a seeded random-initialised UNet) of the synthetic vs the real
+training lesion ROIs over that of two real-train halves, the nearest-neighbour copy rate with a shift/flip search,
+and the diversity over seeds of one ROI and condition (relesion samples of one case re-texture the same ROIs:
+measurable with ``synth.relesion_per_case >= 2``). The real ROIs are the training ROIs of data/rois; a ROI of a
+test-split case there stops the stage.
+
 Pasted lesions (``mask_source`` "paste", the copy-paste baseline) get the exact checks (background, binary mask
 with the plan's lesion values, one component, inside the organ), the boundary gradient and the volume KS (their
 volumes are the donors'); they have no condition, so their histogram W1 is to the nearest real training lesion
@@ -32,7 +39,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -313,8 +320,10 @@ def run(ws: Workspace, params: Params) -> StageResult:
     }
     identity, folder, note = acceptance_model(ws, params)
     print(f"{STAGE}: {note}", file=sys.stderr)
-    segment = _segmenter(folder, plan, params) if folder is not None else None
+    loaded = _acceptance_network(folder, plan, params) if folder is not None else None
+    segment = _segmenter(*loaded, device=resolve_device(params.evaluate.device)) if loaded is not None else None
     rows: list[dict[str, Any]] = []
+    distribution_lesions: list[Any] = []
     views: dict[str, list[Any]] = {"real": [], "synthetic": []}
     by_condition: dict[int, list[_LesionCrop]] = defaultdict(list)  # diversity: lesions sharing a cluster
     for sample in rich_progress(iter(samples), STAGE, len(samples)):
@@ -323,6 +332,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         predicted = segment(case.image) if segment is not None else None
         lesions = _lesion_crops(sample, case, params.synth.roi_size)
         rows += _lesion_rows(sample, case, source, lesions, real, params, ctx, predicted)
+        distribution_lesions += _distribution_lesions(sample, lesions)
         views["synthetic"] += [_synthetic_view(c, sample) for c in lesions[:2]]
         for c in lesions:
             if c.lesion.get("cluster") is not None:
@@ -334,7 +344,10 @@ def run(ws: Workspace, params: Params) -> StageResult:
     detected = table["detected_fraction"].dropna() if len(table) else pd.Series(dtype=float)
     q = params.quality.synthetic
     acceptance = float((detected >= q.min_detected_fraction).mean()) if len(detected) else float("nan")
-    stats = _population_stats(ks, diversity, acceptance, segment is not None)
+    distribution = _distribution(ws, real, distribution_lesions, loaded, identity, params)
+    stats = replace(_population_stats(ks, diversity, acceptance, segment is not None), distribution=distribution)
+    if len(table):  # each lesion's copy-search NCC, for the lesions.csv reader (the gate bounds the copy rate)
+        table["copy_search_ncc"] = table["sample_id"].map(dict(distribution.nearest_ncc)).astype("float64")
     thresholds = SyntheticThresholds(
         max_histogram_w1=q.max_histogram_w1,
         min_volume_ks_pvalue=q.min_volume_ks_pvalue,
@@ -343,6 +356,9 @@ def run(ws: Workspace, params: Params) -> StageResult:
         max_diversity=q.max_diversity,
         min_detected_fraction=q.min_detected_fraction,
         max_reject_fraction=q.max_reject_fraction,
+        max_mmd_ratio=q.max_mmd_ratio,
+        max_copy_rate=q.max_copy_rate,
+        min_seed_diversity=q.min_seed_diversity,
     )
     result = run_synthetic_gate(table, stats, thresholds, SYNTHETIC_GATE_REPORT.at(ws))
     findings = gate_findings(result)
@@ -359,6 +375,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "volume_ks_pvalue": stats.volume_ks_pvalue,
         "diversity": diversity,
         "acceptance_rate": acceptance,
+        **distribution.summary(),
         "segmenter": identity,
         "max_background_diff": float(table["background_max_abs_diff"].max()) if len(table) else 0.0,
         "mean_histogram_w1": float(table["histogram_w1"].mean()) if len(table) else 0.0,
@@ -483,16 +500,21 @@ def _progression_gate(
     return result, str(result.report_html.relative_to(ws.root)), numbers
 
 
-def _segmenter(folder: Path, plan: Any, params: Params) -> Any:
-    """``predict(image) -> labels`` with the acceptance segmenter; None when it was trained on another plan."""
-    from lesionflow.seg.inference import probabilities_to_labels, sliding_window_predict
+def _acceptance_network(folder: Path, plan: Any, params: Params) -> tuple[Any, Any] | None:
+    """(network, config) of the acceptance segmenter on ``evaluate.device``; None when it was trained on another
+    plan (its intensities mean something else: neither the filter nor the MMD features use it then)."""
     from lesionflow.seg.model_files import load_segmenter
 
-    device = resolve_device(params.evaluate.device)
-    network, config = load_segmenter(folder, device)
+    network, config = load_segmenter(folder, resolve_device(params.evaluate.device))
     if config.plan_hash != plan.plan_hash:
         print(f"{STAGE}: acceptance filter off: the segmenter was trained on another plan", file=sys.stderr)
         return None
+    return network, config
+
+
+def _segmenter(network: Any, config: Any, device: Any) -> Any:
+    """``predict(image) -> labels`` with the acceptance segmenter."""
+    from lesionflow.seg.inference import probabilities_to_labels, sliding_window_predict
 
     def predict(image: np.ndarray) -> np.ndarray:
         probs = sliding_window_predict(
@@ -501,6 +523,68 @@ def _segmenter(folder: Path, plan: Any, params: Params) -> Any:
         return probabilities_to_labels(probs, config.label_values)
 
     return predict
+
+
+def _distribution_lesions(sample: dict[str, Any], lesions: list[_LesionCrop]) -> list[Any]:
+    """The sample's lesions for the distribution checks (removals have no lesion). A re-textured real lesion
+    (``mask_source`` "real") is keyed by (source case, ROI origin, condition cluster): every relesion sample of a
+    case re-textures the same ROIs with its own seed, so a repeat of that key is the same ROI and condition."""
+    from lesionflow.quality.synthetic_distribution import SyntheticLesion
+
+    out = []
+    for c in lesions:
+        source = c.lesion["mask_source"]
+        if source == "removal":
+            continue
+        group = None
+        if source == "real":
+            cluster = c.lesion.get("cluster")
+            group = (sample["source_case"], tuple(c.lesion["origin"]), -1 if cluster is None else int(cluster))
+        name = f"{sample['sample_id']}#{c.k}"  # the row id of _lesion_rows
+        out.append(SyntheticLesion(c.image, c.mask, new_texture=source != "paste", group=group, name=name))
+    return out
+
+
+def _distribution(
+    ws: Workspace, real: Any, lesions: list[Any], loaded: tuple[Any, Any] | None, identity: str, params: Params
+) -> Any:
+    """:class:`~lesionflow.quality.synthetic_distribution.DistributionStats` of ``lesions`` vs the real training
+    lesion ROIs, on the acceptance segmenter's encoder when it is used, else on a seeded random-initialised one."""
+    from lesionflow.catalog.readers import read_metadata
+    from lesionflow.errors import SourceError
+    from lesionflow.quality.synthetic_distribution import (
+        RANDOM_ENCODER_CHANNELS,
+        distribution_stats,
+        encoder_features,
+        gate_seed,
+        random_encoder,
+    )
+
+    test_cases = {c for c, row in read_metadata(ws).items() if row.get("split") == "test"}
+    leaked = sorted({r.case_id for r in real.lesions} & test_cases)
+    if leaked:  # extract-rois reads the training split only; a store that says otherwise is not used as "real"
+        raise SourceError(
+            f"data/rois holds lesions of test-split case(s) {', '.join(leaked[:3])}: the synthetic gate compares "
+            "with training lesions only; rerun `lesionflow stage extract-rois`"
+        )
+    images = np.stack([r.image for r in real.lesions]) if real.lesions else np.zeros((0, 1, *params.synth.roi_size))
+    if loaded is not None:
+        network, config = loaded
+        device, factor = str(next(network.parameters()).device), config.network.downsampling
+        encoder = f"acceptance segmenter {identity} ({config.network.network}, deepest encoder level)"
+    else:
+        seed = gate_seed("encoder")
+        network, factor = random_encoder(int(images.shape[1]), seed)
+        device = "cpu"
+        encoder = f"random-init unet {list(RANDOM_ENCODER_CHANNELS)} (seed {seed}), deepest encoder level"
+
+    def features(rois: np.ndarray) -> np.ndarray:
+        return encoder_features(network, rois, factor, device=device)
+
+    q = params.quality.synthetic
+    return distribution_stats(
+        lesions, images, features, copy_ncc=q.copy_ncc, seed=gate_seed("mmd-halves"), encoder=encoder
+    )
 
 
 def _diversity(by_condition: dict[int, list[_LesionCrop]]) -> float:
