@@ -4,6 +4,13 @@ Only the training split is read (validation and test cases never reach a generat
 cannot learn from are reported and skipped, the other cases go on: a lesion larger than the ROI (it would be
 cut), a lesion touching the volume border (the scan cuts it; its shape is not a lesion shape), a case whose
 organ mask is empty or missing (no lesion-free candidates).
+
+Which label values are lesions comes from ``synth.lesion_labels`` / ``synth.organ_labels``
+(:class:`lesionflow.synth.rois.LabelRoles`): only lesion values become lesion ROIs, organ values mark the organ
+(the organ mask of a case that has no organ file). Before anything is written the lesions of the training cases
+are checked (:class:`lesionflow.synth.rois.LesionCensus`): a lesion value covering more than
+``synth.max_lesion_share`` of the volume (organ-sized, e.g. a whole-brain mask) or lesions whose components have a
+median below ``synth.min_median_lesion_voxels`` voxels (label specks) stop the stage with one line.
 """
 
 from __future__ import annotations
@@ -36,20 +43,34 @@ def run(ws: Workspace, params: Params) -> StageResult:
     from lesionflow.seeding import rng_for
     from lesionflow.store.zarr_store import read_case
     from lesionflow.synth.roi_store import write_roi_set
-    from lesionflow.synth.rois import RoiSet, candidate_rois, lesion_roi_problem, lesion_rois
+    from lesionflow.synth.rois import (
+        LesionCensus,
+        RoiSet,
+        candidate_rois,
+        label_roles,
+        lesion_roi_problem,
+        lesion_rois,
+    )
 
     sp = params.synth
     plan = load_plan(ws)
+    roles = label_roles(plan.label_values, sp.lesion_labels, sp.organ_labels)
     cases = splits(ws, params).train
     store = STORE.at(ws)
+    census = LesionCensus(min_voxels=sp.min_lesion_voxels)
     lesions: list[Any] = []
     candidates: list[Any] = []
     findings: list[Finding] = []
     for case_id in rich_progress(iter(cases), "extract-rois", len(cases)):
         arrays = read_case(store, case_id)
-        if arrays.label is not None:
+        label = None if arrays.label is None else roles.lesion_map(arrays.label)
+        organ = arrays.organ
+        if organ is None and arrays.label is not None:
+            organ = roles.organ_map(arrays.label)  # None unless synth.organ_labels is set
+        if label is not None:
+            census.add(label)
             for roi in lesion_rois(
-                arrays.image, arrays.label, arrays.organ, sp.roi_size, min_voxels=sp.min_lesion_voxels, case_id=case_id
+                arrays.image, label, organ, sp.roi_size, min_voxels=sp.min_lesion_voxels, case_id=case_id
             ):
                 problem = lesion_roi_problem(roi, arrays.image.shape[1:])
                 if problem:
@@ -58,8 +79,8 @@ def run(ws: Workspace, params: Params) -> StageResult:
                     lesions.append(roi)
         if sp.candidates_per_case == 0:
             continue
-        if arrays.organ is None or not np.any(arrays.organ):
-            what = "has no organ mask" if arrays.organ is None else "has an empty organ mask"
+        if organ is None or not np.any(organ):
+            what = "has no organ mask" if organ is None else "has an empty organ mask"
             findings.append(
                 Finding(
                     case_id,
@@ -69,10 +90,11 @@ def run(ws: Workspace, params: Params) -> StageResult:
             )
             continue
         rng = rng_for(params.project.seed, "synth-candidates", case_id)
-        found = candidate_rois(
-            arrays.image, arrays.label, arrays.organ, sp.roi_size, sp.candidates_per_case, rng, case_id=case_id
-        )
+        found = candidate_rois(arrays.image, label, organ, sp.roi_size, sp.candidates_per_case, rng, case_id=case_id)
         candidates += found
+    not_lesions = census.problem(max_share=sp.max_lesion_share, min_median_voxels=sp.min_median_lesion_voxels)
+    if not_lesions:
+        raise SourceError(not_lesions)
     if not lesions:
         raise SourceError(
             f"no usable lesion ROI in the {len(cases)} training case(s) "
@@ -88,6 +110,8 @@ def run(ws: Workspace, params: Params) -> StageResult:
         "n_candidates": len(candidates),
         "n_skipped": len(findings),
         "roi_size": list(sp.roi_size),
+        "lesion_labels": list(roles.lesion),
+        "organ_labels": list(roles.organ),
         "lesion_voxels_median": float(np.median([r.voxels for r in lesions])),
         "rois_digest": sha256_tree(ROIS_STORE.at(ws)),
     }

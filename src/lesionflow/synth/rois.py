@@ -10,7 +10,7 @@ has ``origin = p - size // 2``. All random choices take an explicit generator de
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +353,108 @@ def extract_rois(
             why = why or "not enough lesion-free organ positions"
             notes.append(f"{case_id}: {len(found)} of {candidates_per_case} candidate ROIs ({why})")
     return RoiSet(size=roi_size, lesions=tuple(lesions), candidates=tuple(candidates), notes=tuple(notes))
+
+
+# ---- which label values are lesions (issue 19): declared roles, and a census that refuses non-lesions ----------
+
+
+@dataclass(frozen=True)
+class LabelRoles:
+    """The label values that are lesions (what ROIs, components and the lesion census see) and those that mark the
+    organ (never lesions; with the lesions they make the organ mask of a case without an organ file)."""
+
+    lesion: tuple[int, ...]
+    organ: tuple[int, ...]
+
+    def lesion_map(self, label: np.ndarray) -> np.ndarray:
+        """``label`` (x, y, z) with every value that is not a lesion set to 0 (uint8)."""
+        label = np.asarray(label)
+        return np.where(np.isin(label, self.lesion), label, 0).astype(np.uint8)
+
+    def organ_map(self, label: np.ndarray) -> np.ndarray | None:
+        """The organ mask (x, y, z) uint8 from the organ values and the lesions in them; None without organ values."""
+        if not self.organ:
+            return None
+        return np.isin(np.asarray(label), (*self.organ, *self.lesion)).astype(np.uint8)
+
+
+def label_roles(label_values: Sequence[int], lesion_labels: Sequence[int], organ_labels: Sequence[int]) -> LabelRoles:
+    """Roles from ``synth.lesion_labels`` / ``synth.organ_labels`` and the plan's label values.
+
+    Lesions default to every non-zero plan value that is not an organ value. A declared value must be one of the
+    plan's non-zero values and may not be both; at least one lesion value must remain. Bad input: one-line
+    :class:`ParamsError` naming the value and the key."""
+    from lesionflow.errors import ParamsError
+
+    present = sorted({int(v) for v in label_values if int(v) != 0})
+    for key, values in (("synth.lesion_labels", lesion_labels), ("synth.organ_labels", organ_labels)):
+        for v in values:
+            if int(v) not in present:
+                raise ParamsError(
+                    f"{key} names label value {int(v)}, but the plan's label values are {present}; "
+                    f"list values of this dataset in {key}"
+                )
+    both = sorted(set(map(int, lesion_labels)) & set(map(int, organ_labels)))
+    if both:
+        raise ParamsError(
+            f"label value {both[0]} is in both synth.lesion_labels and synth.organ_labels; give each value one role"
+        )
+    organ = tuple(sorted({int(v) for v in organ_labels}))
+    lesion = tuple(sorted({int(v) for v in lesion_labels})) or tuple(v for v in present if v not in organ)
+    if not lesion:
+        raise ParamsError(
+            f"no lesion label value left: the plan's values {present} are all in synth.organ_labels; "
+            "name the lesion values in synth.lesion_labels"
+        )
+    return LabelRoles(lesion, organ)
+
+
+@dataclass
+class LesionCensus:
+    """What the lesion values of the training cases look like, to stop before generators learn from non-lesions.
+
+    :meth:`add` one lesion map (:meth:`LabelRoles.lesion_map`) per labelled training case. Two rules
+    (:meth:`problem`): a lesion value is *organ-sized* when the median, over the cases holding it, of its share of
+    the case's voxels (the processed volume: the scan cropped to its non-zero box) exceeds ``max_share``; the
+    lesions are *specks* when the median voxel count of their components (26-connected over all lesion values,
+    as :func:`lesion_components` splits them, those of at least ``min_voxels`` voxels: what ROIs are cut from)
+    is below ``min_median_voxels``."""
+
+    min_voxels: int = 1
+    n_cases: int = 0
+    shares: dict[int, list[float]] = field(default_factory=dict)
+    component_voxels: list[int] = field(default_factory=list)
+
+    def add(self, lesion_label: np.ndarray) -> None:
+        lesion_label = np.asarray(lesion_label)
+        self.n_cases += 1
+        values, counts = np.unique(lesion_label, return_counts=True)
+        for v, n in zip(values.tolist(), counts.tolist(), strict=True):
+            if v != 0:
+                self.shares.setdefault(int(v), []).append(n / lesion_label.size)
+        self.component_voxels += [c.voxels for c in lesion_components(lesion_label, min_voxels=self.min_voxels)]
+
+    def median_share(self, value: int) -> float:
+        return float(np.median(self.shares[value])) if self.shares.get(value) else 0.0
+
+    def problem(self, *, max_share: float, min_median_voxels: int) -> str | None:
+        """One line naming the value, the case count and the params keys to fix; None when the lesions look like
+        lesions (or nothing was seen)."""
+        for value in sorted(self.shares):
+            share = self.median_share(value)
+            if share > max_share:
+                return (
+                    f"label value {value} is organ-sized, not a lesion: it covers a median {share:.1%} of the volume "
+                    f"in {len(self.shares[value])} of {self.n_cases} training cases (synth.max_lesion_share = "
+                    f"{max_share}); list the lesion values in synth.lesion_labels (the organ's in synth.organ_labels)"
+                )
+        if self.component_voxels:
+            median = float(np.median(self.component_voxels))
+            if median < min_median_voxels:
+                return (
+                    f"the lesions of label value(s) {sorted(self.shares)} are made of specks: their "
+                    f"{len(self.component_voxels)} components in {self.n_cases} training cases have a median of "
+                    f"{median:g} voxels (synth.min_median_lesion_voxels = {min_median_voxels}); list the real "
+                    "lesion values in synth.lesion_labels, clean the labels, or lower synth.min_median_lesion_voxels"
+                )
+        return None
