@@ -86,3 +86,15 @@ def test_speck_lesions_are_refused_and_real_ones_pass() -> None:
     assert real.component_voxels == [123, 123, 123]
 
     assert LesionCensus(min_voxels=4).problem(max_share=0.25, min_median_voxels=10) is None  # nothing seen
+
+
+def test_generators_and_gate_get_only_the_lesion_classes() -> None:
+    """A liver-style label (1 = organ, 2 = tumour): the classes generators train on and the gate checks are the
+    tumour's, never the organ's (catalog.readers.lesion_classes follows synth.lesion_labels / organ_labels)."""
+    from lesionflow.catalog.readers import lesion_classes
+
+    assert lesion_classes((0, 1, 2), multi_class=True) == (1, 2)  # nothing declared: every non-zero value
+    assert lesion_classes((0, 1, 2), multi_class=True, organ_labels=(1,)) == (2,)
+    assert lesion_classes((0, 1, 2), multi_class=False, organ_labels=(1,)) == (2,)
+    assert lesion_classes((0, 1, 2, 3), multi_class=True, lesion_labels=(3,)) == (3,)
+    assert lesion_classes((0, 1, 2, 3), multi_class=False, lesion_labels=(2, 3)) == (2,)

@@ -303,11 +303,22 @@ def read_generator_extra(ws: Workspace, method: str) -> dict[str, Any]:
     return dict(json.loads(path.read_text()).get("extra", {}))
 
 
-def lesion_classes(label_values: tuple[int, ...], multi_class: bool) -> tuple[int, ...]:
-    """The label values LeFusion gives a channel each (§2.7); one merged class (the first) when not multi-class."""
-    values = tuple(v for v in label_values if v != 0)
-    if not values:
+def lesion_classes(
+    label_values: tuple[int, ...],
+    multi_class: bool,
+    lesion_labels: tuple[int, ...] = (),
+    organ_labels: tuple[int, ...] = (),
+) -> tuple[int, ...]:
+    """The label values LeFusion gives a channel each (§2.7); one merged class (the first) when not multi-class.
+
+    Only lesion values count: ``synth.lesion_labels`` when given, else every non-zero plan value outside
+    ``synth.organ_labels`` (one rule: :func:`lesionflow.synth.rois.label_roles`, the one extract-rois uses), so a
+    liver label (1 = organ, 2 = tumour) gives generators and gate the tumour class, never the organ."""
+    from lesionflow.synth.rois import label_roles
+
+    if not any(v != 0 for v in label_values):
         raise SourceError("the plan lists no lesion label value (only background); nothing to synthesize")
+    values = label_roles(label_values, lesion_labels, organ_labels).lesion
     return values if multi_class else values[:1]
 
 

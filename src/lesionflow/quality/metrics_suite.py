@@ -1,7 +1,8 @@
 """The metrics gate: what the candidate model's per-case test metrics must meet.
 
 Table: one row per test case with its mean over classes (``dice``, ``hd95_mm``, ``nsd``), ``n_nan`` (NaN
-metrics among its classes) and ``dice_vs_champion`` (candidate minus champion Dice on the same case; 0
+among the metrics the evaluation convention defines for its classes: a class empty in reference and prediction
+is undefined by design and not counted) and ``dice_vs_champion`` (candidate minus champion Dice on the same case; 0
 without a champion). Checks: no NaN and no case below ``quality.metrics.min_case_dice`` (each fails the
 gate, naming the cases), mean Dice at least ``quality.metrics.min_mean_dice``, and the champion
 comparison: mean ``dice_vs_champion`` >= -``quality.metrics.champion_tolerance``. The champion check is

@@ -111,6 +111,8 @@ STAGES: dict[str, StageSpec] = {
                 "synth.diffmask",
                 "synth.ddpm",
                 "synth.pie",
+                "synth.lesion_labels",
+                "synth.organ_labels",
             ),
             reads=(a.ROIS, a.PLANS),
             writes=(
@@ -153,6 +155,8 @@ STAGES: dict[str, StageSpec] = {
                 "synth.new_per_case",
                 "synth.lefusion.bins",
                 "synth.lefusion.multi_class",
+                "synth.lesion_labels",
+                "synth.organ_labels",
                 "evaluate.device",
                 "registry.tracking_uri",
                 "registry.model_name",

@@ -75,7 +75,12 @@ def _train_one(
     if method == "lefusion":
         from lesionflow.synth.lefusion import classes_without_lesions, train_lefusion
 
-        classes = lesion_classes(load_plan(ws).label_values, params.synth.lefusion.multi_class)
+        classes = lesion_classes(
+            load_plan(ws).label_values,
+            params.synth.lefusion.multi_class,
+            params.synth.lesion_labels,
+            params.synth.organ_labels,
+        )
         if not params.synth.lefusion.multi_class:
             # one merged class: every lesion voxel counts as the first lesion value
             rois = [_merged(r, classes[0]) for r in rois.lesions]
@@ -114,7 +119,8 @@ def _train_one(
 
         plan = load_plan(ws)
         pp = params.synth.pie
-        scale = fit_severity_scale(rois.lesions, rois.candidates, pp.severity, lesion_classes(plan.label_values, True))
+        classes = lesion_classes(plan.label_values, True, params.synth.lesion_labels, params.synth.organ_labels)
+        scale = fit_severity_scale(rois.lesions, rois.candidates, pp.severity, classes)
         threshold, polarity = lesion_intensity_split(rois.lesions)
         patches = [*rois.lesions, *rois.candidates]
         outcome = train_pie(patches, scale, net, checkpoints, seed=seed, device=device, warn=warn)

@@ -308,7 +308,9 @@ def run(ws: Workspace, params: Params) -> StageResult:
         return _finish(ws, judged, [], [], progression, {"n_samples": 0, "n_lesions": 0})
     real = read_roi_set(ROIS_STORE.at(ws))
     plan = load_plan(ws)
-    classes = lesion_classes(plan.label_values, params.synth.lefusion.multi_class)
+    classes = lesion_classes(
+        plan.label_values, params.synth.lefusion.multi_class, params.synth.lesion_labels, params.synth.organ_labels
+    )
     gradients = [g for g in (boundary_gradient(r.image[0], r.mask) for r in real.lesions) if np.isfinite(g)]
     value_range = _recorded_value_range(ws, samples)
     ctx = {
