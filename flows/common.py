@@ -46,15 +46,27 @@ DEFAULT_LOCK_TIMEOUT_S = 3600.0
 
 
 def section_overrides(sections: Mapping[str, BaseModel | None]) -> dict[str, Any]:
-    """The keys each given section sets (pydantic's ``exclude_unset``), nested like params.yaml.
+    """The keys each given section fills in, nested like params.yaml; an empty key (None) is not given.
 
-    A section built from ``{"min_cases": 3}`` (the UI form, ``prefect deployment run --param``) or from
-    ``RawQualityParams(min_cases=3)`` sets only ``min_cases``; the model's defaults for the other keys must not
-    replace params.yaml's values.
+    A section is a partial model (``flows.forms.Overrides``): the Prefect form submits only the keys typed into
+    it, ``--param`` and Python callers only the keys they name; params.yaml keeps every other value. Sections
+    and nested sections left empty give nothing.
     """
-    return {
-        name: model.model_dump(mode="json", exclude_unset=True) for name, model in sections.items() if model is not None
-    }
+
+    def filled(model: BaseModel) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key in type(model).model_fields:
+            value = getattr(model, key)
+            if isinstance(value, BaseModel):  # a nested section: its own filled keys, if any
+                value = filled(value) or None
+            elif value is not None:  # a value (a mapping too) is given whole
+                value = model.model_dump(mode="json", include={key})[key]
+            if value is not None:
+                values[key] = value
+        return values
+
+    given = {name: filled(model) for name, model in sections.items() if model is not None}
+    return {name: values for name, values in given.items() if values}
 
 
 def resolve_params(

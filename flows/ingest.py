@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import DEFAULT_LOCK_TIMEOUT_S, run_flow
+from flows.forms import Overrides
 from lesionflow.params import IngestParams, ProjectParams, QualityParams
 
 FLOW_NAME = "lesionflow-ingest"
@@ -23,9 +24,9 @@ def ingest_flow(
     workspace: str = ".",
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
-    project: ProjectParams | None = None,
-    ingest: IngestParams | None = None,
-    quality: QualityParams | None = None,
+    project: Overrides[ProjectParams] | None = None,
+    ingest: Overrides[IngestParams] | None = None,
+    quality: Overrides[QualityParams] | None = None,
     wait_for_lock: bool = True,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> list[dict[str, Any]]:

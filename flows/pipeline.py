@@ -6,8 +6,9 @@ when it fails, with its failed expectations and HTML report attached to the run 
 the flow runs ``dvc commit`` for it (and data.dvc), so dvc.lock records what the flow produced and
 ``dvc status`` is clean. The workspace lock is held for the whole run.
 
-The parameters are typed, so the Prefect UI's "Custom run" form shows each params section with its keys,
-defaults and descriptions (see ``flows.common.resolve_params`` for how they merge over params.yaml).
+The parameters are typed, so the Prefect UI's "Custom run" form shows each params section with its keys, types,
+bounds and descriptions; its inputs start empty and only the keys filled in replace params.yaml's values
+(``flows.forms``; ``flows.common.resolve_params`` merges them over params.yaml).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import DEFAULT_LOCK_TIMEOUT_S, run_flow
+from flows.forms import Overrides
 from lesionflow.params import (
     EvaluateParams,
     IngestParams,
@@ -39,16 +41,16 @@ def training_pipeline(
     workspace: str = ".",
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
-    project: ProjectParams | None = None,
-    ingest: IngestParams | None = None,
-    quality: QualityParams | None = None,
-    plan: PlanParams | None = None,
-    preprocess: PreprocessParams | None = None,
-    synth: SynthParams | None = None,
-    train: TrainParams | None = None,
-    evaluate: EvaluateParams | None = None,
-    registry: RegistryParams | None = None,
-    storage: StorageParams | None = None,
+    project: Overrides[ProjectParams] | None = None,
+    ingest: Overrides[IngestParams] | None = None,
+    quality: Overrides[QualityParams] | None = None,
+    plan: Overrides[PlanParams] | None = None,
+    preprocess: Overrides[PreprocessParams] | None = None,
+    synth: Overrides[SynthParams] | None = None,
+    train: Overrides[TrainParams] | None = None,
+    evaluate: Overrides[EvaluateParams] | None = None,
+    registry: Overrides[RegistryParams] | None = None,
+    storage: Overrides[StorageParams] | None = None,
     wait_for_lock: bool = True,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> list[dict[str, Any]]:

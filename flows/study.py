@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import DEFAULT_LOCK_TIMEOUT_S, fail, resolve_params
+from flows.forms import Overrides
 from lesionflow.catalog.artifacts import STUDY_CURVES_PNG, STUDY_EFFECTS_PNG, STUDY_SUMMARY
 from lesionflow.errors import LesionflowError
 from lesionflow.params import ProjectParams, StudyParams, TrainParams
@@ -80,10 +81,10 @@ def utility_study(
     workspace: str = ".",
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
-    study: StudyParams | None = None,
-    project: ProjectParams | None = None,
-    synth: SynthParams | None = None,
-    train: TrainParams | None = None,
+    study: Overrides[StudyParams] | None = None,
+    project: Overrides[ProjectParams] | None = None,
+    synth: Overrides[SynthParams] | None = None,
+    train: Overrides[TrainParams] | None = None,
     wait_for_lock: bool = True,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> dict[str, Any]:
@@ -94,9 +95,9 @@ def utility_study(
         params_file: params.yaml to read, relative to the workspace unless absolute.
         overrides: Extra `section.key=value` overrides, applied last (e.g. study.seeds=[0,1,2,3]).
         study: Overrides of the `study` section (arms, fractions, seeds, synthetic_ratio); only the keys given.
-        project: Overrides of the `project` section (the seed of the subsets and the generators).
-        synth: Overrides of the `synth` section (generator sizes, sample counts) for every arm.
-        train: Overrides of the `train` section (the budget every cell gets: steps, patch size, ...).
+        project: Overrides of the `project` section (the seed of the subsets and the generators); only the keys given.
+        synth: Overrides of the `synth` section (generator sizes, sample counts) for every arm; only the keys given.
+        train: Overrides of the `train` section (the budget every cell gets: steps, patch size); only the keys given.
         wait_for_lock: When another run holds the workspace, wait for it (true) or fail at once (false).
         lock_timeout_s: Longest wait for the workspace lock, in seconds (0: no limit).
 

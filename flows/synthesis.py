@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import DEFAULT_LOCK_TIMEOUT_S, require_done, run_flow
+from flows.forms import Overrides
 from lesionflow.params import (
     EvaluateParams,
     Params,
@@ -39,13 +40,13 @@ def synthesis_flow(
     workspace: str = ".",
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
-    project: ProjectParams | None = None,
-    synth: SynthParams | None = None,
-    quality: QualityParams | None = None,
-    train: TrainParams | None = None,
-    registry: RegistryParams | None = None,
-    preprocess: PreprocessParams | None = None,
-    evaluate: EvaluateParams | None = None,
+    project: Overrides[ProjectParams] | None = None,
+    synth: Overrides[SynthParams] | None = None,
+    quality: Overrides[QualityParams] | None = None,
+    train: Overrides[TrainParams] | None = None,
+    registry: Overrides[RegistryParams] | None = None,
+    preprocess: Overrides[PreprocessParams] | None = None,
+    evaluate: Overrides[EvaluateParams] | None = None,
     wait_for_lock: bool = True,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> list[dict[str, Any]]:

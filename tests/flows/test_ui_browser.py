@@ -1,7 +1,8 @@
 """The Prefect UI of ``lesionflow serve`` in a real headless Chromium (Debian's chromium + chromedriver, Selenium).
 
 A user's path: the deployments list shows nightly-retrain and its schedule, its page shows the next run at 02:00
-in the params' time zone, and a "Custom run" of the ingest deployment with one parameter changed completes.
+in the params' time zone, and a "Custom run" of the ingest deployment completes with another params file and one
+key of its ``quality`` section changed, every other key keeping that params file's value (issue 19, item 1).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from prefect.client.schemas.objects import FlowRun
 
+from lesionflow.caching import read_record
+from lesionflow.params import load_params
+from lesionflow.workspace import Workspace
 from tests.flows.serve_helpers import Served, make_workspace, start_serve
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -105,6 +109,17 @@ def click(driver: WebDriver, find: Callable[[WebDriver], WebElement | None], tim
     )
 
 
+def form_input(driver: WebDriver, label: str) -> WebElement | None:
+    """The input of the form key labelled ``label`` (the title, then " (Optional)" for a key that may stay empty)."""
+    found = driver.find_elements(
+        By.XPATH,
+        f"//span[contains(@class, 'schema-form-property__label') and normalize-space() = '{label}']"
+        "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' p-label ')][1]"
+        "//*[self::input or self::textarea]",
+    )
+    return found[0] if found else None
+
+
 def next_0200_utc(zone: str) -> str:
     """The next 02:00 in ``zone`` as the UI prints it in a UTC browser (``2026/11/24 01:00:00 AM``)."""
     now = datetime.now(ZoneInfo(zone))
@@ -118,7 +133,10 @@ def test_ui_shows_the_schedule_and_a_custom_run_completes(browser: WebDriver, tm
     ws = make_workspace(tmp_path, TIMEZONE)
     params = (ws / "params.yaml").read_text()
     assert "  source: data/demo" in params
-    (ws / "params-mine.yaml").write_text(params.replace("  source: data/demo", "  source: data/mine", 1))
+    assert "  max_reject_fraction: 0.25 " in params
+    mine = params.replace("  source: data/demo", "  source: data/mine", 1)
+    # the issue's params file: a value the code default (0.25) would silently replace
+    (ws / "params-mine.yaml").write_text(mine.replace("  max_reject_fraction: 0.25 ", "  max_reject_fraction: 0.4 ", 1))
     # The scheduler creates the next nightly run on its next loop (60 s by default): every 2 s here.
     service: Served = start_serve(ws, tmp_path, env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"})
     try:
@@ -138,7 +156,8 @@ def test_ui_shows_the_schedule_and_a_custom_run_completes(browser: WebDriver, tm
         assert expected in body_text(browser)  # 02:00 in Europe/Berlin, shown in the browser's UTC
         browser.save_screenshot(str(tmp_path / "nightly-retrain.png"))
 
-        # Custom run of ingest with params_file changed: params-mine.yaml points at the only data there is.
+        # Custom run of ingest with params_file changed (params-mine.yaml points at the only data there is) and one
+        # key of the quality section: quality.raw.min_cases.
         browser.get(f"{ui}/deployments")
         click(browser, link("ingest"))
         wait_for_text(browser, "flows/ingest.py:ingest_flow")
@@ -154,6 +173,14 @@ def test_ui_shows_the_schedule_and_a_custom_run_completes(browser: WebDriver, tm
         field.send_keys(Keys.CONTROL, "a")
         field.send_keys("params-mine.yaml")
         assert field.get_attribute("value") == "params-mine.yaml"
+        click(browser, button("QualityOverrides"))  # open the section (it starts as None: params.yaml as it is)
+        min_cases = WebDriverWait(browser, 30).until(lambda d: form_input(d, "Min Cases (Optional)"))
+        reject = form_input(browser, "Max Reject Fraction (Optional)")
+        assert min_cases is not None
+        assert reject is not None
+        assert (min_cases.get_attribute("value"), reject.get_attribute("value")) == ("", "")  # nothing pre-filled
+        min_cases.send_keys("1")
+        assert min_cases.get_attribute("value") == "1"
         browser.save_screenshot(str(tmp_path / "custom-run-form.png"))
         click(browser, button("Submit"))
 
@@ -178,9 +205,18 @@ def test_ui_shows_the_schedule_and_a_custom_run_completes(browser: WebDriver, tm
         with service.client() as client:
             run = client.read_flow_run(run_id)
         assert run.parameters["workspace"] == str(ws)  # the deployment's value, untouched by the form
+        assert run.parameters["quality"] == {"raw": {"min_cases": 1}}  # the one key typed in, nothing else
         assert run.state is not None
         assert run.state.is_completed()
         assert (ws / "data" / "raw" / "manifest.csv").exists()
+        # the quality section the gate ran with (its stage record): params-mine.yaml's, but for the key typed in
+        record = read_record(Workspace.at(ws), "validate-raw")
+        assert record is not None
+        expected = load_params(ws / "params-mine.yaml").quality.model_dump(mode="json")
+        expected["raw"]["min_cases"] = 1
+        used = record["state"]["params"]["quality"]
+        assert used == expected
+        assert used["max_reject_fraction"] == 0.4
         assert (tmp_path / "custom-run.png").stat().st_size > 10_000
     finally:
         browser.save_screenshot(str(tmp_path / "last-page.png"))  # what the browser showed last, pass or fail
