@@ -166,6 +166,7 @@ STAGES: dict[str, StageSpec] = {
                 a.PROGRESSION_MANIFEST,
                 a.ROIS,
                 a.PLANS,
+                a.METADATA,  # the guard that no test-split case reached the ROI table
                 a.STORE,
                 a.SYNTHETIC_STORE,
                 a.PROGRESSION_STORE,
