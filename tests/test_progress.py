@@ -6,11 +6,9 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 from lesionflow.diffusion.schedules import cosine_schedule
 from lesionflow.diffusion.trainer import train_generator
@@ -20,6 +18,7 @@ from lesionflow.params_synth import GeneratorNetParams
 from lesionflow.progress import LOG_EVERY_S, progress_label, step_progress
 from lesionflow.seg.networks import NetworkConfig, build_network
 from lesionflow.seg.training import train_loop
+from tests.helpers.cube_patches import CubePatches
 
 LINE = re.compile(r"^(?P<label>.+): step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>\S+) \((?P<s>\d+) s\)(?P<tail>.*)$")
 
@@ -57,22 +56,6 @@ def test_generator_training_logs_every_tenth_of_its_steps_with_the_loss(
     assert _lines(caplog) == []  # resumed at the end: nothing to show
 
 
-class _Cubes(Dataset[dict[str, Any]]):
-    """Item i: a 16³ patch with a bright cube labelled 1 (deterministic in i)."""
-
-    def __len__(self) -> int:
-        return 10_000
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(i)
-        image = torch.randn(1, 16, 16, 16, generator=gen)
-        label = torch.zeros(1, 16, 16, 16, dtype=torch.int64)
-        lo = int(torch.randint(2, 8, (1,), generator=gen))
-        label[:, lo : lo + 6, lo : lo + 6, lo : lo + 6] = 1
-        image[label.bool()] += 3.0
-        return {"image": image, "label": label}
-
-
 def test_segmenter_training_logs_loss_throughput_and_validation(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -82,7 +65,7 @@ def test_segmenter_training_logs_loss_throughput_and_validation(
     caplog.set_level(logging.INFO, logger="lesionflow.progress")
     outcome = train_loop(
         net,
-        _Cubes(),
+        CubePatches(),
         params=params,
         label_lut=torch.arange(256) % 2,
         checkpoint_root=tmp_path,

@@ -8,27 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 from lesionflow.params import TrainParams
 from lesionflow.seg.networks import NetworkConfig, build_network
 from lesionflow.seg.training import amp_dtype, learning_rate, train_loop
-
-
-class _Spheres(Dataset[dict[str, Any]]):
-    """Item i: a 16³ patch with a bright cube labelled 1 (deterministic in i)."""
-
-    def __len__(self) -> int:
-        return 10_000
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(i)
-        image = torch.randn(1, 16, 16, 16, generator=gen)
-        label = torch.zeros(1, 16, 16, 16, dtype=torch.int64)
-        lo = int(torch.randint(2, 8, (1,), generator=gen))
-        label[:, lo : lo + 6, lo : lo + 6, lo : lo + 6] = 1
-        image[label.bool()] += 3.0
-        return {"image": image, "label": label}
+from tests.helpers.cube_patches import CubePatches
 
 
 def _params(**kw: Any) -> TrainParams:
@@ -58,7 +42,7 @@ def _run(tmp_path: Path, params: TrainParams, validate: Any) -> Any:
     lut = torch.arange(256) % 2
     return train_loop(
         net,
-        _Spheres(),
+        CubePatches(),
         params=params,
         label_lut=lut,
         checkpoint_root=tmp_path / "ckpt",
