@@ -235,23 +235,27 @@ def dvc_yaml(
     wait_lock: WaitLockOpt = False,
     lock_timeout: LockTimeoutOpt = 3600.0,
 ) -> None:
-    """Write dvc.yaml as derived from the stage registry and the artifact catalog (or check that it is)."""
-    from lesionflow.dvc import render_dvc_yaml
+    """Write dvc.yaml, the plot templates and the offline plots page (.dvc/) as derived from the stage registry and
+    the artifact catalog (or check that they are)."""
+    from lesionflow.dvc import derived_dvc_files
     from lesionflow.workspace import Workspace
 
-    path = Workspace.at(workspace).dvc_yaml
-    text = render_dvc_yaml()
+    root = Workspace.at(workspace).root
+    files = {root / rel: text for rel, text in derived_dvc_files().items()}
     if check:
-        if not path.exists() or path.read_text() != text:
+        stale = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
+        for path in stale:
             err.print(f"{path} differs from the stage declarations; run `lesionflow dvc-yaml` to regenerate it")
+        if stale:
             raise typer.Exit(1)
-        out.print(f"{path} matches the stage declarations")
+        out.print(f"{', '.join(str(p) for p in files)} match the stage declarations")
         return
     from lesionflow.files import write_text_if_changed
 
-    with _locked(path.parent, wait_lock, lock_timeout, "lesionflow dvc-yaml"):
-        changed = write_text_if_changed(path, text)
-    out.print(f"{path} {'written' if changed else 'unchanged'}")
+    with _locked(root, wait_lock, lock_timeout, "lesionflow dvc-yaml"):
+        changed = {path: write_text_if_changed(path, text) for path, text in files.items()}
+    for path, written in changed.items():
+        out.print(f"{path} {'written' if written else 'unchanged'}")
 
 
 @app.command("status")

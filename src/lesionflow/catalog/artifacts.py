@@ -68,6 +68,7 @@ class Artifact:
     dvc: Dvc
     description: str
     plot_axes: tuple[str, str] | None = None  # (x, y) columns `dvc plots show` draws (Dvc.PLOT only)
+    plot_series: str | None = None  # the column whose values are separate lines (Dvc.PLOT; None: one line)
 
     @property
     def param_key(self) -> str | None:
@@ -92,8 +93,26 @@ def _summary(stage: str) -> Artifact:
         Kind.FILE,
         stage,
         Digest.BYTES,
+        Dvc.REPORT,
+        f"what {stage} did: numbers, digests, paths and notes (its numbers are also {stage}.metrics)",
+    )
+
+
+def _metrics(stage: str) -> Artifact:
+    """``metrics/<stage>.json``: the numbers of a stage's summary, for DVC.
+
+    Contract: a small JSON object of numbers only (nested objects allowed; no strings, hashes or paths),
+    outside the git-ignored reports/ so that git versions it: ``dvc exp run`` commits it into the experiment,
+    so ``dvc exp show`` and ``dvc metrics diff`` can read it at every revision.
+    """
+    return Artifact(
+        f"{stage}.metrics",
+        f"metrics/{stage}.json",
+        Kind.FILE,
+        stage,
+        Digest.BYTES,
         Dvc.METRIC,
-        f"what {stage} did, in numbers (`dvc metrics show`)",
+        f"the numbers of what {stage} did (`dvc metrics show`, `dvc exp show`; versioned by git)",
     )
 
 
@@ -143,6 +162,7 @@ QUARANTINE = Artifact(
     "rejected inputs, each with a reason file",
 )
 INGEST_SUMMARY = _summary("ingest")
+INGEST_METRICS = _metrics("ingest")
 INGEST_MONTAGE = Artifact(
     "ingest.montage", "reports/ingest/montage.png", Kind.FILE, "ingest", Digest.NONE, Dvc.NONE, "raw slices"
 )
@@ -150,6 +170,7 @@ RAW_GATE_REPORT = Artifact(
     "validate-raw.report", "reports/quality/raw", Kind.GATE_REPORT, "validate-raw", Digest.NONE, Dvc.REPORT, "GX report"
 )
 VALIDATE_RAW_SUMMARY = _summary("validate-raw")
+VALIDATE_RAW_METRICS = _metrics("validate-raw")
 
 # ---- plan and preprocess ----------------------------------------------------------------------------------
 PLANS = Artifact(
@@ -165,6 +186,7 @@ FINGERPRINT = Artifact(
     "per-case geometry and intensity statistics the plan is derived from",
 )
 PLAN_SUMMARY = _summary("plan")
+PLAN_METRICS = _metrics("plan")
 STORE = Artifact(
     "store",
     "data/processed/store.zarr",
@@ -184,6 +206,7 @@ METADATA = Artifact(
     "one row per processed case: geometry, intensities, digests",
 )
 PREPROCESS_SUMMARY = _summary("preprocess")
+PREPROCESS_METRICS = _metrics("preprocess")
 ACCEPTED = Artifact(
     "accepted",
     "data/processed/accepted.json",
@@ -203,6 +226,7 @@ PROCESSED_GATE_REPORT = Artifact(
     "GX report",
 )
 VALIDATE_PROCESSED_SUMMARY = _summary("validate-processed")
+VALIDATE_PROCESSED_METRICS = _metrics("validate-processed")
 
 # ---- synthesis --------------------------------------------------------------------------------------------
 ROIS = Artifact(
@@ -221,6 +245,7 @@ ROIS_TABLE = Artifact(
     "rois.table", "data/rois/rois.csv", Kind.FILE, "extract-rois", Digest.NONE, Dvc.NONE, "one row per ROI"
 )
 EXTRACT_ROIS_SUMMARY = _summary("extract-rois")
+EXTRACT_ROIS_METRICS = _metrics("extract-rois")
 GENERATORS = Artifact(
     "generators",
     "models/generators",
@@ -240,6 +265,7 @@ GENERATOR_CHECKPOINTS = Artifact(
     "resumable training state, per method and run key",
 )
 TRAIN_GENERATOR_SUMMARY = _summary("train-generator")
+TRAIN_GENERATOR_METRICS = _metrics("train-generator")
 TRAIN_GENERATOR_CURVES = Artifact(
     "train-generator.curves-csv",
     "reports/train-generator/curves.csv",
@@ -247,8 +273,9 @@ TRAIN_GENERATOR_CURVES = Artifact(
     "train-generator",
     Digest.NONE,
     Dvc.PLOT,
-    "loss per step",
+    "loss per step, one line per generator",
     plot_axes=("step", "loss"),
+    plot_series="method",
 )
 TRAIN_GENERATOR_CURVES_PNG = Artifact(
     "train-generator.curves",
@@ -305,6 +332,7 @@ PROGRESSION_PICTURES = Artifact(
     "GIF and PNG strip per trajectory",
 )
 SYNTHESIZE_SUMMARY = _summary("synthesize")
+SYNTHESIZE_METRICS = _metrics("synthesize")
 SYNTHETIC_ACCEPTED = Artifact(
     "synthetic.accepted",
     "data/synthetic/accepted.json",
@@ -360,6 +388,7 @@ PROGRESSION_GATE_REPORT = Artifact(
     "GX report of the PIE trajectories",
 )
 VALIDATE_SYNTHETIC_SUMMARY = _summary("validate-synthetic")
+VALIDATE_SYNTHETIC_METRICS = _metrics("validate-synthetic")
 
 # ---- segmentation -----------------------------------------------------------------------------------------
 TRAINING_SYNTHETIC = Artifact(
@@ -390,6 +419,7 @@ SEGMENTER_CHECKPOINTS = Artifact(
     "resumable training state, per run key",
 )
 TRAIN_SUMMARY = _summary("train")
+TRAIN_METRICS = _metrics("train")
 TRAIN_CURVES = Artifact(
     "train.curves-csv",
     "reports/train/curves.csv",
@@ -418,7 +448,16 @@ PREDICTIONS = Artifact(
     Dvc.OUT,
     "test-split predictions on the raw grid",
 )
-METRICS = Artifact("metrics", "reports/metrics.json", Kind.FILE, "evaluate", Digest.BYTES, Dvc.METRIC, "test metrics")
+METRICS = Artifact(
+    "metrics",
+    "reports/metrics.json",
+    Kind.FILE,
+    "evaluate",
+    Digest.BYTES,
+    Dvc.REPORT,
+    "test metrics with the split and model digests (its numbers are also evaluate.metrics)",
+)
+EVALUATE_METRICS = _metrics("evaluate")
 EVALUATE_REPORT = Artifact(
     "evaluate.report",
     "reports/evaluate",
@@ -474,7 +513,9 @@ METRICS_GATE_REPORT = Artifact(
     "GX report",
 )
 VALIDATE_METRICS_SUMMARY = _summary("validate-metrics")
+VALIDATE_METRICS_METRICS = _metrics("validate-metrics")
 REGISTER_SUMMARY = _summary("register")
+REGISTER_METRICS = _metrics("register")
 
 
 def accepted_beside(store: Path) -> Path:
@@ -556,3 +597,8 @@ ARTIFACTS: dict[str, Artifact] = {
 def summary_artifact(stage: str) -> Artifact:
     """``reports/<stage>/summary.json`` of a stage, as declared above."""
     return ARTIFACTS[f"{stage}.summary"]
+
+
+def metrics_artifact(stage: str) -> Artifact:
+    """``metrics/<stage>.json`` of a stage, as declared above."""
+    return ARTIFACTS[f"{stage}.metrics"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from lesionflow.catalog.artifacts import (
     RAW_DATASET,
     Artifact,
     accepted_beside,
+    metrics_artifact,
     stage_report_dir,
 )
 from lesionflow.errors import SourceError
@@ -58,10 +60,59 @@ def stage_summary(ws: Workspace, stage: str) -> dict[str, Any]:
 
 
 def write_stage_summary(ws: Workspace, stage: str, summary: dict[str, Any]) -> str:
-    """Write the stage's summary.json; returns its workspace-relative path (for StageResult.outputs)."""
+    """Write the stage's summary.json and its numbers to ``metrics/<stage>.json`` (:func:`write_stage_metrics`);
+    returns the summary's workspace-relative path (for StageResult.outputs)."""
     path = stage_report_dir(ws, stage) / "summary.json"
     write_json(path, summary)
+    write_stage_metrics(ws, stage, summary)
     return str(path.relative_to(ws.root))
+
+
+# Numeric lists up to this length (spacing, patch size) become one metric per index; longer ones (per-step
+# histories, per-case values) are left to the summary: a metrics table is one row per revision.
+_MAX_LIST_METRICS = 8
+
+
+def numeric_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a stage summary, nested as in the summary: what ``dvc metrics``/``dvc exp show`` compare.
+
+    Kept: finite ints and floats; booleans as 1/0 (a flag that flips shows as a change); numeric lists of at
+    most ``_MAX_LIST_METRICS`` entries as ``{"0": .., "1": ..}``. Dropped: strings (hashes, paths, notes),
+    None, NaN/inf (not JSON numbers), longer lists, and objects left empty by those rules.
+    """
+
+    def number(value: Any) -> float | int | None:
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        return None
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, dict):
+            kept = {str(k): v for k, v in ((k, convert(v)) for k, v in value.items()) if v is not None}
+            return kept or None
+        if isinstance(value, list | tuple):
+            numbers = [number(v) for v in value]
+            if 0 < len(numbers) <= _MAX_LIST_METRICS and all(n is not None for n in numbers):
+                return {str(i): n for i, n in enumerate(numbers)}
+            return None
+        return number(value)
+
+    return convert(summary) or {}
+
+
+def write_stage_metrics(ws: Workspace, stage: str, summary: dict[str, Any]) -> str:
+    """Write ``metrics/<stage>.json`` (:func:`numeric_metrics` of ``summary``); returns its relative path.
+
+    Stages that write a summary get this through :func:`write_stage_summary`; evaluate, whose summary is
+    ``reports/metrics.json``, calls it directly.
+    """
+    artifact = metrics_artifact(stage)
+    write_json(artifact.at(ws), numeric_metrics(summary))
+    return artifact.path
 
 
 # ---- plan -------------------------------------------------------------------------------------------------

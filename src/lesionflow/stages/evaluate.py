@@ -25,7 +25,7 @@ from lesionflow.catalog.artifacts import (
     RAW_MANIFEST,
     SEGMENTER,
 )
-from lesionflow.catalog.readers import splits
+from lesionflow.catalog.readers import splits, write_stage_metrics
 from lesionflow.errors import SourceError
 from lesionflow.files import write_json
 from lesionflow.manifest import read_manifest
@@ -50,7 +50,8 @@ def run(ws: Workspace, params: Params) -> StageResult:
     records = [r for r in read_manifest(RAW_MANIFEST.at(ws)) if r.case_id in test]
     report = evaluate_cases(model, ws, records, params.evaluate, EVALUATE_REPORT.at(ws), PREDICTIONS.at(ws))
     write_json(METRICS.at(ws), report.summary)
+    numbers = write_stage_metrics(ws, STAGE, report.summary)  # its numbers, for `dvc exp show`
     rel = {k: str(Path(v).relative_to(ws.root)) for k, v in report.outputs.items()}
-    outputs = {"metrics": METRICS.path, **rel}
+    outputs = {"metrics": METRICS.path, "numbers": numbers, **rel}
     shown = {k: v for k, v in report.summary.items() if k != "cases"}
     return StageResult(STAGE, True, shown, outputs)
