@@ -236,15 +236,14 @@ def render_plots_page() -> str:
     )
 
 
-def derived_dvc_files(*, with_page: bool = True) -> dict[str, str]:
+def derived_dvc_files() -> dict[str, str]:
     """Every DVC file derived from the declarations, by workspace-relative path: dvc.yaml, a plot template per
-    plotted series column, and (``with_page``) the offline plots page (its bundling takes a few seconds)."""
+    plotted series column, and the offline plots page (its bundling takes a few seconds)."""
     from lesionflow.catalog.artifacts import ARTIFACTS, Dvc
 
     files = {"dvc.yaml": render_dvc_yaml()}
     columns = sorted({a.plot_series for a in ARTIFACTS.values() if a.dvc is Dvc.PLOT and a.plot_series})
     for column in columns:
         files[f"{PLOT_TEMPLATES_DIR}/{series_template_name(column)}.json"] = render_series_template(column)
-    if with_page:
-        files[PLOTS_PAGE] = render_plots_page()
+    files[PLOTS_PAGE] = render_plots_page()
     return files
