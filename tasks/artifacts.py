@@ -15,7 +15,10 @@ What a run shows in the UI (keys are stable, so the Artifacts page keeps one ver
 
 Images are inlined as ``data:image/png;base64`` URLs: the UI shows an image artifact with ``<img src=URL>``, and a
 browser does not load ``file://`` images into an ``http://`` page. An image above ``MAX_INLINE_IMAGE_BYTES``
-is published as a ``file://`` link instead, to keep the Prefect database small.
+is published as a link instead, to keep the Prefect database small. Links to files under ``reports/`` (gate
+reports, large images) point at the report server of ``lesionflow serve`` when the flow runs under it
+(:data:`lesionflow.serve.REPORTS_URL_ENV`, ``http://127.0.0.1:<port + 1>/...``); a browser blocks ``file://``
+links from the UI, so the ``file://`` fallback (a flow run outside serve) says how to get a served link.
 
 Publishing is best effort: the stage has already succeeded (or failed for its own reason) when its artifacts are
 made, so an API error here is logged as one warning line and never changes the outcome. Prefect's client already
@@ -28,6 +31,7 @@ import base64
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from lesionflow.catalog.artifacts import METRICS, Artifact, Dvc, Kind
@@ -69,6 +73,27 @@ def _key(artifact: Artifact) -> str:
     return artifact.name.removesuffix(".report").replace(".", "-")
 
 
+def report_link(ws: Workspace, path: Path) -> str:
+    """The URL a browser opens for a file under ``reports/``: served by ``lesionflow serve``, else ``file://``."""
+    import os
+    from urllib.parse import quote
+
+    from lesionflow.serve import REPORTS_URL_ENV
+
+    base = os.environ.get(REPORTS_URL_ENV, "")
+    reports = ws.root / "reports"
+    if base and path.resolve().is_relative_to(reports.resolve()):
+        return base.rstrip("/") + "/" + quote(path.resolve().relative_to(reports.resolve()).as_posix())
+    return path.resolve().as_uri()
+
+
+_UNSERVED = " (file link: browsers open it only outside the UI; under `lesionflow serve` this is an http link)"
+
+
+def _link_note(link: str) -> str:
+    return _UNSERVED if link.startswith("file://") else ""
+
+
 def image_artifact(ws: Workspace, stage: str, artifact: Artifact) -> list[ArtifactSpec]:
     rel, key, what = artifact.path, _key(artifact), artifact.description
     path = artifact.at(ws)
@@ -76,12 +101,13 @@ def image_artifact(ws: Workspace, stage: str, artifact: Artifact) -> list[Artifa
         return []
     data = path.read_bytes()
     if len(data) > MAX_INLINE_IMAGE_BYTES:
+        link = report_link(ws, path)
         return [
             ArtifactSpec(
                 "link",
                 key,
-                f"{stage}: {what} ({len(data) // 1024} KiB, not inlined)",
-                link=path.as_uri(),
+                f"{stage}: {what} ({len(data) // 1024} KiB, not inlined){_link_note(link)}",
+                link=link,
                 link_text=rel,
             )
         ]
@@ -134,12 +160,13 @@ def gate_artifacts(ws: Workspace, stage: str, gate: Artifact) -> list[ArtifactSp
     ]
     report = folder / "index.html"
     if report.is_file():
+        link = report_link(ws, report)
         specs.append(
             ArtifactSpec(
                 "link",
                 f"{_key(gate)}-report",
-                f"{line}. HTML report (GX Data Docs linked inside).",
-                link=report.as_uri(),
+                f"{line}. HTML report (GX Data Docs linked inside){_link_note(link)}.",
+                link=link,
                 link_text=f"{stage} report",
             )
         )

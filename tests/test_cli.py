@@ -142,7 +142,7 @@ def test_a_slow_prefect_server_start_is_one_line_naming_the_setting(workspace: P
     assert "orchestration.server_startup_timeout_s" in proc.stderr
 
 
-def test_the_startup_timeout_setting_reaches_prefect(monkeypatch: object) -> None:
+def test_the_startup_timeout_setting_reaches_prefect(monkeypatch: object, tmp_path: Path) -> None:
     import pytest
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
@@ -152,9 +152,53 @@ def test_the_startup_timeout_setting_reaches_prefect(monkeypatch: object) -> Non
     assert isinstance(monkeypatch, pytest.MonkeyPatch)
     monkeypatch.delenv(PREFECT_STARTUP_ENV, raising=False)
     params = Params.model_validate({"orchestration": {"server_startup_timeout_s": 240}})
-    with _prefect_flow_call(params, []) as overrides:
+    with _prefect_flow_call(params, [], tmp_path) as overrides:
         assert PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() == 240
         assert overrides == []
+
+
+_RUN_ONE_FLOW = """
+import sys
+from pathlib import Path
+from prefect import flow
+from prefect.runtime import flow_run
+from lesionflow.cli import _prefect_flow_call
+from lesionflow.params import Params
+
+@flow
+def probe() -> str:
+    return str(flow_run.id)
+
+params = Params.model_validate({"orchestration": {"server_startup_timeout_s": 300}})
+with _prefect_flow_call(params, [], Path(sys.argv[1])):
+    print(probe())
+"""
+
+
+@pytest.mark.slow
+def test_run_and_serve_share_the_workspace_prefect_home(tmp_path: Path) -> None:
+    """Issue 19 item 5: a flow run of `run`/`study` is recorded in <workspace>/.prefect, the database serve opens."""
+    import os
+    import sqlite3
+
+    from lesionflow.serve import resolve_settings
+
+    ws = tmp_path / "ws"
+    (ws / "infra").mkdir(parents=True)
+    (ws / "infra" / "prefect.yaml").write_text("deployments: []\n")
+    (ws / "params.yaml").write_text("project:\n  seed: 0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["HOME"] = str(tmp_path / "home")  # Prefect's default home would be ~/.prefect
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_ONE_FLOW, str(ws)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_id = proc.stdout.strip().splitlines()[-1]
+    serve_db = resolve_settings(ws).prefect_home / "prefect.db"
+    with sqlite3.connect(serve_db) as db:
+        found = db.execute("SELECT name FROM flow_run WHERE id = ?", (run_id,)).fetchall()
+    assert len(found) == 1, f"flow run {run_id} is not in {serve_db}"
+    assert not (tmp_path / "home" / ".prefect" / "prefect.db").exists()
 
 
 @pytest.mark.slow

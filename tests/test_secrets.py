@@ -163,7 +163,7 @@ def test_prefect_flow_run_parameters_hold_no_password(harness: Path, workspace: 
     from lesionflow.cli import _prefect_flow_call
 
     params = load_params(workspace / "params.yaml")
-    with _prefect_flow_call(params, [f"ingest.source={SOURCE}"]) as given:
+    with _prefect_flow_call(params, [f"ingest.source={SOURCE}"], workspace) as given:
         state = _echo_source(str(workspace), given, return_state=True)  # type: ignore[call-overload]
     assert state.result() == SOURCE  # the flow itself got the original value
     assert SECRET_OVERRIDES_ENV not in os.environ  # handed over only for the call

@@ -277,8 +277,8 @@ _PREFECT_STARTUP_FAILED = "Timed out while attempting to connect to ephemeral Pr
 
 
 @contextlib.contextmanager
-def _prefect_flow_call(params: Any, overrides: Sequence[str] | None) -> Iterator[list[str]]:
-    """Around a flow call: the overrides Prefect may store, the embedded server's start-up timeout, one-line errors.
+def _prefect_flow_call(params: Any, overrides: Sequence[str] | None, workspace: Path) -> Iterator[list[str]]:
+    """Around a flow call: the overrides Prefect may store, the embedded server's home and start-up timeout, errors.
 
     * Prefect stores a flow's parameters in its database, so the flow gets the overrides with URL credentials
       redacted; the originals reach it through :data:`lesionflow.params.SECRET_OVERRIDES_ENV` in this process
@@ -286,11 +286,19 @@ def _prefect_flow_call(params: Any, overrides: Sequence[str] | None) -> Iterator
     * The embedded (ephemeral) server gets ``orchestration.server_startup_timeout_s`` to start (Prefect's own
       default, 20 s, fails on a loaded machine); a PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS in the
       environment wins. A server that still does not answer is one line naming the setting.
+    * The embedded server keeps its database in the workspace's Prefect home, the one ``lesionflow serve`` uses
+      (:func:`lesionflow.serve.workspace_prefect_home`), so a flow-run id recorded in MLflow opens in serve's UI.
+      A PREFECT_HOME in the environment, or a configured PREFECT_API_URL (a running server), wins.
     * A file-system error (read-only folder, full disk) is one line naming the path (lesionflow.files).
     """
     import os
 
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
     from lesionflow.files import file_system_error
     from lesionflow.params import SECRET_OVERRIDES_ENV, split_secret_overrides
@@ -300,8 +308,13 @@ def _prefect_flow_call(params: Any, overrides: Sequence[str] | None) -> Iterator
     before = os.environ.pop(SECRET_OVERRIDES_ENV, None)
     if secret:
         os.environ[SECRET_OVERRIDES_ENV] = json.dumps(secret)
+    from lesionflow.serve import workspace_prefect_home
+
+    updates: dict[Any, Any] = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(timeout)}
+    if "PREFECT_HOME" not in os.environ and not PREFECT_API_URL.value():
+        updates[PREFECT_HOME] = workspace_prefect_home(workspace)
     try:
-        with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(timeout)}):
+        with temporary_settings(updates=updates):
             yield shown
     except RuntimeError as error:
         if _PREFECT_STARTUP_FAILED not in str(error):
@@ -348,7 +361,7 @@ def run(
         check_unlocked(ws.root, "lesionflow run")  # fail fast too; the flow itself holds the lock for the run
     from flows.pipeline import training_pipeline
 
-    with _prefect_flow_call(params, overrides) as flow_overrides:
+    with _prefect_flow_call(params, overrides, ws.root) as flow_overrides:
         results = training_pipeline(
             workspace=str(ws.root),
             params_file=str(params_file or ws.params_file),
@@ -375,7 +388,7 @@ def study(
     from flows.study import detection_rows, effects_rows, utility_study
     from lesionflow.catalog.artifacts import STUDY_SUMMARY
 
-    with _prefect_flow_call(params, overrides) as flow_overrides:
+    with _prefect_flow_call(params, overrides, ws.root) as flow_overrides:
         summary = utility_study(
             workspace=str(ws.root), params_file=str(params_file or ws.params_file), overrides=flow_overrides
         )
@@ -404,12 +417,15 @@ def serve(
     ] = None,
     pool: Annotated[str | None, typer.Option(help="Process work pool (default: orchestration.work_pool).")] = None,
     params_file: ParamsOpt = None,
+    reports_port: Annotated[
+        int, typer.Option(help="Port serving reports/ over HTTP for the artifact links (0: --port + 1).")
+    ] = 0,
 ) -> None:
     """Prefect server + work pool + the deployments of infra/prefect.yaml + a worker; Ctrl-C stops them."""
     from lesionflow.serve import resolve_settings
     from lesionflow.serve import serve as run_serve
 
-    run_serve(resolve_settings(workspace, port, database_url, pool, params_file))
+    run_serve(resolve_settings(workspace, port, database_url, pool, params_file, reports_port))
 
 
 def _tracking_uri(workspace: Path, params_file: Path | None, given: str | None) -> str:

@@ -1,8 +1,11 @@
 """``lesionflow serve``: a Prefect server, a process work pool, the deployments of infra/prefect.yaml and a worker.
 
 Everything runs on this machine without Docker: the server binds 127.0.0.1, keeps its state under
-``<workspace>/.prefect`` (SQLite unless a PostgreSQL URL is given) and the worker runs flow runs as local
-processes from the workspace. Stopping (Ctrl-C or SIGTERM) stops the worker first, so no new run starts, then
+``<workspace>/.prefect`` (SQLite unless a PostgreSQL URL is given; the same home ``lesionflow run`` and
+``lesionflow study`` use, so every flow-run id they record opens here) and the worker runs flow runs as local
+processes from the workspace. A plain HTTP server (the standard library's) serves ``<workspace>/reports`` on
+the next port, so the report links of the Prefect artifacts open in the browser (a browser refuses ``file://``
+links from an ``http://`` page). Stopping (Ctrl-C or SIGTERM) stops the worker first, so no new run starts, then
 the server; only the processes started here are signalled, by PID. A step that fails stops what was already
 started and raises :class:`ServeError` with one line naming the cause and the fix.
 
@@ -46,6 +49,15 @@ def say_flushed(message: str) -> None:
     print(message, flush=True)
 
 
+PREFECT_HOME_DIR = ".prefect"
+REPORTS_URL_ENV = "LESIONFLOW_REPORTS_URL"  # base URL of the served reports/ folder, for artifact links
+
+
+def workspace_prefect_home(workspace: Path) -> Path:
+    """The Prefect home (database, logs) of a workspace: serve, run and study all use this one."""
+    return Path(workspace) / PREFECT_HOME_DIR
+
+
 class ServeError(LesionflowError):
     """A step of ``lesionflow serve`` failed; the message names the step, the cause and the fix."""
 
@@ -60,6 +72,7 @@ class ServeSettings:
     timezone: str
     nightly_cron: str
     database_url: str | None = None  # None = SQLite under <workspace>/.prefect
+    reports_port: int = 0  # 0 = port + 1
 
     @property
     def prefect_file(self) -> Path:
@@ -68,7 +81,20 @@ class ServeSettings:
 
     @property
     def prefect_home(self) -> Path:
-        return self.workspace / ".prefect"
+        return workspace_prefect_home(self.workspace)
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.workspace / "reports"
+
+    @property
+    def served_reports_port(self) -> int:
+        return self.reports_port or self.port + 1
+
+    @property
+    def reports_url(self) -> str:
+        """Base URL of the served ``reports/`` folder (ends with a slash)."""
+        return f"http://{HOST}:{self.served_reports_port}/"
 
     @property
     def ui_url(self) -> str:
@@ -89,6 +115,7 @@ class ServeSettings:
             LESIONFLOW_WORK_POOL=self.pool,
             LESIONFLOW_TIMEZONE=self.timezone,
             LESIONFLOW_NIGHTLY_CRON=self.nightly_cron,
+            **{REPORTS_URL_ENV: self.reports_url},
         )
         if self.database_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
@@ -101,6 +128,7 @@ def resolve_settings(
     database_url: str | None = None,
     pool: str | None = None,
     params_file: Path | None = None,
+    reports_port: int = 0,
 ) -> ServeSettings:
     """Check the inputs (params, port, database) and return the settings ``serve`` runs with."""
     from lesionflow.params import load_params
@@ -117,6 +145,11 @@ def resolve_settings(
     orchestration = load_params(params_file or ws.params_file).orchestration
     if not 1 <= port <= 65535:
         raise ServeError(f"--port {port} is out of range; expected 1-65535, e.g. --port 4200")
+    if not 0 <= reports_port <= 65535 or reports_port == port or (not reports_port and port == 65535):
+        raise ServeError(
+            f"--reports-port {reports_port} cannot serve the reports beside --port {port}; pass another port, "
+            "e.g. --reports-port 4201"
+        )
     url = database_url or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or None
     return ServeSettings(
         workspace=ws.root,
@@ -125,6 +158,7 @@ def resolve_settings(
         timezone=orchestration.timezone,
         nightly_cron=orchestration.nightly_cron,
         database_url=check_database_url(url) if url else None,
+        reports_port=reports_port,
     )
 
 
@@ -183,6 +217,7 @@ class Services:
     say: Callable[[str], None] = say_flushed
     server: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
+    reports: subprocess.Popen[bytes] | None = None
     deployments: list[str] = field(default_factory=list)
     worker_started_at: float = 0.0  # epoch seconds, to tell this worker's heartbeats from an earlier one's
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -203,6 +238,18 @@ class Services:
         # A session of its own: a terminal Ctrl-C reaches serve only, which then stops the worker before the server.
         self.server = subprocess.Popen(
             cmd, env=self.settings.env(), stdin=subprocess.DEVNULL, stdout=self._log("server"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def start_reports(self) -> None:
+        """Serve ``<workspace>/reports`` read-only over HTTP on loopback (directory listings included)."""
+        port = self.settings.served_reports_port
+        _check_port_free(port)
+        self.settings.reports_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "http.server", str(port), "--bind", HOST]
+        cmd += ["--directory", str(self.settings.reports_dir)]
+        self.reports = subprocess.Popen(
+            cmd, env=self.settings.env(), stdin=subprocess.DEVNULL, stdout=self._log("reports"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
@@ -289,7 +336,7 @@ class Services:
 
     def check_alive(self) -> None:
         """Raise :class:`ServeError` when the server or the worker has exited (the server's with its log line)."""
-        for label, proc in (("Prefect server", self.server), ("worker", self.worker)):
+        for label, proc in (("Prefect server", self.server), ("worker", self.worker), ("report server", self.reports)):
             if proc is not None and proc.poll() is not None:
                 server_log = self.log_dir / "server.log"
                 where = f"; last log line: {_last_error_line(server_log)}" if proc is self.server else ""
@@ -306,6 +353,8 @@ class Services:
                     self.say(f"stopped flow-run process {pid} left by the worker")
         if self.server is not None:
             _terminate(self.server, "Prefect server", self.say)
+        if self.reports is not None:
+            _terminate(self.reports, "report server", self.say)
         for handle in self._logs:
             handle.close()
 
@@ -322,6 +371,7 @@ def start(
     try:
         say(f"starting the Prefect server on {settings.ui_url} ({_database_label(settings)}) ...")
         services.start_server()
+        services.start_reports()
         services.wait_healthy(should_stop)
         if not should_stop():
             services.ensure_pool()
@@ -364,7 +414,7 @@ def serve(settings: ServeSettings, say: Callable[[str], None] = say_flushed) -> 
 
 def _say_ready(services: Services, say: Callable[[str], None]) -> None:
     s = services.settings
-    say(f"Prefect UI: {s.ui_url}  (API {s.api_url})")
+    say(f"Prefect UI: {s.ui_url}  (API {s.api_url}); reports: {s.reports_url}")
     for name in services.deployments:
         schedule = f"  cron {s.nightly_cron!r} in {s.timezone}" if name == "nightly-retrain" else ""
         say(f"  deployment {name}{schedule}")

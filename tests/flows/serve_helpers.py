@@ -88,6 +88,7 @@ class Served:
     proc: subprocess.Popen[bytes]
     port: int
     output: Path
+    reports_port: int = 0
 
     @property
     def api_url(self) -> str:
@@ -126,15 +127,16 @@ class Served:
 
 def start_serve(workspace: Path, out_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Served:
     """``lesionflow serve -w workspace --port <free> *extra``, its output in ``out_dir``; ``env`` adds variables."""
-    port = free_port()
+    port, reports_port = free_port(), free_port()
     output = out_dir / f"serve-{port}.log"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     child_env["PREFECT_WORKER_QUERY_SECONDS"] = "1"  # the worker polls every second: runs start without a 10 s wait
     child_env.update(env or {})
-    cmd = [sys.executable, "-m", "lesionflow.cli", "serve", "-w", str(workspace), "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "lesionflow.cli", "serve", "-w", str(workspace), "--port", str(port)]
+    cmd += ["--reports-port", str(reports_port), *extra]
     with output.open("wb") as sink:
         proc = subprocess.Popen(cmd, cwd=out_dir, env=child_env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
-    return Served(proc, port, output)
+    return Served(proc, port, output, reports_port)
 
 
 def postgres_bin() -> Path | None:

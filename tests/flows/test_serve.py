@@ -18,10 +18,12 @@ from pathlib import Path
 from uuid import UUID
 
 import asyncpg
+import httpx
 import psutil
 import pytest
 import yaml
 from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
@@ -131,6 +133,15 @@ def test_ingest_deployment_runs_with_a_changed_parameter(served: tuple[Served, P
         assert final.state.is_completed(), final.state.message
     manifest = (ws / "data" / "raw" / "manifest.csv").read_text()
     assert [row.split(",")[0] for row in manifest.splitlines()[1:]] == ["case_000", "case_001"]
+    # issue 19 item 5: the gate report link of the run's artifact opens in a browser (http, served by serve)
+    with service.client() as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    links = {a.key: a.data for a in found if a.key}
+    expected = f"http://127.0.0.1:{service.reports_port}/quality/raw/index.html"
+    assert links["validate-raw-report"] == f"[validate-raw report]({expected})", links
+    page = httpx.get(expected, timeout=10)
+    assert page.status_code == 200
+    assert "lesionflow raw quality gate" in page.text
 
 
 def test_invalid_parameters_are_rejected_with_the_validation_message(served: tuple[Served, Path]) -> None:

@@ -33,12 +33,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lesionflow.quality.report import (
+    VALIDATIONS_PAGE,
+    ExpectationInfo,
     FormatRow,
     allowed_text,
     dataset_detail,
     expectation_info,
     fmt_value,
+    measured_text,
     render_html,
+    render_validations_index,
     row_detail,
     summary_dict,
 )
@@ -231,6 +235,33 @@ def _validate(
     return sorted(results, key=lambda r: order.get(_config(r).id, len(order)))
 
 
+def _infos(
+    suite: str, expectations: Sequence[Expectation], results: Sequence[ExpectationValidationResult], table: pd.DataFrame
+) -> list[ExpectationInfo]:
+    """The report rows of one suite, each with what this run measured (passing checks included)."""
+    by_id = {_config(r).id: r for r in results}
+    infos = []
+    for exp in expectations:
+        res = by_id.get(exp.id)
+        column = exp.configuration.kwargs.get("column")
+        plain = column in table.columns and _row_condition(exp.configuration.kwargs) is None
+        values = table[column].tolist() if plain else []
+        infos.append(expectation_info(suite, exp, measured_text(res.result or {}, values) if res else ""))
+    return infos
+
+
+def _write_validations_index(docs_dir: Path, results: Mapping[str, Sequence[ExpectationValidationResult]]) -> None:
+    """``data_docs/validations.html``: GX's validation pages listed without scripts (GX's index needs CDNs)."""
+    pages = []
+    for suite, suite_results in results.items():
+        ok = all(r.success for r in suite_results)
+        pages += [
+            (p.relative_to(docs_dir).as_posix(), suite, ok)
+            for p in sorted(docs_dir.glob(f"validations/{suite}/**/*.html"))
+        ]
+    (docs_dir / VALIDATIONS_PAGE).write_text(render_validations_index(pages))
+
+
 def _policy_expectations(gate: str, policy: GatePolicy) -> list[Expectation]:
     import great_expectations.expectations as gxe
 
@@ -308,6 +339,7 @@ def run_gate(
     if data_docs:
         context.build_data_docs(site_names=[_DOCS_SITE])
         data_docs_index = docs_dir / "index.html"
+        _write_validations_index(docs_dir, {gate: results, f"{gate}_policy": policy_results})
 
     n_cases, n_rejected = len(table), sum(flags)
     result = GateResult(
@@ -322,8 +354,7 @@ def run_gate(
         data_docs_index=data_docs_index,
         summary_json=report_dir / "summary.json",
     )
-    infos = [expectation_info(gate, e) for e in expectations]
-    infos += [expectation_info(f"{gate}_policy", e) for e in policy_exps]
+    infos = _infos(gate, expectations, results, table) + _infos(f"{gate}_policy", policy_exps, policy_results, outcome)
     result.summary_json.write_text(json.dumps(summary_dict(result), indent=2, sort_keys=True) + "\n")
     result.report_html.write_text(render_html(result, infos))
     return result

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 from lesionflow.quality.result import FailedCheck, GateResult
 
+VALIDATIONS_PAGE = "validations.html"  # beside GX's Data Docs index.html: the validation pages, without scripts
 DATASET = "(dataset)"  # the "case" column of dataset-level failures in console and HTML tables
 
 _CSS = """
@@ -96,6 +97,7 @@ class ExpectationInfo:
     allowed: str  # "between 0.1 and 10.0", "one of [True]", ... plus "where <condition>"
     param: str | None
     notes: str | None
+    measured: str = ""  # what this run observed: "0.42", "0.1 .. 3.2; 0 of 8 rows unexpected" (passing ones too)
 
 
 def fmt_value(value: Any) -> str:
@@ -158,7 +160,42 @@ class FormatRow(dict[str, Any]):
         return "?"
 
 
-def expectation_info(suite_name: str, exp: Expectation) -> ExpectationInfo:
+def measured_text(body: Mapping[str, Any], values: Sequence[Any] = ()) -> str:
+    """What one expectation measured, from its GX result body, for every check (passing ones included).
+
+    An aggregate reports GX's ``observed_value``; a column-map check its unexpected count and, given the checked
+    column's numeric ``values``, their range (the number a reader compares with the allowed bounds).
+    """
+    observed = body.get("observed_value")
+    if observed is not None:
+        if hasattr(observed, "item"):
+            observed = observed.item()
+        return fmt_value(round(observed, 6) if isinstance(observed, float) else observed)
+    n, unexpected = body.get("element_count"), body.get("unexpected_count")
+    if n is None:
+        return ""
+    text = f"{unexpected or 0} of {n} rows unexpected"
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+    if numbers:
+        text = f"{fmt_value(round(min(numbers), 6))} .. {fmt_value(round(max(numbers), 6))}; " + text
+    return text
+
+
+def render_validations_index(pages: Sequence[tuple[str, str, bool]]) -> str:
+    """A script-free list of GX validation pages, ``(relative link, suite, success)`` each.
+
+    GX's own Data Docs index builds its table with JavaScript from public CDNs, so offline it lists nothing.
+    """
+    rows = [(f'<a href="{_e(link)}">{_e(suite)}</a>', "passed" if ok else "FAILED") for link, suite, ok in pages]
+    body = "".join(f"<tr><td>{a}</td><td>{_e(status)}</td></tr>" for a, status in rows)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>GX validations</title>'
+        f"<style>{_CSS}</style></head><body><h1>Great Expectations validations</h1>"
+        f"<table><tr><th>suite</th><th>result</th></tr>{body}</table></body></html>\n"
+    )
+
+
+def expectation_info(suite_name: str, exp: Expectation, measured: str = "") -> ExpectationInfo:
     """Flatten a GX expectation into the plain row the HTML report lists."""
     kwargs = exp.configuration.kwargs
     meta = exp.meta or {}
@@ -170,6 +207,7 @@ def expectation_info(suite_name: str, exp: Expectation) -> ExpectationInfo:
         allowed=allowed_text(exp.expectation_type, kwargs, getattr(exp, "row_condition", None)),
         param=meta.get("param"),
         notes=notes,
+        measured=measured,
     )
 
 
@@ -293,15 +331,21 @@ def render_html(result: GateResult, expectations: Sequence[ExpectationInfo]) -> 
     else:
         parts.append('<p class="muted">None: every case passed every per-case check.</p>')
     parts.append("<h2>Expectations</h2>")
-    suite = [(x.suite, x.expectation, x.column or "", x.allowed, x.param or "", x.notes or "") for x in expectations]
-    parts.append(_table(["suite", "expectation", "column", "allowed", "param", "why"], suite, code_cols=(1, 2, 4)))
+    suite = [
+        (x.suite, x.expectation, x.column or "", x.allowed, x.measured, x.param or "", x.notes or "")
+        for x in expectations
+    ]
+    headers = ["suite", "expectation", "column", "allowed", "measured", "param", "why"]
+    parts.append(_table(headers, suite, code_cols=(1, 2, 5)))
     parts.append("<h2>Great Expectations Data Docs</h2>")
     if result.data_docs_index is not None:
         # relative link so the report folder can be moved or published as a whole
         link = os.path.relpath(result.data_docs_index, result.report_html.parent)
+        listing = os.path.relpath(result.data_docs_index.with_name(VALIDATIONS_PAGE), result.report_html.parent)
         parts.append(
-            f'<p><a href="{_e(link)}">{_e(link)}</a> <span class="muted">(GX\'s own pages; they load their '
-            "styles from public CDNs and look plain offline)</span></p>"
+            f'<p><a href="{_e(listing)}">validation pages</a> (listed without scripts) and GX\'s index '
+            f'<a href="{_e(link)}">{_e(link)}</a> <span class="muted">(GX\'s own pages load their styles and '
+            "their index table from public CDNs: offline they look plain and the index lists nothing)</span></p>"
         )
     else:
         parts.append('<p class="muted">Not built for this run.</p>')
