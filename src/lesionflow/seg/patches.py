@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import Dataset
 
 from lesionflow.params import AugmentParams
 from lesionflow.seeding import rng_for
 from lesionflow.seg.augment import Shape3, apply_augmentation, draw_margin, sample_augmentation
-from lesionflow.store.zarr_store import _read_window, open_case_array
+from lesionflow.store.shard_reader import WindowReader
+from lesionflow.store.zarr_store import _read_window, open_case_array, open_case_reader
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous; identity is enough
@@ -165,7 +165,9 @@ class PatchDataset(Dataset[dict[str, Any]]):
     a margin around the patch is read so that rotation / zoom-out never sample beyond the read region.
 
     An item is a dict: "image" float32 (c, x, y, z), "label" int64 (1, x, y, z), "case_id" str, "synthetic" bool,
-    "forced_foreground" bool. Zarr arrays are opened lazily and cached per process (DataLoader workers included).
+    "forced_foreground" bool. Arrays are opened lazily as window readers (the direct shard reader where the layout
+    allows, else zarr-python: :func:`lesionflow.store.zarr_store.open_case_reader`) and kept per process (DataLoader
+    workers included), so a read pays neither the open nor the shard index again.
     """
 
     def __init__(
@@ -204,7 +206,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
         self.foreground_fraction = foreground_fraction
         self.synthetic_ratio = synthetic_ratio
         self.augmentation = augmentation if augmentation is not None and augmentation.enabled else None
-        self._arrays: dict[tuple[Path, str, str], zarr.Array | None] = {}
+        self._arrays: dict[tuple[Path, str, str], WindowReader | None] = {}
         self._arrays_pid = os.getpid()
         # Decoded whole cases (image, label), least recently used first; at most cache_mb per process.
         self.cache_bytes = int(cache_mb * 2**20)
@@ -214,35 +216,36 @@ class PatchDataset(Dataset[dict[str, Any]]):
         return self.length
 
     def __getstate__(self) -> dict[str, Any]:
-        # Opened Zarr arrays stay in the process that opened them; a worker opens its own on first use.
+        # Opened readers (file descriptors) stay in the process that opened them; a worker opens its own on first use.
         state = self.__dict__.copy()
         state["_arrays"] = {}
         state["_decoded"] = OrderedDict()
         return state
 
-    def _array(self, case: CaseIndex, name: str) -> zarr.Array | None:
+    def _array(self, case: CaseIndex, name: str) -> WindowReader | None:
         if self._arrays_pid != os.getpid():  # forked worker: the parent's handles are not ours to reuse
             self._arrays, self._arrays_pid, self._decoded = {}, os.getpid(), OrderedDict()
         key = (case.store, case.case_id, name)
         if key not in self._arrays:
-            self._arrays[key] = open_case_array(case.store, case.case_id, name)
+            self._arrays[key] = open_case_reader(case.store, case.case_id, name)
         return self._arrays[key]
 
     def read_region(self, case: CaseIndex, origin: Shape3, size: Shape3) -> tuple[np.ndarray, np.ndarray]:
-        """Image (c, *size) float32 and label (*size) uint8 from voxel ``origin``, zeros outside the volume (as
-        :func:`lesionflow.store.zarr_store.read_patch`, through the cached arrays); an all-zero label if none."""
+        """Image (c, *size) float32 and label (*size) uint8 from voxel ``origin``, zeros outside the volume
+        (the bytes of :func:`lesionflow.store.zarr_store.read_patch` via the kept readers); all-zero label if none."""
         decoded = self._decoded_case(case)
-        image: Any
-        label: Any
         if decoded is not None:
-            image, label = decoded
+            image_window = _read_window(decoded[0], origin, size)
+            label_window = None if decoded[1] is None else _read_window(decoded[1], origin, size)
         else:
             image = self._array(case, "image")
             assert image is not None
             label = self._array(case, "label")
-        image_window = _read_window(image, origin, size).astype(np.float32, copy=False)
-        label_window = np.zeros(size, dtype=np.uint8) if label is None else _read_window(label, origin, size)
-        return image_window, label_window
+            image_window = image.read(origin, size)
+            label_window = None if label is None else label.read(origin, size)
+        if label_window is None:
+            label_window = np.zeros(size, dtype=np.uint8)
+        return image_window.astype(np.float32, copy=False), label_window
 
     def _decoded_case(self, case: CaseIndex) -> tuple[np.ndarray, np.ndarray | None] | None:
         """The whole decoded case from the per-process LRU cache (read from its shards on first use), or None
@@ -255,11 +258,13 @@ class PatchDataset(Dataset[dict[str, Any]]):
             return self._decoded[key]
         image = self._array(case, "image")
         assert image is not None
-        size = image.nbytes + (image.nbytes // image.shape[0] // image.dtype.itemsize)
+        voxels = int(np.prod(image.shape[1:]))
+        size = voxels * (image.shape[0] * image.dtype.itemsize + 1)  # the image, and the label as uint8
         if size > self.cache_bytes:
             return None
         label = self._array(case, "label")
-        entry = (np.asarray(image[...]), None if label is None else np.asarray(label[...]))
+        whole = ((0, 0, 0), case.shape)
+        entry = (image.read(*whole), None if label is None else label.read(*whole))
         used = sum(a.nbytes + (0 if b is None else b.nbytes) for a, b in self._decoded.values())
         while self._decoded and used + size > self.cache_bytes:
             _, (old_image, old_label) = self._decoded.popitem(last=False)
