@@ -24,6 +24,7 @@ from lesionflow.catalog.artifacts import (
     PROGRESSION_MANIFEST,
     PROGRESSION_STORE,
     RAW_DATASET,
+    SYNTHETIC_MANIFEST,
     Artifact,
     accepted_beside,
     metrics_artifact,
@@ -288,6 +289,67 @@ def synthetic_verdict(store: Path, setting: str) -> SyntheticVerdict:
             "(train.synthetic_store empty and train.synthetic_ratio=0)"
         )
     return SyntheticVerdict(frozenset(verdict["accepted"]), str(verdict.get("gate", GATE_PASSED)))
+
+
+def synthetic_samples_used(store: Path, setting: str) -> list[str]:
+    """The samples of ``store`` training mixes in: its complete cases that the verdict on its content accepted."""
+    from lesionflow.store.zarr_store import list_cases
+
+    ids = list_cases(store)
+    if not ids:
+        return []
+    keep = synthetic_verdict(store, setting).accepted
+    return [c for c in ids if c in keep]
+
+
+#: a lineage field the synthetic manifest does not hold (a store synthesize did not write, or an older one)
+NOT_RECORDED = "not recorded"
+
+
+def _source_lesion(source_case: str, lesion: dict[str, Any]) -> str:
+    """Where one synthetic lesion comes from: a pasted donor ``<case>#<k>``, else ``<source case>@x,y,z``, the
+    ROI origin of the re-textured or removed real lesion (mask_source real / removal) or of the new one."""
+    if lesion.get("donor"):
+        return str(lesion["donor"])
+    origin = ",".join(str(int(v)) for v in lesion.get("origin", ()))
+    return f"{source_case}@{origin} ({lesion.get('mask_source', '?')})"
+
+
+def synthetic_lineage_rows(store: Path, setting: str) -> list[dict[str, str]]:
+    """One row per sample training used (:func:`synthetic_samples_used`), from the synthesize manifest beside the
+    store and the gate's verdict: sample id, source case, kind (relesion / new / remove / paste), derived seed and
+    its parts, the generator (the lesion maker) and DiffMask's mask model with their full digests and the digests
+    of their training data, the source lesions and the verdict. Fields the manifest lacks read "not recorded"."""
+    manifest = read_json(store.parent / SYNTHETIC_MANIFEST.path.rsplit("/", 1)[1]) or {}
+    records = {str(r["sample_id"]): r for r in manifest.get("samples", [])}
+    used = synthetic_samples_used(store, setting)
+    gate = synthetic_verdict(store, setting).gate if used else GATE_PASSED
+    rows = []
+    for sample_id in used:
+        r = records.get(sample_id, {})
+        kind = str(r.get("kind", NOT_RECORDED))
+        gens: list[dict[str, Any] | None] = [*r.get("generators", []), None, None]
+        row = {
+            "case_id": sample_id,
+            "source_case": str(r.get("source_case", NOT_RECORDED)),
+            "kind": "paste" if kind == "new" and r.get("method") == "copy-paste" else kind,
+            "seed": str(r.get("seed_value", NOT_RECORDED)),
+            "seed_parts": "/".join(str(p) for p in r["seed"]) if "seed" in r else NOT_RECORDED,
+        }
+        # the lesion maker is always there; DiffMask's mask model only for its new lesions ("" otherwise)
+        for prefix, g, missing in (("generator", gens[0], NOT_RECORDED), ("mask_generator", gens[1], "")):
+            row[prefix] = str(g["method"]) if g else missing
+            row[f"{prefix}_sha256"] = str(g["sha256"]) if g else missing
+            row[f"{prefix}_data_sha256"] = str(g["training_data_sha256"]) if g else missing
+        row["source_lesions"] = (
+            ";".join(_source_lesion(row["source_case"], lesion) for lesion in r["lesions"])
+            if "lesions" in r
+            else NOT_RECORDED
+        )
+        row["gate_verdict"] = f"accepted (gate {gate})"
+        row["sample_sha256"] = str(r.get("digest", NOT_RECORDED))
+        rows.append(row)
+    return rows
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@ only the tracking URI. What :func:`lesionflow.registry.publish.register_model` w
 * ``params``: nested again from the flattened ``section.key`` params, values decoded to their types;
 * ``datasets``: name, context, full digest, source, n_cases and the per-case rows read back from the run's
   ``datasets/<name>.json`` table (``cases`` is None with the reason in ``cases_note`` when they cannot be read).
+  The ``synthetic`` dataset has one row per sample training used (``case_id`` the sample, ``source_case``,
+  ``kind``, ``seed``, ``generator`` / ``generator_sha256`` / ``generator_data_sha256`` and the same for DiffMask's
+  ``mask_generator``, ``source_lesions``, ``gate_verdict``): :func:`synthetic_generators` reads the generators
+  and the ROI sets they were trained on back from those rows.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ if TYPE_CHECKING:
     from mlflow.entities import DatasetInput
 
 REQUIRED_DATASETS = ("raw", "processed", "plans", "test-split")
+NOT_RECORDED = "not recorded"  # a synthetic row field the synthesize manifest did not hold (catalog.readers)
 DISPLAY_ORDER = ("raw", "processed", "synthetic", "plans", "test-split")  # others follow by name
 SHORT = 12  # hex digits shown for a digest
 _MAX_SHOWN_SOURCES = 3
+_MAX_SHOWN_SAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,15 @@ class DatasetLineage:
     cases: tuple[dict[str, str], ...] | None  # None when the rows could not be read back (see cases_note)
     cases_note: str
     tags: dict[str, str]  # the DatasetRef's own tags (generator_model, ...)
+
+
+@dataclass(frozen=True)
+class GeneratorLineage:
+    """One generator the synthetic samples were made with: full weights digest and its training data (ROI set)."""
+
+    method: str
+    sha256: str
+    training_data_sha256: str  # "not recorded" for a generator saved before train-generator recorded it
 
 
 @dataclass(frozen=True)
@@ -308,11 +323,47 @@ def ordered_datasets(lineage: Lineage) -> list[DatasetLineage]:
 
 
 def cases_text(dataset: DatasetLineage) -> str:
+    unit = "sample" if dataset.name == "synthetic" else "case"
     if dataset.n_cases is None:
-        return "? cases"
+        return f"? {unit}s"
     if dataset.n_cases == 0 and dataset.cases == ():
         return "no per-case rows"
-    return f"{dataset.n_cases} case" + ("" if dataset.n_cases == 1 else "s")
+    return f"{dataset.n_cases} {unit}" + ("" if dataset.n_cases == 1 else "s")
+
+
+def synthetic_generators(lineage: Lineage) -> tuple[GeneratorLineage, ...]:
+    """The distinct generators of the synthetic samples training used, from the per-sample rows (lesion makers
+    first, then mask models); from the ``generator_model`` tag ("method:digest, ...", training data not recorded)
+    when the rows hold none. Empty without synthetic data."""
+    dataset = lineage.dataset("synthetic")
+    if dataset is None:
+        return ()
+    found: dict[tuple[str, str], GeneratorLineage] = {}
+    for prefix in ("generator", "mask_generator"):
+        for row in dataset.cases or ():
+            method, digest = row.get(prefix, ""), row.get(f"{prefix}_sha256", "")
+            if method and method != NOT_RECORDED and (method, digest) not in found:
+                data = row.get(f"{prefix}_data_sha256") or NOT_RECORDED
+                found[(method, digest)] = GeneratorLineage(method, digest, data)
+    if found:
+        return tuple(found.values())
+    named = dataset.tags.get("generator_model") or lineage.tags.get("lesionflow.generator_model") or ""
+    pairs = [part.strip().partition(":") for part in named.split(",") if ":" in part]
+    return tuple(GeneratorLineage(m, d, NOT_RECORDED) for m, _, d in pairs)
+
+
+def generator_training_data(generators: tuple[GeneratorLineage, ...]) -> tuple[str, ...]:
+    """The distinct ROI-set digests the generators were trained on (recorded ones only, in order)."""
+    return tuple(dict.fromkeys(g.training_data_sha256 for g in generators if g.training_data_sha256 != NOT_RECORDED))
+
+
+def _sample_line(row: dict[str, str]) -> str:
+    mask = f" + {row['mask_generator']}" if row.get("mask_generator") else ""
+    return (
+        f"{row.get('case_id', '?')} from {row.get('source_case', '?')}: {row.get('kind', '?')}, "
+        f"seed {row.get('seed', '?')}, {row.get('generator', '?')}{mask}, "
+        f"source {row.get('source_lesions', '?')}, {row.get('gate_verdict', '?')}"
+    )
 
 
 def _case_sources(dataset: DatasetLineage) -> list[str]:
@@ -332,12 +383,26 @@ def _dataset_label(dataset: DatasetLineage, lineage: Lineage) -> str:
     if dataset.name == "plans":
         plans_hash = lineage.tags.get("lesionflow.plans_hash")
         label += f", plans hash {_value(plans_hash if plans_hash in (None, NONE) else short(plans_hash))}"
-    if dataset.name == "synthetic":
-        generator = dataset.tags.get("generator_model") or lineage.tags.get("lesionflow.generator_model")
-        label += f", generator model {_value(generator)}"
     if dataset.cases is None and dataset.cases_note:
         label += f" [yellow]({escape(dataset.cases_note)})[/yellow]"
     return label
+
+
+def _add_synthetic(node: Tree, dataset: DatasetLineage, lineage: Lineage) -> None:
+    """Generators with full digests and the data they were trained on, then one line per sample used."""
+    generators = synthetic_generators(lineage)
+    if not generators:
+        node.add(f"generator model {_value(lineage.tags.get('lesionflow.generator_model'))}")
+    for g in generators:
+        node.add(
+            f"generator {escape(g.method)} sha256 {escape(g.sha256)}, trained on ROIs {escape(g.training_data_sha256)}"
+        )
+    rows = dataset.cases or ()
+    samples = node.add(f"[bold]samples used[/bold]: {len(rows)}")
+    for row in rows[:_MAX_SHOWN_SAMPLES]:
+        samples.add(escape(_sample_line(row)))
+    if len(rows) > _MAX_SHOWN_SAMPLES:
+        samples.add(f"[dim]... and {len(rows) - _MAX_SHOWN_SAMPLES} more (lesionflow lineage --json lists all)[/dim]")
 
 
 def lineage_tree(lineage: Lineage) -> Tree:
@@ -358,6 +423,9 @@ def lineage_tree(lineage: Lineage) -> Tree:
     names = {d.name for d in lineage.datasets}
     for dataset in ordered_datasets(lineage):
         node = data.add(_dataset_label(dataset, lineage))
+        if dataset.name == "synthetic":
+            _add_synthetic(node, dataset, lineage)
+            continue
         sources = _case_sources(dataset)
         for uri in sources[:_MAX_SHOWN_SOURCES]:
             node.add(f"[dim]{escape(uri)}[/dim]")

@@ -246,6 +246,7 @@ STAGES: dict[str, StageSpec] = {
                 a.STORE,
                 a.ACCEPTED,
                 a.SYNTHETIC_ACCEPTED,
+                a.SYNTHETIC_MANIFEST,  # per-sample lineage rows (seeds, generators) of the synthetic samples used
                 a.TRAINING_SYNTHETIC,
             ),
             writes=(a.REGISTRY, a.REGISTER_SUMMARY, a.REGISTER_METRICS),

@@ -33,7 +33,13 @@ from lesionflow.catalog.artifacts import (
     summary_artifact,
 )
 from lesionflow.catalog.digests import raw_digest
-from lesionflow.catalog.readers import load_plan, read_metadata, splits, write_stage_summary
+from lesionflow.catalog.readers import (
+    load_plan,
+    read_metadata,
+    splits,
+    synthetic_lineage_rows,
+    write_stage_summary,
+)
 from lesionflow.errors import SourceError
 from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.manifest import read_manifest
@@ -71,7 +77,7 @@ def lineage_datasets(ws: Workspace, params: Params, metrics: dict[str, Any]) -> 
     """The data versions behind the model, as registry dataset inputs (digests from bytes, URIs redacted)."""
     from lesionflow.io.remote import redact_uri
     from lesionflow.registry.publish import DatasetRef
-    from lesionflow.store.zarr_store import store_digest
+    from lesionflow.store.zarr_store import list_cases, store_digest
 
     records = read_manifest(RAW_MANIFEST.at(ws))
     dataset = json.loads(RAW_DATASET.at(ws).read_text()) if RAW_DATASET.at(ws).exists() else {}
@@ -124,14 +130,21 @@ def lineage_datasets(ws: Workspace, params: Params, metrics: dict[str, Any]) -> 
     if params.train.synthetic_store:
         root = ws.path(params.train.synthetic_store)
         generator = _generator_model(root)
+        # rows = the samples training used (the same rule as train): MLflow's dataset profile counts them
+        samples = synthetic_lineage_rows(root, params.train.synthetic_store)
         refs.append(
             DatasetRef(
                 "synthetic",
                 store_digest(root),
                 str(root),
                 "training",
-                [],
-                {"generator_model": generator, "ratio": str(params.train.synthetic_ratio)},
+                samples,
+                {
+                    "generator_model": generator,
+                    "ratio": str(params.train.synthetic_ratio),
+                    "n_cases": str(len(samples)),
+                    "n_in_store": str(len(list_cases(root))),
+                },
             )
         )
     return refs

@@ -40,7 +40,7 @@ from lesionflow.catalog.readers import (
     read_metadata,
     splits,
     stage_summary,
-    synthetic_verdict,
+    synthetic_samples_used,
     write_stage_summary,
 )
 from lesionflow.devices import cpu_threads, resolve_device
@@ -286,7 +286,6 @@ def _make_validator(
 
 def _synthetic_cases(ws: Workspace, params: Params) -> list[Any]:
     from lesionflow.seg.patches import index_cases
-    from lesionflow.store.zarr_store import list_cases
 
     if not params.train.synthetic_store:
         if params.train.synthetic_ratio > 0:
@@ -297,10 +296,8 @@ def _synthetic_cases(ws: Workspace, params: Params) -> list[Any]:
         return []
 
     root = ws.path(params.train.synthetic_store)
-    ids = list_cases(root)
-    if ids:  # only a verdict on the store's current content admits samples; rejected ones never reach the segmenter
-        keep = synthetic_verdict(root, params.train.synthetic_store).accepted
-        ids = [c for c in ids if c in keep]
+    # only a verdict on the store's current content admits samples; rejected ones never reach the segmenter
+    ids = synthetic_samples_used(root, params.train.synthetic_store)
     if not ids:
         raise SourceError(
             f"train.synthetic_store = {params.train.synthetic_store!r} holds no complete (accepted) cases; run "

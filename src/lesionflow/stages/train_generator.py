@@ -55,12 +55,13 @@ def _train_one(
     net = getattr(params.synth, method)
     seed = derive_seed(params.project.seed, "generator", method)
     fingerprint = net_fingerprint(params, method)
+    training_data = digest(ROIS_STORE, ws, params)
     key = sha256_json(
         {
             "fp": fingerprint,
             "net": net.model_dump(mode="json"),
             "seed": seed,
-            "rois": {"rois": digest(ROIS_STORE, ws, params), "plans": digest(PLANS, ws, params)},
+            "rois": {"rois": training_data, "plans": digest(PLANS, ws, params)},
             "code": CODE_VERSION,
             "ema": "warmup",  # checkpoints written before the EMA warm-up hold an initialisation-heavy EMA
         }
@@ -71,7 +72,13 @@ def _train_one(
         print(f"train-generator ({method}): {line}", file=sys.stderr)
 
     findings: list[Finding] = []
-    extra: dict[str, Any] = {"fingerprint": fingerprint, "seed": seed, "run_key": key}
+    # training_data_sha256: the ROI set it learnt from, copied by synthesize into each sample's lineage
+    extra: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "seed": seed,
+        "run_key": key,
+        "training_data_sha256": training_data,
+    }
     if method == "lefusion":
         from lesionflow.synth.lefusion import classes_without_lesions, train_lefusion
 

@@ -10,6 +10,11 @@ single-threaded on CPU, so a Dask worker, a retry or a second run writes the sam
 is not recomputed; samples no longer asked for are removed. The synthetic case keeps the source's attributes
 (affine, spacing, crop) and adds ``synthetic`` (source case, kind, method) and a ``generated`` label marking the
 voxels that were generated.
+
+The manifest is the synthetic data's lineage record (written here, in one place): per sample the seed parts and
+the integer seed they derive, and every generator the sample used with its full weights digest and the digest of
+the data it was trained on (``generators``: the texture or lesion maker first, then DiffMask's mask model; for
+copy-paste the ROI set the lesions were copied from). None of it is part of a sample's bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from lesionflow.catalog.readers import (
     generator_digest,
     generator_dir,
     load_plan,
+    read_generator_extra,
     read_progression_manifest,
     splits,
     stored_trajectory_key,
@@ -75,6 +81,43 @@ def _donors_digest(ws: Workspace, params: Params) -> str | None:
     from lesionflow.catalog.digests import digest
 
     return digest(ROIS_STORE, ws, params) if params.synth.method == "copy-paste" else None
+
+
+def _sample_generators(params: Params, kind: str) -> list[str]:
+    """The generators one sample of ``kind`` is made with, the lesion (texture) maker first (as in
+    :func:`synthesize_sample`): removal inpaints with the DDPM; copy-paste pastes ROIs (named "copy-paste")"""
+    sp = params.synth
+    if kind == "remove":
+        return ["ddpm"]
+    if sp.method == "copy-paste":
+        return ["copy-paste"]
+    mask = ["diffmask"] if kind == "new" and "diffmask" in _texture_methods(params) else []
+    return [sp.method, *mask]
+
+
+def _generator_lineage(ws: Workspace, params: Params) -> dict[str, dict[str, str]]:
+    """method -> full weights digest and the digest of the ROI set it was trained on (recorded by train-generator
+    in its config; "not recorded" for a generator saved before it did). copy-paste: the ROI set, both."""
+    lineage = {
+        m: {
+            "sha256": generator_digest(ws, m),
+            "training_data_sha256": str(read_generator_extra(ws, m).get("training_data_sha256", "not recorded")),
+        }
+        for m in _texture_methods(params)
+    }
+    donors = _donors_digest(ws, params)
+    if donors is not None:
+        lineage["copy-paste"] = {"sha256": donors, "training_data_sha256": donors}
+    return lineage
+
+
+def _with_lineage(record: dict[str, Any], params: Params, lineage: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """A manifest record with its lineage fields, recomputed at every write from the record's own seed parts and
+    today's generators: a sample kept from an earlier run has the same key, so the same generator digests."""
+    from lesionflow.seeding import derive_seed
+
+    generators = [{"method": m, **lineage[m]} for m in _sample_generators(params, str(record["kind"]))]
+    return {**record, "seed_value": derive_seed(*record["seed"]), "generators": generators}
 
 
 def sample_id(case_id: str, kind: str, index: int) -> str:
@@ -333,17 +376,24 @@ def run(ws: Workspace, params: Params) -> StageResult:
     # Always written (dvc.yaml declares them), empty when no trajectory is asked for.
     ensure_root(PROGRESSION_STORE.at(ws))
     write_progression_manifest(ws, trajectory_records)
-    kept = [records[t["sample_id"]] for t in tasks if t["sample_id"] in records and (root / t["sample_id"]).exists()]
+    lineage = _generator_lineage(ws, params)
+    kept = [
+        _with_lineage(records[t["sample_id"]], params, lineage)
+        for t in tasks
+        if t["sample_id"] in records and (root / t["sample_id"]).exists()
+    ]
     texture = _texture_methods(params)
-    models = [f"{m}:{generator_digest(ws, m)[:12]}" for m in _methods(params)]
+    # full digests: the generator names that reach MLflow and `lesionflow lineage` are the generators' identities
+    models = [f"{m}:{generator_digest(ws, m)}" for m in _methods(params)]
     donors = _donors_digest(ws, params)
     if donors is not None:  # copy-paste: the synthetic data is named by the ROI set its lesions come from
-        models.insert(0, f"copy-paste:{donors[:12]}")
+        models.insert(0, f"copy-paste:{donors}")
     generator_model = ", ".join(models)
     zarr.open_group(str(root), mode="r+", zarr_format=3).attrs.update({"generator_model": generator_model})
     manifest = {
         "generator_model": generator_model,
         "generators": {m: generator_digest(ws, m) for m in texture},
+        "generator_training_data": {m: lineage[m]["training_data_sha256"] for m in texture},
         **({} if donors is None else {"donors": donors}),
         "samples": kept,
     }
