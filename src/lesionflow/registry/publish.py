@@ -62,6 +62,7 @@ CANDIDATE = "candidate"
 CHAMPION = "champion"
 MODEL_ARTIFACT = "model"  # name of the logged model inside the run
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/lesionflow
 ARTIFACT_KEYS = {"weights": MODEL_FILES[0], "config": MODEL_FILES[1], "metadata": MODEL_FILES[2]}
 REPORTS_DIR = "reports"
 DATASETS_DIR = "datasets"
@@ -313,6 +314,10 @@ def _log_model(req: RegistrationRequest) -> Any:
             artifacts={key: str(model_dir / filename) for key, filename in ARTIFACT_KEYS.items()},
             pip_requirements=list(req.pip_requirements),
             signature=_signature(model_dir),
+            # The model carries the package it imports at load time (lesionflow is not on PyPI): MLflow copies it
+            # under the model's code/ and puts it on sys.path when loading, so a clean environment with the
+            # logged requirements loads it (tests/registry/test_portable_model.py).
+            code_paths=[str(PACKAGE_DIR)],
         )
 
 
