@@ -136,3 +136,46 @@ def test_tree_and_graph_show_the_chain_with_full_digests(registered: Registered,
     assert f"samples used: {len(registered.used)}" in text
     assert all(f"sha256 {g.sha256}, trained on ROIs {g.training_data_sha256}" in text for g in generators)
     assert "accepted (gate passed)" in text
+
+
+def _tiny_store(store: Path, ids: list[str]) -> None:
+    import numpy as np
+
+    from lesionflow.store.zarr_store import CaseArrays, write_case
+
+    for case_id in ids:
+        image = np.zeros((1, 4, 4, 4), np.float32)
+        arrays = CaseArrays(image, np.zeros((4, 4, 4), np.uint8))
+        write_case(store, case_id, arrays, {"spacing": [1.0] * 3}, chunk_shape=(4, 4, 4))
+
+
+def test_rows_name_pasted_donors_say_what_is_not_recorded_and_skip_rejected_samples(tmp_path: Path) -> None:
+    """Fast, on a hand-made store: copy-paste samples are kind "paste" with their donor lesion as the source; a
+    sample the manifest does not describe says "not recorded"; a rejected sample is no row."""
+    from lesionflow.catalog.readers import synthetic_lineage_rows
+
+    store = tmp_path / "synthetic" / "store.zarr"
+    _tiny_store(store, ["a__new0", "b__new0", "c__new0"])
+    rois = "ab" * 32
+    paste = {
+        "sample_id": "a__new0", "source_case": "a", "kind": "new", "index": 0, "method": "copy-paste",
+        "seed": [7, "synth", "a", "new", 0], "seed_value": derive_seed(7, "synth", "a", "new", 0), "digest": "d" * 64,
+        "lesions": [{"origin": [1, 2, 3], "mask_source": "paste", "donor": "case_9#2"}],
+        "generators": [{"method": "copy-paste", "sha256": rois, "training_data_sha256": rois}],
+    }  # fmt: skip
+    (store.parent / "manifest.json").write_text(json.dumps({"samples": [paste]}))
+    write_synthetic_verdict(store, judged_store_digest(store), ["a__new0", "b__new0"], ["c__new0"], gate="passed")
+    rows = synthetic_lineage_rows(store, "synthetic/store.zarr")
+    assert [r["case_id"] for r in rows] == ["a__new0", "b__new0"]
+    pasted, unknown = rows
+    assert pasted["kind"] == "paste"
+    assert pasted["source_lesions"] == "case_9#2"
+    assert pasted["seed"] == str(derive_seed(7, "synth", "a", "new", 0))
+    assert (pasted["generator"], pasted["generator_sha256"], pasted["generator_data_sha256"]) == (
+        "copy-paste",
+        rois,
+        rois,
+    )
+    assert pasted["mask_generator"] == ""
+    assert unknown["seed"] == unknown["generator_sha256"] == unknown["source_lesions"] == "not recorded"
+    assert unknown["gate_verdict"] == "accepted (gate passed)"
