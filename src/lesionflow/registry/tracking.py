@@ -182,6 +182,11 @@ def mlflow_session(tracking_uri: str) -> Iterator[MlflowClient]:
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
+    from lesionflow.registry.relocation import relocate_embedded_store
+
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        relocate_embedded_store(db)  # a copied workspace: its store must name the copy, not the original
     keys = (*_SESSION_ENV, "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     saved_env = {key: os.environ.get(key) for key in keys}
     saved_tracking = tracking_utils._tracking_uri
