@@ -14,7 +14,14 @@ from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ShardingCodec, Transp
 
 from lesionflow.seg.patches import PatchDataset, index_cases
 from lesionflow.store.shard_reader import ShardReader, open_shard_reader, parse_layout
-from lesionflow.store.zarr_store import CaseArrays, ZarrWindowReader, open_case_reader, read_patch, write_case
+from lesionflow.store.zarr_store import (
+    COMPRESSION,
+    CaseArrays,
+    ZarrWindowReader,
+    open_case_reader,
+    read_patch,
+    write_case,
+)
 
 SHAPE = (37, 29, 21)  # no axis a multiple of the chunk: partial edge chunks everywhere
 
@@ -47,24 +54,32 @@ def _assert_same_windows(path: Path, n: int = 80, seed: int = 0) -> ShardReader:
     return reader
 
 
-def _case(tmp_path: Path) -> Path:
+def _case(tmp_path: Path, compression: str = "zstd") -> Path:
     rng = np.random.default_rng(3)
     image = rng.normal(size=(2, *SHAPE)).astype(np.float32)
     label = np.zeros(SHAPE, dtype=np.uint8)
     label[20:30, 3:12, 10:19] = rng.integers(0, 3, size=(10, 9, 9))  # most label chunks are all zero: not stored
     root = tmp_path / "store"
-    write_case(root, "c1", CaseArrays(image, label), {"spacing": [1, 1, 1]}, chunk_shape=(8, 8, 8))
+    attrs = {"spacing": [1, 1, 1]}
+    write_case(root, "c1", CaseArrays(image, label), attrs, chunk_shape=(8, 8, 8), compression=compression)
     return root
 
 
-def test_store_case_reads_match_zarr_python(tmp_path: Path) -> None:
-    root = _case(tmp_path)
+@pytest.mark.parametrize("compression", sorted(COMPRESSION))
+def test_store_case_reads_match_zarr_python(tmp_path: Path, compression: str) -> None:
+    root = _case(tmp_path, compression)
     for name in ("image", "label"):
         reader = open_case_reader(root, "c1", name)
-        assert isinstance(reader, ShardReader)  # the store's own layout takes the fast path
+        assert isinstance(reader, ShardReader)  # the store's own layouts take the fast path
+        assert len(reader.layout.codecs) == (compression != "none")
         _assert_same_windows(reader.path)
         reader.close()
     assert open_case_reader(root, "c1", "organ") is None
+
+
+def test_unknown_compression_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="compression must be one of"):
+        _case(tmp_path, "lz5")
 
 
 def _array(path: Path, data: np.ndarray, **kwargs: Any) -> Path:

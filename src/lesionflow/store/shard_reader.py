@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -160,6 +161,8 @@ class ShardReader:
         # ints: numpy scalar indexing per chunk would cost more than reading the chunk.
         self._shards: dict[tuple[int, ...], tuple[int, ShardIndex] | None] = {}
         self._buffer = np.empty(int(np.prod(layout.chunk_shape)) * layout.dtype.itemsize, dtype=np.uint8)
+        # Uncompressed inner chunks are mapped, not read: a window copies only its own voxels out of the page cache.
+        self._maps: dict[tuple[int, ...], mmap.mmap] = {}
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -170,6 +173,9 @@ class ShardReader:
         return self.layout.dtype
 
     def close(self) -> None:
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps = {}
         for entry in self._shards.values():
             if entry is not None:
                 os.close(entry[0])
@@ -192,6 +198,8 @@ class ShardReader:
         except BaseException:
             os.close(fd)
             raise
+        if not self.layout.codecs:
+            self._maps[coords] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         self._shards[coords] = (fd, index)
         return self._shards[coords]
 
@@ -210,12 +218,15 @@ class ShardReader:
         coords = itertools.product(*(range(n) for n in cps))  # the index lists the inner chunks in C order
         return {c: (o, n) for c, (o, n) in zip(coords, entries, strict=True) if (o, n) != (_EMPTY, _EMPTY)}
 
+    def _shard_of(self, coords: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(c // n for c, n in zip(coords, self.layout.chunks_per_shard, strict=True))
+
     def _chunk(self, coords: tuple[int, ...]) -> np.ndarray | None:
         """Inner chunk ``coords`` (chunk-grid coordinates) decoded into the reader's buffer (valid until the next
         call), or None when it is not stored (all fill value)."""
         layout = self.layout
         cps = layout.chunks_per_shard
-        shard = self._shard(tuple(c // n for c, n in zip(coords, cps, strict=True)))
+        shard = self._shard(self._shard_of(coords))
         if shard is None:
             return None
         fd, index = shard
@@ -223,6 +234,13 @@ class ShardReader:
         if entry is None:
             return None
         offset, nbytes = entry
+        if not layout.codecs:  # a view into the mapped shard: no read, no decode, no copy of untouched voxels
+            if nbytes != self._buffer.size:
+                raise OSError(f"{self.path}: inner chunk {coords} has {nbytes} bytes, not {self._buffer.size}")
+            mapped = self._maps[self._shard_of(coords)]
+            return np.frombuffer(
+                mapped, dtype=layout.dtype.newbyteorder("<"), count=nbytes // layout.dtype.itemsize, offset=offset
+            ).reshape(layout.chunk_shape)
         data: Any = os.pread(fd, nbytes, offset)
         if len(data) != nbytes:
             raise OSError(f"{self.path}: inner chunk {coords} is cut short ({len(data)} of {nbytes} bytes)")

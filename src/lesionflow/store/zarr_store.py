@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from lesionflow.case_id import check_case_id
 from lesionflow.hashing import combine_digests, sha256_file, sha256_tree
@@ -37,6 +37,14 @@ from lesionflow.store.shard_reader import WindowReader, open_shard_reader
 # Blosc-zstd with byte shuffle in our measurement (128^3 case, 64^3 chunks). Output is deterministic for a given
 # zstd/numcodecs version; a codec upgrade may change the bytes (and so the digests) of unchanged data.
 COMPRESSOR = ZstdCodec(level=3)
+# write_case(compression=...): the inner-chunk codec, each a standard Zarr v3 one. "zstd" is the smallest; the direct
+# shard reader decodes "blosc-lz4" about 2x and reads "none" (mapped, no decode) about 8x faster per training patch,
+# for 2.6x and 9x the disk of "zstd" on the 256^3 chest demo (docs/benchmarks.md, "Random patch reads").
+COMPRESSION: dict[str, ZstdCodec | BloscCodec | None] = {
+    "zstd": COMPRESSOR,
+    "blosc-lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "none": None,
+}
 IMAGE_AXES = ("c", "x", "y", "z")
 SPATIAL_AXES = ("x", "y", "z")
 LABEL_NAMES = ("label", "organ", "generated")
@@ -126,8 +134,16 @@ def open_store(root: Path) -> zarr.Group:
     return zarr.open_group(str(root), mode="r+", zarr_format=3)
 
 
-def write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...], dims: Sequence[str]) -> None:
-    """Create ``name`` in ``group`` as one shard holding ``chunks``-sized inner chunks, and write it in one call."""
+def write_array(
+    group: zarr.Group,
+    name: str,
+    data: np.ndarray,
+    chunks: tuple[int, ...],
+    dims: Sequence[str],
+    compression: str = "zstd",
+) -> None:
+    """Create ``name`` in ``group`` as one shard holding ``chunks``-sized inner chunks (codec
+    ``COMPRESSION[compression]``), and write it in one call."""
     shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunks, strict=True))
     arr = group.create_array(
         name,
@@ -135,7 +151,7 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[in
         dtype=data.dtype,
         chunks=chunks,
         shards=shards,
-        compressors=COMPRESSOR,
+        compressors=COMPRESSION[compression],
         fill_value=0,
         dimension_names=list(dims),
     )
@@ -195,14 +211,19 @@ def _label_colors(label: np.ndarray) -> list[dict[str, Any]]:
 
 
 def _write_group(
-    tmp: Path, case_id: str, data: Mapping[str, np.ndarray], attrs: Mapping[str, Any], chunk: Sequence[int]
+    tmp: Path,
+    case_id: str,
+    data: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any],
+    chunk: Sequence[int],
+    compression: str = "zstd",
 ) -> None:
     """Write the complete case group (metadata + all arrays) into the fresh folder ``tmp``."""
     spatial = data["image"].shape[1:]
     p = tuple(min(int(c), s) for c, s in zip(chunk, spatial, strict=True))
     ome = {"version": NGFF_VERSION, "multiscales": _multiscales(case_id, "image", IMAGE_AXES, attrs)}
     group = zarr.create_group(store=str(tmp), zarr_format=3, attributes={**jsonable(attrs), "ome": jsonable(ome)})
-    write_array(group, "image", data["image"], (1, *p), IMAGE_AXES)
+    write_array(group, "image", data["image"], (1, *p), IMAGE_AXES, compression)
     names = [n for n in LABEL_NAMES if n in data]
     if names:
         labels = group.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": names}})
@@ -213,7 +234,7 @@ def _write_group(
                 "multiscales": _multiscales(name, "0", SPATIAL_AXES, attrs),
             }
             sub = labels.create_group(name, attributes={"ome": jsonable(label_ome)})
-            write_array(sub, "0", data[name], p, SPATIAL_AXES)
+            write_array(sub, "0", data[name], p, SPATIAL_AXES, compression)
 
 
 def write_case(
@@ -224,11 +245,13 @@ def write_case(
     *,
     chunk_shape: tuple[int, int, int],
     image_dtype: str = "float32",
+    compression: str = "zstd",
 ) -> str:
     """Write (or replace) case ``case_id`` atomically and return :func:`case_digest`.
 
     ``attrs`` must be JSON-like (numpy scalars/arrays are converted) and contain ``spacing`` (x, y, z, mm);
-    ``affine`` (4x4, RAS) is optional and gives the NGFF translation. The case is built in
+    ``affine`` (4x4, RAS) is optional and gives the NGFF translation. ``compression`` is a key of
+    :data:`COMPRESSION` (the inner-chunk codec). The case is built in
     ``<root>/.tmp-<case_id>-<hex>`` and renamed into place; an existing case is first renamed to
     ``.old-<case_id>-<hex>`` and deleted only after the new one is in place. After a crash at any point
     :func:`clean_temp` leaves either the old or the new complete case. On an exception the temp folder is removed.
@@ -236,12 +259,14 @@ def write_case(
     root = Path(root)
     check_case_id(case_id)  # the rule ingest applies (lesionflow.case_id); InvalidCaseId is a ValueError
     data = _prepare(arrays, image_dtype)
+    if compression not in COMPRESSION:
+        raise ValueError(f"compression must be one of {sorted(COMPRESSION)}, got {compression!r}")
     if "ome" in attrs:
         raise ValueError("'ome' is reserved for the NGFF metadata written by this module")
     if len(attrs.get("spacing", ())) != 3:
         raise ValueError("attrs must contain 'spacing' (3 values, mm): it becomes the NGFF scale")
     ensure_root(root)
-    publish_group(root, case_id, lambda tmp: _write_group(tmp, case_id, data, attrs, chunk_shape))
+    publish_group(root, case_id, lambda tmp: _write_group(tmp, case_id, data, attrs, chunk_shape, compression))
     return case_digest(root, case_id)
 
 
