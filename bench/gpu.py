@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -123,45 +124,64 @@ class UtilSampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def _gpu_id(self) -> str:
-        # nvidia-smi and NVML see every GPU; torch sees CUDA_VISIBLE_DEVICES. The UUID names the same card in both.
-        props = torch.cuda.get_device_properties(self.device)
-        uuid = getattr(props, "uuid", None)
-        return f"GPU-{uuid}" if uuid is not None else str(self.device.index or 0)
+    def _gpu_ids(self) -> list[str]:
+        """Names of this GPU for NVML / nvidia-smi, best first: its UUID, then its physical index.
+
+        NVML and nvidia-smi see every GPU; torch sees those of CUDA_VISIBLE_DEVICES, renumbered from 0.
+        """
+        ids = []
+        uuid = getattr(torch.cuda.get_device_properties(self.device), "uuid", None)
+        if uuid is not None:
+            text = str(uuid)
+            ids.append(text if text.startswith("GPU-") else f"GPU-{text}")
+        index = self.device.index or 0
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        ids.append(visible[index] if index < len(visible) else str(index))
+        return ids
 
     def _reader(self) -> tuple[Callable[[], float], tuple[type[Exception], ...]] | None:
         """(read utilisation in %, the errors a failed poll raises), or None with ``source`` saying why."""
-        gpu = self._gpu_id()
-        try:
+        ids = self._gpu_ids()
+        why = "pynvml not installed"
+        with suppress(ImportError):
             nvml: Any = importlib.import_module("pynvml")  # the nvidia-ml-py package; optional
-        except ImportError:
-            why = "pynvml not installed"
-        else:
             try:
                 nvml.nvmlInit()
-                by_uuid = gpu.startswith("GPU-")
-                handle = nvml.nvmlDeviceGetHandleByUUID(gpu) if by_uuid else nvml.nvmlDeviceGetHandleByIndex(int(gpu))
-                self.source = "nvml"
-                return (lambda: float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)), (nvml.NVMLError,)
             except nvml.NVMLError as err:  # e.g. no driver library: fall back to the CLI
                 why = f"pynvml: {err}"
+            else:
+                for gpu in ids:
+                    with suppress(nvml.NVMLError, ValueError):
+                        by_uuid = gpu.startswith("GPU-")
+                        handle = (
+                            nvml.nvmlDeviceGetHandleByUUID(gpu)
+                            if by_uuid
+                            else nvml.nvmlDeviceGetHandleByIndex(int(gpu))
+                        )
+                        self.source = f"nvml ({gpu})"
+                        return (lambda h=handle: float(nvml.nvmlDeviceGetUtilizationRates(h).gpu)), (nvml.NVMLError,)
+                why = f"pynvml: no handle for {ids}"
         smi = shutil.which("nvidia-smi")
         if smi is None:
             self.source = f"none ({why}; no nvidia-smi on PATH)"
             return None
-        cmd = [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", gpu]
+        failed = ""
+        for gpu in ids:
+            cmd = [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", gpu]
 
-        def query() -> float:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True)
-            return float(out.stdout.strip().splitlines()[0])
+            def query(cmd: list[str] = cmd) -> float:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True)
+                return float(out.stdout.strip().splitlines()[0])
 
-        try:
-            query()
-        except SMI_ERRORS as err:
-            self.source = f"none ({why}; nvidia-smi failed: {type(err).__name__})"
-            return None
-        self.source = "nvidia-smi"
-        return query, SMI_ERRORS
+            try:
+                query()
+            except SMI_ERRORS as err:
+                failed = f"{failed}{gpu}: {type(err).__name__}; "
+                continue
+            self.source = f"nvidia-smi ({gpu})"
+            return query, SMI_ERRORS
+        self.source = f"none ({why}; nvidia-smi failed for {failed.rstrip('; ')})"
+        return None
 
     def start(self) -> None:
         if self.device.type != "cuda":
