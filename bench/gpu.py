@@ -45,6 +45,7 @@ from typing import Any
 import _common as c
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from lesionflow.errors import LesionflowError
 from lesionflow.params import Params, load_params, preset_overrides
@@ -246,7 +247,10 @@ def bench_sampling(params: Params, args: argparse.Namespace, device: torch.devic
 
     update: dict[str, Any] = {} if args.sample_steps is None else {"sample_steps": args.sample_steps}
     lefusion = params.synth.lefusion
-    lp = type(lefusion).model_validate({**lefusion.model_dump(mode="json"), **update})  # re-checks sample_steps
+    try:  # re-checks sample_steps against T (only ceil(T / s) steps are reachable)
+        lp = type(lefusion).model_validate({**lefusion.model_dump(mode="json"), **update})
+    except ValidationError as err:
+        raise LesionflowError(f"--sample-steps {args.sample_steps}: {err.errors()[0]['msg']}") from None
     settings = sampling_settings(lp, VALUE_RANGE)
     size = tuple(params.synth.roi_size)
     classes = (1,)  # one lesion class (LIDC nodules)
