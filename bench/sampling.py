@@ -47,6 +47,7 @@ def main() -> None:
     settings = LeFusionParams(
         timesteps=timesteps, jump_length=jump, jump_n_sample=resample,
         base_channels=base, channel_mults=mults, attention_levels=attention,
+        value_range=(-3.0, 3.0),  # the x0 clamp a trained generator records; fixed here (random weights, timing only)
     )  # fmt: skip
     classes = tuple(range(1, args.classes + 1))
     device = torch.device(args.device)
