@@ -23,3 +23,19 @@ def workspace(tmp_path: Path) -> Path:
     ws.mkdir()
     shutil.copy(REPO / "params.yaml", ws / "params.yaml")
     return ws
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preprocessed synthesis workspace, built once per session (users copy it, never change it)."""
+    from tests.stages.test_synthesis import build_prepared
+
+    return build_prepared(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def synthesized(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``prepared`` after the synthesis stages, built once per session (users copy it, never change it)."""
+    from tests.stages.test_synthesis import build_synthesized
+
+    return build_synthesized(prepared, tmp_path_factory)

@@ -21,7 +21,7 @@ from lesionflow.params import Params, load_params, preset_overrides
 from lesionflow.stages import STAGES
 from lesionflow.study.runner import ARM_SYNTH
 from lesionflow.workspace import Workspace
-from tests.stages.test_synthesis import SYNTH, prepared  # noqa: F401  (the tiny demo workspace fixture)
+from tests.stages.test_synthesis import SYNTH
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
@@ -123,7 +123,7 @@ def _repository_wiring() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_runs_end_to_end_shrunken(preset: str, prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_preset_runs_end_to_end_shrunken(preset: str, prepared: Path, tmp_path: Path) -> None:
     root = tmp_path / "ws"
     shutil.copytree(prepared, root)
     ws = Workspace.at(root)

@@ -28,7 +28,6 @@ from lesionflow.seeding import derive_seed
 from lesionflow.stages import STAGES
 from lesionflow.store.zarr_store import list_cases
 from lesionflow.workspace import Workspace
-from tests.stages.test_synthesis import prepared, synthesized  # noqa: F401  (the module fixtures, reused)
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 MIX = ["train.synthetic_store=data/synthetic/store.zarr", "train.synthetic_ratio=0.5"]
@@ -44,7 +43,7 @@ class Registered:
 
 
 @pytest.fixture(scope="module")
-def registered(synthesized: Path, tmp_path_factory: pytest.TempPathFactory) -> Registered:  # noqa: F811
+def registered(synthesized: Path, tmp_path_factory: pytest.TempPathFactory) -> Registered:
     root = tmp_path_factory.mktemp("synthetic-lineage") / "ws"
     shutil.copytree(synthesized, root)
     ws = Workspace.at(root)

@@ -30,7 +30,7 @@ from lesionflow.store.zarr_store import read_case, read_case_attrs, write_case
 from lesionflow.synth.rois import crop
 from lesionflow.synth.trajectory_store import crop_affine, list_trajectories, read_trajectory
 from lesionflow.workspace import Workspace
-from tests.stages.test_synthesis import SYNTH, _set, prepared  # noqa: F401 - fixture
+from tests.stages.test_synthesis import SYNTH, _set
 
 PIE = {
     "synth__generators": ["pie"],
@@ -45,7 +45,7 @@ PIE = {
 
 
 @pytest.fixture(scope="module")
-def progressed(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def progressed(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("progressed") / "ws"
     shutil.copytree(prepared, root)
     _set(root / "params.yaml", **PIE)

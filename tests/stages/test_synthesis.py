@@ -82,9 +82,10 @@ def _set(params_file: Path, **values: object) -> None:
     params_file.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Preprocessed workspace: 4 training cases (one without an organ mask, one with a border lesion), 1 test."""
+def build_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Preprocessed workspace: 4 training cases (one without an organ mask, one with a border lesion), 1 test.
+
+    Built once per test session (the ``prepared`` fixture in tests/conftest.py); every user copies it."""
     root = tmp_path_factory.mktemp("synth") / "ws"
     root.mkdir()
     shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", root / "params.yaml")
@@ -103,8 +104,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def synthesized(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_synthesized(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``prepared`` after the synthesis stages (the session's ``synthesized`` fixture); every user copies it."""
     root = tmp_path_factory.mktemp("synthesized") / "ws"
     shutil.copytree(prepared, root)
     ws = Workspace.at(root)
