@@ -18,6 +18,7 @@ worker opens its own), use it from one thread, and :meth:`ShardReader.close` it 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import mmap
@@ -152,17 +153,19 @@ def parse_layout(meta: Mapping[str, Any]) -> tuple[ShardLayout | None, str]:
 
 
 class ShardReader:
-    """Windows of one sharded array on the local filesystem, read with the shard index kept in memory."""
+    """Windows of one sharded array on the local filesystem, read with the shard index kept in memory.
+
+    Each shard file is mapped read-only once: a compressed chunk is decoded straight from the mapping (no read
+    copy), an uncompressed one is a view, so a window copies only its own voxels out of the page cache.
+    """
 
     def __init__(self, path: Path, layout: ShardLayout) -> None:
         self.path = Path(path)
         self.layout = layout
-        # shard coords -> (fd, index), or None for a shard with no file (all fill value). The index holds plain
+        # shard coords -> (mapping, index), or None for a shard with no file (all fill value). The index holds plain
         # ints: numpy scalar indexing per chunk would cost more than reading the chunk.
-        self._shards: dict[tuple[int, ...], tuple[int, ShardIndex] | None] = {}
+        self._shards: dict[tuple[int, ...], tuple[mmap.mmap, ShardIndex] | None] = {}
         self._buffer = np.empty(int(np.prod(layout.chunk_shape)) * layout.dtype.itemsize, dtype=np.uint8)
-        # Uncompressed inner chunks are mapped, not read: a window copies only its own voxels out of the page cache.
-        self._maps: dict[tuple[int, ...], mmap.mmap] = {}
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -173,18 +176,16 @@ class ShardReader:
         return self.layout.dtype
 
     def close(self) -> None:
-        for mapped in self._maps.values():
-            mapped.close()
-        self._maps = {}
         for entry in self._shards.values():
             if entry is not None:
-                os.close(entry[0])
+                with contextlib.suppress(BufferError):  # a caller still holds a view: unmapped when it is freed
+                    entry[0].close()
         self._shards = {}
 
-    def __del__(self) -> None:  # a reader dropped without close() must not leak descriptors
+    def __del__(self) -> None:  # a reader dropped without close() unmaps its shards now
         self.close()
 
-    def _shard(self, coords: tuple[int, ...]) -> tuple[int, ShardIndex] | None:
+    def _shard(self, coords: tuple[int, ...]) -> tuple[mmap.mmap, ShardIndex] | None:
         if coords in self._shards:
             return self._shards[coords]
         file = self.path / self.layout.shard_key(coords)
@@ -194,62 +195,59 @@ class ShardReader:
             self._shards[coords] = None  # zarr-python stores no file for an all-fill shard
             return None
         try:
-            index = self._read_index(fd, file)
+            size = os.fstat(fd).st_size
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+        finally:
+            os.close(fd)  # the mapping keeps the file; no descriptor stays open
+        if mapped is None:
+            raise OSError(f"shard {file}: empty file; rerun preprocess")
+        try:
+            index = self._read_index(mapped, file)
         except BaseException:
-            os.close(fd)
+            mapped.close()
             raise
-        if not self.layout.codecs:
-            self._maps[coords] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        self._shards[coords] = (fd, index)
+        self._shards[coords] = (mapped, index)
         return self._shards[coords]
 
-    def _read_index(self, fd: int, file: Path) -> ShardIndex:
+    def _read_index(self, mapped: mmap.mmap, file: Path) -> ShardIndex:
         cps = self.layout.chunks_per_shard
         nbytes = 16 * int(np.prod(cps)) + (4 if self.layout.index_crc32c else 0)
-        size = os.fstat(fd).st_size
-        raw = os.pread(fd, nbytes, size - nbytes if self.layout.index_at_end else 0)
-        if size < nbytes or len(raw) != nbytes:
+        size = len(mapped)
+        if size < nbytes:
             raise OSError(f"shard {file}: {size} bytes, too short for its {nbytes}-byte index; rerun preprocess")
+        start = size - nbytes if self.layout.index_at_end else 0
+        raw = mapped[start : start + nbytes]
         if self.layout.index_crc32c:
             raw, crc = raw[:-4], raw[-4:]
             if google_crc32c.value(raw).to_bytes(4, "little") != crc:
                 raise OSError(f"shard {file}: index checksum mismatch (damaged file); rerun preprocess")
         entries = np.frombuffer(raw, dtype="<u8").reshape(-1, 2).tolist()
         coords = itertools.product(*(range(n) for n in cps))  # the index lists the inner chunks in C order
-        return {c: (o, n) for c, (o, n) in zip(coords, entries, strict=True) if (o, n) != (_EMPTY, _EMPTY)}
-
-    def _shard_of(self, coords: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(c // n for c, n in zip(coords, self.layout.chunks_per_shard, strict=True))
+        index = {c: (o, n) for c, (o, n) in zip(coords, entries, strict=True) if (o, n) != (_EMPTY, _EMPTY)}
+        if any(o + n > size for o, n in index.values()):
+            raise OSError(f"shard {file}: its index points past the end of the file (cut short); rerun preprocess")
+        return index
 
     def _chunk(self, coords: tuple[int, ...]) -> np.ndarray | None:
-        """Inner chunk ``coords`` (chunk-grid coordinates) decoded into the reader's buffer (valid until the next
-        call), or None when it is not stored (all fill value)."""
+        """Inner chunk ``coords`` (chunk-grid coordinates): a view of the mapping (uncompressed) or decoded into the
+        reader's buffer; valid until the next call. None when it is not stored (all fill value)."""
         layout = self.layout
         cps = layout.chunks_per_shard
-        shard = self._shard(self._shard_of(coords))
+        shard = self._shard(tuple(c // n for c, n in zip(coords, cps, strict=True)))
         if shard is None:
             return None
-        fd, index = shard
+        mapped, index = shard
         entry = index.get(tuple(c % n for c, n in zip(coords, cps, strict=True)))
         if entry is None:
             return None
         offset, nbytes = entry
-        if not layout.codecs:  # a view into the mapped shard: no read, no decode, no copy of untouched voxels
-            if nbytes != self._buffer.size:
-                raise OSError(f"{self.path}: inner chunk {coords} has {nbytes} bytes, not {self._buffer.size}")
-            mapped = self._maps[self._shard_of(coords)]
-            return np.frombuffer(
-                mapped, dtype=layout.dtype.newbyteorder("<"), count=nbytes // layout.dtype.itemsize, offset=offset
-            ).reshape(layout.chunk_shape)
-        data: Any = os.pread(fd, nbytes, offset)
-        if len(data) != nbytes:
-            raise OSError(f"{self.path}: inner chunk {coords} is cut short ({len(data)} of {nbytes} bytes)")
+        data: Any = memoryview(mapped)[offset : offset + nbytes]
         last = len(layout.codecs) - 1
         for i, name in enumerate(reversed(layout.codecs)):
             # only the last decode yields the raw array bytes (the buffer's size); earlier ones allocate
             data = _DECODERS[name](data, self._buffer if i == last else None)
         if len(data) != self._buffer.size:
-            raise OSError(f"{self.path}: inner chunk {coords} decodes to {len(data)} bytes, not {self._buffer.size}")
+            raise OSError(f"{self.path}: inner chunk {coords} holds {len(data)} bytes, not {self._buffer.size}")
         return np.frombuffer(data, dtype=layout.dtype.newbyteorder("<")).reshape(layout.chunk_shape)
 
     def read(self, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:
