@@ -176,7 +176,7 @@ class ShardReader:
         return self.layout.dtype
 
     def close(self) -> None:
-        for entry in self._shards.values():
+        for entry in getattr(self, "_shards", {}).values():  # getattr: __del__ after a failed __init__
             if entry is not None:
                 with contextlib.suppress(BufferError):  # a caller still holds a view: unmapped when it is freed
                     entry[0].close()
