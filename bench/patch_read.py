@@ -30,6 +30,8 @@ its patch is the reversed one. Files are in the page cache (hot reads): this mea
 
 ``--rounds N`` times every reader N times, round-robin, and keeps each reader's best round: on a shared machine,
 load that comes and goes then biases no reader. ``--chunk 32`` overrides ``plan.chunk_shape`` (cubic) for the store.
+``--layouts blosc-lz4,none`` (the default) also times the shard reader on untimed copies of the store written with
+those ``write_case(compression=...)`` codecs (same chunks), and prints each store's size on disk.
 ``--patch planned`` uses plans.json's ``patch_size``; ``--patch 96`` a 96^3 patch; ``--patch 128,128,64`` any.
 """
 
