@@ -18,7 +18,10 @@ from contextlib import closing
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from lesionflow.registry.tracking import EMBEDDED_ARTIFACTS, EMBEDDED_DB, EMBEDDED_DIR
+# The embedded store's layout (tracking.py imports these: one definition, no import cycle)
+EMBEDDED_DIR = "mlruns"
+EMBEDDED_DB = "mlflow.db"
+EMBEDDED_ARTIFACTS = "artifacts"
 
 
 def _workspace_of(artifact_location: str) -> Path | None:

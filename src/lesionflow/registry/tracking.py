@@ -30,14 +30,12 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from lesionflow.errors import LesionflowError
 from lesionflow.io.remote import redact_uri
+from lesionflow.registry.relocation import EMBEDDED_ARTIFACTS, EMBEDDED_DB, EMBEDDED_DIR, relocate_embedded_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-EMBEDDED_DIR = "mlruns"
-EMBEDDED_DB = "mlflow.db"
-EMBEDDED_ARTIFACTS = "artifacts"
 HEALTH_TIMEOUT_S = 2.0
 MODEL_FILES = ("model.safetensors", "config.json", "metadata.json")
 RETRY_HINT = (
@@ -181,8 +179,6 @@ def mlflow_session(tracking_uri: str) -> Iterator[MlflowClient]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    from lesionflow.registry.relocation import relocate_embedded_store
 
     db = sqlite_path(tracking_uri)
     if db is not None:
