@@ -451,6 +451,11 @@ class StudyParams(_Section):
         0.01, ge=0, description="'Real cases saved': within this much mean Dice of real at fraction 1.0."
     )
     bootstrap_resamples: int = Field(9999, ge=100, description="Resamples of the 95% bootstrap CI.")
+    acceptance_filter: bool = Field(
+        False,
+        description="FreeTumor's acceptance filter per fraction: the synthetic gate scores each sample with the "
+        "fraction's real-only segmenter (its first-seed 'real' cell) and the arms train on the samples it accepts.",
+    )
 
     @field_validator("arms")
     @classmethod

@@ -120,3 +120,35 @@ def test_study_runs_every_cell_reports_and_trains_only_new_cells(tmp_path: Path)
     # One more seed trains only its cells (the dose series dropped: its cells are simply not asked for).
     more = utility_study(workspace=str(ws.root), overrides=[*GRID, "study.seeds=[0,1,2]", *QUIET])
     assert (more["n_trained"], more["n_cached"]) == (6, 12)
+
+
+@pytest.mark.slow
+def test_the_acceptance_filter_scores_samples_with_the_fractions_real_segmenter(tmp_path: Path) -> None:
+    """study.acceptance_filter: the gate of each synthetic arm uses the real-only segmenter of the fraction (its
+    first-seed real cell, trained once), and the arm trains on the samples the gate accepted."""
+    from lesionflow.catalog.artifacts import SEGMENTER, SYNTHETIC_GATE_REPORT, SYNTHETIC_STORE
+    from lesionflow.catalog.readers import synthetic_verdict
+    from lesionflow.study.runner import run_study
+
+    ws = processed_workspace(tmp_path / "ws", n_train=6, n_test=2)
+    grid = ["study.arms=[real,lefusion]", "study.fractions=[1.0]", "study.seeds=[0]", "study.mlflow=false"]
+    params = load_params(ws.params_file, [*grid, "study.acceptance_filter=true", "study.workers=1", *QUIET])
+    lines: list[str] = []
+    report = run_study(ws, params, say=lines.append)
+    # the real cell trained once, for the filter, and its row then comes from the cache: no extra budget
+    assert (report.n_trained, report.n_cached) == (1, 1)
+    assert report.summary["acceptance_filter"] is True
+    fraction = ws.root / "data" / "study" / "f100"
+    real_model = SEGMENTER.at(Workspace.at(fraction / "cells" / "real" / "seed0")).resolve()
+    arm = Workspace.at(fraction / "arms" / "lefusion")
+    assert load_params(arm.params_file).quality.synthetic.acceptance_model == str(real_model)
+    record = json.loads((arm.root / "reports" / "validate-synthetic" / "stage.json").read_text())
+    assert record["state"]["params"]["quality.synthetic"]["acceptance_model"] == str(real_model)
+    scored = record["result"]["summary"]
+    assert 0.0 <= scored["acceptance_rate"] <= 1.0  # every lesion was scored by the real-only segmenter
+    assert scored["mmd_encoder"].startswith("acceptance segmenter ")
+    gate = json.loads((SYNTHETIC_GATE_REPORT.at(arm) / "summary.json").read_text())
+    verdict = synthetic_verdict(SYNTHETIC_STORE.at(arm), "synthetic store")
+    assert verdict.accepted
+    assert verdict.accepted.isdisjoint(gate["rejected"])  # rejected samples never reach training
+    assert any("acceptance filter @ f100" in line for line in lines)

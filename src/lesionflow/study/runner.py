@@ -10,9 +10,13 @@ evaluate run on the same test cases with the same budget (train.synthetic_ratio 
 store, none for ``real``). Every stage goes through ``run_cached``, so a rerun, an added seed or an added arm
 trains only what is new and a killed study resumes where it stopped.
 
-The study runs without the synthetic gate's acceptance segmenter (it would have to be trained per fraction from
-the subset; docs/decisions.md). A synthetic gate that fails as a whole does not stop the study: the arm trains on
-every sample it made and the failure is reported next to its numbers.
+By default the study runs without the synthetic gate's acceptance segmenter. With ``study.acceptance_filter``
+(FreeTumor's filter, trained on the subset's real data only), each fraction first trains its ``real`` cell of the
+first seed -- a cell the study trains anyway, so nothing extra and the same budget -- and the arms' synthetic gates
+score every sample with that segmenter; the arms then train on the samples the gate accepts, also when the gate
+fails as a whole (too many rejected), which is the filter's purpose. Without the filter a synthetic gate that fails
+as a whole does not stop the study: the arm trains on every sample it made and the failure is reported next to its
+numbers.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from lesionflow.catalog.artifacts import (
     PLANS,
     RAW,
     ROIS,
+    SEGMENTER,
     STORE,
     STUDY_CELLS,
     STUDY_CURVES,
@@ -43,11 +48,13 @@ from lesionflow.catalog.artifacts import (
     STUDY_EFFECTS_PNG,
     STUDY_SUMMARY,
     STUDY_WORK,
+    SYNTHETIC_GATE_REPORT,
     SYNTHETIC_STORE,
 )
 from lesionflow.catalog.readers import (
     generator_digest,
     judged_store_digest,
+    read_json,
     read_metadata,
     require,
     splits,
@@ -75,6 +82,7 @@ from lesionflow.workspace import Workspace
 
 #: the ``gate`` of the verdict the study writes when an arm's synthetic gate fails and the arm still trains
 STUDY_GATE_FAILED = "failed, every sample used by the study"
+STUDY_GATE_FILTERED = "failed, the samples it accepted used by the study (acceptance filter)"
 
 
 @dataclass(frozen=True)
@@ -131,8 +139,12 @@ def fraction_workspace(
     return fws
 
 
-def _arm_store(fws: Workspace, fparams: Params, arm: StudyArm, say: Callable[[str], None]) -> tuple[str, str]:
-    """(absolute path of the arm's synthetic store or "" for real, a note on its synthetic gate)."""
+def _arm_store(
+    fws: Workspace, fparams: Params, arm: StudyArm, say: Callable[[str], None], acceptance: Path | None = None
+) -> tuple[str, str]:
+    """(absolute path of the arm's synthetic store or "" for real, a note on its synthetic gate).
+
+    ``acceptance``: the fraction's real-only segmenter folder for the gate's acceptance filter (None: off)."""
     if arm == "real":
         return "", ""
     root = fws.root / "arms" / arm
@@ -143,7 +155,10 @@ def _arm_store(fws: Workspace, fparams: Params, arm: StudyArm, say: Callable[[st
         store = SYNTHETIC_STORE.at(aws)  # a verdict of the study's own, recorded with the content it covers
         write_synthetic_verdict(store, judged_store_digest(store), lesion_cases, [], gate="not run: real cases")
         return str(SYNTHETIC_STORE.at(aws)), "real lesion cases of the subset, unmodified"
-    aparams = _sub_params(fparams, {"synth": ARM_SYNTH[arm]})
+    overrides: dict[str, Any] = {"synth": ARM_SYNTH[arm]}
+    if acceptance is not None:
+        overrides["quality"] = {"synthetic": {"acceptance_model": str(acceptance)}}
+    aparams = _sub_params(fparams, overrides)
     links = [*_data_links(fws, root), (ACCEPTED.at(fws).resolve(), ACCEPTED.at(Workspace.at(root)))]
     links += [(a.at(fws).resolve(), a.at(Workspace.at(root))) for a in (ROIS, GENERATORS)]
     aws = _workspace(root, links, aparams)
@@ -151,13 +166,30 @@ def _arm_store(fws: Workspace, fparams: Params, arm: StudyArm, say: Callable[[st
     note = "synthetic gate passed"
     try:
         _run("validate-synthetic", aws, aparams)
-    except GateFailed as failed:  # the arm is still measured, on every sample it made; the failure is reported
+    except GateFailed as failed:  # the arm is still measured; the failure is reported next to its numbers
         store = SYNTHETIC_STORE.at(aws)  # an explicit, recorded choice: the gate's verdict is "failed"
         every = list_cases(store)
-        write_synthetic_verdict(store, judged_store_digest(store), every, [], gate=STUDY_GATE_FAILED)
-        note = f"synthetic gate failed, every sample used: {failed}"
+        rejected = set((read_json(SYNTHETIC_GATE_REPORT.at(aws) / "summary.json") or {}).get("rejected", {}))
+        kept = [c for c in every if c not in rejected]
+        if acceptance is not None and kept:  # the filter's purpose: train on what it accepted
+            write_synthetic_verdict(store, judged_store_digest(store), kept, sorted(rejected), gate=STUDY_GATE_FILTERED)
+            note = f"synthetic gate failed, the {len(kept)} of {len(every)} samples it accepted used: {failed}"
+        else:  # every sample it made
+            write_synthetic_verdict(store, judged_store_digest(store), every, [], gate=STUDY_GATE_FAILED)
+            note = f"synthetic gate failed, every sample used: {failed}"
         say(f"study: {arm} @ {fws.root.name}: {note}")
     return str(SYNTHETIC_STORE.at(aws)), note
+
+
+def _acceptance_segmenter(
+    fws: Workspace, fparams: Params, cells: list[Cell], fraction: float, say: Callable[[str], None]
+) -> Path:
+    """The fraction's real-only segmenter for the acceptance filter: its ``real`` cell of the first seed, trained
+    here (through the cache, so the cell job later finds it done) on the subset's training cases only."""
+    first = min((c for c in cells if c.arm == "real" and c.fraction == fraction), key=lambda c: c.seed)
+    say(f"study: acceptance filter @ {fws.root.name}: the real cell {first.cell_id} scores the synthetic samples")
+    run_cell(CellJob(fws.root, fparams, first, ""))
+    return SEGMENTER.at(Workspace.at(fws.root / first.folder)).resolve()
 
 
 @dataclass(frozen=True)
@@ -261,9 +293,10 @@ def run_study(ws: Workspace, params: Params, *, say: Callable[[str], None] = pri
         if needs:
             _run("train-generator", fws, fparams)
         generators[fraction] = {name: generator_digest(fws, name) for name in needs}
+        acceptance = _acceptance_segmenter(fws, fparams, cells, fraction, say) if sp.acceptance_filter else None
         stores: dict[str, str] = {}
         for arm in arms:
-            stores[arm], notes[f"{arm}@{round(fraction * 100)}"] = _arm_store(fws, fparams, arm, say)
+            stores[arm], notes[f"{arm}@{round(fraction * 100)}"] = _arm_store(fws, fparams, arm, say, acceptance)
         jobs += [CellJob(fws.root, fparams, c, stores[c.arm]) for c in cells if c.fraction == fraction]
     results = _run_cells(jobs, params, say)
     report = _report(ws, params, results, subsets, generators, notes)
@@ -338,6 +371,7 @@ def _report(
         "generator_seed": params.project.seed,  # subsets, generators and synthesis derive from it, fixed per fraction
         "n_test_cases": int(table["case_id"].nunique()),
         "synthetic_ratio": sp.synthetic_ratio,
+        "acceptance_filter": sp.acceptance_filter,  # FreeTumor's filter with each fraction's real-only segmenter
         "dose_ratios": [r for r in sp.dose_ratios if r != sp.synthetic_ratio],  # at the smallest fraction only
         "metric": "test Dice per case (mean over lesion classes), paired by case and seed",
         "effects": effect_rows,
