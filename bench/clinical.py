@@ -181,9 +181,10 @@ def run_nnunet(args: argparse.Namespace, tmp: Path, numbers: Numbers) -> Path | 
 # -- where the memory goes ---------------------------------------------------------------------------------------
 
 
-def trace_case(ws_root: Path, scratch: Path, volume_bytes: int, top: int = 10) -> dict[str, Any]:
+def trace_case(ws_root: Path, scratch: Path, volume_bytes: int, top: int = 10, profile: bool = False) -> dict[str, Any]:
     """``process_case`` on the largest raw case under tracemalloc: the peak, and the biggest allocation sites
     live in the largest snapshot that a 5 ms poller took while it ran (numpy reports its buffers to tracemalloc).
+    ``profile``: first run it once under cProfile and print the 30 heaviest calls (cumulative).
     """
     from lesionflow.catalog.artifacts import RAW_CASES, RAW_MANIFEST
     from lesionflow.catalog.readers import load_plan
@@ -204,6 +205,19 @@ def trace_case(ws_root: Path, scratch: Path, volume_bytes: int, top: int = 10) -
             if current > best["current"] * 1.05:
                 best["current"], best["snapshot"] = current, tracemalloc.take_snapshot()
 
+    if profile:  # first, untraced: where the time goes (tracemalloc would distort it)
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        other = (*call[:3], str(scratch.with_name("profile-store.zarr")), "profile")
+        prof.runcall(lambda: process_case(*other, "float32", "onehot_linear"))
+        profile_s = time.perf_counter() - t0
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+        print(f"cProfile of process_case({rec.case_id}), {profile_s:.1f} s:\n{buf.getvalue()}")
     tracemalloc.start(30)
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
@@ -478,6 +492,7 @@ def main() -> None:
     ap.add_argument("--cached-batches", type=int, default=8)
     ap.add_argument("--loader-workers", type=int, default=0)
     ap.add_argument("--no-trace", action="store_true", help="skip the tracemalloc pass over one case")
+    ap.add_argument("--profile", action="store_true", help="also cProfile one case's process_case (before tracing)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nnunet-venv", type=Path, default=c.DEFAULT_NNUNET_VENV)
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
@@ -507,7 +522,7 @@ def main() -> None:
         b2nd = run_nnunet(args, tmp, numbers)
         print(f"nnU-Net: {numbers.nnunet.get('wall_s', numbers.nnunet.get('error'))}")
         if not args.no_trace:
-            numbers.trace = trace_case(root, tmp / "trace-store.zarr", volume_bytes)
+            numbers.trace = trace_case(root, tmp / "trace-store.zarr", volume_bytes, profile=args.profile)
         run_reads(args, tmp, root, raw, b2nd, numbers)
         run_loader(args, root, numbers)
     numbers.config["total_s"] = str(round(time.perf_counter() - t_all, 1))
