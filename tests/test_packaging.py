@@ -1,7 +1,7 @@
 """pyproject.toml declares what the package imports: deptry passes on the project and fails on an undeclared import.
 
-``pip install .`` must give a working ``lesionflow`` command, so every third-party package that src/lesionflow,
-flows/ and tasks/ import has to be in ``[project].dependencies`` (or an extra). deptry compares the two; its
+``pip install .`` must give a working ``lesionflow`` command, so every third-party package that src/lesionflow
+(flows and tasks included) imports has to be in ``[project].dependencies`` (or an extra). deptry compares the two; its
 settings are ``[tool.deptry]`` in pyproject.toml.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGED = ("src/lesionflow", "flows", "tasks")  # the packages the wheel holds ([tool.setuptools.packages.find])
+PACKAGED = ("src/lesionflow",)  # the package the wheel holds ([tool.setuptools.packages.find]), flows and tasks inside
 
 
 def _deptry(cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -29,10 +29,10 @@ def test_compose_telemetry_block_is_exactly_the_quiet_env() -> None:
 
 
 def test_no_other_copy_of_the_variables_in_python() -> None:
-    """src/, tests/, flows/, tasks/ and bench/ read QUIET_ENV; none spells the variables out again."""
+    """src/, tests/ and bench/ read QUIET_ENV; none spells the variables out again."""
     definition = REPO / "src" / "lesionflow" / "quiet_env.py"
     copies = []
-    for folder in ("src", "tests", "flows", "tasks", "bench"):
+    for folder in ("src", "tests", "bench"):
         for path in sorted((REPO / folder).rglob("*.py")):
             if path in (definition, Path(__file__).resolve()):
                 continue

@@ -152,7 +152,7 @@ def harness() -> Iterator[Path]:
 
 @flow
 def _echo_source(workspace: str, overrides: list[str]) -> str:
-    from flows.common import resolve_params
+    from lesionflow.flows.common import resolve_params
 
     return resolve_params(Workspace.at(workspace), "params.yaml", overrides, {}).ingest.source
 

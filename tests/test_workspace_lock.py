@@ -167,7 +167,7 @@ for stage in ("ingest", "validate-raw"):
 
 FLOW_RUN = """
 import json, sys
-from flows.ingest import ingest_flow
+from lesionflow.flows.ingest import ingest_flow
 state = ingest_flow(workspace=sys.argv[1], wait_for_lock=True, lock_timeout_s=120, return_state=True)
 print(json.dumps({"completed": state.is_completed(), "message": state.message,
                   "flow_run_id": str(state.state_details.flow_run_id)}))

@@ -282,7 +282,7 @@ def _prefect_flow_call(params: Any, overrides: Sequence[str] | None, workspace: 
 
     * Prefect stores a flow's parameters in its database, so the flow gets the overrides with URL credentials
       redacted; the originals reach it through :data:`lesionflow.params.SECRET_OVERRIDES_ENV` in this process
-      (flows.common.resolve_params restores them), never through Prefect.
+      (lesionflow.flows.common.resolve_params restores them), never through Prefect.
     * The embedded (ephemeral) server gets ``orchestration.server_startup_timeout_s`` to start (Prefect's own
       default, 20 s, fails on a loaded machine); a PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS in the
       environment wins. A server that still does not answer is one line naming the setting.
@@ -359,7 +359,7 @@ def run(
     ws, params = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
     if not wait_lock:
         check_unlocked(ws.root, "lesionflow run")  # fail fast too; the flow itself holds the lock for the run
-    from flows.pipeline import training_pipeline
+    from lesionflow.flows.pipeline import training_pipeline
 
     with _prefect_flow_call(params, overrides, ws.root) as flow_overrides:
         results = training_pipeline(
@@ -385,8 +385,8 @@ def study(
     """Does synthetic data help? Train every cell of params.study (arms x real fractions x seeds) and compare."""
     overrides = _with_preset(workspace, preset, overrides)
     ws, params = _load(workspace, params_file, overrides)  # fail fast on bad params, before Prefect starts
-    from flows.study import detection_rows, effects_rows, utility_study
     from lesionflow.catalog.artifacts import STUDY_SUMMARY
+    from lesionflow.flows.study import detection_rows, effects_rows, utility_study
 
     with _prefect_flow_call(params, overrides, ws.root) as flow_overrides:
         summary = utility_study(

@@ -34,7 +34,7 @@ import yaml
 from lesionflow.errors import LesionflowError
 from lesionflow.quiet_env import QUIET_ENV
 
-# The deployments, relative to the workspace: the workspace is the project (params.yaml, dvc.yaml, infra/, flows/),
+# The deployments, relative to the workspace: the workspace is the project (params.yaml, dvc.yaml, infra/),
 # never the folder this package happens to be installed in.
 PREFECT_FILE = Path("infra") / "prefect.yaml"
 HOST = "127.0.0.1"  # loopback only: the server has no authentication
@@ -76,7 +76,8 @@ class ServeSettings:
 
     @property
     def prefect_file(self) -> Path:
-        """``<workspace>/infra/prefect.yaml``; its entrypoints (``flows/...``) are relative to the workspace."""
+        """``<workspace>/infra/prefect.yaml``; entrypoints are modules (``lesionflow.flows.pipeline.training_pipeline``)
+        or scripts relative to the workspace (``my_flows/x.py:my_flow``, a team's own flows)."""
         return self.workspace / PREFECT_FILE
 
     @property
@@ -140,7 +141,7 @@ def resolve_settings(
     if not (ws.root / PREFECT_FILE).is_file():
         raise ServeError(
             f"workspace {ws.root} has no {PREFECT_FILE}: serve deploys the flows of the project in the workspace; "
-            "pass --workspace <project folder with params.yaml, infra/prefect.yaml and flows/>"
+            "pass --workspace <project folder with params.yaml and infra/prefect.yaml>"
         )
     orchestration = load_params(params_file or ws.params_file).orchestration
     if not 1 <= port <= 65535:
@@ -284,16 +285,16 @@ class Services:
             raise ServeError(f"creating work pool {name!r} failed: HTTP {created.status_code} {created.text[:200]}")
 
     def deploy(self) -> None:
-        """``prefect deploy`` of every deployment in prefect.yaml whose entrypoint exists in the workspace."""
+        """``prefect deploy`` of every deployment in prefect.yaml whose entrypoint resolves (module or script)."""
         names = []
         for spec in _deployment_specs(self.settings.prefect_file):
-            script = spec["entrypoint"].partition(":")[0]
-            if (self.settings.workspace / script).is_file():
+            where = _entrypoint_problem(spec["entrypoint"], self.settings.workspace)
+            if not where:
                 names.append(spec["name"])
             else:
-                self.say(f"warning: deployment {spec['name']!r} skipped: {script} is not in {self.settings.workspace}")
+                self.say(f"warning: deployment {spec['name']!r} skipped: {where}")
         if not names:
-            raise ServeError(f"no deployment of {self.settings.prefect_file} has its entrypoint in the workspace")
+            raise ServeError(f"no deployment of {self.settings.prefect_file} has an entrypoint that resolves")
         cmd = [_prefect(), "--no-prompt", "deploy", "--prefect-file", str(self.settings.prefect_file)]
         cmd += [arg for name in names for arg in ("--name", name)]
         log = self.log_dir / "deploy.log"
@@ -438,6 +439,22 @@ def _deployment_specs(prefect_file: Path) -> list[dict[str, Any]]:
     if not isinstance(specs, list) or not all(isinstance(s, dict) and "entrypoint" in s for s in specs):
         raise ServeError(f"{prefect_file} has no list of deployments with name and entrypoint")
     return specs
+
+
+def _entrypoint_problem(entrypoint: str, workspace: Path) -> str:
+    """Why ``entrypoint`` does not resolve ("" when it does): a ``path.py:flow`` script relative to the workspace,
+    or Prefect's module form ``package.module.flow``, importable here (the installed lesionflow flows)."""
+    import importlib.util
+
+    if ":" in entrypoint:
+        target = entrypoint.rsplit(":", 1)[0]
+        return "" if (workspace / target).is_file() else f"{target} is not in {workspace}"
+    target = entrypoint.rsplit(".", 1)[0]
+    try:
+        found = importlib.util.find_spec(target) is not None
+    except (ImportError, ValueError):
+        found = False
+    return "" if found else f"module {target} is not importable (is lesionflow installed in this environment?)"
 
 
 def _check_port_free(port: int) -> None:

@@ -17,7 +17,7 @@ How it works, and why:
   written record says "unknown" rather than failing.
 * flock conflicts between open files, not processes: a second ``workspace_lock`` in the same process
   (another thread, or a flow called from inside another flow) waits for or refuses the first one like any
-  other run. Flows therefore never call each other; they share ``flows.common.run_stages`` instead.
+  other run. Flows therefore never call each other; they share ``lesionflow.flows.common.run_stages`` instead.
 * ``.lesionflow/`` holds a ``.gitignore`` of ``*``, so the lock never shows up in ``git status``.
 """
 

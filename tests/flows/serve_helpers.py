@@ -69,9 +69,7 @@ def make_workspace(root: Path, timezone: str) -> Path:
     assert "  timezone: UTC" in params
     (ws / "params.yaml").write_text(params.replace("  timezone: UTC", f"  timezone: {timezone}", 1))
     shutil.copytree(REPO / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    # serve deploys the workspace's infra/prefect.yaml, whose entrypoints are the workspace's flows/ (and tasks/)
-    for folder in ("flows", "tasks"):
-        shutil.copytree(REPO / folder, ws / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    # serve deploys the workspace's infra/prefect.yaml; its entrypoints are modules of the installed package
     (ws / "infra").mkdir()
     shutil.copy(REPO / "infra" / "prefect.yaml", ws / "infra" / "prefect.yaml")
     subprocess.run(["git", "init", "-q"], cwd=ws, check=True)

@@ -21,8 +21,8 @@ import yaml
 import zarr
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import training_pipeline
 from lesionflow.catalog.artifacts import Dvc
+from lesionflow.flows.pipeline import training_pipeline
 from lesionflow.hashing import sha256_tree
 from lesionflow.io.publish import StorageError, StorageUnavailable, publish_tree
 from lesionflow.params import StorageParams
@@ -257,7 +257,7 @@ def test_unreachable_storage_is_retried_then_named(
 ) -> None:
     from prefect import flow
 
-    from tasks.storage import publish_stage_stores, with_retries
+    from lesionflow.tasks.storage import publish_stage_stores, with_retries
 
     dead = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)

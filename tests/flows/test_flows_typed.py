@@ -18,20 +18,18 @@ from prefect.states import Failed
 from prefect.testing.utilities import prefect_test_harness
 from prefect.utilities.callables import parameter_schema_from_entrypoint
 
-from flows.common import resolve_params
-from flows.forms import partial_model
-from flows.ingest import ingest_flow
-from flows.pipeline import training_pipeline
-from flows.synthesis import synthesis_flow
 from lesionflow.errors import GateFailed, LesionflowError
+from lesionflow.flows.common import resolve_params
+from lesionflow.flows.forms import partial_model
+from lesionflow.flows.ingest import ingest_flow
+from lesionflow.flows.pipeline import training_pipeline
+from lesionflow.flows.synthesis import synthesis_flow
 from lesionflow.params import Params, load_params
 from lesionflow.registry.tracking import RegistryUnavailable
 from lesionflow.stages import STAGES, pipeline_order
-from lesionflow.workspace import Workspace
-from lesionflow.workspace_lock import WorkspaceLocked, workspace_lock
-from tasks import artifacts as artifacts_module
-from tasks.artifacts import publish, stage_artifacts
-from tasks.stages import (
+from lesionflow.tasks import artifacts as artifacts_module
+from lesionflow.tasks.artifacts import publish, stage_artifacts
+from lesionflow.tasks.stages import (
     DVC_RETRY_DELAYS_S,
     REGISTRY_RETRY_DELAYS_S,
     dvc_commit,
@@ -39,13 +37,15 @@ from tasks.stages import (
     registry_unreachable,
     run_stage,
 )
+from lesionflow.workspace import Workspace
+from lesionflow.workspace_lock import WorkspaceLocked, workspace_lock
 from tests.helpers.volumes import write_msd
 
 REPO = Path(__file__).resolve().parents[2]
 FLOWS: dict[str, tuple[Flow[..., Any], tuple[str, ...]]] = {
-    "flows/pipeline.py:training_pipeline": (training_pipeline, tuple(pipeline_order())),
-    "flows/ingest.py:ingest_flow": (ingest_flow, ("ingest", "validate-raw")),
-    "flows/synthesis.py:synthesis_flow": (
+    "lesionflow.flows.pipeline.training_pipeline": (training_pipeline, tuple(pipeline_order())),
+    "lesionflow.flows.ingest.ingest_flow": (ingest_flow, ("ingest", "validate-raw")),
+    "lesionflow.flows.synthesis.synthesis_flow": (
         synthesis_flow,
         ("extract-rois", "train-generator", "synthesize", "validate-synthetic"),
     ),
@@ -91,7 +91,7 @@ def test_flow_parameters_show_params_sections_with_types_and_descriptions(entryp
                 assert field["description"] == info.description
             assert "default" not in field, (name, field_name)
     # `prefect deploy` builds the form from the source file; it must be the same form
-    assert parameter_schema_from_entrypoint(str(REPO / entrypoint)).model_dump() == schema
+    assert parameter_schema_from_entrypoint(entrypoint).model_dump() == schema
 
 
 def test_training_pipeline_form_shows_train_keys() -> None:

@@ -14,13 +14,13 @@ import pytest
 import yaml
 from prefect.exceptions import ParameterTypeError
 
-from flows.common import resolve_params, section_overrides
-from flows.forms import Overrides
-from flows.ingest import ingest_flow
-from flows.pipeline import training_pipeline
-from flows.study import utility_study
-from flows.synthesis import synthesis_flow
 from lesionflow.errors import LesionflowError
+from lesionflow.flows.common import resolve_params, section_overrides
+from lesionflow.flows.forms import Overrides
+from lesionflow.flows.ingest import ingest_flow
+from lesionflow.flows.pipeline import training_pipeline
+from lesionflow.flows.study import utility_study
+from lesionflow.flows.synthesis import synthesis_flow
 from lesionflow.params import Params, QualityParams, RawQualityParams, TrainParams, load_params
 from lesionflow.workspace import Workspace
 

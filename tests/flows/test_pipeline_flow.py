@@ -13,12 +13,12 @@ import pytest
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import training_pipeline
+from lesionflow.flows.pipeline import training_pipeline
 from lesionflow.params import load_params
 from lesionflow.registry.lineage import read_lineage
 from lesionflow.registry.tracking import resolve_tracking_uri
 from lesionflow.stages import STAGES
-from tasks.stages import run_stage
+from lesionflow.tasks.stages import run_stage
 from tests.helpers.volumes import write_msd
 from tests.test_dvc_consistency import dvc_workspace  # noqa: F401 - fixture
 
@@ -118,7 +118,7 @@ def test_one_dask_cluster_serves_every_dask_stage_of_a_run(workspace: Path) -> N
     """Stages without a scheduler of their own submit to the run's cluster; it goes away with the run."""
     import os
 
-    from flows.common import shared_dask_cluster
+    from lesionflow.flows.common import shared_dask_cluster
     from lesionflow.parallel import RUN_SCHEDULER_ENV, dask_client
     from lesionflow.workspace import Workspace
 

@@ -147,7 +147,7 @@ def test_ui_shows_the_schedule_and_a_custom_run_completes(browser: WebDriver, tm
         wait_for_text(browser, "nightly-retrain")
         wait_for_text(browser, "At 02:00 AM every day")
         click(browser, link("nightly-retrain"))
-        wait_for_text(browser, "flows/pipeline.py:training_pipeline")
+        wait_for_text(browser, "lesionflow.flows.pipeline.training_pipeline")
         expected = f"Scheduled for {next_0200_utc(TIMEZONE)}"
         deadline = time.monotonic() + 60
         while expected not in body_text(browser) and time.monotonic() < deadline:
@@ -160,7 +160,7 @@ def test_ui_shows_the_schedule_and_a_custom_run_completes(browser: WebDriver, tm
         # key of the quality section: quality.raw.min_cases.
         browser.get(f"{ui}/deployments")
         click(browser, link("ingest"))
-        wait_for_text(browser, "flows/ingest.py:ingest_flow")
+        wait_for_text(browser, "lesionflow.flows.ingest.ingest_flow")
         click(browser, button("Run"))
         click(browser, link("Custom run", exact=False))
         wait_for_text(browser, "params_file")
@@ -202,8 +202,11 @@ def test_ui_shows_the_schedule_and_a_custom_run_completes(browser: WebDriver, tm
             browser.refresh()
         browser.save_screenshot(str(tmp_path / "custom-run.png"))
         assert "Completed" in body_text(browser), body_text(browser)[:2000]
-        with service.client() as client:
+        with service.client() as client:  # the page may show a task run's "Completed" before the flow run's
             run = client.read_flow_run(run_id)
+            while not (run.state is not None and run.state.is_final()) and time.monotonic() < deadline + 60:
+                time.sleep(1)
+                run = client.read_flow_run(run_id)
         assert run.parameters["workspace"] == str(ws)  # the deployment's value, untouched by the form
         assert run.parameters["quality"] == {"raw": {"min_cases": 1}}  # the one key typed in, nothing else
         assert run.state is not None

@@ -171,7 +171,7 @@ def test_bad_inputs_are_one_line_errors(progressed: Path, tmp_path: Path) -> Non
 def test_progression_flow_runs_one_trajectory_on_prefect(progressed: Path, tmp_path: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.progression import progression_flow
+    from lesionflow.flows.progression import progression_flow
 
     shutil.copytree(progressed, tmp_path / "ws")
     with prefect_test_harness(server_startup_timeout=120):

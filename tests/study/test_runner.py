@@ -13,10 +13,10 @@ import pytest
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.study import utility_study
 from lesionflow.caching import run_cached
 from lesionflow.catalog.artifacts import ROIS_TABLE, STUDY_CELLS, STUDY_CURVES_PNG, STUDY_EFFECTS_PNG, STUDY_SUMMARY
 from lesionflow.catalog.readers import splits
+from lesionflow.flows.study import utility_study
 from lesionflow.params import load_params
 from lesionflow.registry.tracking import resolve_tracking_uri
 from lesionflow.stages import STAGES

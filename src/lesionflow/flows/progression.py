@@ -16,9 +16,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
-from flows.common import DEFAULT_LOCK_TIMEOUT_S, fail
 from lesionflow.catalog.artifacts import PROGRESSION_PICTURES
 from lesionflow.errors import LesionflowError
+from lesionflow.flows.common import DEFAULT_LOCK_TIMEOUT_S, fail
 from lesionflow.params import load_params
 from lesionflow.workspace import Workspace
 from lesionflow.workspace_lock import workspace_lock

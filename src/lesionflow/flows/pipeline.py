@@ -8,7 +8,7 @@ the flow runs ``dvc commit`` for it (and data.dvc), so dvc.lock records what the
 
 The parameters are typed, so the Prefect UI's "Custom run" form shows each params section with its keys, types,
 bounds and descriptions; its inputs start empty and only the keys filled in replace params.yaml's values
-(``flows.forms``; ``flows.common.resolve_params`` merges them over params.yaml).
+(``lesionflow.flows.forms``; ``lesionflow.flows.common.resolve_params`` merges them over params.yaml).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import DEFAULT_LOCK_TIMEOUT_S, run_flow
-from flows.forms import Overrides
+from lesionflow.flows.common import DEFAULT_LOCK_TIMEOUT_S, run_flow
+from lesionflow.flows.forms import Overrides
 from lesionflow.params import (
     EvaluateParams,
     IngestParams,

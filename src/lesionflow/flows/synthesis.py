@@ -13,8 +13,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import DEFAULT_LOCK_TIMEOUT_S, require_done, run_flow
-from flows.forms import Overrides
+from lesionflow.flows.common import DEFAULT_LOCK_TIMEOUT_S, require_done, run_flow
+from lesionflow.flows.forms import Overrides
 from lesionflow.params import (
     EvaluateParams,
     Params,

@@ -33,8 +33,8 @@ from lesionflow.errors import GateFailed, LesionflowError
 from lesionflow.hashing import sha256_json
 from lesionflow.params import Params
 from lesionflow.stages import STAGES
+from lesionflow.tasks.artifacts import publish, stage_artifacts
 from lesionflow.workspace import Workspace
-from tasks.artifacts import publish, stage_artifacts
 
 # Backoff for the I/O edges: an MLflow server restarting takes tens of seconds; a DVC lock is held for seconds.
 REGISTRY_RETRY_DELAYS_S: list[float] = [10.0, 30.0, 90.0]

@@ -11,8 +11,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import DEFAULT_LOCK_TIMEOUT_S, run_flow
-from flows.forms import Overrides
+from lesionflow.flows.common import DEFAULT_LOCK_TIMEOUT_S, run_flow
+from lesionflow.flows.forms import Overrides
 from lesionflow.params import IngestParams, ProjectParams, QualityParams
 
 FLOW_NAME = "lesionflow-ingest"

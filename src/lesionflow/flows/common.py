@@ -1,7 +1,7 @@
 """What the flows share: typed params sections merged over params.yaml, the workspace lock, and running stages.
 
 Every flow is ``run_flow(title, stage names, ...)``: it resolves the params, takes the workspace lock for the
-whole run, runs the stages in order as ``tasks.stages.run_stage`` tasks, records each one in dvc.lock, and
+whole run, runs the stages in order as ``lesionflow.tasks.stages.run_stage`` tasks, records each one in dvc.lock, and
 publishes a table of the stages. Flows never call each other (a nested flow would wait for the lock its
 caller holds): they share this module instead.
 
@@ -48,9 +48,9 @@ DEFAULT_LOCK_TIMEOUT_S = 3600.0
 def section_overrides(sections: Mapping[str, BaseModel | None]) -> dict[str, Any]:
     """The keys each given section fills in, nested like params.yaml; an empty key (None) is not given.
 
-    A section is a partial model (``flows.forms.Overrides``): the Prefect form submits only the keys typed into
-    it, ``--param`` and Python callers only the keys they name; params.yaml keeps every other value. Sections
-    and nested sections left empty give nothing.
+    A section is a partial model (``lesionflow.flows.forms.Overrides``): the Prefect form submits only the keys
+    typed into it, ``--param`` and Python callers only the keys they name; params.yaml keeps every other value.
+    Sections and nested sections left empty give nothing.
     """
 
     def filled(model: BaseModel) -> dict[str, Any]:
@@ -141,8 +141,8 @@ def run_stages(
     it do not run, and ``results`` holds those that finished. Outside a DVC repository nothing is recorded (and
     no dvc-commit task runs).
     """
-    from tasks.stages import dvc_commit, run_stage
-    from tasks.storage import dvc_push, publish_stage_stores, result_storage, with_retries
+    from lesionflow.tasks.stages import dvc_commit, run_stage
+    from lesionflow.tasks.storage import dvc_push, publish_stage_stores, result_storage, with_retries
 
     results = [] if results is None else results
     in_dvc = is_dvc_repo(ws)
@@ -228,7 +228,7 @@ def publish_stage_table(
 
     ``failed`` is (stage, one-line error) when a stage failed.
     """
-    from tasks.artifacts import ArtifactSpec, publish
+    from lesionflow.tasks.artifacts import ArtifactSpec, publish
 
     done = {r["stage"]: r for r in results}
     rows = []

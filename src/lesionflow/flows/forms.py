@@ -8,8 +8,8 @@ section shows empty inputs with each key's type, bounds and description, and sub
 
 A partial model checks types and bounds (the form shows them before submitting) and takes ints, floats and bools
 only as they are, like params.yaml; the rules between keys (``min < max`` and the like) are the params models' own,
-checked once on the merged params (``flows.common.resolve_params``). A key cannot be set to null from here (None
-means "not given"): ``overrides`` (``train.patch_size=null``) can.
+checked once on the merged params (``lesionflow.flows.common.resolve_params``). A key cannot be set to null from
+here (None means "not given"): ``overrides`` (``train.patch_size=null``) can.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import DEFAULT_LOCK_TIMEOUT_S, fail, resolve_params
-from flows.forms import Overrides
 from lesionflow.catalog.artifacts import STUDY_CURVES_PNG, STUDY_EFFECTS_PNG, STUDY_SUMMARY
 from lesionflow.errors import LesionflowError
+from lesionflow.flows.common import DEFAULT_LOCK_TIMEOUT_S, fail, resolve_params
+from lesionflow.flows.forms import Overrides
 from lesionflow.params import ProjectParams, StudyParams, TrainParams
 from lesionflow.params_synth import SynthParams
 from lesionflow.workspace import Workspace
@@ -64,7 +64,7 @@ def detection_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _publish(ws: Workspace, summary: dict[str, Any]) -> None:
-    from tasks.artifacts import ArtifactSpec, image_artifact, publish
+    from lesionflow.tasks.artifacts import ArtifactSpec, image_artifact, publish
 
     rows = effects_rows(summary)
     specs = [ArtifactSpec("table", "study-effects", "Each arm against real (Dice points, 95% CI)", table=rows)]
