@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from lesionflow.quality.synthetic_distribution import DistributionStats
 
 GATE = "synthetic"
-ID_COLUMN = "sample_id"
+ID_COLUMN = "sample_id"  # a lesion row's id: "<synthetic sample id>#<lesion index>" (lesion_row_id)
 PARAM_PREFIX = "quality.synthetic."
 
 #: per-sample columns the stage must provide (besides ``sample_id``)
@@ -108,6 +108,16 @@ class SyntheticStats:
     not_measured: Mapping[str, str] = field(default_factory=dict)
     #: the distribution-level checks (MMD ratio, copy rate, seed diversity); the stage always gives them
     distribution: DistributionStats | None = None
+
+
+def lesion_row_id(sample_id: str, lesion: int) -> str:
+    """The gate table's id of a sample's ``lesion``-th generated lesion (the gate rejects lesion rows)."""
+    return f"{sample_id}#{lesion}"
+
+
+def sample_of_row(row_id: str) -> str:
+    """The synthetic sample a gate row (:func:`lesion_row_id`) belongs to: a rejected row rejects its sample."""
+    return str(row_id).split("#")[0]
 
 
 def with_stats_columns(table: pd.DataFrame, stats: SyntheticStats) -> pd.DataFrame:

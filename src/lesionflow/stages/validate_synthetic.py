@@ -72,6 +72,7 @@ from lesionflow.catalog.readers import (
 from lesionflow.devices import resolve_device
 from lesionflow.params import Params
 from lesionflow.quality.findings import gate_failed, gate_findings
+from lesionflow.quality.synthetic_suite import lesion_row_id, sample_of_row
 from lesionflow.stages.base import StageResult
 from lesionflow.workspace import Workspace
 
@@ -157,7 +158,7 @@ def _lesion_rows(
                 notes.append("nn_similarity not measured: no real training lesion to compare with")
         rows.append(
             {
-                "sample_id": f"{sample['sample_id']}#{c.k}",
+                "sample_id": lesion_row_id(sample["sample_id"], c.k),
                 "kind": sample["kind"],
                 "mask_source": c.lesion["mask_source"],
                 "cluster": -1 if c.lesion.get("cluster") is None else int(c.lesion["cluster"]),
@@ -365,7 +366,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     result = run_synthetic_gate(table, stats, thresholds, SYNTHETIC_GATE_REPORT.at(ws))
     findings = gate_findings(result)
     report = str(result.report_html.relative_to(ws.root))
-    rejected_samples = sorted({str(i).split("#")[0] for i in result.rejected})
+    rejected_samples = sorted({sample_of_row(i) for i in result.rejected})
     views["real"] = [_real_view(r) for r in real.lesions[:8]]
     _montage(ws, views)
     table.to_csv(stage_report_dir(ws, STAGE) / "lesions.csv", index=False, float_format="%.6g")
@@ -542,7 +543,7 @@ def _distribution_lesions(sample: dict[str, Any], lesions: list[_LesionCrop]) ->
         if source == "real":
             cluster = c.lesion.get("cluster")
             group = (sample["source_case"], tuple(c.lesion["origin"]), -1 if cluster is None else int(cluster))
-        name = f"{sample['sample_id']}#{c.k}"  # the row id of _lesion_rows
+        name = lesion_row_id(sample["sample_id"], c.k)  # the row id of _lesion_rows
         out.append(SyntheticLesion(c.image, c.mask, new_texture=source != "paste", group=group, name=name))
     return out
 

@@ -64,6 +64,7 @@ from lesionflow.catalog.readers import (
 from lesionflow.errors import GateFailed, SourceError
 from lesionflow.files import write_json, write_text_if_changed
 from lesionflow.params import Params, StudyArm, deep_merge, validate_params
+from lesionflow.quality.synthetic_suite import sample_of_row
 from lesionflow.stages import STAGES
 from lesionflow.store.zarr_store import list_cases
 from lesionflow.study.design import ARM_SYNTH, Cell, arm_generators, grid, nested_subsets
@@ -169,7 +170,8 @@ def _arm_store(
     except GateFailed as failed:  # the arm is still measured; the failure is reported next to its numbers
         store = SYNTHETIC_STORE.at(aws)  # an explicit, recorded choice: the gate's verdict is "failed"
         every = list_cases(store)
-        rejected = set((read_json(SYNTHETIC_GATE_REPORT.at(aws) / "summary.json") or {}).get("rejected", {}))
+        rows = (read_json(SYNTHETIC_GATE_REPORT.at(aws) / "summary.json") or {}).get("rejected", {})
+        rejected = {sample_of_row(row) for row in rows}  # the gate rejects lesion rows; a row rejects its sample
         kept = [c for c in every if c not in rejected]
         if acceptance is not None and kept:  # the filter's purpose: train on what it accepted
             write_synthetic_verdict(store, judged_store_digest(store), kept, sorted(rejected), gate=STUDY_GATE_FILTERED)
