@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lesionflow.preprocess import ops
-from lesionflow.preprocess.normstats import NormStats, normalization_stats, stored_image_checks
+from lesionflow.preprocess.normstats import STATS_SLAB, NormStats, mean_std, normalization_stats, stored_image_checks
 from lesionflow.preprocess.ops import PreprocessRecord
 
 MR = {"schemes": ["zscore"]}
@@ -116,3 +116,13 @@ def test_cubic_overshoot_at_a_sharp_edge_stays_within_the_default() -> None:
     stats = normalization_stats(block, [None], ["zscore"])
     excess = stored_image_checks(ops.resample_image(block, (2.0, 2.0, 3.0), (0.7, 0.7, 0.7)), stats).range_excess
     assert 0.2 < excess < 0.5
+
+
+def test_mean_std_over_slabs_matches_numpy_in_float64() -> None:
+    """Issue 18 item 2: the slab-wise statistics equal NumPy's float64 ones without a float64 copy of the volume."""
+    rng = np.random.default_rng(3)
+    values = (rng.normal(40.0, 300.0, size=STATS_SLAB * 2 + 12345)).astype(np.float32)  # three slabs, one partial
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(float(np.mean(values, dtype=np.float64)), rel=1e-12)
+    assert std == pytest.approx(float(np.std(values, dtype=np.float64)), rel=1e-12)
+    assert all(np.isnan(v) for v in mean_std(np.empty(0, dtype=np.float32)))

@@ -25,6 +25,28 @@ from typing import Any
 
 import numpy as np
 
+STATS_SLAB = 1 << 22  # voxels per float64 temporary of mean_std (32 MiB), whatever the volume's size
+
+
+def mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and population standard deviation of ``values``, accumulated in float64 (NaN, NaN when empty).
+
+    Two passes over slabs of ``STATS_SLAB`` voxels: ``np.std(values, dtype=np.float64)`` allocates a float64
+    array the size of the input (2x a float32 volume), which set the preprocess worker's memory peak on
+    clinical-size scans (docs/benchmarks.md, "Clinical-size scans").
+    """
+    flat = values.reshape(-1)
+    n = flat.size
+    if n == 0:
+        return float("nan"), float("nan")
+    total = sum(float(np.sum(flat[i : i + STATS_SLAB], dtype=np.float64)) for i in range(0, n, STATS_SLAB))
+    mean = total / n
+    squares = 0.0
+    for i in range(0, n, STATS_SLAB):
+        deviation = flat[i : i + STATS_SLAB].astype(np.float64) - mean
+        squares += float(np.dot(deviation, deviation))
+    return mean, float(np.sqrt(squares / n))
+
 
 @dataclass(frozen=True)
 class NormStats:
@@ -80,13 +102,14 @@ def normalization_stats(
     out = []
     for channel, mask, scheme in zip(normed_cf, masks, schemes, strict=True):
         values = channel[mask] if mask is not None else channel
+        mean, std = mean_std(values)
         out.append(
             NormStats(
                 scheme=str(scheme),
                 masked=mask is not None,
                 n_voxels=int(values.size),
-                mean=float(np.mean(values, dtype=np.float64)),
-                std=float(np.std(values, dtype=np.float64)),
+                mean=mean,
+                std=std,
                 lo=float(channel.min()),
                 hi=float(channel.max()),
             )

@@ -36,7 +36,7 @@ from lesionflow.preprocess.geometry import (
     target_shape,
     to_ras,
 )
-from lesionflow.preprocess.normstats import NormStats, normalization_stats
+from lesionflow.preprocess.normstats import NormStats, mean_std, normalization_stats
 
 __all__ = [
     "CropBox",
@@ -93,34 +93,37 @@ def nonzero_mask(image_cf: np.ndarray, label: np.ndarray | None = None) -> np.nd
     return np.asarray(mask, dtype=bool)
 
 
-def zscore(image_cf: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def zscore(image_cf: np.ndarray, mask: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Per-channel ``(x - mean) / std`` (float32) with statistics over ``mask`` (bool x,y,z) or all voxels.
 
     With a mask, voxels outside it are set to 0, like nnU-Net's ``ZScoreNormalization`` with
     ``use_mask_for_norm`` (background stays exactly 0 instead of becoming ``-mean/std``). Statistics are
-    accumulated in float64. A constant channel (std 0) or an empty mask raises ``ValueError``.
+    accumulated in float64 (:func:`~lesionflow.preprocess.normstats.mean_std`). A constant channel (std 0) or an
+    empty mask raises ``ValueError``. ``out`` (float32, the image's shape) receives the result, saving a copy.
     """
     if image_cf.ndim != 4:
         raise ValueError(f"image of shape {image_cf.shape}: expected channel-first (c, x, y, z)")
     _spatial_label(mask, image_cf.shape[1:])
     if mask is not None and not mask.any():
         raise ValueError("normalization mask is empty (0 voxels): expected at least one foreground voxel")
-    out = np.empty(image_cf.shape, dtype=np.float32)
+    out = np.empty(image_cf.shape, dtype=np.float32) if out is None else out
     for c, channel in enumerate(image_cf):
-        values = channel[mask] if mask is not None else channel
-        mean = float(np.mean(values, dtype=np.float64))
-        std = float(np.std(values, dtype=np.float64))
+        mean, std = mean_std(channel[mask] if mask is not None else channel)
         if not (np.isfinite(mean) and np.isfinite(std)):
             raise ValueError(f"channel {c}: mean {mean}, std {std}; expected finite intensities (NaN/inf?)")
         if std == 0:
             raise ValueError(f"constant image: std is 0 in channel {c} (every voxel = {mean:g}); expected contrast")
-        out[c] = (channel.astype(np.float32) - np.float32(mean)) / np.float32(std)
+        np.copyto(out[c], channel, casting="unsafe")  # as float32, in place: no temporaries the volume's size
+        out[c] -= np.float32(mean)
+        out[c] /= np.float32(std)
         if mask is not None:
             out[c][~mask] = 0.0
     return out
 
 
-def ct_normalize(image_cf: np.ndarray, clip_lo: float, clip_hi: float, mean: float, std: float) -> np.ndarray:
+def ct_normalize(
+    image_cf: np.ndarray, clip_lo: float, clip_hi: float, mean: float, std: float, out: np.ndarray | None = None
+) -> np.ndarray:
     """nnU-Net ``CTNormalization``: clip to ``[clip_lo, clip_hi]`` (HU) then ``(x - mean) / std`` (float32).
 
     The four numbers are dataset-wide foreground statistics (0.5/99.5 percentiles, mean, std) from the
@@ -130,7 +133,9 @@ def ct_normalize(image_cf: np.ndarray, clip_lo: float, clip_hi: float, mean: flo
         raise ValueError(f"CT normalization std {std}: expected a positive dataset standard deviation")
     if not (np.isfinite(clip_lo) and np.isfinite(clip_hi) and clip_lo <= clip_hi and np.isfinite(mean)):
         raise ValueError(f"CT clip range [{clip_lo}, {clip_hi}] / mean {mean}: expected finite lo <= hi")
-    out = image_cf.astype(np.float32, copy=True)  # the only full-size allocation: clip and scale in place
+    if out is None:
+        out = np.empty(image_cf.shape, dtype=np.float32)
+    np.copyto(out, image_cf, casting="unsafe")  # as float32 into ``out`` (the caller's buffer): clip, scale in place
     np.clip(out, np.float32(clip_lo), np.float32(clip_hi), out=out)
     out -= np.float32(mean)
     out /= np.float32(std)
@@ -218,11 +223,11 @@ def _normalize(
         channel = image_cf[c : c + 1]
         if scheme == "zscore":
             masks.append(mask if _use_mask(normalization, c, mask) else None)
-            out[c] = zscore(channel, masks[-1])[0]
+            zscore(channel, masks[-1], out=out[c : c + 1])
         elif scheme == "ct":
             masks.append(None)  # dataset-wide scale: recorded over the whole crop, for the range check only
             p = normalization["ct"][c]
-            out[c] = ct_normalize(channel, p["clip_lo"], p["clip_hi"], p["mean"], p["std"])[0]
+            ct_normalize(channel, p["clip_lo"], p["clip_hi"], p["mean"], p["std"], out=out[c : c + 1])
         else:
             raise ValueError(f"normalization scheme {scheme!r} for channel {c}: expected 'zscore' or 'ct'")
     # Measured here, before resampling, in the normalization's own mask: afterwards the mask is gone (cubic
