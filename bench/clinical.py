@@ -263,14 +263,14 @@ def time_b2nd(nn_python: Path, tmp: Path, folder: Path, patch, warm, plan) -> tu
 
 
 def run_reads(args: argparse.Namespace, tmp: Path, root: Path, raw: Path, b2nd: Path | None, numbers: Numbers) -> None:
-    from lesionflow.store.zarr_store import list_cases, open_case_array
+    from lesionflow.store.zarr_store import case_shape, list_cases
 
     store = root / "data" / "processed" / "store.zarr"
     cases = list_cases(store)
     if b2nd is not None:
         nn_cases = {p.name.removesuffix("_seg.b2nd") for p in b2nd.glob("*_seg.b2nd")}
         cases = [cid for cid in cases if cid in nn_cases]
-    shapes = {cid: tuple(open_case_array(store, cid, "image").shape[1:]) for cid in cases}
+    shapes = {cid: case_shape(store, cid)[1:] for cid in cases}
     patch = pr.parse_patch(args.patch, numbers.ours["plan"]["patch_size"])
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, SEED_TAG, 1_000_000]))
     picks = [(cases[int(rng.integers(len(cases)))], rng.random(3).tolist()) for _ in range(args.reads + pr.WARMUP)]

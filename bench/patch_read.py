@@ -131,13 +131,13 @@ def time_readers(store: Path, plan, warm, patch, shapes, mode: str) -> tuple[flo
 
     import zarr
 
-    from lesionflow.store.zarr_store import ZarrWindowReader, open_case_array, open_case_reader
+    from lesionflow.store.zarr_store import VoxelOrderReader, ZarrWindowReader, open_case_array, open_case_reader
 
     def open_reader(case: str, name: str):
         if mode != "zarrs":
             return open_case_reader(store, case, name, fast=mode == "fast")
         with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline", "threading.max_workers": 1}):
-            return ZarrWindowReader(open_case_array(store, case, name))
+            return VoxelOrderReader(ZarrWindowReader(open_case_array(store, case, name)))
 
     used = sorted({case for case, _ in [*warm, *plan]})
     readers = {case: (open_reader(case, "image"), open_reader(case, "label")) for case in used}
@@ -243,13 +243,13 @@ def main() -> None:
         if args.chunk:
             overrides.append(f"plan.chunk_shape=[{args.chunk},{args.chunk},{args.chunk}]")
         c.run_stages(root, ["ingest", "validate-raw", "plan", "preprocess"], overrides)
-        from lesionflow.store.zarr_store import list_cases, open_case_array
+        from lesionflow.store.zarr_store import case_shape, list_cases
 
         store = root / "data" / "processed" / "store.zarr"
         plans = json.loads((root / "data" / "processed" / "plans.json").read_text())
         patch = parse_patch(args.patch, plans["patch_size"])
         cases = list_cases(store)
-        shapes = {cid: tuple(open_case_array(store, cid, "image").shape[1:]) for cid in cases}
+        shapes = {cid: case_shape(store, cid)[1:] for cid in cases}
 
         nn, why = c.find_nnunet(args.nnunet_venv)
         b2nd_dir = None

@@ -18,7 +18,7 @@ from lesionflow.io.publish import (
     remote_url,
     upload_order,
 )
-from lesionflow.store.zarr_store import CaseArrays, write_case
+from lesionflow.store.zarr_store import CaseArrays, on_disk, write_case
 from tests.helpers.moto_server import MotoS3, _free_port
 
 BUCKET = "team"
@@ -58,7 +58,7 @@ def test_publish_makes_an_exact_readable_copy_and_sends_only_changes(moto_s3: Mo
     # zarr reads the copy straight from S3 (s3fs, endpoint from AWS_ENDPOINT_URL), geometry included
     group = zarr.open_group(url, mode="r", storage_options=FRESH)
     assert sorted(group.group_keys()) == ["a", "b"]
-    np.testing.assert_array_equal(group["a"]["image"][:], image_a)
+    np.testing.assert_array_equal(group["a"]["0"][:], on_disk(image_a))  # level 0, stored (c, z, y, x)
     assert group["a"].attrs["affine"][0][1] == -1.5
     # the bytes are those of the local folder
     assert sha256_tree(_download(url, tmp_path / "copy")) == sha256_tree(store)

@@ -15,9 +15,12 @@ from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ShardingCodec, Transp
 from lesionflow.seg.patches import PatchDataset, index_cases
 from lesionflow.store.shard_reader import ShardReader, open_shard_reader, parse_layout
 from lesionflow.store.zarr_store import (
+    ARRAY_PATHS,
     COMPRESSION,
     CaseArrays,
+    VoxelOrderReader,
     ZarrWindowReader,
+    on_disk,
     open_case_reader,
     read_patch,
     write_case,
@@ -70,9 +73,11 @@ def test_store_case_reads_match_zarr_python(tmp_path: Path, compression: str) ->
     root = _case(tmp_path, compression)
     for name in ("image", "label"):
         reader = open_case_reader(root, "c1", name)
-        assert isinstance(reader, ShardReader)  # the store's own layouts take the fast path
-        assert len(reader.layout.codecs) == (compression != "none")
-        _assert_same_windows(reader.path)
+        assert isinstance(reader, VoxelOrderReader)  # API order (x, y, z) over the stored (z, y, x)
+        stored = reader.stored
+        assert isinstance(stored, ShardReader)  # the store's own layouts take the fast path
+        assert len(stored.layout.codecs) == (compression != "none")
+        _assert_same_windows(stored.path)
         reader.close()
     assert open_case_reader(root, "c1", "organ") is None
 
@@ -174,7 +179,9 @@ def test_non_sharded_case_falls_back_to_zarr_python(tmp_path: Path) -> None:
     shutil.rmtree(label_path)
     _array(label_path, label, chunks=(8, 8, 8), compressors=ZstdCodec())  # what another writer might leave
     reader = open_case_reader(root, "c1", "label")
-    assert isinstance(reader, ZarrWindowReader)
+    assert isinstance(reader, VoxelOrderReader)
+    assert isinstance(reader.stored, ZarrWindowReader)
+    label = on_disk(label)  # the stored (z, y, x) in the API's (x, y, z)
     for origin, size in _windows(SHAPE, 20, seed=7):
         padded = np.zeros(tuple(s + 200 for s in SHAPE), dtype=np.uint8)
         padded[100 : 100 + SHAPE[0], 100 : 100 + SHAPE[1], 100 : 100 + SHAPE[2]] = label
@@ -185,7 +192,7 @@ def test_non_sharded_case_falls_back_to_zarr_python(tmp_path: Path) -> None:
 
 def test_damaged_index_is_reported(tmp_path: Path) -> None:
     root = _case(tmp_path)
-    shard = root / "c1" / "image" / "c" / "0" / "0" / "0" / "0"
+    shard = root / "c1" / ARRAY_PATHS["image"] / "c" / "0" / "0" / "0" / "0"
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF  # inside the index, before its crc32c
     shard.write_bytes(bytes(raw))
@@ -206,4 +213,4 @@ def test_patch_dataset_reads_are_read_patch_bytes(tmp_path: Path, cache_mb: floa
         assert want_label is not None
         assert image.tobytes() == want_image.astype(np.float32).tobytes()
         assert label.tobytes() == want_label.tobytes()
-    assert isinstance(dataset._array(case, "image"), ShardReader)
+    assert isinstance(getattr(dataset._array(case, "image"), "stored", None), ShardReader)

@@ -476,8 +476,9 @@ def read_progression_manifest(ws: Workspace) -> dict[str, dict[str, Any]]:
 
 def write_progression_manifest(ws: Workspace, records: dict[str, dict[str, Any]]) -> None:
     """The manifest of the trajectories that exist in the store (sorted by id)."""
-    from lesionflow.synth.trajectory_store import list_trajectories
+    from lesionflow.synth.trajectory_store import index_trajectories, list_trajectories
 
+    index_trajectories(PROGRESSION_STORE.at(ws))  # viewers find the trajectories from the store root
     stored = set(list_trajectories(PROGRESSION_STORE.at(ws)))
     kept = [records[t] for t in sorted(records) if t in stored]
     write_json(PROGRESSION_MANIFEST.at(ws), {"generator": generator_digest(ws, "pie"), "trajectories": kept})

@@ -24,7 +24,7 @@ from lesionflow.params import AugmentParams
 from lesionflow.seeding import rng_for
 from lesionflow.seg.augment import Shape3, apply_augmentation, draw_margin, sample_augmentation
 from lesionflow.store.shard_reader import WindowReader
-from lesionflow.store.zarr_store import _read_window, open_case_array, open_case_reader
+from lesionflow.store.zarr_store import _read_window, case_shape, open_case_reader
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous; identity is enough
@@ -87,16 +87,16 @@ def index_cases(store: Path, case_ids: Sequence[str], *, seed: int, max_points: 
         raise ValueError(f"max_points must be >= 1, got {max_points}")
     indexed = []
     for case_id in case_ids:
-        image = open_case_array(store, case_id, "image")
-        assert image is not None  # open_case_array raises for a case without image
-        label = open_case_array(store, case_id, "label")
+        channels, *spatial = case_shape(store, case_id)
+        shape = (spatial[0], spatial[1], spatial[2])
+        label = open_case_reader(store, case_id, "label")
         if label is None:
             foreground, classes = np.zeros((0, 3), dtype=np.int32), np.zeros(0, dtype=np.uint8)
         else:
             rng = rng_for(seed, "fg-index", case_id)
-            foreground, classes = _index_foreground(np.asarray(label[...]), rng, max_points)
-        shape = (int(image.shape[1]), int(image.shape[2]), int(image.shape[3]))
-        indexed.append(CaseIndex(Path(store), case_id, shape, int(image.shape[0]), foreground, classes))
+            foreground, classes = _index_foreground(label.read((0, 0, 0), shape), rng, max_points)
+            label.close()
+        indexed.append(CaseIndex(Path(store), case_id, shape, channels, foreground, classes))
     return indexed
 
 

@@ -203,7 +203,7 @@ def _plan_work(ws: Workspace, params: Params, plan: Plan) -> Work:
 
 
 def run(ws: Workspace, params: Params) -> StageResult:
-    from lesionflow.store.zarr_store import open_store
+    from lesionflow.store.zarr_store import index_collection, list_cases, open_store
 
     plan = load_plan(ws)
     root = STORE.at(ws)
@@ -214,6 +214,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
     findings: list[Finding] = []
     if todo:
         findings = _fan_out(ws, params, plan, todo, rows)
+    index_collection(root, list_cases(root))  # viewers find the cases from the store root
     write_metadata(ws, rows)
     n_processed = len(todo) - len(findings)
     summary = {

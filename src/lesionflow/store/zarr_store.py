@@ -1,10 +1,17 @@
 """Zarr v3 store of preprocessed cases: one OME-Zarr 0.5 image group per case, written atomically.
 
-Layout: ``<root>`` is a Zarr v3 group; ``<root>/<case_id>`` a group whose attrs are the caller's attrs (keys
-sorted) plus ``ome`` (NGFF 0.5 multiscales), with arrays (paths in :data:`ARRAY_PATHS`, use
-:func:`open_case_array` rather than hard-coding them):
-``image`` (c, x, y, z) float32|float16, RAS voxel order, NGFF axes "c","x","y","z";
-``labels/label/0`` and ``labels/organ/0`` (x, y, z) uint8, as NGFF "image-label" groups under ``labels``.
+Axis contract: the functions here take and return arrays in the code's voxel order, image ``(c, x, y, z)`` and
+labels ``(x, y, z)`` (RAS); on disk every array has its spatial axes reversed, ``(c, z, y, x)`` and ``(z, y, x)``,
+the order NGFF viewers expect (:mod:`lesionflow.store.ngff`). Only :func:`open_case_array` hands out the raw on-disk
+array. ``spacing`` and ``affine`` in the attrs stay indexed (x, y, z).
+
+Layout: ``<root>`` is a Zarr v3 group listing its cases as an NGFF collection (``ome.bioformats2raw.layout`` 3, and
+``OME/`` whose ``series`` names the cases: :func:`index_collection`); ``<root>/<case_id>`` a group whose attrs are the
+caller's attrs (keys sorted) plus ``ome`` (NGFF 0.5 multiscales), with arrays (level 0 paths in :data:`ARRAY_PATHS`;
+use the readers below rather than hard-coding them):
+``0``, ``1``, ... the image pyramid (:mod:`lesionflow.store.pyramid`; level 0 is the data, float32|float16);
+``labels/<name>/0``, ``/1``, ... for ``label``, ``organ`` (and ``generated`` on synthetic cases), uint8, as NGFF
+"image-label" groups with the image's levels.
 
 Each array is one shard (shape rounded up to the inner chunk), written by one process in one call: no
 read-modify-write race inside a shard (pipeline.md §5). All-zero inner chunks are not stored
@@ -31,6 +38,8 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from lesionflow.case_id import check_case_id
 from lesionflow.hashing import combine_digests, sha256_file, sha256_tree
+from lesionflow.store import ngff
+from lesionflow.store.pyramid import downsample_image, downsample_label, level_factors
 from lesionflow.store.shard_reader import WindowReader, open_shard_reader
 
 # Plain Zstandard level 3: on smooth float32 volumes it compressed better (3.6x vs 1.9x) and wrote faster than
@@ -45,16 +54,16 @@ COMPRESSION: dict[str, ZstdCodec | BloscCodec | None] = {
     "blosc-lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
     "none": None,
 }
-IMAGE_AXES = ("c", "x", "y", "z")
-SPATIAL_AXES = ("x", "y", "z")
+IMAGE_AXES = ("c", "z", "y", "x")  # on disk; the API's image is (c, x, y, z)
+SPATIAL_AXES = ("z", "y", "x")
 LABEL_NAMES = ("label", "organ", "generated")
-ARRAY_PATHS: dict[str, str] = {
-    "image": "image",
+ARRAY_PATHS: dict[str, str] = {  # level 0 of each pyramid
+    "image": "0",
     "label": "labels/label/0",
     "organ": "labels/organ/0",
     "generated": "labels/generated/0",
 }
-NGFF_VERSION = "0.5"
+NGFF_VERSION = ngff.NGFF_VERSION
 _TMP, _OLD = ".tmp-", ".old-"
 
 
@@ -95,37 +104,38 @@ def jsonable(obj: Any) -> Any:
     raise TypeError(f"attribute value of type {type(obj).__name__} is not JSON-serialisable")
 
 
-def _axes(names: Sequence[str]) -> list[dict[str, str]]:
-    return [
-        {"name": n, "type": "channel"} if n == "c" else {"name": n, "type": "space", "unit": "millimeter"}
-        for n in names
-    ]
+def on_disk(array: np.ndarray) -> np.ndarray:
+    """The view of ``array`` with its last three (spatial) axes reversed: (..., x, y, z) <-> (..., z, y, x).
+
+    Its own inverse; the one rule between the code's voxel order and the stored one."""
+    return np.swapaxes(array, -1, -3)
 
 
-def _multiscales(name: str, path: str, axes: Sequence[str], attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """NGFF 0.5 ``multiscales`` with one level; scale = spacing, translation = affine[:3, 3] (if given)."""
-    spacing = [float(s) for s in attrs["spacing"]]
-    lead = [1.0] * (len(axes) - 3)  # the channel axis is not scaled
-    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": lead + spacing}]
-    if attrs.get("affine") is not None:
-        # NGFF has no rotation: only the world position of voxel (0,0,0); the full affine stays in our attrs.
-        offset = [float(v) for v in np.asarray(attrs["affine"], dtype=float)[:3, 3]]
-        transforms.append({"type": "translation", "translation": [0.0] * len(lead) + offset})
-    return [{"name": name, "axes": _axes(axes), "datasets": [{"path": path, "coordinateTransformations": transforms}]}]
+def _write_group_json(folder: Path, attributes: Mapping[str, Any]) -> None:
+    """Write ``<folder>/zarr.json`` of a group with ``attributes`` atomically (racing writers write the same bytes,
+    so the winner does not matter)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{_TMP}group-{secrets.token_hex(4)}"
+    try:
+        zarr.create_group(store=str(tmp), zarr_format=3, attributes=jsonable(attributes))
+        os.replace(tmp / "zarr.json", folder / "zarr.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_root(root: Path) -> None:
-    """Create ``<root>/zarr.json`` atomically (several worker processes may race here)."""
-    if (root / "zarr.json").is_file():
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{_TMP}root-{secrets.token_hex(4)}"
-    try:
-        zarr.create_group(store=str(tmp), zarr_format=3)
-        # os.replace is atomic, and racing writers all write the same bytes, so the winner does not matter.
-        os.replace(tmp / "zarr.json", root / "zarr.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Create ``<root>/zarr.json`` (an NGFF collection) atomically (several worker processes may race here)."""
+    if not (root / "zarr.json").is_file():
+        _write_group_json(Path(root), {"ome": ngff.collection_root()})
+
+
+def index_collection(root: Path, images: Sequence[str]) -> None:
+    """List ``images`` (group names under ``root``, in order) as the root's NGFF collection: ``<root>/OME`` series.
+
+    Call it after the writes of a stage (the list is derived data: :func:`list_cases` scans the folders)."""
+    root = Path(root)
+    ensure_root(root)
+    _write_group_json(root / ngff.COLLECTION_GROUP, {"ome": ngff.collection_series(images)})
 
 
 def open_store(root: Path) -> zarr.Group:
@@ -200,19 +210,38 @@ def _fsync_tree(path: Path) -> None:
             _fsync(os.path.join(dirpath, name))
 
 
-# Display colours (RGBA) for label values, cycled; NGFF says image-label SHOULD list "colors".
-_PALETTE = ((255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (200, 0, 255), (0, 220, 220), (255, 120, 0))
-
-
-def _label_colors(label: np.ndarray) -> list[dict[str, Any]]:
-    """One colour entry per non-zero value present in ``label`` (sorted), for NGFF viewers."""
+def _label_counts(label: np.ndarray) -> np.ndarray:
+    """Voxel count per label value (a bincount of at least 256 entries)."""
     # slab by slab: bincount widens its input to int64 (8x a uint8 label), which set the writer's memory peak
     flat, counts = label.reshape(-1), np.zeros(256, dtype=np.int64)
     for i in range(0, flat.size, 1 << 22):
         slab = np.bincount(flat[i : i + (1 << 22)], minlength=counts.size)
         counts = np.pad(counts, (0, slab.size - counts.size)) + slab  # a label value above 255 widens it
-    values = np.flatnonzero(counts)
-    return [{"label-value": int(v), "rgba": [*_PALETTE[(int(v) - 1) % len(_PALETTE)], 255]} for v in values if v]
+    return counts
+
+
+def _label_colors(label: np.ndarray) -> list[dict[str, Any]]:
+    """One colour entry per non-zero value present in ``label`` (sorted), for NGFF viewers."""
+    return ngff.label_colors(_label_counts(label))
+
+
+def _write_pyramid(
+    group: zarr.Group,
+    level0: np.ndarray,
+    steps: Sequence[tuple[int, ...]],
+    chunk: Sequence[int],
+    dims: Sequence[str],
+    downsample: Callable[[np.ndarray, Sequence[int]], np.ndarray],
+    compression: str,
+) -> None:
+    """Arrays ``0``, ``1``, ... of ``group``: ``level0`` (on-disk order) and its downsampled levels (``steps``)."""
+    level = level0
+    lead = level0.ndim - len(chunk)
+    for k, step in enumerate(steps):
+        if k:
+            level = downsample(level, step)
+        spatial = tuple(min(c, s) for c, s in zip(chunk, level.shape[lead:], strict=True))
+        write_array(group, str(k), level, (1,) * lead + spatial, dims, compression)  # one chunk per channel
 
 
 def _write_group(
@@ -223,23 +252,25 @@ def _write_group(
     chunk: Sequence[int],
     compression: str = "zstd",
 ) -> None:
-    """Write the complete case group (metadata + all arrays) into the fresh folder ``tmp``."""
-    spatial = data["image"].shape[1:]
-    p = tuple(min(int(c), s) for c, s in zip(chunk, spatial, strict=True))
-    ome = {"version": NGFF_VERSION, "multiscales": _multiscales(case_id, "image", IMAGE_AXES, attrs)}
+    """Write the complete case group (metadata + all pyramids) into the fresh folder ``tmp``.
+
+    ``data`` is in the API order; ``chunk`` is (x, y, z) like the plan's chunk shape."""
+    image = on_disk(data["image"])
+    steps = level_factors(image.shape[1:])
+    factors = [tuple(int(f) for f in np.prod(steps[: k + 1], axis=0)) for k in range(len(steps))]
+    paths = [str(k) for k in range(len(steps))]
+    disk_chunk = tuple(int(c) for c in reversed(list(chunk)))
+    ome = {"version": NGFF_VERSION, "multiscales": ngff.multiscales(case_id, IMAGE_AXES, paths, attrs, factors)}
     group = zarr.create_group(store=str(tmp), zarr_format=3, attributes={**jsonable(attrs), "ome": jsonable(ome)})
-    write_array(group, "image", data["image"], (1, *p), IMAGE_AXES, compression)
+    _write_pyramid(group, image, steps, disk_chunk, IMAGE_AXES, downsample_image, compression)
     names = [n for n in LABEL_NAMES if n in data]
     if names:
         labels = group.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": names}})
         for name in names:
-            label_ome = {
-                "version": NGFF_VERSION,
-                "image-label": {"colors": _label_colors(data[name]), "source": {"image": "../../"}},
-                "multiscales": _multiscales(name, "0", SPATIAL_AXES, attrs),
-            }
+            multiscale = ngff.multiscales(name, SPATIAL_AXES, paths, attrs, factors)
+            label_ome = ngff.image_label(_label_colors(data[name]), multiscale)
             sub = labels.create_group(name, attributes={"ome": jsonable(label_ome)})
-            write_array(sub, "0", data[name], p, SPATIAL_AXES, compression)
+            _write_pyramid(sub, on_disk(data[name]), steps, disk_chunk, SPATIAL_AXES, downsample_label, compression)
 
 
 def write_case(
@@ -263,6 +294,8 @@ def write_case(
     """
     root = Path(root)
     check_case_id(case_id)  # the rule ingest applies (lesionflow.case_id); InvalidCaseId is a ValueError
+    if case_id == ngff.COLLECTION_GROUP:
+        raise ValueError(f"case id {case_id!r} is reserved by the NGFF collection layout of the store root")
     data = _prepare(arrays, image_dtype)
     if compression not in COMPRESSION:
         raise ValueError(f"compression must be one of {sorted(COMPRESSION)}, got {compression!r}")
@@ -331,7 +364,7 @@ def clean_temp(root: Path, is_complete: Callable[[Path], bool] | None = None) ->
 
 
 def _is_complete(case_dir: Path) -> bool:
-    return (case_dir / "zarr.json").is_file() and (case_dir / "image" / "zarr.json").is_file()
+    return (case_dir / "zarr.json").is_file() and (case_dir / ARRAY_PATHS["image"] / "zarr.json").is_file()
 
 
 def list_cases(root: Path) -> list[str]:
@@ -339,7 +372,11 @@ def list_cases(root: Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and _is_complete(p))
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not p.name.startswith(".") and p.name != ngff.COLLECTION_GROUP and p.is_dir() and _is_complete(p)
+    )
 
 
 def _case_dir(root: Path, case_id: str) -> Path:
@@ -373,7 +410,9 @@ def read_case_attrs(root: Path, case_id: str, *, include_ome: bool = False) -> d
 
 
 def open_case_array(root: Path, case_id: str, name: str) -> zarr.Array | None:
-    """Open array ``name`` ("image", "label", "organ" or "generated") read-only; None when the case lacks it."""
+    """The stored level-0 array ``name`` ("image", "label", "organ" or "generated"), read-only, in the **on-disk**
+    order (c, z, y, x) / (z, y, x); None when the case lacks it. Code that wants voxels uses :func:`read_case`,
+    :func:`open_case_reader` or :func:`case_shape`."""
     path = _case_dir(root, case_id) / ARRAY_PATHS[name]
     if not (path / "zarr.json").is_file():
         return None
@@ -382,10 +421,20 @@ def open_case_array(root: Path, case_id: str, name: str) -> zarr.Array | None:
     return arr
 
 
+def case_shape(root: Path, case_id: str) -> tuple[int, int, int, int]:
+    """The case's image shape (c, x, y, z), from its metadata (no voxel is read)."""
+    image = open_case_array(root, case_id, "image")
+    assert image is not None  # _case_dir raises for a case without image
+    c, z, y, x = (int(n) for n in image.shape)
+    return c, x, y, z
+
+
 def read_case(root: Path, case_id: str) -> CaseArrays:
-    """Read all arrays of a case into memory."""
+    """Read all arrays of a case into memory, in the API order (C-contiguous)."""
     arrays = {name: open_case_array(root, case_id, name) for name in ARRAY_PATHS}
-    loaded = {name: None if a is None else np.asarray(a[...]) for name, a in arrays.items()}
+    loaded = {
+        name: None if a is None else np.ascontiguousarray(on_disk(np.asarray(a[...]))) for name, a in arrays.items()
+    }
     assert loaded["image"] is not None
     return CaseArrays(
         image=loaded["image"], label=loaded["label"], organ=loaded["organ"], generated=loaded["generated"]
@@ -409,7 +458,8 @@ def _read_window(arr: zarr.Array | np.ndarray, origin: Sequence[int], size: Sequ
 
 
 class ZarrWindowReader:
-    """:class:`~lesionflow.store.shard_reader.WindowReader` through zarr-python: any layout zarr-python opens."""
+    """:class:`~lesionflow.store.shard_reader.WindowReader` through zarr-python, in the array's own axis order:
+    any layout zarr-python opens."""
 
     def __init__(self, array: zarr.Array) -> None:
         self.array = array
@@ -429,11 +479,35 @@ class ZarrWindowReader:
         return None
 
 
+class VoxelOrderReader:
+    """A :class:`~lesionflow.store.shard_reader.WindowReader` in the API order over one in the on-disk order:
+    origins and sizes are given (x, y, z), windows come back as views (c, x, y, z) / (x, y, z) of the stored ones."""
+
+    def __init__(self, stored: WindowReader) -> None:
+        self.stored = stored
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self.stored.shape
+        return (*shape[:-3], *reversed(shape[-3:]))
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self.stored.dtype
+
+    def read(self, origin: Sequence[int], size: Sequence[int]) -> np.ndarray:
+        return on_disk(self.stored.read(tuple(reversed(list(origin))), tuple(reversed(list(size)))))
+
+    def close(self) -> None:
+        self.stored.close()
+
+
 def open_case_reader(root: Path, case_id: str, name: str, *, fast: bool = True) -> WindowReader | None:
-    """A window reader for array ``name`` of the case (None when the case lacks it), to keep open across reads.
+    """A window reader for array ``name`` of the case in the API order (None when the case lacks it), to keep open
+    across reads.
 
     With ``fast``, the direct shard reader (:mod:`lesionflow.store.shard_reader`) where it decodes the layout exactly,
-    else zarr-python; both return the same bytes as :func:`read_patch`. The caller closes it (file descriptors).
+    else zarr-python; both return the same voxels as :func:`read_patch`. The caller closes it (file descriptors).
     """
     path = _case_dir(root, case_id) / ARRAY_PATHS[name]
     if not (path / "zarr.json").is_file():
@@ -441,20 +515,19 @@ def open_case_reader(root: Path, case_id: str, name: str, *, fast: bool = True) 
     if fast:
         reader, _ = open_shard_reader(path)
         if reader is not None:
-            return reader
+            return VoxelOrderReader(reader)
     array = open_case_array(root, case_id, name)
     assert array is not None
-    return ZarrWindowReader(array)
+    return VoxelOrderReader(ZarrWindowReader(array))
 
 
 def read_patch(
     root: Path, case_id: str, origin: tuple[int, int, int], size: tuple[int, int, int]
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image (c, *size) and label (*size) patch starting at voxel ``origin`` (may be negative / past the end).
-
-    Voxels outside the volume are 0. The label is None when the case has none. Dtypes are the stored ones.
-    """
-    image = open_case_array(root, case_id, "image")
+    """Image (c, *size) and label (*size) patch starting at voxel ``origin`` (x, y, z; may be negative / past the
+    end), in the API order. Voxels outside the volume are 0. The label is None when the case has none. Dtypes are the
+    stored ones."""
+    readers = [open_case_reader(root, case_id, name, fast=False) for name in ("image", "label")]
+    image, label = (None if r is None else r.read(origin, size) for r in readers)
     assert image is not None
-    label = open_case_array(root, case_id, "label")
-    return _read_window(image, origin, size), None if label is None else _read_window(label, origin, size)
+    return image, label

@@ -325,7 +325,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
 
     import zarr
 
-    from lesionflow.store.zarr_store import clean_temp, ensure_root, open_store
+    from lesionflow.store.zarr_store import clean_temp, ensure_root, index_collection, list_cases, open_store
     from lesionflow.synth.trajectory_store import repair
 
     for method in _methods(params):
@@ -390,6 +390,7 @@ def run(ws: Workspace, params: Params) -> StageResult:
         models.insert(0, f"copy-paste:{donors}")
     generator_model = ", ".join(models)
     zarr.open_group(str(root), mode="r+", zarr_format=3).attrs.update({"generator_model": generator_model})
+    index_collection(root, list_cases(root))  # viewers find the samples from the store root
     manifest = {
         "generator_model": generator_model,
         "generators": {m: generator_digest(ws, m) for m in texture},
