@@ -207,6 +207,11 @@ class PreprocessParams(_Section):
     label_resampling: Literal["onehot_linear", "nearest"] = Field(
         "onehot_linear", description="How labels are resampled."
     )
+    compression: Literal["zstd", "blosc-lz4", "none"] = Field(
+        "zstd",
+        description="Inner-chunk codec of the stores (processed and synthetic): zstd is the smallest, blosc-lz4 "
+        "reads training patches faster, none fastest (docs/benchmarks.md, random patch reads).",
+    )
 
 
 class AugmentParams(_Section):

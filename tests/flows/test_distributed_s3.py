@@ -29,7 +29,7 @@ from lesionflow.params import StorageParams
 from lesionflow.registry.lineage import read_lineage
 from lesionflow.registry.tracking import resolve_tracking_uri
 from lesionflow.stages import STAGES
-from lesionflow.store.zarr_store import list_cases
+from lesionflow.store.zarr_store import ARRAY_PATHS, list_cases
 from tests.helpers.dask_cluster import DaskCluster, dask_cluster
 from tests.helpers.moto_server import REGION, _free_port, _post
 from tests.test_dvc_consistency import _run, init_dvc_workspace
@@ -134,10 +134,12 @@ def test_pipeline_runs_on_the_dask_cluster_with_its_storage_on_s3(team_run: Team
         url = f"{team_run.remote}/{rel}"
         group = zarr.open_group(url, mode="r", storage_options=FRESH)
         local = ws / rel
-        assert sorted(group.group_keys()) == list_cases(local)
+        assert sorted(group.group_keys()) == sorted(["OME", *list_cases(local)])
+        assert group["OME"].attrs["ome"]["series"] == list_cases(local)  # the NGFF collection listing travels too
         case = list_cases(local)[0]
         local_group = zarr.open_group(str(local), mode="r")
-        np.testing.assert_array_equal(group[case]["image"][:], local_group[case]["image"][:])
+        level0 = ARRAY_PATHS["image"]
+        np.testing.assert_array_equal(group[case][level0][:], local_group[case][level0][:])
         assert group[case].attrs["affine"] == local_group[case].attrs["affine"]
         index = json.loads(_s3().get_object(Bucket=BUCKET, Key=f"ws/{rel}.publish.json")["Body"].read())
         assert index["digest"] == sha256_tree(local)

@@ -21,7 +21,7 @@ from lesionflow.manifest import read_manifest
 from lesionflow.params import load_params
 from lesionflow.preprocess.geometry import invert_to_raw, spacing_of
 from lesionflow.stages import STAGES
-from lesionflow.store.zarr_store import list_cases, read_case, read_case_attrs
+from lesionflow.store.zarr_store import ARRAY_PATHS, list_cases, read_case, read_case_attrs
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import add_msd_entry, sphere_case, write_msd
 
@@ -46,6 +46,8 @@ def test_pipeline_to_store_and_no_work_on_rerun(msd_workspace: Workspace) -> Non
     plan = json.loads(((ws.root / "data" / "processed") / "plans.json").read_text())
     assert plan["target_spacing"] == pytest.approx([1.0, 1.2, 2.0])  # median of identical spacings
     assert list_cases(STORE.at(ws)) == ["case_000", "case_001", "case_002", "case_003"]
+    ome = json.loads((STORE.at(ws) / "OME" / "zarr.json").read_text())["attributes"]["ome"]
+    assert ome["series"] == list_cases(STORE.at(ws))  # viewers find the cases from the store root
     arrays = read_case(STORE.at(ws), "case_001")
     attrs = read_case_attrs(STORE.at(ws), "case_001")
     assert arrays.image.dtype == np.float32
@@ -93,6 +95,27 @@ def test_param_change_reruns_and_status_says_why(msd_workspace: Workspace) -> No
     result = run_cached("preprocess", ws, params, STAGES["preprocess"].run)
     assert result.summary["n_processed"] == 4
     assert read_case(STORE.at(ws), "case_000").image.dtype == np.float16
+
+
+def test_compression_param_reaches_the_store_and_keeps_the_voxels(msd_workspace: Workspace) -> None:
+    ws = msd_workspace
+    _run_all(ws, "preprocess.workers=1")
+    before = read_case(STORE.at(ws), "case_000")
+
+    def inner_codecs() -> list[str]:
+        meta = json.loads((STORE.at(ws) / "case_000" / ARRAY_PATHS["image"] / "zarr.json").read_text())
+        (sharding,) = meta["codecs"]
+        return [codec["name"] for codec in sharding["configuration"]["codecs"]]
+
+    assert inner_codecs() == ["bytes", "zstd"]
+    params = load_params(ws.params_file, ["preprocess.workers=1", "preprocess.compression=blosc-lz4"])
+    assert {s.stage: s.reason for s in status(ws, params)}["preprocess"] == "param preprocess.compression changed"
+    assert run_cached("preprocess", ws, params, STAGES["preprocess"].run).summary["n_processed"] == 4
+    assert inner_codecs() == ["bytes", "blosc"]
+    after = read_case(STORE.at(ws), "case_000")
+    assert after.image.tobytes() == before.image.tobytes()
+    assert after.label is not None and before.label is not None
+    assert np.array_equal(after.label, before.label)
 
 
 def test_same_inputs_same_bytes_in_two_workspaces(tmp_path: Path, workspace: Path) -> None:

@@ -136,7 +136,7 @@ STAGES: dict[str, StageSpec] = {
             fn=synthesize.run,
             description="One Dask task per (case, sample) and per PIE trajectory: lesions pasted into full volumes "
             "and progression frames -> Zarr.",
-            params=(*_SPLITS, "synth", "preprocess.memory_limit"),
+            params=(*_SPLITS, "synth", "preprocess.memory_limit", "preprocess.compression"),
             reads=(a.GENERATORS, a.ROIS, a.ACCEPTED, a.METADATA, a.PLANS, a.STORE),
             writes=(
                 a.SYNTHETIC_MANIFEST,

@@ -48,6 +48,7 @@ def case_key(rec: CaseRecord, plan: Plan, params: Params) -> str:
             plan.preprocessing_hash,
             p.image_dtype,
             p.label_resampling,
+            p.compression,
         ]
     )
 
@@ -79,6 +80,7 @@ def process_case(
     key: str,
     image_dtype: str,
     label_resampling: str,
+    compression: str = "zstd",
 ) -> dict[str, Any]:
     """Runs in a Dask worker: read one raw case, preprocess, write its store group, return its metadata row."""
     from lesionflow.io.volumes import read_volume
@@ -159,6 +161,7 @@ def process_case(
             attrs,
             chunk_shape=plan.chunk_shape,
             image_dtype=image_dtype,
+            compression=compression,
         ),
     }
     return {"case_id": rec.case_id, "ok": True, "row": row}
@@ -259,6 +262,7 @@ def _fan_out(
             key,
             params.preprocess.image_dtype,
             params.preprocess.label_resampling,
+            params.preprocess.compression,
             key=f"preprocess-{rec.case_id}-{key[:12]}{attempt}",
             pure=False,
         )

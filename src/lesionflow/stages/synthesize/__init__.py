@@ -144,13 +144,14 @@ def _tasks(ws: Workspace, params: Params) -> list[dict[str, Any]]:
         for kind in KINDS:
             for s in range(counts[kind]):
                 fields = {"source": source, "generators": generators, "synth": synth, "seed": params.project.seed,
-                          "kind": kind, "s": s, "code": CODE_VERSION}  # fmt: skip
+                          "kind": kind, "s": s, "code": CODE_VERSION,
+                          "compression": params.preprocess.compression}  # fmt: skip
                 if donors is not None:  # only copy-paste: the other methods' keys stay as they were
                     fields["donors"] = donors
                 key = sha256_json(fields)
                 tasks.append(
                     {"case_id": case_id, "kind": kind, "index": s, "key": key, "chunk": chunk,
-                     "sample_id": sample_id(case_id, kind, s)}
+                     "compression": params.preprocess.compression, "sample_id": sample_id(case_id, kind, s)}
                 )  # fmt: skip
     return tasks
 
@@ -271,6 +272,7 @@ def synthesize_sample(root: str, params_json: str, digests: str, task: dict[str,
         attrs,
         chunk_shape=chunk,  # type: ignore[arg-type]
         image_dtype=str(arrays.image.dtype),
+        compression=task["compression"],
     )
     from dataclasses import asdict
 
