@@ -114,7 +114,8 @@ def test_compression_param_reaches_the_store_and_keeps_the_voxels(msd_workspace:
     assert inner_codecs() == ["bytes", "blosc"]
     after = read_case(STORE.at(ws), "case_000")
     assert after.image.tobytes() == before.image.tobytes()
-    assert after.label is not None and before.label is not None
+    assert after.label is not None
+    assert before.label is not None
     assert np.array_equal(after.label, before.label)
 
 
