@@ -339,8 +339,8 @@ def test_dask_parallel_writes_match_sequential(tmp_path: Path) -> None:
 
 
 def test_label_colours_list_every_value_present_across_slabs() -> None:
-    from lesionflow.store.zarr_store import _label_colors
+    from lesionflow.store.ngff import label_colors
 
     label = np.zeros((256, 256, 80), dtype=np.uint16)  # 5.2 M voxels: two slabs of the counting loop
     label[3, 4, 5], label[-1, -1, -1], label[100, 100, 40] = 2, 300, 7
-    assert [c["label-value"] for c in _label_colors(label)] == [2, 7, 300]
+    assert [c["label-value"] for c in label_colors(label)] == [2, 7, 300]

@@ -63,8 +63,13 @@ def multiscales(
     return [{"name": name, "axes": axes(names), "datasets": datasets}]
 
 
-def label_colors(counts: np.ndarray) -> list[dict[str, Any]]:
-    """One colour entry per non-zero label value with a non-zero ``counts[value]`` (a bincount), for viewers."""
+def label_colors(label: np.ndarray) -> list[dict[str, Any]]:
+    """One colour entry per non-zero value present in ``label`` (any shape, non-negative integers), sorted."""
+    # slab by slab: bincount widens its input to int64 (8x a uint8 label), which set the writer's memory peak
+    flat, counts = label.reshape(-1), np.zeros(256, dtype=np.int64)
+    for i in range(0, flat.size, 1 << 22):
+        slab = np.bincount(flat[i : i + (1 << 22)], minlength=counts.size)
+        counts = np.pad(counts, (0, slab.size - counts.size)) + slab  # a label value above 255 widens it
     values = np.flatnonzero(counts)
     return [{"label-value": int(v), "rgba": [*_PALETTE[(int(v) - 1) % len(_PALETTE)], 255]} for v in values if v]
 

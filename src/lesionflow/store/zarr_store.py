@@ -210,21 +210,6 @@ def _fsync_tree(path: Path) -> None:
             _fsync(os.path.join(dirpath, name))
 
 
-def _label_counts(label: np.ndarray) -> np.ndarray:
-    """Voxel count per label value (a bincount of at least 256 entries)."""
-    # slab by slab: bincount widens its input to int64 (8x a uint8 label), which set the writer's memory peak
-    flat, counts = label.reshape(-1), np.zeros(256, dtype=np.int64)
-    for i in range(0, flat.size, 1 << 22):
-        slab = np.bincount(flat[i : i + (1 << 22)], minlength=counts.size)
-        counts = np.pad(counts, (0, slab.size - counts.size)) + slab  # a label value above 255 widens it
-    return counts
-
-
-def _label_colors(label: np.ndarray) -> list[dict[str, Any]]:
-    """One colour entry per non-zero value present in ``label`` (sorted), for NGFF viewers."""
-    return ngff.label_colors(_label_counts(label))
-
-
 def _write_pyramid(
     group: zarr.Group,
     level0: np.ndarray,
@@ -268,7 +253,7 @@ def _write_group(
         labels = group.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": names}})
         for name in names:
             multiscale = ngff.multiscales(name, SPATIAL_AXES, paths, attrs, factors)
-            label_ome = ngff.image_label(_label_colors(data[name]), multiscale)
+            label_ome = ngff.image_label(ngff.label_colors(data[name]), multiscale)
             sub = labels.create_group(name, attributes={"ome": jsonable(label_ome)})
             _write_pyramid(sub, on_disk(data[name]), steps, disk_chunk, SPATIAL_AXES, downsample_label, compression)
 

@@ -28,7 +28,6 @@ import zarr
 
 from lesionflow.store import ngff
 from lesionflow.store.zarr_store import (
-    _label_colors,
     clean_temp,
     ensure_root,
     index_collection,
@@ -93,7 +92,7 @@ def write_trajectory(
         "multiscales": ngff.multiscales(trajectory_id, FRAME_AXES, ["frames"], attrs, one_level),
     }
     mask_ome = ngff.image_label(
-        _label_colors(masks), ngff.multiscales("mask", FRAME_AXES[:1] + FRAME_AXES[2:], ["0"], attrs, one_level)
+        ngff.label_colors(masks), ngff.multiscales("mask", FRAME_AXES[:1] + FRAME_AXES[2:], ["0"], attrs, one_level)
     )
     payload = {**jsonable(attrs), "ome": jsonable(image_ome)}
 
