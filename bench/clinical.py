@@ -125,6 +125,7 @@ def run_ours(args: argparse.Namespace, tmp: Path, source: Path, numbers: Numbers
         f"ingest.source={source}",
         f"preprocess.workers={args.workers}",
         f"preprocess.memory_limit={args.memory_limit}",
+        *([f"preprocess.compression={args.compression}"] if args.compression else []),
     ]
     ingest = c.run_stages(root, ["ingest", "validate-raw"], overrides)
     numbers.ingest = {s["stage"]: round(s["seconds"], 2) for s in ingest}
@@ -480,6 +481,7 @@ def main() -> None:
     ap.add_argument("--base-size", type=int, default=160, help="size of the chest phantom before resampling")
     ap.add_argument("--workers", type=int, default=2, help="preprocess workers, both sides")
     ap.add_argument("--memory-limit", default="4GiB", help="preprocess.memory_limit per Dask worker")
+    ap.add_argument("--compression", default="", help="preprocess.compression of the store (default: params.yaml's)")
     ap.add_argument("--patch", default="planned", help="read patch: 'planned', N or X,Y,Z")
     ap.add_argument("--reads", type=int, default=100, help="timed patch reads (ours, nnU-Net)")
     ap.add_argument("--nii-reads", type=int, default=5, help="timed .nii.gz full loads")

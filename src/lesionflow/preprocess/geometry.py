@@ -193,6 +193,11 @@ def resampled_affine(affine: np.ndarray, spacing: Sequence[float], target: Seque
     return np.asarray(affine, dtype=np.float64) @ step
 
 
+# scipy.ndimage pads by this many edge voxels before its spline prefilter with mode "nearest" (its
+# _prepad_for_spline_filter), so that the filter's mirror boundary sits far from the data.
+_SPLINE_PAD = 12
+
+
 def sample_grid(volume: np.ndarray, ratio: np.ndarray, out_shape: Shape3, order: int) -> np.ndarray:
     """Sample a 3D ``volume`` at ``x_in = (u + 0.5) * ratio - 0.5`` for every output voxel ``u``.
 
@@ -208,15 +213,24 @@ def sample_grid(volume: np.ndarray, ratio: np.ndarray, out_shape: Shape3, order:
             index.append(np.clip(np.floor(x_in + 0.5).astype(np.intp), 0, n_in - 1))
         return np.ascontiguousarray(volume[np.ix_(*index)])
     dtype = np.float64 if volume.dtype == np.float64 else np.float32
+    scale = np.asarray(ratio, dtype=np.float64)
+    offset = 0.5 * scale - 0.5
+    if order > 1:
+        # scipy's own prefilter pads by _SPLINE_PAD edge voxels and filters into a float64 copy: two float32
+        # volumes more than needed. The same padding, filtered in place in the volume's dtype, samples the same
+        # values within float32 rounding (tests/preprocess/test_geometry.py) at a third of the work memory.
+        coefficients = np.pad(volume.astype(dtype, copy=False), _SPLINE_PAD, mode="edge")
+        ndimage.spline_filter(coefficients, order, output=coefficients, mode="nearest")
+        volume, offset = coefficients, offset + _SPLINE_PAD
     return ndimage.affine_transform(
         volume,
-        np.asarray(ratio, dtype=np.float64),
-        offset=0.5 * np.asarray(ratio, dtype=np.float64) - 0.5,
+        scale,
+        offset=offset,
         output_shape=out_shape,
         output=dtype,
         order=order,
         mode="nearest",
-        prefilter=order > 1,
+        prefilter=False,
     )
 
 

@@ -152,9 +152,13 @@ def write_array(
     dims: Sequence[str],
     compression: str = "zstd",
 ) -> None:
-    """Create ``name`` in ``group`` as one shard holding ``chunks``-sized inner chunks (codec
-    ``COMPRESSION[compression]``), and write it in one call."""
-    shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunks, strict=True))
+    """Create ``name`` in ``group`` holding ``chunks``-sized inner chunks (codec ``COMPRESSION[compression]``) in
+    one shard per slab of chunks along the first spatial axis (``data.ndim - 3``), and write it slab by slab.
+
+    Each shard is encoded and written exactly once, and only one shard's bytes are in memory at a time: a whole-
+    volume shard held the uncompressed volume a second time during the write (docs/benchmarks.md, clinical sizes)."""
+    axis = data.ndim - 3
+    shards = tuple(c if i == axis else -(-s // c) * c for i, (s, c) in enumerate(zip(data.shape, chunks, strict=True)))
     arr = group.create_array(
         name,
         shape=data.shape,
@@ -165,7 +169,10 @@ def write_array(
         fill_value=0,
         dimension_names=list(dims),
     )
-    arr[...] = data  # whole volume at once: the shard is encoded and written exactly once
+    lead = (slice(None),) * axis
+    for start in range(0, data.shape[axis], chunks[axis]):
+        slab = (*lead, slice(start, start + chunks[axis]))
+        arr[slab] = data[slab]  # exactly one shard
 
 
 def _prepare(arrays: CaseArrays, image_dtype: str) -> dict[str, np.ndarray]:
