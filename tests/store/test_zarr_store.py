@@ -108,28 +108,28 @@ def test_round_trip_attrs_and_layout(tmp_path: Path) -> None:
         }
     ]
 
-    # One shard per slab of inner chunks along z (the first stored spatial axis), the other axes rounded up to the
-    # inner chunk: 16 slices in chunks of 8 are two shards, so two data files per array.
+    # One shard per row of inner chunks along x (the last stored axis), one chunk thick in z and y, x rounded up to
+    # the inner chunk: 16 slices x 18 rows in chunks of 8 are 2 x 3 shards, so six data files per array.
     # Stored (c, z, y, x): the code's (c, x, y, z) with the spatial axes reversed.
     image = open_case_array(root, "case_001", "image")
     assert image is not None
     assert image.shape == (1, *SHAPE[::-1])
     assert np.array_equal(image[...], zs.on_disk(arrays.image))
     assert image.chunks == (1, 8, 8, 8)
-    assert image.shards == (1, 8, 24, 24)
+    assert image.shards == (1, 8, 8, 24)
     assert getattr(image.metadata, "dimension_names", None) == ("c", "z", "y", "x")
     for name in ("label", "organ"):
         arr = open_case_array(root, "case_001", name)
         assert arr is not None
         assert arr.chunks == (8, 8, 8)
-        assert arr.shards == (8, 24, 24)
+        assert arr.shards == (8, 8, 24)
         assert arr.dtype == np.uint8
         assert getattr(arr.metadata, "dimension_names", None) == ("z", "y", "x")
     case_dir = root / "case_001"
     for path in ("0", "labels/label/0", "labels/organ/0"):
         data_files = [p for p in (case_dir / path / "c").rglob("*") if p.is_file()]
-        z_shards = sorted(f.relative_to(case_dir / path / "c").parts[-3] for f in data_files)
-        assert z_shards == ["0", "1"], (path, data_files)
+        shards = sorted(f.relative_to(case_dir / path / "c").parts[-3:-1] for f in data_files)
+        assert shards == [(z, y) for z in "01" for y in "012"], (path, data_files)
 
 
 def test_chunk_larger_than_volume_is_clipped(tmp_path: Path) -> None:
@@ -343,6 +343,6 @@ def test_dask_parallel_writes_match_sequential(tmp_path: Path) -> None:
 def test_label_colours_list_every_value_present_across_slabs() -> None:
     from lesionflow.store.ngff import label_colors
 
-    label = np.zeros((256, 256, 80), dtype=np.uint16)  # 5.2 M voxels: two slabs of the counting loop
+    label = np.zeros((256, 256, 80), dtype=np.uint16)  # 5.2 M voxels: many slabs of the counting loop
     label[3, 4, 5], label[-1, -1, -1], label[100, 100, 40] = 2, 300, 7
     assert [c["label-value"] for c in label_colors(label)] == [2, 7, 300]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-STATS_SLAB = 1 << 22  # voxels per float64 temporary of mean_std (32 MiB), whatever the volume's size
+STATS_SLAB = 1 << 18  # voxels per float64 temporary of mean_std (2 MiB): small beside even a 160x160x80 volume
 
 
 def mean_std(values: np.ndarray) -> tuple[float, float]:

@@ -153,12 +153,14 @@ def write_array(
     compression: str = "zstd",
 ) -> None:
     """Create ``name`` in ``group`` holding ``chunks``-sized inner chunks (codec ``COMPRESSION[compression]``) in
-    one shard per slab of chunks along the first spatial axis (``data.ndim - 3``), and write it slab by slab.
+    one shard per row of chunks along the last axis (one chunk thick in the two spatial axes before it), and write
+    it shard by shard.
 
-    Each shard is encoded and written exactly once, and only one shard's bytes are in memory at a time: a whole-
-    volume shard held the uncompressed volume a second time during the write (docs/benchmarks.md, clinical sizes)."""
-    axis = data.ndim - 3
-    shards = tuple(c if i == axis else -(-s // c) * c for i, (s, c) in enumerate(zip(data.shape, chunks, strict=True)))
+    Each shard is encoded and written exactly once, and only one shard's buffer is in memory at a time: zarr
+    assembles a shard in a buffer of the whole shard's shape, so a whole-volume shard held the volume a second
+    time (padded to the chunk grid) during the write (docs/benchmarks.md, clinical sizes)."""
+    split = (data.ndim - 3, data.ndim - 2)
+    shards = tuple(c if i in split else -(-s // c) * c for i, (s, c) in enumerate(zip(data.shape, chunks, strict=True)))
     arr = group.create_array(
         name,
         shape=data.shape,
@@ -169,10 +171,11 @@ def write_array(
         fill_value=0,
         dimension_names=list(dims),
     )
-    lead = (slice(None),) * axis
-    for start in range(0, data.shape[axis], chunks[axis]):
-        slab = (*lead, slice(start, start + chunks[axis]))
-        arr[slab] = data[slab]  # exactly one shard
+    lead = (slice(None),) * split[0]
+    for z in range(0, data.shape[split[0]], chunks[split[0]]):
+        for y in range(0, data.shape[split[1]], chunks[split[1]]):
+            shard = (*lead, slice(z, z + chunks[split[0]]), slice(y, y + chunks[split[1]]))
+            arr[shard] = data[shard]  # exactly one shard
 
 
 def _prepare(arrays: CaseArrays, image_dtype: str) -> dict[str, np.ndarray]:
