@@ -13,8 +13,8 @@ use the readers below rather than hard-coding them):
 ``labels/<name>/0``, ``/1``, ... for ``label``, ``organ`` (and ``generated`` on synthetic cases), uint8, as NGFF
 "image-label" groups with the image's levels.
 
-Each array is one shard (shape rounded up to the inner chunk), written by one process in one call: no
-read-modify-write race inside a shard (pipeline.md §5). All-zero inner chunks are not stored
+Each array is sharded by rows of inner chunks (:func:`write_array`), every shard of a case written by one process,
+exactly once: no read-modify-write race inside a shard (pipeline.md §5). All-zero inner chunks are not stored
 (``write_empty_chunks=False``), so an all-zero label has no data file. Same arrays + attrs + chunk shape give
 byte-identical files for the same zarr/numcodecs versions. Local filesystem only (atomic ``os.rename``).
 Different cases may be written concurrently; :func:`clean_temp` must not run while writers are active.
