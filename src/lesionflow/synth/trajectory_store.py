@@ -82,10 +82,10 @@ def write_trajectory(
         )
     if len(attrs.get("spacing", ())) != 3 or np.asarray(attrs.get("affine", ())).shape != (4, 4):
         raise ValueError("attrs must contain the crop's 'spacing' (3 values, mm) and 'affine' (4x4)")
-    root = Path(root)
-    ensure_root(root)
     if "ome" in attrs:
         raise ValueError("'ome' is reserved for the NGFF metadata written by this module")
+    root = Path(root)
+    ensure_root(root)  # after every check: a refused trajectory leaves no store behind
     one_level = [(1, 1, 1)]
     image_ome = {
         "version": ngff.NGFF_VERSION,
