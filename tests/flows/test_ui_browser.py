@@ -64,6 +64,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for a failure's message
     # The page shows times in the browser's zone: pin it, so 02:00 Europe/Berlin has one expected rendering.
     service = webdriver.ChromeService(executable_path=str(CHROMEDRIVER), env={**os.environ, "TZ": "UTC"})
     driver = webdriver.Chrome(service=service, options=options)
@@ -118,6 +119,14 @@ def form_input(driver: WebDriver, label: str) -> WebElement | None:
         "//*[self::input or self::textarea]",
     )
     return found[0] if found else None
+
+
+def what_went_wrong(driver: WebDriver, ws: Path) -> str:
+    """The page's end, the browser console's errors and the Prefect server log's end: a failure's evidence."""
+    console = [entry["message"] for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
+    server_log = ws / ".prefect" / "logs" / "server.log"
+    server = server_log.read_text(errors="replace")[-3000:] if server_log.is_file() else "(no server log)"
+    return "\n".join(["page:", body_text(driver)[-600:], "console errors:", *console[-20:], "server log:", server])
 
 
 def next_0200_utc(zone: str) -> str:
@@ -185,13 +194,13 @@ def test_ui_shows_the_schedule_and_a_custom_run_completes(browser: WebDriver, tm
         click(browser, button("Submit"))
 
         # The UI goes back to the deployment page with a toast; the run is the one carrying the changed value.
-        with service.client() as client:
-            deadline = time.monotonic() + 60
+        with service.client() as client:  # a loaded machine: the server may take a while (SQLite waits up to 30 s)
+            deadline = time.monotonic() + 120
             created: list[FlowRun] = []
             while not created and time.monotonic() < deadline:
                 time.sleep(0.5)
                 created = [r for r in client.read_flow_runs() if r.parameters.get("params_file") == "params-mine.yaml"]
-            assert len(created) == 1, f"the Custom run form created no run; the page says: {body_text(browser)[-600:]}"
+            assert len(created) == 1, f"the Custom run form created no run\n{what_went_wrong(browser, ws)}"
             run_id = created[0].id
         browser.get(f"{ui}/runs/flow-run/{run_id}")
         deadline = time.monotonic() + 150
