@@ -36,27 +36,3 @@ def test_presets_come_from_the_workspace(workspace: Path, tmp_path: Path) -> Non
     from_workspace = _with_preset(workspace, "gpu", ["train.steps=3"])
     assert from_workspace[-1] == "train.steps=3"  # --set still wins, applied last
     assert from_workspace == _with_preset(tmp_path, str(REPO / "presets" / "gpu.yaml"), ["train.steps=3"])
-
-
-def test_serve_gives_sqlite_a_longer_busy_wait_that_an_exported_value_overrides(
-    workspace: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from prefect.settings import Settings
-
-    (workspace / "infra").mkdir()
-    shutil.copy(REPO / "infra" / "prefect.yaml", workspace / "infra" / "prefect.yaml")
-    for name in (
-        "PREFECT_SERVER_DATABASE_TIMEOUT",
-        "PREFECT_API_DATABASE_TIMEOUT",
-        "PREFECT_API_DATABASE_CONNECTION_URL",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    env = resolve_settings(workspace).env()
-    assert env["PREFECT_SERVER_DATABASE_TIMEOUT"] == "30"
-    with monkeypatch.context() as patched:  # the server reads it as its SQLite busy wait
-        patched.setenv("PREFECT_SERVER_DATABASE_TIMEOUT", env["PREFECT_SERVER_DATABASE_TIMEOUT"])
-        assert Settings().server.database.timeout == 30.0
-    monkeypatch.setenv("PREFECT_API_DATABASE_TIMEOUT", "5")  # the user's value (either name) wins
-    env = resolve_settings(workspace).env()
-    assert "PREFECT_SERVER_DATABASE_TIMEOUT" not in env
-    assert env["PREFECT_API_DATABASE_TIMEOUT"] == "5"

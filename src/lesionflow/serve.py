@@ -42,11 +42,6 @@ WORKER_NAME = "lesionflow-serve"
 SERVER_START_TIMEOUT_S = 180.0  # first start creates the database (PostgreSQL migrations take longest)
 WORKER_START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0  # per process; SIGKILL after that
-# SQLite's busy wait in the server (Prefect's default is 10 s). serve shares a workstation with training jobs,
-# so a write can wait behind a slow fsync for longer than that, and the UI then shows "Oops. Something went
-# wrong." for a request that only had to wait. Prefect's own test mode waits 30 s for the same reason.
-SQLITE_BUSY_TIMEOUT_ENV = {"PREFECT_SERVER_DATABASE_TIMEOUT": "30"}
-SQLITE_BUSY_TIMEOUT_ALIASES = ("PREFECT_SERVER_DATABASE_TIMEOUT", "PREFECT_API_DATABASE_TIMEOUT")
 
 
 def say_flushed(message: str) -> None:
@@ -125,9 +120,6 @@ class ServeSettings:
         )
         if self.database_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
-        on_sqlite = not self.database_url or self.database_url.startswith("sqlite")
-        if on_sqlite and not any(name in os.environ for name in SQLITE_BUSY_TIMEOUT_ALIASES):
-            env.update(SQLITE_BUSY_TIMEOUT_ENV)
         return env
 
 
