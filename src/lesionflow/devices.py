@@ -69,6 +69,12 @@ def machine_threads(cpu_max: Path = CPU_MAX) -> int:
     return default_threads(len(os.sched_getaffinity(0)), read_cpu_max(cpu_max), os.environ.get("OMP_NUM_THREADS"))
 
 
+def machine_cpus(cpu_max: Path = CPU_MAX) -> int:
+    """The CPUs this process may run on: its affinity mask capped by the cgroup quota (``OMP_NUM_THREADS``, a
+    setting for compute threads, is not read). For threads that mostly wait on I/O or run without the GIL."""
+    return default_threads(len(os.sched_getaffinity(0)), read_cpu_max(cpu_max), None)
+
+
 @contextmanager
 def cpu_threads(n: int, cpu_max: Path = CPU_MAX) -> Iterator[int]:
     """Run with exactly ``n`` torch intra-op threads (0 = :func:`machine_threads`), restored afterwards; yields

@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 from lesionflow.hashing import sha256_tree
+from lesionflow.io.layout import on_disk
 from lesionflow.io.publish import (
     INDEX_SUFFIX,
     StorageError,
@@ -18,7 +19,7 @@ from lesionflow.io.publish import (
     remote_url,
     upload_order,
 )
-from lesionflow.store.zarr_store import CaseArrays, on_disk, write_case
+from lesionflow.store.zarr_store import CaseArrays, write_case
 from tests.helpers.moto_server import MotoS3, _free_port
 
 BUCKET = "team"

@@ -33,6 +33,7 @@ from pydicom.uid import UID, ImplicitVRLittleEndian
 from lesionflow.errors import CaseRejected
 from lesionflow.io.geometry import itk_geometry_to_affine
 from lesionflow.io.headers import MAX_VOXELS
+from lesionflow.io.layout import x_fastest
 from lesionflow.io.volumes import Volume
 
 # (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data, as the 4 tag
@@ -316,4 +317,4 @@ def read_series(series: DicomSeries, case_id: str, *, spacing_tolerance: float =
     direction = np.column_stack([row_dir, col_dir, slice_vec / np.linalg.norm(slice_vec)])
     spacing = (float(pixel_spacing[1]), float(pixel_spacing[0]), float(np.linalg.norm(slice_vec)))
     affine = itk_geometry_to_affine(spacing, tuple(positions[0]), tuple(direction.reshape(-1)))
-    return Volume(array=np.ascontiguousarray(array), affine=affine)
+    return Volume(array=x_fastest(array), affine=affine)

@@ -25,6 +25,7 @@ import numpy as np
 from lesionflow.errors import CaseRejected
 from lesionflow.files import write_bytes_atomic
 from lesionflow.io.geometry import itk_geometry_to_affine
+from lesionflow.io.layout import x_fastest
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -112,6 +113,27 @@ def read_volume(path: str | Path, case_id: str) -> Volume:
         raise CaseRejected(case_id, "unreadable_file", f"{path.name} cannot be read ({text}); check the file") from None
 
 
+def read_volume_shape(path: str | Path, case_id: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """The voxel shape ``(i, j, k[, c])`` and the affine of a volume file, reading no voxel of a NIfTI file.
+
+    Other formats are read whole (:func:`read_volume`); rejections are the same as :func:`read_volume`'s."""
+    path = Path(path)
+    if volume_suffix(path) not in NIFTI_SUFFIXES:
+        volume = read_volume(path, case_id)
+        return tuple(int(n) for n in volume.array.shape), volume.affine
+    from lesionflow.io.headers import check_nifti_header
+
+    check_nifti_header(path, case_id)
+    try:
+        img = nib.load(path)
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise ValueError(f"not a NIfTI image: {type(img).__name__}")
+        return tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)
+    except Exception as err:  # noqa: BLE001 - any reader failure is a property of this file, not a bug
+        text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise CaseRejected(case_id, "unreadable_file", f"{path.name} cannot be read ({text}); check the file") from None
+
+
 def _gzip_truncated(path: Path) -> bool:
     """True when ``path`` is a gzip stream that ends before its end marker (only checked on a read failure)."""
     try:
@@ -137,7 +159,8 @@ def _read_nifti(path: Path) -> Volume:
     empty = 0 in img.shape
     array = np.zeros(img.shape, dtype=img.get_data_dtype()) if empty else np.asanyarray(img.dataobj)
     header = img.header.copy() if isinstance(img, nib.Nifti1Image) else None
-    return Volume(array=np.ascontiguousarray(array), affine=np.asarray(img.affine, dtype=np.float64), header=header)
+    # NIfTI stores x fastest: x_fastest keeps nibabel's array as it is (no transposed copy).
+    return Volume(array=x_fastest(array), affine=np.asarray(img.affine, dtype=np.float64), header=header)
 
 
 def _read_itk(path: Path, case_id: str) -> Volume:
@@ -149,7 +172,7 @@ def _read_itk(path: Path, case_id: str) -> Volume:
     array = sitk.GetArrayFromImage(img)  # (k, j, i[, c]) -> (i, j, k[, c])
     array = array.transpose((2, 1, 0, 3)) if array.ndim == 4 else array.transpose((2, 1, 0))
     affine = itk_geometry_to_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
-    return Volume(array=np.ascontiguousarray(array), affine=affine)
+    return Volume(array=x_fastest(array), affine=affine)
 
 
 def nifti_bytes(volume: Volume) -> bytes:

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from lesionflow.hashing import sha256_json
+from lesionflow.io.layout import on_disk, present_values, x_fastest
 
 
 @dataclass(frozen=True)
@@ -48,27 +49,50 @@ def ras_axes(affine: np.ndarray) -> np.ndarray:
 
 
 def case_fingerprint(
-    case_id: str, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, *, seed: int, samples: int
+    case_id: str,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    labelled: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    seed: int,
+    samples: int,
 ) -> CaseFingerprint:
-    """``image`` (i, j, k[, c]) and ``label`` (i, j, k) as stored in data/raw; spacing/shape reported in RAS order."""
+    """One raw case: ``shape`` (i, j, k[, c]) and ``affine`` as stored in data/raw; spacing/shape reported in RAS order.
+
+    ``labelled``: the image (``shape``) and its label (i, j, k) for a case whose foreground intensities count
+    (a labelled training case), else None: geometry alone, so its voxels need not be read.
+    """
     axes = ras_axes(affine)
     voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     spacing = [0.0, 0.0, 0.0]
-    shape = [0, 0, 0]
+    ras_shape = [0, 0, 0]
     for i in range(3):
         spacing[axes[i]] = float(voxel[i])
-        shape[axes[i]] = int(image.shape[i])
+        ras_shape[axes[i]] = int(shape[i])
+    n_channels = int(shape[3]) if len(shape) == 4 else 1
+    if labelled is None:
+        per_channel: tuple[tuple[float, ...], ...] = tuple(() for _ in range(n_channels))
+        return CaseFingerprint(case_id, (spacing[0], spacing[1], spacing[2]), _three(ras_shape), per_channel, (), 0)
+    image, label = labelled
     channels = image[..., None] if image.ndim == 3 else image
-    fg = label > 0 if label is not None else np.zeros(image.shape[:3], dtype=bool)
-    n_fg = int(fg.sum())
+    # Foreground voxels are numbered in memory order (z, y, x; io.layout): a boolean mask over an x-fastest volume
+    # in x, y, z order reads memory with a stride and took 1.2 s per 512x512x300 case.
+    where = np.flatnonzero(on_disk(x_fastest(label) > 0).ravel())
     rng = np.random.default_rng(np.random.SeedSequence([seed, int(sha256_json(case_id)[:8], 16)]))
-    pick = rng.choice(n_fg, size=min(samples, n_fg), replace=False) if n_fg else np.zeros(0, dtype=int)
+    pick = rng.choice(where.size, size=min(samples, where.size), replace=False) if where.size else np.zeros(0, int)
     pick.sort()
-    per_channel = tuple(tuple(float(v) for v in channels[..., c][fg][pick]) for c in range(channels.shape[-1]))
-    values = tuple(int(v) for v in np.unique(label)) if label is not None else ()
-    return CaseFingerprint(
-        case_id, (spacing[0], spacing[1], spacing[2]), (shape[0], shape[1], shape[2]), per_channel, values, n_fg
+    at = where[pick]
+    per_channel = tuple(
+        tuple(float(v) for v in on_disk(x_fastest(channels[..., c])).ravel()[at]) for c in range(n_channels)
     )
+    values = tuple(int(v) for v in present_values(label))
+    return CaseFingerprint(
+        case_id, (spacing[0], spacing[1], spacing[2]), _three(ras_shape), per_channel, values, int(where.size)
+    )
+
+
+def _three(values: list[int]) -> tuple[int, int, int]:
+    return values[0], values[1], values[2]
 
 
 def dataset_fingerprint(

@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from lesionflow.io.layout import on_disk, x_fastest
 from lesionflow.preprocess.normstats import NormStats
 
 Shape3 = tuple[int, int, int]
@@ -149,7 +150,7 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if not np.all(np.isfinite(io_ornt)):
         raise ValueError(f"affine {affine[:3, :3].tolist()}: degenerate (a voxel axis has no direction)")
     ornt = nib.orientations.ornt_transform(io_ornt, _RAS_ORNT)
-    out = np.ascontiguousarray(nib.orientations.apply_orientation(array, ornt))
+    out = x_fastest(nib.orientations.apply_orientation(array, ornt))
     new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape[:3])
     return out, new_affine, ornt
 
@@ -157,7 +158,7 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def from_ras(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     """Undo :func:`to_ras` given its ``ornt`` (raw -> RAS): RAS grid ``(x, y, z[, c])`` -> raw ``(i, j, k[, c])``."""
     back = nib.orientations.ornt_transform(_RAS_ORNT, np.asarray(ornt, dtype=np.float64))
-    return np.ascontiguousarray(nib.orientations.apply_orientation(array, back))
+    return x_fastest(nib.orientations.apply_orientation(array, back))
 
 
 def crop(array: np.ndarray, box: CropBox) -> np.ndarray:
@@ -165,7 +166,7 @@ def crop(array: np.ndarray, box: CropBox) -> np.ndarray:
     spatial = array.shape[-3:]
     if array.ndim < 3 or any(not 0 <= lo < hi <= n for lo, hi, n in zip(box.lo, box.hi, spatial, strict=True)):
         raise ValueError(f"crop box {box.lo}-{box.hi}: expected a non-empty box inside shape {array.shape}")
-    return np.ascontiguousarray(array[(Ellipsis, *box.slices())])
+    return x_fastest(array[(Ellipsis, *box.slices())])
 
 
 def cropped_affine(affine: np.ndarray, box: CropBox) -> np.ndarray:
@@ -206,6 +207,13 @@ def sample_grid(volume: np.ndarray, ratio: np.ndarray, out_shape: Shape3, order:
     order > 1) via ``affine_transform`` with a diagonal matrix (separable, no coordinate arrays) and
     ``mode="nearest"`` at the borders; the result is float32 (float64 if the input is float64).
     """
+    if volume.ndim == 3 and not volume.flags.c_contiguous and on_disk(volume).flags.c_contiguous:
+        # x fastest in memory (io.layout): sample the reversed view, so that every pass runs along memory and the
+        # result comes out x fastest too. The transform is separable, so reversing the axes samples the same points.
+        flipped = sample_grid(
+            on_disk(volume), np.asarray(ratio)[::-1], (out_shape[2], out_shape[1], out_shape[0]), order
+        )
+        return on_disk(flipped)
     if order == 0:
         index = []
         for n_in, n_out, r in zip(volume.shape, out_shape, ratio, strict=True):

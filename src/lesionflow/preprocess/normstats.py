@@ -35,7 +35,7 @@ def mean_std(values: np.ndarray) -> tuple[float, float]:
     array the size of the input (2x a float32 volume), which set the preprocess worker's memory peak on
     clinical-size scans (docs/benchmarks.md, "Clinical-size scans").
     """
-    flat = values.reshape(-1)
+    flat = values.ravel(order="K")  # memory order: a view for any contiguous layout (the sum does not care)
     n = flat.size
     if n == 0:
         return float("nan"), float("nan")

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage
 
+from lesionflow.io.layout import empty_x_fastest, on_disk, present_values
 from lesionflow.preprocess.geometry import (
     CropBox,
     PreprocessRecord,
@@ -87,7 +88,9 @@ def foreground_bbox(image_cf: np.ndarray, label: np.ndarray | None) -> CropBox:
 
 def nonzero_mask(image_cf: np.ndarray, label: np.ndarray | None = None) -> np.ndarray:
     """nnU-Net's ``create_nonzero_mask``: non-zero in any channel, holes filled, plus label > 0 (bool x,y,z)."""
-    mask = ndimage.binary_fill_holes(np.any(image_cf != 0, axis=0))
+    # On the reversed view: runs along memory for x-fastest volumes (io.layout); the 6-connected fill does not
+    # depend on the axis order.
+    mask = on_disk(ndimage.binary_fill_holes(np.any(on_disk(image_cf) != 0, axis=0)))
     if label is not None:
         mask |= label > 0
     return np.asarray(mask, dtype=bool)
@@ -106,7 +109,7 @@ def zscore(image_cf: np.ndarray, mask: np.ndarray | None = None, out: np.ndarray
     _spatial_label(mask, image_cf.shape[1:])
     if mask is not None and not mask.any():
         raise ValueError("normalization mask is empty (0 voxels): expected at least one foreground voxel")
-    out = np.empty(image_cf.shape, dtype=np.float32) if out is None else out
+    out = empty_x_fastest(image_cf.shape, np.float32) if out is None else out
     for c, channel in enumerate(image_cf):
         mean, std = mean_std(channel[mask] if mask is not None else channel)
         if not (np.isfinite(mean) and np.isfinite(std)):
@@ -134,7 +137,7 @@ def ct_normalize(
     if not (np.isfinite(clip_lo) and np.isfinite(clip_hi) and clip_lo <= clip_hi and np.isfinite(mean)):
         raise ValueError(f"CT clip range [{clip_lo}, {clip_hi}] / mean {mean}: expected finite lo <= hi")
     if out is None:
-        out = np.empty(image_cf.shape, dtype=np.float32)
+        out = empty_x_fastest(image_cf.shape, np.float32)
     np.copyto(out, image_cf, casting="unsafe")  # as float32 into ``out`` (the caller's buffer): clip, scale in place
     np.clip(out, np.float32(clip_lo), np.float32(clip_hi), out=out)
     out -= np.float32(mean)
@@ -157,7 +160,7 @@ def resample_image(
     if np.array_equal(s, t):
         return image_cf.astype(np.float32, copy=False)
     shape = target_shape(image_cf.shape[1:], spacing, target)
-    out = np.empty((image_cf.shape[0], *shape), dtype=np.float32)
+    out = empty_x_fastest((image_cf.shape[0], *shape), np.float32)
     for c, channel in enumerate(image_cf):
         out[c] = sample_grid(channel.astype(np.float32, copy=False), t / s, shape, order)
     return out
@@ -179,14 +182,15 @@ def resample_label(
         raise ValueError(f"label of shape {label.shape}: expected (x, y, z)")
     s, t = _check_spacings(spacing, target)
     if np.array_equal(s, t):
-        return label.copy()
+        return label.copy(order="K")  # keeps the layout (io.layout): x fastest stays x fastest
     shape = target_shape(label.shape, spacing, target)
     if mode == "nearest":
         return sample_grid(label, t / s, shape, 0)
     if mode != "onehot_linear":
         raise ValueError(f"label resampling mode {mode!r}: expected 'onehot_linear' or 'nearest'")
-    values = np.unique(label)
-    out = np.full(shape, values[0], dtype=label.dtype)
+    values = present_values(label)
+    out = empty_x_fastest(shape, label.dtype)
+    out.fill(values[0])
     if values.size == 1:
         return out
     best = sample_grid((label == values[0]).astype(np.float32), t / s, shape, 1)
@@ -217,7 +221,7 @@ def _normalize(
         raise ValueError(
             f"{len(schemes)} normalization schemes {schemes}: expected one per channel ({image_cf.shape[0]})"
         )
-    out = np.empty(image_cf.shape, dtype=np.float32)
+    out = empty_x_fastest(image_cf.shape, np.float32)
     masks: list[np.ndarray | None] = []
     for c, scheme in enumerate(schemes):
         channel = image_cf[c : c + 1]

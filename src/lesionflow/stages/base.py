@@ -10,7 +10,7 @@ from lesionflow.errors import Finding
 
 # The code version in every cache key. Bump the suffix when a stage's output bytes change for the
 # same inputs and params, so caches (Prefect, our manifests) are invalidated.
-CODE_VERSION = f"{__version__}+stages.2"
+CODE_VERSION = f"{__version__}+stages.3"
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lesionflow.catalog.artifacts import FINGERPRINT, PLANS, RAW_CASES, RAW_DATASET, RAW_MANIFEST, raw_case_file
 from lesionflow.catalog.readers import write_stage_summary
+from lesionflow.devices import machine_cpus
 from lesionflow.errors import SourceError
 from lesionflow.files import write_json
-from lesionflow.io.volumes import read_volume
-from lesionflow.manifest import modality_kind, read_manifest
+from lesionflow.io.volumes import read_volume, read_volume_shape
+from lesionflow.manifest import CaseRecord, modality_kind, read_manifest
 from lesionflow.params import Params
-from lesionflow.planning.fingerprint import case_fingerprint, dataset_fingerprint
+from lesionflow.planning.fingerprint import CaseFingerprint, case_fingerprint, dataset_fingerprint
 from lesionflow.planning.plan import derive_plan
 from lesionflow.progress import ProgressFactory, rich_progress
 from lesionflow.stages.base import StageResult
@@ -41,22 +43,24 @@ def run(ws: Workspace, params: Params, *, progress: ProgressFactory[Any] = rich_
     modalities = tuple(dataset["modalities"])
     # A channel's kind comes from its declared modality; undeclared ones (loose folders, DICOM) from the cases.
     kinds = tuple(k if (k := modality_kind(m)) != "OTHER" else records[0].modality_kind for m in modalities)
-    fingerprints = []
-    for rec in progress(sorted(records, key=lambda r: r.case_id), "plan", len(records)):
-        folder = RAW_CASES.at(ws) / rec.case_id
-        image = read_volume(raw_case_file(folder, "image"), rec.case_id)
-        use_label = rec.has_label and rec.split == "train"  # test labels never shape the plan
-        label = read_volume(raw_case_file(folder, "label"), rec.case_id).array if use_label else None
-        fingerprints.append(
-            case_fingerprint(
-                rec.case_id,
-                image.array,
-                label,
-                image.affine,
-                seed=params.project.seed,
-                samples=params.plan.foreground_samples,
-            )
-        )
+    folder_of = RAW_CASES.at(ws)
+
+    def fingerprint(rec: CaseRecord) -> CaseFingerprint:
+        image_file = raw_case_file(folder_of / rec.case_id, "image")
+        if not (rec.has_label and rec.split == "train"):  # test labels never shape the plan: geometry only
+            shape, affine = read_volume_shape(image_file, rec.case_id)
+            return case_fingerprint(rec.case_id, shape, affine, None, seed=seed, samples=samples)
+        image = read_volume(image_file, rec.case_id)
+        label = read_volume(raw_case_file(folder_of / rec.case_id, "label"), rec.case_id).array
+        labelled = (image.array, label)
+        return case_fingerprint(rec.case_id, image.array.shape, image.affine, labelled, seed=seed, samples=samples)
+
+    seed, samples = params.project.seed, params.plan.foreground_samples
+    ordered = sorted(records, key=lambda r: r.case_id)
+    # One thread per CPU: zlib inflates and numpy scans without the GIL, so reading the .nii.gz files overlaps.
+    # Each result depends on its case alone (seeded by its id), and the dataset sorts them by case id.
+    with ThreadPoolExecutor(max_workers=min(machine_cpus(), len(ordered))) as pool:
+        fingerprints = list(progress(pool.map(fingerprint, ordered), "plan", len(ordered)))
     fp = dataset_fingerprint(fingerprints, modalities, kinds)
     plan = derive_plan(fp, gpu_memory_gb=params.plan.gpu_memory_gb, overrides=_overrides(params))
     write_json(FINGERPRINT.at(ws), fp.to_dict())

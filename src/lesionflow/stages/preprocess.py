@@ -21,6 +21,7 @@ from lesionflow.catalog.artifacts import METADATA, QUARANTINE, RAW_CASES, RAW_MA
 from lesionflow.catalog.readers import load_plan, metadata_text, read_metadata, write_metadata, write_stage_summary
 from lesionflow.errors import Finding
 from lesionflow.hashing import sha256_file, sha256_json
+from lesionflow.io.layout import present_values
 from lesionflow.manifest import CaseRecord, read_manifest
 from lesionflow.params import Params
 from lesionflow.planning.plan import Plan
@@ -124,7 +125,7 @@ def process_case(
     raw_vox = float(np.prod([rec.spacing_x, rec.spacing_y, rec.spacing_z]))
     fg_raw = float(np.count_nonzero(label)) * raw_vox if label is not None else 0.0
     fg_new = float(np.count_nonzero(out_lab)) * float(np.prod(spacing)) if out_lab is not None else 0.0
-    values_new = [int(v) for v in np.unique(out_lab)] if out_lab is not None else []
+    values_new = [int(v) for v in present_values(out_lab)] if out_lab is not None else []
     values_raw = json.loads(rec.label_values) if rec.has_label else []
     checks = _stored_checks(out_img, prec, image_dtype)
     shape = out_img.shape[1:]

@@ -17,13 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from lesionflow.io.layout import present_values
 from lesionflow.store.pyramid import level_transform
 
 NGFF_VERSION = "0.5"
-COLLECTION_GROUP = "OME"
-_COUNT_SLAB = (
-    1 << 18
-)  # voxels per bincount in label_colors  # reserved by the bioformats2raw layout: no image may take this name
+COLLECTION_GROUP = "OME"  # reserved by the bioformats2raw layout: no image may take this name
 # Display colours (RGBA) for label values, cycled; NGFF says image-label SHOULD list "colors".
 _PALETTE = ((255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (200, 0, 255), (0, 220, 220), (255, 120, 0))
 
@@ -68,13 +66,7 @@ def multiscales(
 
 def label_colors(label: np.ndarray) -> list[dict[str, Any]]:
     """One colour entry per non-zero value present in ``label`` (any shape, non-negative integers), sorted."""
-    # slab by slab: bincount widens its input to int64 (8x a uint8 label). A slab of 2^18 voxels keeps that at
-    # 2 MiB; 2^22 (32 MiB) was twice a 160x160x80 float32 volume and set the preprocess worker's peak there.
-    flat, counts = label.reshape(-1), np.zeros(256, dtype=np.int64)
-    for i in range(0, flat.size, _COUNT_SLAB):
-        slab = np.bincount(flat[i : i + _COUNT_SLAB], minlength=counts.size)
-        counts = np.pad(counts, (0, slab.size - counts.size)) + slab  # a label value above 255 widens it
-    values = np.flatnonzero(counts)
+    values = present_values(label)
     return [{"label-value": int(v), "rgba": [*_PALETTE[(int(v) - 1) % len(_PALETTE)], 255]} for v in values if v]
 
 

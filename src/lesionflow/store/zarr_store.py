@@ -38,6 +38,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from lesionflow.case_id import check_case_id
 from lesionflow.hashing import combine_digests, sha256_file, sha256_tree
+from lesionflow.io.layout import on_disk, x_fastest
 from lesionflow.store import ngff
 from lesionflow.store.pyramid import downsample_image, downsample_label, level_factors
 from lesionflow.store.shard_reader import WindowReader, open_shard_reader
@@ -102,13 +103,6 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, PurePath):
         return obj.as_posix()
     raise TypeError(f"attribute value of type {type(obj).__name__} is not JSON-serialisable")
-
-
-def on_disk(array: np.ndarray) -> np.ndarray:
-    """The view of ``array`` with its last three (spatial) axes reversed: (..., x, y, z) <-> (..., z, y, x).
-
-    Its own inverse; the one rule between the code's voxel order and the stored one."""
-    return np.swapaxes(array, -1, -3)
 
 
 def _write_group_json(folder: Path, attributes: Mapping[str, Any]) -> None:
@@ -186,7 +180,7 @@ def _prepare(arrays: CaseArrays, image_dtype: str) -> dict[str, np.ndarray]:
     if image.ndim != 4 or not np.issubdtype(image.dtype, np.floating):
         raise ValueError(f"image must be a float (c, x, y, z) array, got {image.dtype} {image.shape}")
     with np.errstate(over="ignore"):  # float16 overflow is reported just below, with a clearer message
-        out = {"image": np.ascontiguousarray(image, dtype=image_dtype)}
+        out = {"image": x_fastest(image, dtype=image_dtype)}  # x fastest: written without a transposed copy
     if not np.isfinite(out["image"]).all():
         raise ValueError(f"image has non-finite values as {image_dtype} (NaN in the input or float16 overflow)")
     for name in LABEL_NAMES:
@@ -201,7 +195,7 @@ def _prepare(arrays: CaseArrays, image_dtype: str) -> dict[str, np.ndarray]:
                 raise ValueError(f"{name} must be an integer array, got {lab.dtype}")
             if lab.size and (lab.min() < 0 or lab.max() > 255):
                 raise ValueError(f"{name} values must fit uint8")
-        out[name] = np.ascontiguousarray(lab, dtype=np.uint8)
+        out[name] = x_fastest(lab, dtype=np.uint8)
     return out
 
 

@@ -2,7 +2,7 @@
 
 Group ``<root>/<trajectory id>/`` (Zarr format 3, written atomically like a store case), an NGFF 0.5 image with a
 time axis; arrays are taken and returned in the code's order and stored with the spatial axes reversed
-(:func:`lesionflow.store.zarr_store.on_disk`), the order viewers expect:
+(:func:`lesionflow.io.layout.on_disk`), the order viewers expect:
 
 - ``frames``: (t, c, x, y, z) float32, stored (t, c, z, y, x); frame 0 is the starting crop, one chunk per frame;
 - ``labels/mask/0``: (t, x, y, z) uint8, stored (t, z, y, x): the estimated lesion mask of every frame, an NGFF
@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import zarr
 
+from lesionflow.io.layout import on_disk
 from lesionflow.store import ngff
 from lesionflow.store.zarr_store import (
     clean_temp,
     ensure_root,
     index_collection,
     jsonable,
-    on_disk,
     publish_group,
     write_array,
 )
