@@ -6,10 +6,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from lesionflow.errors import CaseRejected
 from lesionflow.io.layout import empty_x_fastest, on_disk, present_values, x_fastest
 from lesionflow.io.volumes import Volume, nifti_bytes, read_volume, read_volume_shape
 
@@ -68,3 +70,34 @@ def test_write_then_read_keeps_values_from_either_layout(tmp_path: Path) -> None
         path.write_bytes(nifti_bytes(Volume(np.asarray(data, order=order), np.eye(4))))
         np.testing.assert_array_equal(read_volume(path, order).array, data)
     assert (tmp_path / "C.nii.gz").read_bytes() == (tmp_path / "F.nii.gz").read_bytes()  # same bytes either way
+
+
+@pytest.mark.parametrize("kind", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_gzipped_nifti_1_and_2_in_either_byte_order_read_as_nibabel_reads_them(
+    tmp_path: Path, kind: type, byteorder: str
+) -> None:
+    data = np.random.default_rng(1).integers(-1000, 3000, size=(7, 6, 5)).astype(f"{byteorder}i2")
+    affine = np.array([[0, -0.8, 0, 10], [0.7, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    path = tmp_path / "v.nii.gz"
+    img = kind(data, affine)
+    img.header.set_data_dtype(data.dtype)
+    nib.save(img, path)
+    volume = read_volume(path, "v")
+    np.testing.assert_array_equal(volume.array, np.asanyarray(nib.load(path).dataobj))
+    np.testing.assert_array_equal(volume.affine, nib.load(path).affine)
+
+
+def test_a_corrupt_deflate_stream_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    data = np.random.default_rng(2).integers(0, 100, size=(40, 40, 20)).astype(np.int16)
+    path = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    blob = bytearray(path.read_bytes())
+    middle = len(blob) // 2
+    blob[middle : middle + 64] = bytes(255 - b for b in blob[middle : middle + 64])  # garbage inside the stream
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CaseRejected) as caught:
+        read_volume(path, "bad")
+    assert caught.value.code in ("truncated_file", "unreadable_file")
+    assert "bad.nii.gz" in str(caught.value)
+    assert "\n" not in str(caught.value)

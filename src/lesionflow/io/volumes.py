@@ -18,9 +18,13 @@ import io
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
+from isal.igzip_lib import IsalError
+from nibabel.fileholders import FileHolder
 
 from lesionflow.errors import CaseRejected
 from lesionflow.files import write_bytes_atomic
@@ -61,6 +65,15 @@ class Volume:
         return "".join(nib.orientations.aff2axcodes(self.affine))
 
 
+# A broken gzip stream, from Python's zlib or from ISA-L's inflate (_read_nifti)
+_INFLATE_ERRORS: tuple[type[BaseException], ...] = (
+    EOFError,
+    zlib.error,
+    cast(type[BaseException], IsalError),
+    gzip.BadGzipFile,
+)
+
+
 def volume_suffix(path: str | Path) -> str | None:
     """The recognised volume suffix of ``path`` (case-insensitive), or None."""
     name = str(path).lower()
@@ -96,7 +109,7 @@ def read_volume(path: str | Path, case_id: str) -> Volume:
         raise CaseRejected(
             case_id, "unreadable_file", f"{path.name} cannot be read (permission denied); fix its permissions"
         ) from None
-    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+    except _INFLATE_ERRORS as err:
         raise CaseRejected(
             case_id,
             "truncated_file",
@@ -151,7 +164,24 @@ def _gzip_truncated(path: Path) -> bool:
 
 
 def _read_nifti(path: Path) -> Volume:
-    img = nib.load(path)
+    if str(path).lower().endswith(".gz"):
+        # ISA-L's inflate reads a .nii.gz in half the time of Python's zlib (0.63 vs 1.26 s for a 512x512x300
+        # int16 CT, docs/benchmarks.md); the voxels go straight from the stream into the array, as with nibabel's.
+        with igzip.open(path, "rb") as stream:
+            # sizeof_hdr, the header's first field, tells NIfTI-1 (348) from NIfTI-2 (540) in either byte order
+            size = stream.read(4)
+            stream.seek(0)
+            kind = (
+                nib.Nifti2Image
+                if 540 in (int.from_bytes(size, "little"), int.from_bytes(size, "big"))
+                else nib.Nifti1Image
+            )
+            holder = FileHolder(filename=str(path), fileobj=stream)
+            return _nifti_volume(kind.from_file_map({"header": holder, "image": holder}), path)
+    return _nifti_volume(nib.load(path), path)
+
+
+def _nifti_volume(img: object, path: Path) -> Volume:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ValueError(f"not a NIfTI image: {type(img).__name__}")
     # np.asanyarray applies scl_slope/scl_inter and keeps the stored dtype otherwise. nibabel flattens
