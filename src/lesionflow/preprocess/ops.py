@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage
 
 from lesionflow.io.layout import empty_x_fastest, on_disk, present_values
 from lesionflow.preprocess.geometry import (
@@ -37,6 +36,7 @@ from lesionflow.preprocess.geometry import (
     target_shape,
     to_ras,
 )
+from lesionflow.preprocess.holes import fill_holes
 from lesionflow.preprocess.normstats import NormStats, mean_std, normalization_stats
 
 __all__ = [
@@ -90,7 +90,7 @@ def nonzero_mask(image_cf: np.ndarray, label: np.ndarray | None = None) -> np.nd
     """nnU-Net's ``create_nonzero_mask``: non-zero in any channel, holes filled, plus label > 0 (bool x,y,z)."""
     # On the reversed view: runs along memory for x-fastest volumes (io.layout); the 6-connected fill does not
     # depend on the axis order.
-    mask = on_disk(ndimage.binary_fill_holes(np.any(on_disk(image_cf) != 0, axis=0)))
+    mask = on_disk(fill_holes(np.any(on_disk(image_cf) != 0, axis=0)))
     if label is not None:
         mask |= label > 0
     return np.asarray(mask, dtype=bool)
