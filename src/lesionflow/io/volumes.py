@@ -122,8 +122,7 @@ def read_volume(path: str | Path, case_id: str) -> Volume:
                 "truncated_file",
                 f"{path.name} is truncated (the gzip stream ends early); re-export or re-download it",
             ) from None
-        text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise CaseRejected(case_id, "unreadable_file", f"{path.name} cannot be read ({text}); check the file") from None
+        raise _unreadable(path, case_id, err) from None
 
 
 def read_volume_shape(path: str | Path, case_id: str) -> tuple[tuple[int, ...], np.ndarray]:
@@ -143,8 +142,13 @@ def read_volume_shape(path: str | Path, case_id: str) -> tuple[tuple[int, ...], 
             raise ValueError(f"not a NIfTI image: {type(img).__name__}")
         return tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)
     except Exception as err:  # noqa: BLE001 - any reader failure is a property of this file, not a bug
-        text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise CaseRejected(case_id, "unreadable_file", f"{path.name} cannot be read ({text}); check the file") from None
+        raise _unreadable(path, case_id, err) from None
+
+
+def _unreadable(path: Path, case_id: str, err: Exception) -> CaseRejected:
+    """The one-line rejection of a file its reader failed on, naming the reader's first line."""
+    text = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    return CaseRejected(case_id, "unreadable_file", f"{path.name} cannot be read ({text}); check the file")
 
 
 def _gzip_truncated(path: Path) -> bool:
