@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import operator
+import time
+from pathlib import Path
 
 import dask
 import pytest
@@ -35,8 +38,8 @@ def test_a_local_cluster_that_lost_every_worker_gets_fresh_ones() -> None:
             cluster.sync(nanny.close)
         assert not client.nthreads()
         future = client.submit(operator.add, 1, 2, pure=False)
-        finished = list(completed(client, [future], "test"))
-        assert [f.result() for f in finished] == [3]
+        results = [f.result() for f in completed(client, [future], "test")]
+        assert results == [3]
         assert len(client.nthreads()) == 1
 
 
@@ -59,10 +62,56 @@ def test_a_remote_scheduler_without_workers_stops_with_one_line() -> None:
 
 
 def test_futures_come_back_in_the_order_they_finish() -> None:
-    import time
-
     with dask_client(2, "1GB", say=lambda _: None) as client:
         slow = client.submit(time.sleep, 1.0, pure=False)
         fast = client.submit(operator.add, 1, 2, pure=False)
         order = list(completed(client, [slow, fast], "test"))
     assert order == [fast, slow]
+
+
+def _count_run(path: str) -> int:
+    """A task with a visible side effect: one line per execution."""
+    with open(path, "a") as fh:
+        fh.write("ran\n")
+    return 1
+
+
+def test_a_result_already_read_is_not_computed_again_when_its_worker_dies(tmp_path: Path) -> None:
+    """The CI hang's setting: a memory kill used to re-run every case already read, behind the culprit."""
+    runs = tmp_path / "runs.txt"
+    with dask_client(1, "1GB", say=lambda _: None) as client:
+        first = client.submit(_count_run, str(runs), pure=False)
+        assert [f.result() for f in completed(client, [first], "test")] == [1]
+        (nanny,) = client.cluster.workers.values()
+        old = set(client.nthreads())
+        client.cluster.sync(nanny.kill)  # the worker dies; its nanny starts a fresh one
+        deadline = time.monotonic() + 60
+        while (not client.nthreads() or set(client.nthreads()) == old) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.nthreads()
+        assert set(client.nthreads()) != old
+        # one worker thread: a recompute of `first` (queued when its worker died) would run before this task
+        later = client.submit(_count_run, str(runs), pure=False)
+        assert [f.result() for f in completed(client, [later], "test")] == [1]
+    assert runs.read_text().splitlines() == ["ran", "ran"]  # `first` once, `later` once
+
+
+def test_nothing_finished_for_a_while_is_reported_with_where_the_tasks_are(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(parallel, "POLL_S", 0.2)
+    monkeypatch.setattr(parallel, "STALL_REPORT_S", 1.0)
+    with dask_client(1, "1GB", say=lambda _: None) as client:
+        (worker,) = client.nthreads()
+        slow = client.submit(time.sleep, 3.0, pure=False, key="slow-task")
+        unplaceable = client.submit(time.sleep, 0.0, pure=False, key="needs-a-gpu", resources={"GPU": 1})
+        with caplog.at_level(logging.WARNING, logger="lesionflow.parallel"):
+            first = next(completed(client, [slow, unplaceable], "preprocess"))
+        assert first is slow
+        unplaceable.cancel()
+    reports = [r.getMessage() for r in caplog.records if "nothing finished" in r.getMessage()]
+    assert reports, caplog.text
+    assert reports[0].startswith("preprocess: nothing finished for ")
+    assert f"processing: {{'{worker}': ['slow-task']}}" in reports[0]
+    assert "1 not on a worker yet" in reports[0]
+    assert "dashboard http://127.0.0.1:" in reports[0]

@@ -37,6 +37,10 @@ WORKER_MEMORY_CONFIG = {
 POLL_S = 2.0
 HEAL_AFTER_S = 20.0
 GIVE_UP_AFTER_S = 300.0
+# With workers present but nothing finished for this long, :func:`completed` logs what the scheduler says the pending
+# tasks are doing (queued, or processing on which worker) and the dashboard address, again after each such interval:
+# a long case is legitimate, so this is a report, not a deadline.
+STALL_REPORT_S = 300.0
 
 # The local clusters of this process by scheduler address, so that a stage connected by address to its flow run's
 # cluster (see :func:`run_cluster`) can still give it fresh workers.
@@ -148,27 +152,40 @@ def _close(cluster: Any) -> None:
 def completed(client: Any, futures: Iterable[Any], what: str) -> Iterator[Any]:
     """The futures in the order they finish (like ``distributed.as_completed``), watching that workers exist.
 
+    Each yielded future is released when the caller asks for the next one, so read its result in the loop body.
+    Dask keeps a finished task's result on its worker, and while the client holds the future a worker's death makes
+    the scheduler compute it again: after a memory kill, cases already read were re-run behind the case that killed
+    the worker, each run another chance to be killed (seen as a test that hung in CI).
+
     A local cluster left without workers for HEAL_AFTER_S is given fresh ones (their tasks are rescheduled; a task
     that killed its worker counts against ``allowed-failures`` as usual); a remote scheduler without workers for
-    GIVE_UP_AFTER_S stops ``what`` with one line naming the address.
+    GIVE_UP_AFTER_S stops ``what`` with one line naming the address. Nothing finished for STALL_REPORT_S with
+    workers present is logged with the pending tasks' state.
     """
     from distributed import wait
 
     pending = set(futures)
     no_workers_since: float | None = None
+    last_finish = time.monotonic()
     while pending:
         try:
             done, pending = wait(pending, timeout=POLL_S, return_when="FIRST_COMPLETED")
         except TimeoutError:
             done = set()
-        yield from done
+        for future in done:
+            yield future
+            future.release()
+        now = time.monotonic()
         if done or not pending:
             no_workers_since = None
+            last_finish = now
             continue
         if client.nthreads():
             no_workers_since = None
+            if now - last_finish >= STALL_REPORT_S:
+                _report_stall(client, pending, what, now - last_finish)
+                last_finish = now  # the next report after another interval
             continue
-        now = time.monotonic()
         no_workers_since = no_workers_since or now
         cluster = _LOCAL_CLUSTERS.get(client.scheduler.address)
         if cluster is not None and now - no_workers_since >= HEAL_AFTER_S:
@@ -182,3 +199,19 @@ def completed(client: Any, futures: Iterable[Any], what: str) -> Iterator[Any]:
                 f"{what}: the Dask scheduler at {client.scheduler.address} has had no worker for "
                 f"{GIVE_UP_AFTER_S:g} s; start workers for it, or clear scheduler_address to use a local cluster"
             )
+
+
+def _report_stall(client: Any, pending: set[Any], what: str, seconds: float) -> None:
+    """One log line: which pending tasks the scheduler has on which worker, and how many wait in its queue."""
+    keys = {future.key for future in pending}
+    placed = {worker: sorted(k for k in running if k in keys) for worker, running in client.processing().items()}
+    placed = {worker: running for worker, running in placed.items() if running}
+    waiting = len(keys) - sum(len(running) for running in placed.values())
+    logging.getLogger(__name__).warning(
+        "%s: nothing finished for %.0f s; processing: %s; %d not on a worker yet; dashboard %s",
+        what,
+        seconds,
+        placed or "none",
+        waiting,
+        client.dashboard_link,
+    )
