@@ -103,7 +103,7 @@ def run_stages(root: Path, names: Sequence[str], overrides: Sequence[str]) -> li
     """Run stages in this process through ``run_cached``; per stage: name, seconds, cached, ok, summary."""
     from lesionflow.caching import run_cached
     from lesionflow.params import load_params
-    from lesionflow.stages import STAGES
+    from lesionflow.stages.registry import STAGES
     from lesionflow.workspace import Workspace
 
     ws = Workspace.at(root)

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 
 EXE = str(Path(sys.executable).with_name("lesionflow"))
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lesionflow.dvc import render_dvc_yaml
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from tests.helpers.declarations import opened_for_reading, undeclared_reads
 from tests.helpers.volumes import use_tiny_training, write_msd
 

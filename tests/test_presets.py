@@ -18,7 +18,7 @@ import yaml
 
 from lesionflow.caching import run_cached
 from lesionflow.params import Params, load_params, preset_overrides
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.study.runner import ARM_SYNTH
 from lesionflow.workspace import Workspace
 from tests.stages.test_synthesis import SYNTH

@@ -157,7 +157,7 @@ REFERENCE = """
 import sys
 from lesionflow.caching import run_cached
 from lesionflow.params import load_params
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.workspace import Workspace
 ws = Workspace.at(sys.argv[1])
 params = load_params(ws.params_file)

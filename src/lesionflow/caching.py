@@ -44,7 +44,7 @@ def stage_state(name: str, ws: Workspace, params: Params) -> dict[str, Any] | No
     None when the stage has no key: it writes remote state, or one of its inputs cannot be digested cheaply
     (an s3:// source, the model registry).
     """
-    from lesionflow.stages import STAGES
+    from lesionflow.stages.registry import STAGES
 
     spec = STAGES[name]
     if spec.writes_remote:
@@ -131,7 +131,7 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _keyless_reason(name: str, ws: Workspace, params: Params) -> str:
     """Why a stage has no key, from its declaration: the remote state it writes or the inputs it cannot digest."""
-    from lesionflow.stages import STAGES
+    from lesionflow.stages.registry import STAGES
 
     spec = STAGES[name]
     if spec.writes_remote:
@@ -144,7 +144,7 @@ def _keyless_reason(name: str, ws: Workspace, params: Params) -> str:
 
 def status(ws: Workspace, params: Params) -> list[StageStatus]:
     """For each registered stage in pipeline order: up to date, or stale with the reason."""
-    from lesionflow.stages import STAGES
+    from lesionflow.stages.registry import STAGES
 
     out: list[StageStatus] = []
     for name in STAGES:

@@ -205,7 +205,7 @@ def stage(
 ) -> None:
     """Run one pipeline stage (what dvc.yaml calls), holding the workspace lock."""
     from lesionflow.errors import ParamsError
-    from lesionflow.stages import STAGES
+    from lesionflow.stages.registry import STAGES
 
     if name not in STAGES:
         raise ParamsError(f"stage {name!r} is unknown; expected one of {', '.join(STAGES)}")
@@ -220,7 +220,7 @@ def stage(
 @app.command("stages")
 def stages() -> None:
     """List the pipeline stages in order, with what each one does."""
-    from lesionflow.stages import STAGES
+    from lesionflow.stages.registry import STAGES
 
     table = Table("stage", "what it does", "params")
     for spec in STAGES.values():

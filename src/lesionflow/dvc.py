@@ -80,7 +80,7 @@ DVC_YAML_HEADER = """\
 def dvc_stages() -> dict[str, dict[str, Any]]:
     """The ``stages:`` mapping of dvc.yaml, derived from each stage's declaration."""
     from lesionflow.catalog.artifacts import Dvc
-    from lesionflow.stages import STAGES
+    from lesionflow.stages.registry import STAGES
     from lesionflow.stages.spec import dvc_deps
 
     out: dict[str, dict[str, Any]] = {}

@@ -28,7 +28,7 @@ from lesionflow.io.publish import StorageError, StorageUnavailable, publish_tree
 from lesionflow.params import StorageParams
 from lesionflow.registry.lineage import read_lineage
 from lesionflow.registry.tracking import resolve_tracking_uri
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.store.zarr_store import ARRAY_PATHS, list_cases
 from tests.helpers.dask_cluster import DaskCluster, dask_cluster
 from tests.helpers.moto_server import REGION, _free_port, _post

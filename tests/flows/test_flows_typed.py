@@ -26,7 +26,7 @@ from lesionflow.flows.pipeline import training_pipeline
 from lesionflow.flows.synthesis import synthesis_flow
 from lesionflow.params import Params, load_params
 from lesionflow.registry.tracking import RegistryUnavailable
-from lesionflow.stages import STAGES, pipeline_order
+from lesionflow.stages.registry import STAGES, pipeline_order
 from lesionflow.tasks import artifacts as artifacts_module
 from lesionflow.tasks.artifacts import publish, stage_artifacts
 from lesionflow.tasks.stages import (

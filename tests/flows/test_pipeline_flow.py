@@ -17,7 +17,7 @@ from lesionflow.flows.pipeline import training_pipeline
 from lesionflow.params import load_params
 from lesionflow.registry.lineage import read_lineage
 from lesionflow.registry.tracking import resolve_tracking_uri
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.tasks.stages import run_stage
 from tests.helpers.volumes import write_msd
 from tests.test_dvc_consistency import dvc_workspace  # noqa: F401 - fixture

@@ -18,7 +18,7 @@ from lesionflow.params import Params, load_params
 from lesionflow.preprocess import ops
 from lesionflow.preprocess.normstats import normalization_stats, stored_image_checks
 from lesionflow.quality.processed_suite import run_processed_gate
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.workspace import Workspace
 
 TARGET = (1.5, 1.5, 2.0)

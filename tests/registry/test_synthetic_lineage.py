@@ -25,7 +25,7 @@ from lesionflow.registry.graph import lineage_graph, lineage_spec
 from lesionflow.registry.lineage import Lineage, lineage_tree, missing_fields, read_lineage, synthetic_generators
 from lesionflow.registry.tracking import mlflow_session, resolve_tracking_uri
 from lesionflow.seeding import derive_seed
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.store.zarr_store import list_cases
 from lesionflow.workspace import Workspace
 

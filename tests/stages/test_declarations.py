@@ -11,7 +11,7 @@ import pytest
 from lesionflow.caching import run_cached
 from lesionflow.catalog.artifacts import ARTIFACTS, RAW, Digest, Kind
 from lesionflow.params import Params, load_params
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.stages.spec import UndeclaredParam, declared_view
 from lesionflow.workspace import Workspace
 from tests.helpers.declarations import opened_for_reading, undeclared_reads

@@ -15,7 +15,7 @@ from lesionflow.catalog.artifacts import ROIS_STORE
 from lesionflow.errors import SourceError
 from lesionflow.io.volumes import Volume, write_nifti
 from lesionflow.params import load_params
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.synth.roi_store import read_roi_set
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import use_tiny_training

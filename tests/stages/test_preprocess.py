@@ -20,7 +20,7 @@ from lesionflow.catalog.readers import read_metadata
 from lesionflow.manifest import read_manifest
 from lesionflow.params import load_params
 from lesionflow.preprocess.geometry import invert_to_raw, spacing_of
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.store.zarr_store import ARRAY_PATHS, list_cases, read_case, read_case_attrs
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import add_msd_entry, sphere_case, write_msd

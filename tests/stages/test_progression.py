@@ -24,7 +24,7 @@ from lesionflow.catalog.artifacts import (
 )
 from lesionflow.errors import ParamsError, SourceError
 from lesionflow.params import load_params
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.stages.synthesize.trajectories import run_one
 from lesionflow.store.zarr_store import read_case, read_case_attrs, write_case
 from lesionflow.synth.rois import crop

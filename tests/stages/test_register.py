@@ -22,7 +22,7 @@ from lesionflow.hashing import sha256_file, sha256_json
 from lesionflow.params import load_params
 from lesionflow.registry.lineage import missing_fields, read_lineage
 from lesionflow.registry.tracking import resolve_tracking_uri
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.store.zarr_store import store_digest
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import add_msd_entry, sphere_case, use_tiny_training, write_msd

@@ -22,7 +22,7 @@ from lesionflow.errors import GateFailed, SourceError
 from lesionflow.hashing import sha256_file
 from lesionflow.io.volumes import Volume, write_nifti
 from lesionflow.params import load_params
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.store.zarr_store import case_digest, list_cases, read_case, read_case_attrs, write_case
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import use_tiny_training

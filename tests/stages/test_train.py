@@ -20,7 +20,7 @@ from lesionflow.caching import run_cached
 from lesionflow.catalog.artifacts import RAW_CASES, SEGMENTER, SEGMENTER_CHECKPOINTS
 from lesionflow.errors import ParamsError
 from lesionflow.params import load_params
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import use_tiny_training, write_msd
 

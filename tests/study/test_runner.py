@@ -19,7 +19,7 @@ from lesionflow.catalog.readers import splits
 from lesionflow.flows.study import utility_study
 from lesionflow.params import load_params
 from lesionflow.registry.tracking import resolve_tracking_uri
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.study.stats import paired_effect
 from lesionflow.workspace import Workspace
 from tests.helpers.volumes import use_tiny_training, write_msd

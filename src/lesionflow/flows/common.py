@@ -36,7 +36,7 @@ from lesionflow.params import (
     restore_secret_overrides,
     validate_params,
 )
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.workspace import Workspace
 from lesionflow.workspace_lock import LOCK_DIR, workspace_lock
 

@@ -31,7 +31,7 @@ from lesionflow.params import (
     TrainParams,
 )
 from lesionflow.params_synth import SynthParams
-from lesionflow.stages import pipeline_order
+from lesionflow.stages.registry import pipeline_order
 
 FLOW_NAME = "lesionflow-pipeline"
 

@@ -65,7 +65,7 @@ from lesionflow.errors import GateFailed, SourceError
 from lesionflow.files import write_json, write_text_if_changed
 from lesionflow.params import Params, StudyArm, deep_merge, validate_params
 from lesionflow.quality.synthetic_suite import sample_of_row
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.store.zarr_store import list_cases
 from lesionflow.study.design import ARM_SYNTH, Cell, arm_generators, grid, nested_subsets
 from lesionflow.study.report import (

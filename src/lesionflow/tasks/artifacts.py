@@ -37,7 +37,7 @@ from typing import Any, Literal
 from lesionflow.catalog.artifacts import METRICS, Artifact, Dvc, Kind
 from lesionflow.catalog.readers import read_json, stage_summary
 from lesionflow.params import Params
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.workspace import Workspace
 
 MAX_INLINE_IMAGE_BYTES = 512 * 1024

@@ -32,7 +32,7 @@ from lesionflow.caching import read_record, run_cached, stage_state
 from lesionflow.errors import GateFailed, LesionflowError
 from lesionflow.hashing import sha256_json
 from lesionflow.params import Params
-from lesionflow.stages import STAGES
+from lesionflow.stages.registry import STAGES
 from lesionflow.tasks.artifacts import publish, stage_artifacts
 from lesionflow.workspace import Workspace
 
