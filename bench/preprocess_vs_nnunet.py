@@ -40,9 +40,12 @@ import _common as c
 
 from lesionflow.catalog.artifacts import RAW_CASES, RAW_MANIFEST
 
+# What a preprocess worker has imported once its first case is done: the task's module and the modules its
+# function imports when it runs.
 OUR_WORKER_IMPORTS = (
     "import psutil, distributed, nibabel, zarr, scipy.ndimage\n"
-    "import lesionflow.stages.preprocess, lesionflow.preprocess.ops, lesionflow.store.zarr_store"
+    "import lesionflow.stages.preprocess, lesionflow.preprocess.ops, lesionflow.store.zarr_store\n"
+    "import lesionflow.io.volumes, lesionflow.preprocess.geometry, lesionflow.preprocess.normstats"
 )
 NNUNET_WORKER_IMPORTS = (
     "import SimpleITK, blosc2\n"
