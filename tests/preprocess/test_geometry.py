@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from lesionflow.io.layout import on_disk, x_fastest
-from lesionflow.preprocess.geometry import sample_grid
+from lesionflow.preprocess.geometry import _extend_edges, sample_grid, sample_spline, spline_buffer
 
 
 def _scipy_reference(
@@ -82,3 +82,34 @@ def test_an_x_fastest_volume_samples_the_same_points_and_stays_x_fastest(
     assert on_disk(x_first).flags.c_contiguous  # the layout survives resampling: written to disk without a copy
     # the same points; the spline passes run in another axis order, so the sums round differently
     np.testing.assert_allclose(x_first, c_order, rtol=0, atol=1e-5 * float(np.abs(volume).max()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(2, 12)] * 3),
+    ratio=st.tuples(*[st.sampled_from([0.5, 0.8, 1.0, 1.6])] * 3),
+    x_first=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_a_volume_written_into_a_spline_buffer_samples_bit_for_bit_like_sample_grid(
+    shape: tuple[int, int, int], ratio: tuple[float, float, float], x_first: bool, seed: int
+) -> None:
+    volume = (np.random.default_rng(seed).normal(size=shape) * 300.0).astype(np.float32)
+    volume = x_fastest(volume) if x_first else volume
+    scale = np.asarray(ratio, dtype=np.float64)
+    out_shape = tuple(max(1, round(n / r)) for n, r in zip(shape, ratio, strict=True))
+    padded, interior = spline_buffer(shape)
+    interior[...] = volume
+    got = sample_spline(padded, scale, out_shape)  # type: ignore[arg-type]
+    want = sample_grid(x_fastest(volume), scale, out_shape, 3)  # type: ignore[arg-type]
+    assert on_disk(got).flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
+@given(shape=st.tuples(*[st.integers(1, 6)] * 3), pad=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_edges_extended_in_place_equal_numpys_edge_padding(shape: tuple[int, int, int], pad: int, seed: int) -> None:
+    volume = np.random.default_rng(seed).normal(size=shape)
+    padded = np.full(tuple(n + 2 * pad for n in shape), np.nan)  # whatever was there must not survive
+    padded[pad:-pad, pad:-pad, pad:-pad] = volume
+    _extend_edges(padded, pad)
+    np.testing.assert_array_equal(padded, np.pad(volume, pad, mode="edge"))

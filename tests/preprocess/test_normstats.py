@@ -6,9 +6,18 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lesionflow.preprocess import ops
-from lesionflow.preprocess.normstats import STATS_SLAB, NormStats, mean_std, normalization_stats, stored_image_checks
+from lesionflow.preprocess.normstats import (
+    STATS_SLAB,
+    NormStats,
+    mean_std,
+    memory_order_slabs,
+    normalization_stats,
+    stored_image_checks,
+)
 from lesionflow.preprocess.ops import PreprocessRecord
 
 MR = {"schemes": ["zscore"]}
@@ -126,3 +135,25 @@ def test_mean_std_over_slabs_matches_numpy_in_float64() -> None:
     assert mean == pytest.approx(float(np.mean(values, dtype=np.float64)), rel=1e-12)
     assert std == pytest.approx(float(np.std(values, dtype=np.float64)), rel=1e-12)
     assert all(np.isnan(v) for v in mean_std(np.empty(0, dtype=np.float32)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(1, 9)] * 3),
+    pad=st.tuples(*[st.integers(0, 3)] * 3),
+    size=st.integers(1, 70),
+    fortran=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_memory_order_slabs_are_numpys_ravel_k_in_pieces(
+    shape: tuple[int, int, int], pad: tuple[int, int, int], size: int, fortran: bool, seed: int
+) -> None:
+    """A strided view (the interior of a padded buffer) is read in the order ravel("K") gives, piece by piece."""
+    big = np.random.default_rng(seed).normal(size=tuple(n + 2 * p for n, p in zip(shape, pad, strict=True)))
+    big = np.asfortranarray(big) if fortran else big
+    view = big[tuple(slice(p, p + n) for n, p in zip(shape, pad, strict=True))]
+    pieces = [piece.copy() for piece in memory_order_slabs(view, size)]  # a piece is valid until the next one
+    assert all(piece.size == size for piece in pieces[:-1])
+    assert 0 < pieces[-1].size <= size
+    np.testing.assert_array_equal(np.concatenate(pieces), view.ravel(order="K"))
+    assert mean_std(view) == mean_std(view.copy(order="K"))  # the same slabs, so the same sums

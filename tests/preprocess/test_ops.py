@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
+from lesionflow.io.layout import on_disk, x_fastest
 from lesionflow.preprocess import ops
-from lesionflow.preprocess.ops import CropBox, PreprocessRecord
+from lesionflow.preprocess.ops import CropBox, NormStats, PreprocessRecord
+
+Spacing = tuple[float, float, float]
 
 
 def _affine(columns: list[list[float]], origin: tuple[float, float, float] = (-11.0, 7.5, 3.25)) -> np.ndarray:
@@ -355,3 +362,56 @@ def test_preprocess_rejects_bad_inputs() -> None:
         ops.preprocess_arrays(image, label, LPS, (1.0, 1.0, 1.0), {"schemes": ["zscore"]})
     with pytest.raises(ValueError, match="constant image"):
         ops.preprocess_arrays(np.full((12, 12, 12), 5.0), None, LPS, (1.0, 1.0, 1.0), {"schemes": ["zscore"]})
+
+
+def _normalized_then_resampled(
+    image_cf: np.ndarray, mask: np.ndarray, norm: dict[str, Any], spacing: Spacing, target: Spacing
+) -> tuple[np.ndarray, tuple[NormStats, ...]]:
+    """The two steps as separate volumes (what preprocess_arrays did before the fused path)."""
+    normed, stats = ops._normalize(image_cf, mask, norm)
+    return ops.resample_image(normed, spacing, target, order=3), stats
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(3, 12)] * 3),
+    target=st.tuples(*[st.sampled_from([0.6, 1.0, 1.3, 2.2])] * 3),
+    scheme=st.sampled_from(["zscore", "ct", "zscore+ct"]),
+    seed=st.integers(0, 2**16),
+)
+def test_normalizing_into_the_spline_buffer_gives_the_same_bytes_and_statistics(
+    shape: tuple[int, int, int], target: tuple[float, float, float], scheme: str, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    schemes = scheme.split("+")
+    image = x_fastest(rng.normal(100, 40, size=(len(schemes), *shape)).astype(np.float32))
+    mask = rng.random(shape) < 0.7
+    mask[0, 0, 0] = True
+    ct = {"clip_lo": 20.0, "clip_hi": 180.0, "mean": 95.0, "std": 35.0}
+    norm = {"schemes": schemes, "ct": [ct] * len(schemes), "use_mask_for_norm": True}
+    spacing = (1.0, 1.0, 1.0)
+    assume(target != spacing)  # preprocess_arrays stores the normalized crop itself then (no resampling)
+    got, got_stats = ops._normalize_resampled(image, mask, norm, spacing, target)
+    want, want_stats = _normalized_then_resampled(image, mask, norm, spacing, target)
+    assert got.shape == want.shape
+    assert on_disk(got).flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+    assert got_stats == want_stats
+
+
+def test_the_fused_path_holds_two_volumes_fewer_at_its_peak() -> None:
+    image = x_fastest(np.random.default_rng(0).normal(100, 40, size=(1, 128, 128, 96)).astype(np.float32))
+    mask = np.ones(image.shape[1:], bool)
+    norm = {"schemes": ["zscore"], "use_mask_for_norm": False}
+    spacing, target = (1.0, 1.0, 1.0), (0.9, 0.9, 1.1)  # about the same number of voxels out as in
+    peaks = []
+    for run in (ops._normalize_resampled, _normalized_then_resampled):
+        tracemalloc.start()
+        run(image, mask, norm, spacing, target)
+        peaks.append(tracemalloc.get_traced_memory()[1] / (image.nbytes))
+        tracemalloc.stop()
+    fused, separate = peaks
+    # separate: the normalized crop, the padded coefficients, the sampled channel and the output it is copied into
+    assert fused <= separate - 1.8, (fused, separate)
+    # fused: the padded buffer the channel is normalized into (1.76 volumes at this size) and the sampled output
+    assert fused < 3.0, fused

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lesionflow.io.layout import on_disk, x_fastest
+from lesionflow.io.layout import empty_x_fastest, on_disk, x_fastest
 from lesionflow.preprocess.normstats import NormStats
 
 Shape3 = tuple[int, int, int]
@@ -221,21 +221,77 @@ def sample_grid(volume: np.ndarray, ratio: np.ndarray, out_shape: Shape3, order:
             index.append(np.clip(np.floor(x_in + 0.5).astype(np.intp), 0, n_in - 1))
         return np.ascontiguousarray(volume[np.ix_(*index)])
     dtype = np.float64 if volume.dtype == np.float64 else np.float32
-    scale = np.asarray(ratio, dtype=np.float64)
-    offset = 0.5 * scale - 0.5
     if order > 1:
-        # scipy's own prefilter pads by _SPLINE_PAD edge voxels and filters into a float64 copy: two float32
-        # volumes more than needed. The same padding, filtered in place in the volume's dtype, samples the same
-        # values within float32 rounding (tests/preprocess/test_geometry.py) at a third of the work memory.
-        coefficients = np.pad(volume.astype(dtype, copy=False), _SPLINE_PAD, mode="edge")
-        ndimage.spline_filter(coefficients, order, output=coefficients, mode="nearest")
-        volume, offset = coefficients, offset + _SPLINE_PAD
+        pad = _SPLINE_PAD
+        padded = np.empty(tuple(n + 2 * pad for n in volume.shape), dtype)
+        padded[pad:-pad, pad:-pad, pad:-pad] = volume
+        return _sample_padded(padded, ratio, out_shape, order)
+    return _affine_sample(volume, ratio, 0.0, out_shape, order)
+
+
+def spline_buffer(shape: Shape3, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """An uninitialized x-fastest buffer of ``shape`` plus _SPLINE_PAD voxels on every side, and its interior view.
+
+    Write a volume into the interior (a normalizer's ``out=``), then :func:`sample_spline` samples it like
+    :func:`sample_grid`: the volume never needs a buffer of its own beside the padded one.
+    """
+    pad = _SPLINE_PAD
+    padded = empty_x_fastest(tuple(n + 2 * pad for n in shape), dtype)
+    return padded, padded[pad:-pad, pad:-pad, pad:-pad]
+
+
+def sample_spline(padded: np.ndarray, ratio: np.ndarray, out_shape: Shape3, order: int = 3) -> np.ndarray:
+    """:func:`sample_grid` (``order > 1``) of the volume in the interior of ``padded`` (from :func:`spline_buffer`).
+
+    The same values, bit for bit, as ``sample_grid`` of that volume. ``padded`` is overwritten with the spline
+    coefficients. The result is x fastest, in ``padded``'s dtype.
+    """
+    if order < 2:
+        raise ValueError(f"spline order {order}: sample_spline prefilters, expected 2..5")
+    if padded.flags.c_contiguous:
+        return _sample_padded(padded, ratio, out_shape, order)
+    if not on_disk(padded).flags.c_contiguous:
+        raise ValueError("padded buffer is neither C-ordered nor x fastest: expected one from spline_buffer")
+    flipped = _sample_padded(
+        on_disk(padded), np.asarray(ratio)[::-1], (out_shape[2], out_shape[1], out_shape[0]), order
+    )
+    return on_disk(flipped)
+
+
+def _sample_padded(padded: np.ndarray, ratio: np.ndarray, out_shape: Shape3, order: int) -> np.ndarray:
+    # scipy's own prefilter pads by _SPLINE_PAD edge voxels and filters into a float64 copy: two float32
+    # volumes more than needed. The same padding, filtered in place in the volume's dtype, samples the same
+    # values within float32 rounding (tests/preprocess/test_geometry.py) at a third of the work memory.
+    _extend_edges(padded, _SPLINE_PAD)
+    ndimage.spline_filter(padded, order, output=padded, mode="nearest")
+    return _affine_sample(padded, ratio, _SPLINE_PAD, out_shape, order)
+
+
+def _extend_edges(padded: np.ndarray, pad: int) -> None:
+    """``np.pad(interior, pad, mode="edge")`` in place: each padding voxel takes the nearest interior voxel's value.
+
+    Axis by axis over the full extent of the others, so the corners end up right whatever was there before."""
+    for axis in range(padded.ndim):
+        n = padded.shape[axis]
+
+        def span(lo: int, hi: int, axis: int = axis) -> tuple[slice, ...]:
+            index = [slice(None)] * padded.ndim
+            index[axis] = slice(lo, hi)
+            return tuple(index)
+
+        padded[span(0, pad)] = padded[span(pad, pad + 1)]
+        padded[span(n - pad, n)] = padded[span(n - pad - 1, n - pad)]
+
+
+def _affine_sample(volume: np.ndarray, ratio: np.ndarray, shift: float, out_shape: Shape3, order: int) -> np.ndarray:
+    """The contract's sampling as one diagonal ``affine_transform``; ``shift`` voxels of padding precede the data."""
+    scale = np.asarray(ratio, dtype=np.float64)
     return ndimage.affine_transform(
         volume,
         scale,
-        offset=offset,
+        offset=0.5 * scale - 0.5 + shift,
         output_shape=out_shape,
-        output=dtype,
+        output=np.float64 if volume.dtype == np.float64 else np.float32,
         order=order,
         mode="nearest",
         prefilter=False,

@@ -19,7 +19,7 @@ Contract:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,21 +31,51 @@ STATS_SLAB = 1 << 18  # voxels per float64 temporary of mean_std (2 MiB): small 
 def mean_std(values: np.ndarray) -> tuple[float, float]:
     """Mean and population standard deviation of ``values``, accumulated in float64 (NaN, NaN when empty).
 
-    Two passes over slabs of ``STATS_SLAB`` voxels: ``np.std(values, dtype=np.float64)`` allocates a float64
-    array the size of the input (2x a float32 volume), which set the preprocess worker's memory peak on
-    clinical-size scans (docs/benchmarks.md, "Clinical-size scans").
+    Two passes over slabs of ``STATS_SLAB`` voxels in memory order: ``np.std(values, dtype=np.float64)`` allocates a
+    float64 array the size of the input (2x a float32 volume), which set the preprocess worker's memory peak on
+    clinical-size scans (docs/benchmarks.md, "Clinical-size scans"). A strided view (the interior of a padded
+    buffer) is read a plane at a time, never copied whole; the slabs, and so the sums, are the same either way.
     """
-    flat = values.ravel(order="K")  # memory order: a view for any contiguous layout (the sum does not care)
-    n = flat.size
+    n = values.size
     if n == 0:
         return float("nan"), float("nan")
-    total = sum(float(np.sum(flat[i : i + STATS_SLAB], dtype=np.float64)) for i in range(0, n, STATS_SLAB))
+    total = sum(float(np.sum(slab, dtype=np.float64)) for slab in memory_order_slabs(values, STATS_SLAB))
     mean = total / n
     squares = 0.0
-    for i in range(0, n, STATS_SLAB):
-        deviation = flat[i : i + STATS_SLAB].astype(np.float64) - mean
-        squares += float(np.dot(deviation, deviation))
+    deviation = np.empty(min(n, STATS_SLAB), np.float64)  # one buffer for every slab
+    for slab in memory_order_slabs(values, STATS_SLAB):
+        np.subtract(slab, mean, out=deviation[: slab.size], dtype=np.float64)
+        squares += float(np.dot(deviation[: slab.size], deviation[: slab.size]))
     return mean, float(np.sqrt(squares / n))
+
+
+def memory_order_slabs(values: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """``values.ravel(order="K")`` in consecutive pieces of ``size`` elements (the last may be shorter).
+
+    Views when the array is contiguous in any order; otherwise the array is walked along its memory order (axes
+    sorted by stride) one plane of its slowest axis at a time into one reused buffer, so a piece is only valid
+    until the next one is asked for (read it, do not keep it).
+    """
+    if values.flags.c_contiguous or values.flags.f_contiguous or values.ndim < 2 or min(values.strides) < 0:
+        flat = values.ravel(order="K")
+        for start in range(0, flat.size, size):
+            yield flat[start : start + size]
+        return
+    walk = values.transpose(np.argsort([-abs(s) for s in values.strides], kind="stable"))
+    piece = np.empty(size, values.dtype)  # reused: each piece is valid until the next one is asked for
+    fill = 0
+    for plane in walk:
+        flat = plane.ravel()  # a copy of one plane when the plane itself is strided
+        start = 0
+        while start < flat.size:
+            take = min(size - fill, flat.size - start)
+            piece[fill : fill + take] = flat[start : start + take]
+            fill, start = fill + take, start + take
+            if fill == size:
+                yield piece
+                fill = 0
+    if fill:
+        yield piece[:fill]
 
 
 @dataclass(frozen=True)

@@ -93,16 +93,24 @@ def process_case(
     plan = Plan.from_dict(plan_json)
     folder = Path(case_dir)
     img = read_volume(raw_case_file(folder, "image"), rec.case_id)
-    image = img.array  # stored dtype (int16 CT stays int16); normalization makes the one float32 copy
+    raw_affine, image = img.affine, img.array  # stored dtype (int16 CT stays int16): normalization makes the float32
+    del img
     label = read_volume(raw_case_file(folder, "label"), rec.case_id).array if rec.has_label else None
+    raw_vox = float(np.prod([rec.spacing_x, rec.spacing_y, rec.spacing_z]))
+    fg_raw = float(np.count_nonzero(label)) * raw_vox if label is not None else 0.0
+    # The raw arrays are dropped as soon as they are used: the worker's memory peak is the store write, which
+    # needs only the processed arrays.
     try:
-        out_img, out_lab, prec = preprocess_arrays(image, label, img.affine, plan.target_spacing, plan.normalization)
+        out_img, out_lab, prec = preprocess_arrays(image, label, raw_affine, plan.target_spacing, plan.normalization)
+        del image
         if label is not None and label_resampling == "nearest":
-            out_lab = _resample_mask(label, img.affine, prec, plan.target_spacing)
+            out_lab = _resample_mask(label, raw_affine, prec, plan.target_spacing)
+        del label
         organ = None
         if rec.has_organ:
-            organ_raw = read_volume(raw_case_file(folder, "organ"), rec.case_id).array
-            organ = _resample_mask((organ_raw > 0).astype(np.uint8), img.affine, prec, plan.target_spacing)
+            organ_raw = read_volume(raw_case_file(folder, "organ"), rec.case_id).array > 0
+            organ = _resample_mask(organ_raw.astype(np.uint8), raw_affine, prec, plan.target_spacing)
+            del organ_raw
     except ValueError as err:
         return {"case_id": rec.case_id, "ok": False, "code": "preprocess_failed", "message": str(err).splitlines()[0]}
     affine = np.asarray(prec.final_affine)
@@ -122,8 +130,6 @@ def process_case(
         "crop_bbox": {"lo": list(prec.crop.lo), "hi": list(prec.crop.hi)},
         "preprocess_record": prec.to_dict(),
     }
-    raw_vox = float(np.prod([rec.spacing_x, rec.spacing_y, rec.spacing_z]))
-    fg_raw = float(np.count_nonzero(label)) * raw_vox if label is not None else 0.0
     fg_new = float(np.count_nonzero(out_lab)) * float(np.prod(spacing)) if out_lab is not None else 0.0
     values_new = [int(v) for v in present_values(out_lab)] if out_lab is not None else []
     values_raw = json.loads(rec.label_values) if rec.has_label else []
